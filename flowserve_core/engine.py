@@ -1,0 +1,153 @@
+"""The event loop of one engine instance: admit → schedule → execute → update → emit.
+
+The loop runs on anyio in whichever process hosts the instance. Tasks and aborts arrive
+between steps (so a batch in flight never sees its blocks freed under it); the executor
+computes off the loop; every step's events go out in one call of ``emit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Awaitable, Callable
+
+import anyio
+
+from flowserve_core.errors import EngineDeadError
+from flowserve_core.interfaces import BatchScheduler, Executor
+from flowserve_core.plugins import PluginManager
+from flowserve_core.types import DeploymentSpec, InstanceStats, StepBatch, Task, TokenEvent
+
+log = logging.getLogger(__name__)
+
+EmitEvents = Callable[[list[TokenEvent]], Awaitable[None]]
+
+
+class Engine:
+    """One instance's scheduler and executor, driven step by step.
+
+    ``emit`` receives every step's events; a task's last event has a ``finish_reason``.
+    If the executor dies (``EngineDeadError``) or a step outlives ``step_timeout``, every
+    live task fails with an error event and ``dead`` tells why; an ordinary exception fails
+    only the tasks of that step.
+    """
+
+    def __init__(self, executor: Executor, scheduler: BatchScheduler, emit: EmitEvents, *,
+                 step_timeout: float | None = None):
+        self.executor = executor
+        self.scheduler = scheduler
+        self.emit = emit
+        self.step_timeout = step_timeout or math.inf
+        self.stats = InstanceStats()
+        self.dead: str | None = None
+        self._inbox: list[Task | str] = []
+        self._live: set[str] = set()
+        self._wakeup = anyio.Event()
+
+    def submit(self, task: Task) -> None:
+        """Queue a task; it joins the scheduler before the next step."""
+        if self.dead:
+            raise EngineDeadError(f"engine is dead: {self.dead}")
+        self._inbox.append(task)
+        self._wakeup.set()
+
+    def abort(self, task_id: str) -> None:
+        """Stop a task before the next step; its last event says ``abort``."""
+        self._inbox.append(task_id)
+        self._wakeup.set()
+
+    @property
+    def num_live_tasks(self) -> int:
+        return len(self._live) + sum(isinstance(item, Task) for item in self._inbox)
+
+    async def run(self) -> None:
+        """Step until cancelled, or until the executor dies."""
+        while not self.dead:
+            events = self._apply_inbox()
+            if not self.scheduler.has_work():
+                await self._send(events)
+                self._wakeup = anyio.Event()
+                if not self._inbox:
+                    await self._wakeup.wait()
+                continue
+            batch = self.scheduler.schedule()
+            if batch.seqs:
+                events += await self._step(batch)
+            elif not self._inbox:
+                # Nothing fits this step (e.g. waiting for aborts to free blocks): yield.
+                await anyio.sleep(0.001)
+            await self._send(events)
+        await self._send(self._fail_live(f"engine is dead: {self.dead}"))
+
+    async def _step(self, batch: StepBatch) -> list[TokenEvent]:
+        try:
+            with anyio.fail_after(self.step_timeout):
+                result = await self.executor.execute(batch)
+        except (EngineDeadError, TimeoutError) as exc:
+            self.dead = str(exc) or f"a step took longer than {self.step_timeout} s"
+            log.error("engine died", extra={"error": self.dead})
+            return []
+        except Exception as exc:  # a bad batch fails its own tasks, not the engine
+            log.exception("step failed", extra={"num_seqs": len(batch.seqs)})
+            failed = {s.seq_id for s in batch.seqs}
+            for seq_id in failed:
+                self.scheduler.abort(seq_id)
+            self._live -= failed
+            return [TokenEvent(task_id=seq_id, finish_reason="error", error=f"step failed: {exc!r}")
+                    for seq_id in failed]
+        events = self.scheduler.update(batch, result)
+        self._count(batch, len(result.token_ids))
+        return events
+
+    def _apply_inbox(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        inbox, self._inbox = self._inbox, []
+        for item in inbox:
+            if isinstance(item, Task):
+                try:
+                    self.scheduler.add(item)
+                except ValueError as exc:  # can never run here, e.g. longer than the KV cache
+                    events.append(TokenEvent(task_id=item.id, finish_reason="error", error=str(exc)))
+                else:
+                    self._live.add(item.id)
+            elif item in self._live:
+                event = self.scheduler.abort(item)
+                events.append(event or TokenEvent(task_id=item, finish_reason="abort"))
+        return events
+
+    def _fail_live(self, error: str) -> list[TokenEvent]:
+        live = self._live | {t.id for t in self._inbox if isinstance(t, Task)}
+        self._inbox.clear()
+        for task_id in live:
+            try:
+                self.scheduler.abort(task_id)
+            except Exception:  # the scheduler may be as broken as the executor
+                pass
+        return [TokenEvent(task_id=t, finish_reason="error", error=error) for t in live]
+
+    async def _send(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            if event.finish_reason:
+                self._live.discard(event.task_id)
+        self.stats.scheduler = self.scheduler.stats()
+        self.stats.kv = self.scheduler.kv_usage()
+        if events:
+            await self.emit(events)
+
+    def _count(self, batch: StepBatch, sampled: int) -> None:
+        self.stats.steps += 1
+        self.stats.generation_tokens += sampled
+        for seq in batch.seqs:
+            prompt_end = min(seq.start_pos + len(seq.token_ids), len(seq.prompt_token_ids))
+            self.stats.prompt_tokens += max(0, prompt_end - seq.start_pos)
+
+
+async def build_engine(spec: DeploymentSpec, pm: PluginManager, emit: EmitEvents) -> Engine:
+    """Build an instance's executor, KV cache manager and batch scheduler by name.
+
+    Loading the executor (weights) blocks, so it runs in a worker thread.
+    """
+    executor = await anyio.to_thread.run_sync(pm.build, "executor", spec.executor, spec)
+    kv_cache = pm.build("kv_cache", spec.kv_cache, spec, executor.kv_cache_spec())
+    scheduler = pm.build("batch_scheduler", spec.batch_scheduler, spec, kv_cache)
+    return Engine(executor, scheduler, emit, step_timeout=spec.step_timeout_seconds)

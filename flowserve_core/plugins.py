@@ -1,0 +1,209 @@
+"""The plugin manager: loads ``flowserve`` entry points, registers built-ins, resolves components.
+
+Each entry point loads in its own try/except, so one broken plugin cannot break the tool;
+``FLOWSERVE_STRICT_PLUGINS=1`` makes a broken plugin fatal, ``FLOWSERVE_LOAD_PLUGINS=a,b``
+is an allow-list (set and empty: load none), and ``blocked`` or ``FLOWSERVE_BLOCK_PLUGINS=a,b``
+names plugins to skip (``--plugin no:NAME`` on the CLI). Worker processes read the same
+variables, so they load the same plugins as the server.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import traceback
+from typing import Any, Callable, Iterable
+
+import msgspec
+import pluggy
+
+from flowserve_core import hookspecs
+from flowserve_core.errors import ComponentNotFoundError, PluginError
+
+ENTRY_POINT_GROUP = "flowserve"
+
+#: kind → the registration hook that fills it
+KINDS: dict[str, str] = {
+    "tokenizer": "flowserve_register_tokenizers",
+    "executor": "flowserve_register_executors",
+    "kv_cache": "flowserve_register_kv_cache_managers",
+    "batch_scheduler": "flowserve_register_batch_schedulers",
+    "job_scheduler": "flowserve_register_job_schedulers",
+    "scaler": "flowserve_register_scalers",
+    "kv_transport": "flowserve_register_kv_transports",
+    "frontend": "flowserve_register_frontends",
+}
+
+#: Our own distributions, so that a missing component names the ``pip install`` that fixes it.
+KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
+    ("tokenizer", "hf"): "flowserve-hf-tokenizer",
+    ("executor", "spmd"): "flowserve-spmd-executor",
+    ("kv_cache", "paged"): "flowserve-paged-kv",
+    ("batch_scheduler", "continuous"): "flowserve-colocated",
+    ("job_scheduler", "colocated"): "flowserve-colocated",
+    ("job_scheduler", "pd-disaggregated"): "flowserve-pd-scheduler",
+    ("job_scheduler", "pd-hybrid"): "flowserve-pd-scheduler",
+    ("kv_transport", "shm"): "flowserve-pd-scheduler",
+    ("kv_transport", "torch-distributed"): "flowserve-pd-scheduler",
+    ("scaler", "static"): "flowserve-prewarm-scaler",
+    ("scaler", "prewarm"): "flowserve-prewarm-scaler",
+    ("scaler", "ray"): "flowserve-ray",
+    ("frontend", "openai"): "flowserve-openai",
+}
+
+#: Modules registered in every manager, as ordinary plugins.
+BUILTIN_PLUGINS = ("flowserve_core.inprocess",)
+
+
+class Component(msgspec.Struct, frozen=True):
+    """A named component some plugin registered, with the distribution that provides it."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    distribution: str
+
+
+class PluginRecord(msgspec.Struct):
+    """One loaded (or failed) plugin, as ``flowserve plugins`` lists it."""
+
+    name: str
+    distribution: str
+    version: str
+    error: str | None = None
+
+
+class PluginManager:
+    """FlowServe's pluggy manager plus the by-name component registry built from it."""
+
+    def __init__(self, *, load_entrypoints: bool = True, blocked: Iterable[str] = (),
+                 allow: Iterable[str] | None = None, strict: bool | None = None):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.strict = os.environ.get("FLOWSERVE_STRICT_PLUGINS") == "1" if strict is None else strict
+        allow = _env_list("FLOWSERVE_LOAD_PLUGINS") if allow is None else allow
+        self.allow = None if allow is None else set(allow)
+        self.blocked = set(blocked) | set(_env_list("FLOWSERVE_BLOCK_PLUGINS") or ())
+        self.records: list[PluginRecord] = []
+        self._components: dict[str, dict[str, Component]] = {}
+        for module_name in BUILTIN_PLUGINS:
+            self.register(importlib.import_module(module_name), name=module_name,
+                          distribution="flowserve-core")
+        if load_entrypoints:
+            self.load_entrypoints()
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def load_entrypoints(self) -> None:
+        """Load every ``flowserve`` entry point that the allow/block lists let through."""
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist else "?"
+            if ep.name in self.blocked or dist in self.blocked or self.pm.get_plugin(ep.name):
+                continue
+            if self.allow is not None and ep.name not in self.allow and dist not in self.allow:
+                continue
+            try:
+                self.register(ep.load(), name=ep.name, distribution=dist,
+                              version=ep.dist.version if ep.dist else "?")
+            except Exception as exc:  # one broken plugin must not break the tool
+                if self.strict:
+                    raise PluginError(f"plugin {ep.name!r} ({dist}) failed to load: {exc}") from exc
+                self.records.append(PluginRecord(ep.name, dist, ep.dist.version if ep.dist else "?",
+                                                 error=traceback.format_exception_only(exc)[-1].strip()))
+
+    def register(self, plugin: object, name: str | None = None, distribution: str = "(local)",
+                 version: str = "") -> None:
+        """Register a plugin module or object; its hook names are checked against the specs."""
+        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        self.pm.register(plugin, name=name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(plugin)
+            raise PluginError(f"plugin {name!r} ({distribution}): {exc}") from exc
+        self.records.append(PluginRecord(name, distribution, version or _dist_version(distribution)))
+        self._components.clear()
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin by name (tests register and unregister small plugins)."""
+        self.pm.unregister(name=name)
+        self.records = [r for r in self.records if r.name != name]
+        self._components.clear()
+
+    def distribution_of(self, plugin_name: str) -> str:
+        return next((r.distribution for r in self.records if r.name == plugin_name), "(local)")
+
+    def components(self, kind: str) -> dict[str, Component]:
+        """Every component of ``kind`` that loaded plugins registered, by name."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if kind not in self._components:
+            found: dict[str, Component] = {}
+            for impl in getattr(self.pm.hook, KINDS[kind]).get_hookimpls():
+                dist = self.distribution_of(impl.plugin_name)
+
+                def register(name: str, factory: Callable[..., Any],
+                             _plugin: str = impl.plugin_name, _dist: str = dist) -> None:
+                    if name in found:
+                        raise PluginError(
+                            f"{kind} {name!r} is registered twice: by {found[name].distribution} "
+                            f"(plugin {found[name].plugin}) and by {_dist} (plugin {_plugin}); "
+                            f"uninstall one, or block one with --plugin no:NAME")
+                    found[name] = Component(kind, name, factory, _plugin, _dist)
+
+                impl.function(register)
+            self._components[kind] = found
+        return self._components[kind]
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component ``name`` of ``kind``; if missing, say what is there and what to install."""
+        found = self.components(kind)
+        if name in found:
+            return found[name]
+        message = f"no {kind.replace('_', ' ')} named {name!r} is installed."
+        message += f" Installed: {', '.join(sorted(found)) or 'none'}."
+        provider = KNOWN_PROVIDERS.get((kind, name))
+        if provider:
+            message += f" Install it with: pip install {provider}"
+        broken = [r for r in self.records if r.error]
+        if broken:
+            message += " (Plugins that failed to load: " + "; ".join(
+                f"{r.name}: {r.error}" for r in broken) + ")"
+        raise ComponentNotFoundError(message)
+
+    def build(self, kind: str, name: str, *args: Any) -> Any:
+        """Resolve ``name`` and call its factory with ``args``."""
+        return self.get(kind, name).factory(*args)
+
+
+def _env_list(variable: str) -> list[str] | None:
+    if variable not in os.environ:
+        return None
+    return [item.strip() for item in os.environ[variable].split(",") if item.strip()]
+
+
+def _dist_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+_process_manager: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """This process's manager, loaded once (worker processes call this too)."""
+    global _process_manager
+    if _process_manager is None:
+        _process_manager = PluginManager()
+    return _process_manager
+
+
+def set_plugin_manager(pm: PluginManager | None) -> None:
+    """Replace this process's manager (tests and embedders compose their own)."""
+    global _process_manager
+    _process_manager = pm

@@ -1,0 +1,257 @@
+"""Engine instances in their own processes, and the protocol the server speaks with them.
+
+The server and an instance process share one connected Unix socket (a socketpair made by
+the scaler; nothing listens on the filesystem or the network). Frames are length-prefixed
+msgpack messages. The instance says ``Hello``, waits for an ``Assign`` (a pre-warmed
+process may wait a long time), builds its engine, says ``Ready``, then takes ``Submit`` and
+``Abort`` and sends one ``Events`` frame per engine step. When the server's end closes, the
+instance exits; when the instance dies, the server fails its tasks.
+
+Run an instance process with ``python -m flowserve_core.remote FD``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import msgspec
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from flowserve_core.engine import build_engine
+from flowserve_core.instance import InstanceBase
+from flowserve_core.plugins import get_plugin_manager
+from flowserve_core.types import (
+    DeploymentSpec,
+    InstanceInfo,
+    InstanceState,
+    InstanceStats,
+    KVCacheSpec,
+    Task,
+    TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+MAX_FRAME = 256 * 1024 * 1024
+
+
+class Hello(msgspec.Struct, tag=True):
+    pid: int
+
+
+class Assign(msgspec.Struct, tag=True):
+    spec: DeploymentSpec
+    info: InstanceInfo
+
+
+class Ready(msgspec.Struct, tag=True):
+    kv: KVCacheSpec
+    start_path: str = ""
+
+
+class Submit(msgspec.Struct, tag=True):
+    task: Task
+
+
+class Abort(msgspec.Struct, tag=True):
+    task_id: str
+
+
+class Events(msgspec.Struct, tag=True):
+    events: list[TokenEvent]
+    stats: InstanceStats
+
+
+class Failed(msgspec.Struct, tag=True):
+    error: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+Message = Hello | Assign | Ready | Submit | Abort | Events | Failed | Shutdown
+
+
+class Channel:
+    """Length-prefixed msgpack ``Message`` frames over a connected socket."""
+
+    _encoder = msgspec.msgpack.Encoder()
+    _decoder = msgspec.msgpack.Decoder(Message)
+
+    def __init__(self, stream: anyio.abc.ByteStream):
+        self.stream = stream
+        self._reader = BufferedByteReceiveStream(stream)
+        self._lock = anyio.Lock()
+
+    @classmethod
+    async def from_socket(cls, sock: socket.socket | int) -> Channel:
+        return cls(await anyio.abc.UNIXSocketStream.from_socket(sock))
+
+    async def send(self, message: Message) -> None:
+        data = self._encoder.encode(message)
+        async with self._lock:
+            await self.stream.send(len(data).to_bytes(4, "big") + data)
+
+    async def receive(self) -> Message:
+        """The next message; raises ``anyio.EndOfStream`` when the peer is gone."""
+        try:
+            size = int.from_bytes(await self._reader.receive_exactly(4), "big")
+            if size > MAX_FRAME:
+                raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME} limit")
+            return self._decoder.decode(await self._reader.receive_exactly(size))
+        except (anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise anyio.EndOfStream from None
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class ProcessHandle(Protocol):
+    """What a scaler knows of a process it started (a ``subprocess.Popen`` fits)."""
+
+    pid: int
+
+    def kill(self) -> None: ...
+
+    def poll(self) -> int | None: ...
+
+
+def spawn_instance_process(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, socket.socket]:
+    """Start a fresh ``python -m flowserve_core.remote`` process; return it and our socket end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    process = subprocess.Popen([sys.executable, "-m", "flowserve_core.remote", str(theirs.fileno())],
+                               pass_fds=[theirs.fileno()], env={**os.environ, **(env or {})})
+    theirs.close()
+    return process, ours
+
+
+class RemoteInstance(InstanceBase):
+    """The server's handle on an instance process connected through ``sock``."""
+
+    def __init__(self, spec: DeploymentSpec, info: InstanceInfo, sock: socket.socket,
+                 process: ProcessHandle | None = None, start_timeout: float = 600.0):
+        super().__init__(info)
+        self.spec, self.process, self.start_timeout = spec, process, start_timeout
+        self._sock = sock
+        self.channel: Channel | None = None
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        started = time.monotonic()
+        error = "the instance process exited"
+        self.channel = await Channel.from_socket(self._sock)
+        try:
+            with anyio.fail_after(self.start_timeout):
+                hello = await self.channel.receive()
+                self.info.pid = getattr(hello, "pid", None)
+                await self.channel.send(Assign(spec=self.spec, info=self.info))
+                ready = await self.channel.receive()
+            if isinstance(ready, Failed):
+                raise RuntimeError(ready.error)
+            self.info.start_path = self.info.start_path or ready.start_path or "naive"
+            self.info.start_seconds = time.monotonic() - started
+            self.set_state(InstanceState.READY)
+            task_status.started()
+            while True:
+                message = await self.channel.receive()
+                if isinstance(message, Events):
+                    self.stats = message.stats
+                    self.dispatch(message.events)
+                elif isinstance(message, Failed):
+                    error = message.error
+        except anyio.EndOfStream:
+            pass
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("instance failed", extra={"instance": self.info.id, "error": error})
+        finally:
+            self.fail_all(f"instance {self.info.id} is gone: {error}")
+            self.set_state(InstanceState.GONE, error=error)
+            with anyio.CancelScope(shield=True):
+                await self._reap()
+
+    async def _reap(self) -> None:
+        await self.channel.aclose()
+        if self.process is None:
+            return
+        with anyio.move_on_after(5):
+            while self.process.poll() is None:
+                await anyio.sleep(0.05)
+        if self.process.poll() is None:
+            self.process.kill()
+
+    async def _send_task(self, task: Task) -> None:
+        await self.channel.send(Submit(task=task))
+
+    async def _abort_task(self, task_id: str) -> None:
+        try:
+            await self.channel.send(Abort(task_id=task_id))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the instance is gone; nothing runs to abort
+
+    async def _shutdown(self) -> None:
+        try:
+            await self.channel.send(Shutdown())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+
+
+async def serve_instance(sock: socket.socket | int, start_path: str = "") -> None:
+    """The instance side: say hello, wait for an assignment, build the engine, serve tasks."""
+    channel = await Channel.from_socket(sock)
+    await channel.send(Hello(pid=os.getpid()))
+    assign = await channel.receive()
+    if not isinstance(assign, Assign):
+        return
+
+    async def emit(events: list[TokenEvent]) -> None:
+        await channel.send(Events(events=events, stats=engine.stats))
+
+    try:
+        engine = await build_engine(assign.spec, get_plugin_manager(), emit)
+    except Exception as exc:
+        log.exception("instance failed to start")
+        await channel.send(Failed(error=f"{type(exc).__name__}: {exc}"))
+        return
+    await channel.send(Ready(kv=engine.executor.kv_cache_spec(), start_path=start_path))
+    async with anyio.create_task_group() as tg:
+
+        async def run_engine() -> None:
+            await engine.run()
+            await channel.send(Failed(error=engine.dead or "engine stopped"))
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(run_engine)
+        try:
+            while True:
+                message = await channel.receive()
+                if isinstance(message, Submit):
+                    engine.submit(message.task)
+                elif isinstance(message, Abort):
+                    engine.abort(message.task_id)
+                elif isinstance(message, Shutdown):
+                    break
+        except anyio.EndOfStream:
+            pass  # the server is gone: so are we
+        tg.cancel_scope.cancel()
+    if hasattr(engine.executor, "close"):
+        engine.executor.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of an instance process: ``python -m flowserve_core.remote FD``."""
+    argv = sys.argv[1:] if argv is None else argv
+    from flowserve_core.telemetry import setup_logging
+    setup_logging(os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))
+    anyio.run(serve_instance, int(argv[0]), os.environ.get("FLOWSERVE_START_PATH", "naive"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""A server: its deployments by name, aliases, and the frontend that serves them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+
+from flowserve_core.config import ServerConfig, resolve_deployment
+from flowserve_core.deployment import Deployment
+from flowserve_core.errors import ConfigError, UnknownModelError
+from flowserve_core.plugins import PluginManager
+from flowserve_core.types import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """Owns the deployments of one ``flowserve serve``; frontends look models up here.
+
+    Deployments can be added and removed while it runs; ``resolve`` follows aliases.
+    """
+
+    def __init__(self, config: ServerConfig, pm: PluginManager):
+        self.config = config
+        self.pm = pm
+        self.deployments: dict[str, Deployment] = {}
+        self.aliases: dict[str, str] = dict(config.aliases)
+        self.stopping = False
+        self._task_group: Any = None
+
+    def check_components(self, spec: DeploymentSpec) -> None:
+        """Fail fast, before loading anything, if a named component is not installed."""
+        for kind in ("tokenizer", "executor", "kv_cache", "batch_scheduler", "job_scheduler", "scaler"):
+            self.pm.get(kind, getattr(spec, kind))
+
+    def resolve(self, model: str | None) -> Deployment:
+        """The deployment serving ``model`` (a name or alias; empty: the first deployment)."""
+        if not model and self.deployments:
+            return next(iter(self.deployments.values()))
+        name = self.aliases.get(model or "", model)
+        if name not in self.deployments:
+            served = sorted([*self.deployments, *self.aliases])
+            raise UnknownModelError(f"the model {model!r} does not exist; this server serves: "
+                                    f"{', '.join(served) or 'no models'}")
+        return self.deployments[name]
+
+    async def add_deployment(self, spec: DeploymentSpec) -> Deployment:
+        """Start serving ``spec``; returns once its deployment runs (instances may warm)."""
+        resolve_deployment(spec)
+        if spec.name in self.deployments or spec.name in self.aliases:
+            raise ConfigError(f"a deployment or alias named {spec.name!r} already exists")
+        self.check_components(spec)
+        deployment = Deployment(spec, self.pm)
+        self.deployments[spec.name] = deployment
+        try:
+            await self._task_group.start(deployment.run)
+        except BaseException:
+            self.deployments.pop(spec.name, None)
+            raise
+        log.info("deployment started", extra={"deployment": spec.name, "model": spec.model})
+        return deployment
+
+    async def remove_deployment(self, name: str, drain_timeout: float | None = None) -> None:
+        """Stop routing to ``name``, let its requests finish, stop its instances."""
+        deployment = self.deployments.pop(name)
+        self.aliases = {a: d for a, d in self.aliases.items() if d != name}
+        await deployment.stop(self.config.drain_timeout if drain_timeout is None else drain_timeout)
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every configured deployment, then serve the frontend until it returns."""
+        for spec in self.config.deployments:
+            self.check_components(spec)
+        frontend = self.pm.build("frontend", self.config.frontend, self.config)
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            for spec in self.config.deployments:
+                await self.add_deployment(spec)
+            task_status.started(self)
+            try:
+                await frontend.serve(self)
+            finally:
+                await self.shutdown()
+                tg.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        """Drain every deployment (graceful shutdown), then stop them."""
+        self.stopping = True
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for name in list(self.deployments):
+                    tg.start_soon(self.remove_deployment, name)

@@ -1,0 +1,137 @@
+"""Logging, OpenTelemetry traces and metrics.
+
+Off by default, and then it costs nothing: the OpenTelemetry API's no-op providers stay in
+place. ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` set to ``console`` or ``otlp``
+(the standard variables; OTLP needs ``opentelemetry-exporter-otlp``) turn them on.
+``FLOWSERVE_LOG_FORMAT=json`` makes logs one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+from opentelemetry import metrics, trace
+
+from flowserve_core.types import Request, RequestOutput
+
+tracer = trace.get_tracer("flowserve")
+meter = metrics.get_meter("flowserve")
+_instruments: dict[str, Any] = {}
+
+
+def _exporter(kind: str, variable: str) -> Any:
+    choice = os.environ.get(variable, "none").lower()
+    if choice == "console":
+        if kind == "traces":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+            return ConsoleSpanExporter()
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+        return ConsoleMetricExporter()
+    if choice == "otlp":
+        try:
+            if kind == "traces":
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+                return OTLPSpanExporter()
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            return OTLPMetricExporter()
+        except ImportError:
+            logging.getLogger(__name__).warning(
+                "%s=otlp needs: pip install opentelemetry-exporter-otlp", variable)
+    return None
+
+
+def setup_telemetry(service_name: str = "flowserve") -> None:
+    """Install SDK providers for whichever exporters the OTEL_* variables ask for."""
+    global tracer, meter
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    if span_exporter := _exporter("traces", "OTEL_TRACES_EXPORTER"):
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        trace.set_tracer_provider(provider)
+        tracer = trace.get_tracer("flowserve")
+    if metric_exporter := _exporter("metrics", "OTEL_METRICS_EXPORTER"):
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        metrics.set_meter_provider(MeterProvider(
+            resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]))
+        meter = metrics.get_meter("flowserve")
+        _instruments.clear()
+
+
+def _instrument(name: str, kind: str, unit: str, description: str) -> Any:
+    if name not in _instruments:
+        make = meter.create_histogram if kind == "histogram" else meter.create_counter
+        _instruments[name] = make(name, unit=unit, description=description)
+    return _instruments[name]
+
+
+@contextlib.contextmanager
+def request_span(request: Request, deployment: str) -> Iterator[Any]:
+    """A span covering one request from admission to its last event."""
+    if not tracer_enabled():
+        yield None
+        return
+    with tracer.start_as_current_span("flowserve.request", attributes={
+            "flowserve.request_id": request.id, "flowserve.deployment": deployment,
+            "flowserve.prompt_tokens": len(request.prompt_token_ids)}) as span:
+        yield span
+
+
+def tracer_enabled() -> bool:
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def record_request(request: Request, output: RequestOutput, deployment: str) -> None:
+    """Record a finished request's latencies and token counts as OpenTelemetry metrics."""
+    if not _instruments and isinstance(metrics.get_meter_provider(), metrics.NoOpMeterProvider):
+        return
+    attrs = {"deployment": deployment, "finish_reason": output.finish_reason or "abort"}
+    m = output.metrics
+    if m and m.ttft is not None:
+        _instrument("flowserve.time_to_first_token", "histogram", "s", "TTFT").record(m.ttft, attrs)
+    if m and m.finished_time:
+        _instrument("flowserve.e2e_request_latency", "histogram", "s", "end to end").record(
+            m.finished_time - m.arrival_time, attrs)
+    _instrument("flowserve.generation_tokens", "counter", "{token}", "generated").add(
+        len(output.output_token_ids), attrs)
+    _instrument("flowserve.prompt_tokens", "counter", "{token}", "prompt").add(
+        output.num_prompt_tokens, attrs)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    _standard = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                 "level": record.levelname.lower(), "logger": record.name,
+                 "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self._standard})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str = "info") -> None:
+    """Structured logs: rich for a terminal, JSON lines when FLOWSERVE_LOG_FORMAT=json."""
+    handler: logging.Handler
+    if os.environ.get("FLOWSERVE_LOG_FORMAT") == "json" or not sys.stderr.isatty():
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+    else:
+        from rich.logging import RichHandler
+        handler = RichHandler(rich_tracebacks=True, show_path=False)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

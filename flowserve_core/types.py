@@ -1,0 +1,435 @@
+"""The records that cross FlowServe's boundaries (process, plugin, HTTP), as msgspec Structs.
+
+A user's **Request** becomes a **Job** (its plan, made by the deployment's job scheduler),
+which runs as one or more **Tasks** (one colocated task; or a prefill task then a decode
+task), each executed on an engine **Instance** of a **Deployment**. See docs/concepts.md.
+
+These Structs are public API: fields are only ever added, with defaults.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+import uuid
+from typing import ClassVar, Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class IllegalTransition(RuntimeError):
+    """A state machine was asked for a move its table does not allow."""
+
+
+class _StateMachine(msgspec.Struct, kw_only=True):
+    """Mixin: a ``state`` field that only moves along ``_transitions``."""
+
+    _transitions: ClassVar[dict] = {}
+
+    def move_to(self, new_state: enum.Enum) -> None:
+        if new_state not in self._transitions.get(self.state, ()):
+            raise IllegalTransition(
+                f"{type(self).__name__} {getattr(self, 'id', '')!s}: "
+                f"{self.state.value} -> {new_state.value} is not allowed"
+            )
+        self.state = new_state
+
+
+def new_id(prefix: str) -> str:
+    """A short random id in OpenAI's style, e.g. ``cmpl-3f2a…``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    """How to pick each next token, and when to stop. Validated on construction and decode.
+
+    ``max_tokens=None`` means "until the context is full". ``top_k`` 0 or -1 disables
+    top-k; ``logprobs`` is how many alternatives to return per token (0 = only the chosen one).
+    """
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
+        checks = [
+            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k >= -1, "must be -1, 0 (disabled) or a positive number"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
+            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             "must not exceed max_tokens"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
+            ("stop", all(self.stop), "must not contain empty strings"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class TopLogprob(msgspec.Struct, array_like=True):
+    """One alternative token and its log-probability."""
+
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    """The log-probability of a sampled token, with the ``top`` alternatives asked for."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+# ---------------------------------------------------------------- request → job → task
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+
+class Request(_StateMachine, kw_only=True):
+    """One user call: prompt tokens, sampling parameters and deadline.
+
+    States: waiting → running → finished | aborted | failed (waiting may also end directly).
+    """
+
+    _transitions: ClassVar[dict] = {
+        RequestState.WAITING: {RequestState.RUNNING, RequestState.ABORTED, RequestState.FAILED},
+        RequestState.RUNNING: {RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED},
+    }
+
+    id: str = msgspec.field(default_factory=lambda: new_id("req"))
+    prompt_token_ids: list[int]
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    model: str = ""
+    eos_token_ids: list[int] = []
+    priority: int = 0
+    arrival_time: float = msgspec.field(default_factory=time.time)
+    deadline: float | None = None
+    state: RequestState = RequestState.WAITING
+
+
+class TaskRole(enum.Enum):
+    """What an instance does with a task: all of it, or one phase of PD-disaggregation."""
+
+    COLOCATED = "colocated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class TaskState(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+class KVHandoff(msgspec.Struct, kw_only=True):
+    """Where a prefill task left the KV of a sequence for a decode instance to import.
+
+    ``transport`` names the registered KV transport that can fetch it; ``locator`` is that
+    transport's address for the data (e.g. a shared-memory segment name); ``block_hashes``
+    lets the receiver skip blocks it already has cached.
+    """
+
+    transport: str
+    locator: str
+    num_tokens: int
+    block_size: int
+    block_hashes: list[int] = []
+    first_block: int = 0
+    nbytes: int = 0
+
+
+class Task(_StateMachine, kw_only=True):
+    """One step of a job, executed by one engine instance.
+
+    A decode task carries the prefill's ``kv_handoff`` and the ``output_token_ids`` the
+    prefill already produced. States: pending → running → done | failed | aborted.
+    """
+
+    _transitions: ClassVar[dict] = {
+        TaskState.PENDING: {TaskState.RUNNING, TaskState.ABORTED, TaskState.FAILED},
+        TaskState.RUNNING: {TaskState.DONE, TaskState.ABORTED, TaskState.FAILED},
+    }
+
+    id: str = msgspec.field(default_factory=lambda: new_id("task"))
+    job_id: str = ""
+    role: TaskRole = TaskRole.COLOCATED
+    request: Request
+    output_token_ids: list[int] = []
+    kv_handoff: KVHandoff | None = None
+    instance_id: str | None = None
+    state: TaskState = TaskState.PENDING
+
+
+class Job(_StateMachine, kw_only=True):
+    """What a request becomes inside: its ordered tasks and how many attempts it had."""
+
+    _transitions: ClassVar[dict] = Task._transitions
+
+    id: str = msgspec.field(default_factory=lambda: new_id("job"))
+    request: Request
+    tasks: list[Task] = []
+    attempts: int = 0
+    state: TaskState = TaskState.PENDING
+
+
+class TokenEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a task produced in one engine step: new tokens and, at the end, why it stopped.
+
+    ``finish_reason`` is set on a task's last event; ``error`` explains ``"error"``.
+    A prefill task's last event carries the ``kv_handoff`` for its decode task.
+    """
+
+    task_id: str
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    kv_handoff: KVHandoff | None = None
+
+
+class RequestMetrics(msgspec.Struct, kw_only=True):
+    """Timestamps (``time.time()``) of one request's life, measured where the request entered."""
+
+    arrival_time: float
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    """The whole result of a request, given to ``flowserve_request_finished`` observers."""
+
+    request_id: str
+    output_token_ids: list[int] = []
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+
+
+class Rejection(msgspec.Struct, kw_only=True):
+    """Why a request is refused at admission: HTTP-like ``status`` and a human message."""
+
+    message: str
+    status: int = 429
+    retry_after: float | None = None
+
+
+# ---------------------------------------------------------------- deployment and instances
+
+
+class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A served model with its policies: which components, how many instances, which SLOs.
+
+    Component names are those plugins registered (see ``flowserve plugins``); ``options``
+    carries plugin-specific settings as flat ``key = value`` pairs.
+    """
+
+    name: str = ""
+    model: str = ""
+    tokenizer: str = "hf"
+    executor: str = "spmd"
+    kv_cache: str = "paged"
+    batch_scheduler: str = "continuous"
+    job_scheduler: str = "colocated"
+    scaler: str = "static"
+    kv_transport: str = "shm"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    tensor_parallel: int = 1
+    kv_cache_memory: str = "1GiB"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    min_instances: int = 1
+    max_instances: int = 1
+    colocated_instances: int = 0
+    prefill_instances: int = 0
+    decode_instances: int = 0
+    max_queue: int = 1024
+    slo_ttft_seconds: float | None = None
+    slo_tpot_seconds: float | None = None
+    scale_to_zero_after: float | None = None
+    step_timeout_seconds: float = 120.0
+    options: dict[str, str | int | float | bool] = {}
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("min_instances", "max_queue", "colocated_instances",
+                     "prefill_instances", "decode_instances"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_instances < self.min_instances:
+            raise ValueError(f"max_instances ({self.max_instances}) must be >= "
+                             f"min_instances ({self.min_instances})")
+
+
+class InstanceState(enum.Enum):
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    GONE = "gone"
+
+
+class InstanceInfo(_StateMachine, kw_only=True):
+    """One engine instance of a deployment, as the server sees it.
+
+    ``start_path`` says how it started (``naive``, ``prewarmed``, ``preloaded``, ``forked``,
+    ``in-process``…). States: warming → ready → draining → gone (any state may end in gone).
+    """
+
+    _transitions: ClassVar[dict] = {
+        InstanceState.WARMING: {InstanceState.READY, InstanceState.GONE, InstanceState.DRAINING},
+        InstanceState.READY: {InstanceState.DRAINING, InstanceState.GONE},
+        InstanceState.DRAINING: {InstanceState.GONE},
+    }
+
+    id: str = msgspec.field(default_factory=lambda: new_id("inst"))
+    deployment: str = ""
+    role: TaskRole = TaskRole.COLOCATED
+    state: InstanceState = InstanceState.WARMING
+    start_path: str = ""
+    start_seconds: float = 0.0
+    pid: int | None = None
+    created: float = msgspec.field(default_factory=time.time)
+    error: str | None = None
+
+
+class KVUsage(msgspec.Struct, kw_only=True):
+    """A KV cache manager's block accounting; ``cached`` blocks are free but reusable."""
+
+    block_size: int = 16
+    total_blocks: int = 0
+    used_blocks: int = 0
+    cached_blocks: int = 0
+    free_blocks: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+
+    @property
+    def usage(self) -> float:
+        return self.used_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+class SchedulerStats(msgspec.Struct, kw_only=True):
+    """A batch scheduler's queue: what runs, what waits, and the prefill work waiting."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    waiting_prefill_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class InstanceStats(msgspec.Struct, kw_only=True):
+    """The load an instance reports after each step; routers and scalers read it."""
+
+    scheduler: SchedulerStats = msgspec.field(default_factory=SchedulerStats)
+    kv: KVUsage = msgspec.field(default_factory=KVUsage)
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+# ---------------------------------------------------------------- one engine step
+
+
+class KVCacheSpec(msgspec.Struct, kw_only=True):
+    """The KV memory an executor set aside: ``num_blocks`` blocks of ``block_size`` tokens."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int = 0
+    max_model_len: int = 2048
+
+
+class ScheduledSequence(msgspec.Struct, kw_only=True):
+    """One sequence's share of a step: compute ``token_ids`` at ``start_pos`` onwards.
+
+    ``sample`` is false for a prefill chunk that does not reach the prompt's end. The
+    executor samples with ``params``; penalties read ``prompt_token_ids`` and
+    ``output_token_ids``.
+    """
+
+    seq_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool = True
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    prompt_token_ids: list[int] = []
+    output_token_ids: list[int] = []
+
+
+class StepBatch(msgspec.Struct, kw_only=True):
+    """What the batch scheduler asks the executor to run in one step.
+
+    ``finished_seq_ids`` lets the executor drop per-sequence state (e.g. seeded generators).
+    """
+
+    seqs: list[ScheduledSequence] = []
+    finished_seq_ids: list[str] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+class StepResult(msgspec.Struct, kw_only=True):
+    """The executor's answer: one sampled token per sequence that had ``sample`` set."""
+
+    token_ids: dict[str, int] = {}
+    logprobs: dict[str, TokenLogprob] = {}

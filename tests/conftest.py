@@ -1,0 +1,17 @@
+"""Shared fixtures for the kernel's tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowserve_core.plugins import PluginManager
+
+
+@pytest.fixture
+def pm() -> PluginManager:
+    return PluginManager()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

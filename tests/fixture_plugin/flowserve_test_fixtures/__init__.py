@@ -1,0 +1,249 @@
+"""Toy components for FlowServe's kernel tests; real plugins, no model.
+
+- tokenizer ``whitespace``: word ``tN`` is token ``N``; any other word hashes to a token.
+- executor ``counter``: the next token is the last one plus one (mod the vocabulary).
+  Options: ``step_delay`` (seconds per step, in a thread), ``fail_on_token`` (a step that
+  would emit this token raises), ``die_after_steps`` (the executor dies: EngineDeadError).
+- kv cache ``unbounded``: bookkeeping without limits.
+- batch scheduler ``fifo``: every admitted task decodes one token per step.
+- job scheduler ``least-tasks``: one colocated task on the ready instance with fewest tasks.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any, Sequence
+
+import anyio
+
+from flowserve_core import hookimpl
+from flowserve_core.errors import EngineDeadError
+from flowserve_core.interfaces import TextDelta
+from flowserve_core.types import (
+    DeploymentSpec, Job, KVCacheSpec, KVUsage, SchedulerStats, ScheduledSequence, StepBatch,
+    StepResult, Task, TaskRole, TokenEvent,
+)
+
+VOCAB = 1000
+
+
+def toy_spec(**overrides: Any) -> DeploymentSpec:
+    """A deployment of these toy components (in-process instances unless overridden)."""
+    fields: dict[str, Any] = dict(
+        name="toy", model="toy", tokenizer="whitespace", executor="counter", kv_cache="unbounded",
+        batch_scheduler="fifo", job_scheduler="least-tasks", scaler="inproc")
+    fields.update(overrides)
+    return DeploymentSpec(**fields)
+
+
+class WhitespaceTokenizer:
+    """Words ↔ token ids; token 0 is the end of sequence."""
+
+    eos_token_ids = [0]
+    vocab_size = VOCAB
+    max_model_len = 256
+
+    def __init__(self, spec: DeploymentSpec):
+        self.spec = spec
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [int(w[1:]) % VOCAB if w[:1] == "t" and w[1:].isdigit()
+                else zlib.crc32(w.encode()) % (VOCAB - 1) + 1 for w in text.split()]
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" t{i}" for i in token_ids)
+
+    def apply_chat_template(self, messages: Sequence[Any]) -> list[int]:
+        return self.encode(" ".join(f"{m.role} {m.content}" for m in messages))
+
+    def token_text(self, token_id: int) -> str:
+        return f" t{token_id}"
+
+    def detokenizer(self, prompt_token_ids: Sequence[int], params: Any) -> Any:
+        return _Detokenizer(self)
+
+
+class _Detokenizer:
+    def __init__(self, tokenizer: WhitespaceTokenizer):
+        self.tokenizer = tokenizer
+
+    def push(self, token_ids: Sequence[int]) -> TextDelta:
+        return TextDelta(text=self.tokenizer.decode(token_ids))
+
+    def finish(self) -> str:
+        return ""
+
+
+class CounterExecutor:
+    """Next token = last token + 1; optional delay and injected failures."""
+
+    def __init__(self, spec: DeploymentSpec):
+        self.options = spec.options
+        self.steps = 0
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(num_blocks=1 << 20, block_size=16, max_model_len=256)
+
+    def _compute(self, batch: StepBatch) -> StepResult:
+        delay = float(self.options.get("step_delay", 0))
+        if delay:
+            time.sleep(delay)
+        tokens = {}
+        for seq in batch.seqs:
+            if seq.sample:
+                tokens[seq.seq_id] = (seq.token_ids[-1] + 1) % VOCAB
+                if tokens[seq.seq_id] == self.options.get("fail_on_token"):
+                    raise RuntimeError(f"injected failure on token {tokens[seq.seq_id]}")
+        return StepResult(token_ids=tokens)
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        self.steps += 1
+        if self.steps > int(self.options.get("die_after_steps", 1 << 62)):
+            raise EngineDeadError("injected death of the counter executor")
+        return await anyio.to_thread.run_sync(self._compute, batch)
+
+
+class UnboundedKVCache:
+    """Block bookkeeping with no limit (the counter executor keeps no KV)."""
+
+    block_size = 16
+
+    def __init__(self, spec: DeploymentSpec, kv: KVCacheSpec):
+        self.tables: dict[str, int] = {}
+
+    def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int | None:
+        self.tables[seq_id] = len(token_ids)
+        return 0
+
+    def append_slots(self, seq_id: str, num_tokens: int) -> bool:
+        self.tables[seq_id] = num_tokens
+        return True
+
+    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        pass
+
+    def free(self, seq_id: str) -> None:
+        self.tables.pop(seq_id, None)
+
+    def fork(self, parent_seq_id: str, child_seq_id: str) -> None:
+        self.tables[child_seq_id] = self.tables[parent_seq_id]
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return []
+
+    def num_cached_tokens(self, token_ids: Sequence[int]) -> int:
+        return 0
+
+    def usage(self) -> KVUsage:
+        used = sum(-(-n // 16) for n in self.tables.values())
+        return KVUsage(total_blocks=1 << 20, used_blocks=used, free_blocks=(1 << 20) - used)
+
+
+class FifoScheduler:
+    """All admitted tasks decode together, one token per step, up to ``max_num_seqs``."""
+
+    def __init__(self, spec: DeploymentSpec, kv_cache: Any):
+        self.spec, self.kv = spec, kv_cache
+        self.running: dict[str, Task] = {}
+        self.waiting: list[Task] = []
+
+    def add(self, task: Task) -> None:
+        if not task.request.prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        self.waiting.append(task)
+
+    def abort(self, task_id: str) -> TokenEvent | None:
+        self.waiting = [t for t in self.waiting if t.id != task_id]
+        if self.running.pop(task_id, None) is None:
+            return None
+        self.kv.free(task_id)
+        return TokenEvent(task_id=task_id, finish_reason="abort")
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def schedule(self) -> StepBatch:
+        while self.waiting and len(self.running) < self.spec.max_num_seqs:
+            task = self.waiting.pop(0)
+            self.kv.allocate(task.id, task.request.prompt_token_ids)
+            self.running[task.id] = task
+        seqs = []
+        for task in self.running.values():
+            history = task.request.prompt_token_ids + task.output_token_ids
+            seqs.append(ScheduledSequence(
+                seq_id=task.id, token_ids=history[-1:], start_pos=len(history) - 1, block_table=[],
+                params=task.request.params, prompt_token_ids=task.request.prompt_token_ids,
+                output_token_ids=task.output_token_ids))
+        return StepBatch(seqs=seqs)
+
+    def update(self, batch: StepBatch, result: StepResult) -> list[TokenEvent]:
+        events = []
+        for seq_id, token in result.token_ids.items():
+            task = self.running.get(seq_id)
+            if task is None:
+                continue
+            task.output_token_ids.append(token)
+            params = task.request.params
+            reason = None
+            if token in task.request.eos_token_ids and not params.ignore_eos:
+                reason = "stop"
+            elif params.max_tokens and len(task.output_token_ids) >= params.max_tokens:
+                reason = "length"
+            events.append(TokenEvent(task_id=seq_id, token_ids=[token], finish_reason=reason,
+                                     num_prompt_tokens=len(task.request.prompt_token_ids)))
+            if reason:
+                del self.running[seq_id]
+                self.kv.free(seq_id)
+        return events
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting))
+
+    def kv_usage(self) -> KVUsage:
+        return self.kv.usage()
+
+
+class LeastTasksJobScheduler:
+    """One colocated task per request, on the ready instance with the fewest tasks."""
+
+    def __init__(self, spec: DeploymentSpec):
+        self.spec = spec
+
+    def make_job(self, request: Any) -> Job:
+        job = Job(request=request)
+        job.tasks.append(Task(job_id=job.id, role=TaskRole.COLOCATED, request=request))
+        return job
+
+    async def run_job(self, job: Job, pool: Any, emit: Any) -> None:
+        task = job.tasks[0]
+        instances = await pool.wait_ready(TaskRole.COLOCATED, timeout=60)
+        instance = min(instances, key=lambda i: i.num_tasks)
+        async with instance.submit(task) as events:
+            async for event in events:
+                await emit(event)
+
+
+@hookimpl
+def flowserve_register_tokenizers(register: Any) -> None:
+    register("whitespace", WhitespaceTokenizer)
+
+
+@hookimpl
+def flowserve_register_executors(register: Any) -> None:
+    register("counter", CounterExecutor)
+
+
+@hookimpl
+def flowserve_register_kv_cache_managers(register: Any) -> None:
+    register("unbounded", UnboundedKVCache)
+
+
+@hookimpl
+def flowserve_register_batch_schedulers(register: Any) -> None:
+    register("fifo", FifoScheduler)
+
+
+@hookimpl
+def flowserve_register_job_schedulers(register: Any) -> None:
+    register("least-tasks", LeastTasksJobScheduler)

@@ -85,7 +85,7 @@ class Engine:
                 result = await self.executor.execute(batch)
         except (EngineDeadError, TimeoutError) as exc:
             self.dead = str(exc) or f"a step took longer than {self.step_timeout} s"
-            log.error("engine died", extra={"error": self.dead})
+            log.error("engine died: %s", self.dead)
             return []
         except Exception as exc:  # a bad batch fails its own tasks, not the engine
             log.exception("step failed", extra={"num_seqs": len(batch.seqs)})

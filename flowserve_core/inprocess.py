@@ -1,5 +1,7 @@
 """Built-in plugin: engine instances inside the server process (scaler ``inproc``).
 
+``TargetScaler`` is also the base of process-based scalers, which override ``make_instance``.
+
 For tests, plugin authors and small setups: no worker process, the executor computes in a
 thread. Production scalers run each instance in its own process (``remote.py``).
 """
@@ -60,38 +62,45 @@ class LocalInstance(InstanceBase):
         self._scope.cancel()
 
 
-class InProcessScaler:
-    """Keeps the deployment's instance count (``deployment.role_targets()``) in this process."""
+class TargetScaler:
+    """Keeps the deployment's instances at ``deployment.role_targets(target)``, replacing
+    the ones that die. Subclasses say how an instance is made (``make_instance``)."""
+
+    drain_timeout = 30.0
 
     def __init__(self, spec: DeploymentSpec):
         self.spec = spec
         self.target: int | None = None
-        self._changed = anyio.Event()
+        self.deployment: Deployment | None = None
 
     def set_target(self, instances: int) -> None:
         self.target = instances
-        self._changed.set()
+        if self.deployment:
+            self.deployment.pool.notify()
 
     def on_demand(self, role: TaskRole) -> None:
-        if self.target == 0:
+        if self.deployment and not self.deployment.role_targets(self.target):
             self.set_target(1)
 
+    def make_instance(self, deployment: Deployment, role: TaskRole) -> Any:
+        return LocalInstance(self.spec, deployment.pm, InstanceInfo(deployment=self.spec.name, role=role))
+
     async def run(self, deployment: Deployment) -> None:
+        self.deployment = deployment
         async with anyio.create_task_group() as tg:
             while True:
-                roles = deployment.role_targets(self.target)
-                running = [i for i in deployment.pool.instances.values()
-                           if i.info.state is not InstanceState.DRAINING]
-                for role in roles[len(running):]:
-                    instance = LocalInstance(self.spec, deployment.pm,
-                                             InstanceInfo(deployment=self.spec.name, role=role))
-                    tg.start_soon(deployment.pool.run, instance)
-                for instance in running[len(roles):]:
-                    tg.start_soon(instance.stop)
-                self._changed = anyio.Event()
-                await self._changed.wait()
+                wanted = deployment.role_targets(self.target)
+                live = [i for i in deployment.pool.instances.values()
+                        if i.info.state in (InstanceState.WARMING, InstanceState.READY)]
+                for role in {*wanted, *(i.info.role for i in live)}:
+                    have = [i for i in live if i.info.role is role]
+                    for _ in range(wanted.count(role) - len(have)):
+                        tg.start_soon(deployment.pool.run, self.make_instance(deployment, role))
+                    for instance in have[wanted.count(role):]:
+                        tg.start_soon(instance.stop, self.drain_timeout)
+                await deployment.pool.wait_changed()
 
 
 @hookimpl
 def flowserve_register_scalers(register: Any) -> None:
-    register("inproc", InProcessScaler)
+    register("inproc", TargetScaler)

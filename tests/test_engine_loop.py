@@ -3,8 +3,6 @@ cancellation, failure; in this process and in a real instance process."""
 
 from __future__ import annotations
 
-import os
-import signal
 import types
 
 import anyio
@@ -13,8 +11,7 @@ import pytest
 from flowserve_core import hookimpl
 from flowserve_core.deployment import Deployment
 from flowserve_core.errors import RejectedError
-from flowserve_core.remote import RemoteInstance, spawn_instance_process
-from flowserve_core.types import InstanceInfo, InstanceState, Rejection, Request, SamplingParams
+from flowserve_core.types import Rejection, Request, SamplingParams
 
 from flowserve_test_fixtures import toy_spec
 
@@ -151,32 +148,3 @@ async def test_observers_and_async_lifecycle_hooks(pm):
         await collect(deployment, req)
         tg.cancel_scope.cancel()
     assert seen == [("startup", "toy"), ("admitted", req.id), ("finished", "finished", "length", 4)]
-
-
-async def test_an_instance_in_its_own_process_serves_and_its_death_fails_requests(pm):
-    spec = toy_spec(scaler="inproc", min_instances=0, options={"step_delay": 0.01})
-    deployment = Deployment(spec, pm)
-    async with anyio.create_task_group() as tg:
-        await tg.start(deployment.run)
-        process, sock = spawn_instance_process()
-        instance = RemoteInstance(spec, InstanceInfo(deployment="toy"), sock, process)
-        with anyio.fail_after(60):
-            await tg.start(deployment.pool.run, instance)
-        assert instance.info.state is InstanceState.READY and instance.info.pid == process.pid
-        events = await collect(deployment, request(40, 3))
-        assert [t for e in events for t in e.token_ids] == [41, 42, 43]
-        assert instance.stats.generation_tokens == 3
-
-        async with deployment.open(request(1, 10_000)) as stream:
-            got = 0
-            with anyio.fail_after(20):
-                async for event in stream:
-                    got += len(event.token_ids)
-                    if got == 2 and process.poll() is None:
-                        os.kill(process.pid, signal.SIGKILL)
-                    last = event
-        assert last.finish_reason == "error" and "is gone" in last.error
-        with anyio.fail_after(10):
-            while instance.info.state is not InstanceState.GONE:
-                await anyio.sleep(0.01)
-        tg.cancel_scope.cancel()

@@ -7,7 +7,7 @@ process may wait a long time), builds its engine, says ``Ready``, then takes ``S
 ``Abort`` and sends one ``Events`` frame per engine step. When the server's end closes, the
 instance exits; when the instance dies, the server fails its tasks.
 
-Run an instance process with ``python -m flowserve_core.remote FD``.
+Run an instance process with ``python -m flowserve_prewarm_scaler.worker FD``.
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ class ProcessHandle(Protocol):
 
 
 def spawn_instance_process(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, socket.socket]:
-    """Start a fresh ``python -m flowserve_core.remote`` process; return it and our socket end."""
+    """Start a fresh ``python -m flowserve_prewarm_scaler.worker`` process; return it and our socket end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    process = subprocess.Popen([sys.executable, "-m", "flowserve_core.remote", str(theirs.fileno())],
+    process = subprocess.Popen([sys.executable, "-m", "flowserve_prewarm_scaler.worker", str(theirs.fileno())],
                                pass_fds=[theirs.fileno()], env={**os.environ, **(env or {})})
     theirs.close()
     return process, ours
@@ -170,7 +170,8 @@ class RemoteInstance(InstanceBase):
             pass
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            log.error("instance failed", extra={"instance": self.info.id, "error": error})
+            log.error("instance %s failed: %s", self.info.id, error, extra={"instance": self.info.id},
+                      exc_info=not isinstance(exc, TimeoutError))
         finally:
             self.fail_all(f"instance {self.info.id} is gone: {error}")
             self.set_state(InstanceState.GONE, error=error)
@@ -207,7 +208,10 @@ async def serve_instance(sock: socket.socket | int, start_path: str = "") -> Non
     """The instance side: say hello, wait for an assignment, build the engine, serve tasks."""
     channel = await Channel.from_socket(sock)
     await channel.send(Hello(pid=os.getpid()))
-    assign = await channel.receive()
+    try:
+        assign = await channel.receive()
+    except anyio.EndOfStream:
+        return  # the server went away before giving us work
     if not isinstance(assign, Assign):
         return
 
@@ -246,7 +250,7 @@ async def serve_instance(sock: socket.socket | int, start_path: str = "") -> Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of an instance process: ``python -m flowserve_core.remote FD``."""
+    """Entry point of an instance process: ``python -m flowserve_prewarm_scaler.worker FD``."""
     argv = sys.argv[1:] if argv is None else argv
     from flowserve_core.telemetry import setup_logging
     setup_logging(os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))

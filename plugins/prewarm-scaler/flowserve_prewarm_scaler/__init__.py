@@ -1,0 +1,1 @@
+"""FlowServe's scalers that run each engine instance in its own process."""

@@ -61,7 +61,11 @@ class IncrementalDetokenizer(Protocol):
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Text ↔ token ids for one model, its chat template and its end-of-sequence ids."""
+    """Text ↔ token ids for one model, its chat template and its end-of-sequence ids.
+
+    Optional attribute ``max_model_len``: the model's context length, which the server uses
+    to refuse prompts that cannot fit before any instance is running.
+    """
 
     eos_token_ids: list[int]
     vocab_size: int

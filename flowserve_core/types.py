@@ -401,7 +401,7 @@ class ScheduledSequence(msgspec.Struct, kw_only=True):
 
     ``sample`` is false for a prefill chunk that does not reach the prompt's end. The
     executor samples with ``params``; penalties read ``prompt_token_ids`` and
-    ``output_token_ids``.
+    ``output_token_ids``; ``eos_token_ids`` are masked while ``min_tokens`` is not reached.
     """
 
     seq_id: str
@@ -412,6 +412,7 @@ class ScheduledSequence(msgspec.Struct, kw_only=True):
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     prompt_token_ids: list[int] = []
     output_token_ids: list[int] = []
+    eos_token_ids: list[int] = []
 
 
 class StepBatch(msgspec.Struct, kw_only=True):

@@ -418,11 +418,14 @@ class ScheduledSequence(msgspec.Struct, kw_only=True):
 class StepBatch(msgspec.Struct, kw_only=True):
     """What the batch scheduler asks the executor to run in one step.
 
-    ``finished_seq_ids`` lets the executor drop per-sequence state (e.g. seeded generators).
+    ``finished_seq_ids`` lets the executor drop per-sequence state (e.g. seeded generators);
+    ``block_copies`` are ``(source, destination)`` KV blocks to copy before computing
+    (copy-on-write of a block shared after a fork).
     """
 
     seqs: list[ScheduledSequence] = []
     finished_seq_ids: list[str] = []
+    block_copies: list[tuple[int, int]] = []
 
     @property
     def num_tokens(self) -> int:

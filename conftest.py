@@ -1,4 +1,4 @@
-"""Shared fixtures for the kernel's tests."""
+"""Fixtures shared by every test in the repository (kernel, plugins, contrib)."""
 
 from __future__ import annotations
 

@@ -1,28 +1,36 @@
 """Toy components for FlowServe's kernel tests; real plugins, no model.
 
 - tokenizer ``whitespace``: word ``tN`` is token ``N``; any other word hashes to a token.
+  Its detokenizer honours stop strings (and ``include_stop_str_in_output``), holding back
+  text that a stop string may still swallow.
 - executor ``counter``: the next token is the last one plus one (mod the vocabulary).
   Options: ``step_delay`` (seconds per step, in a thread), ``fail_on_token`` (a step that
-  would emit this token raises), ``die_after_steps`` (the executor dies: EngineDeadError).
+  would emit this token raises), ``die_after_steps`` (the executor dies: EngineDeadError),
+  ``fail_to_start`` (building the executor raises), ``record_params`` (a file: one JSON line
+  per new sequence with its prompt and SamplingParams). When a sequence asks for logprobs,
+  the counter's "distribution" gives token last+1+j the logprob -(j+1)·ln 2.
 - kv cache ``unbounded``: bookkeeping without limits.
-- batch scheduler ``fifo``: every admitted task decodes one token per step.
+- batch scheduler ``fifo``: every admitted task decodes one token per step; it honours
+  ``stop_token_ids``, ``min_tokens`` and the context length (``max_model_len``, default 256).
 - job scheduler ``least-tasks``: one colocated task on the ready instance with fewest tasks.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from typing import Any, Sequence
 
 import anyio
+import msgspec
 
 from flowserve_core import hookimpl
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import TextDelta
 from flowserve_core.types import (
     DeploymentSpec, Job, KVCacheSpec, KVUsage, SchedulerStats, ScheduledSequence, StepBatch,
-    StepResult, Task, TaskRole, TokenEvent,
+    StepResult, Task, TaskRole, TokenEvent, TokenLogprob, TopLogprob,
 )
 
 VOCAB = 1000
@@ -61,18 +69,41 @@ class WhitespaceTokenizer:
         return f" t{token_id}"
 
     def detokenizer(self, prompt_token_ids: Sequence[int], params: Any) -> Any:
-        return _Detokenizer(self)
+        return _Detokenizer(self, params)
 
 
 class _Detokenizer:
-    def __init__(self, tokenizer: WhitespaceTokenizer):
+    """Decodes pushed tokens; stops at the first stop string, never emitting text that a
+    stop string may still swallow (a suffix that begins some stop string is held back)."""
+
+    def __init__(self, tokenizer: WhitespaceTokenizer, params: Any = None):
         self.tokenizer = tokenizer
+        self.stop = list(getattr(params, "stop", None) or [])
+        self.include_stop = bool(getattr(params, "include_stop_str_in_output", False))
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def _take(self, end: int) -> str:
+        out = self.text[self.emitted:max(end, self.emitted)]
+        self.emitted = max(end, self.emitted)
+        return out
 
     def push(self, token_ids: Sequence[int]) -> TextDelta:
-        return TextDelta(text=self.tokenizer.decode(token_ids))
+        if self.stopped:
+            return TextDelta(stopped=True)
+        self.text += self.tokenizer.decode(token_ids)
+        hits = [(at, stop) for stop in self.stop if (at := self.text.find(stop, self.emitted)) != -1]
+        if hits:
+            at, stop = min(hits)
+            self.stopped = True
+            return TextDelta(text=self._take(at + len(stop) if self.include_stop else at), stopped=True)
+        hold = max((k for stop in self.stop for k in range(1, len(stop))
+                    if self.text.endswith(stop[:k])), default=0)
+        return TextDelta(text=self._take(len(self.text) - hold))
 
     def finish(self) -> str:
-        return ""
+        return "" if self.stopped else self._take(len(self.text))
 
 
 class CounterExecutor:
@@ -81,6 +112,9 @@ class CounterExecutor:
     def __init__(self, spec: DeploymentSpec):
         self.options = spec.options
         self.steps = 0
+        self._recorded: set[str] = set()
+        if self.options.get("fail_to_start"):
+            raise RuntimeError("injected start failure of the counter executor (fail_to_start)")
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(num_blocks=1 << 20, block_size=16, max_model_len=256)
@@ -89,13 +123,31 @@ class CounterExecutor:
         delay = float(self.options.get("step_delay", 0))
         if delay:
             time.sleep(delay)
-        tokens = {}
+        self._record(batch)
+        tokens, logprobs = {}, {}
         for seq in batch.seqs:
             if seq.sample:
                 tokens[seq.seq_id] = (seq.token_ids[-1] + 1) % VOCAB
                 if tokens[seq.seq_id] == self.options.get("fail_on_token"):
                     raise RuntimeError(f"injected failure on token {tokens[seq.seq_id]}")
-        return StepResult(token_ids=tokens)
+                if seq.params.logprobs is not None:
+                    logprobs[seq.seq_id] = TokenLogprob(
+                        token_id=tokens[seq.seq_id], logprob=-math.log(2),
+                        top=[TopLogprob(token_id=(seq.token_ids[-1] + 1 + j) % VOCAB,
+                                        logprob=-(j + 1) * math.log(2))
+                             for j in range(seq.params.logprobs)])
+        return StepResult(token_ids=tokens, logprobs=logprobs)
+
+    def _record(self, batch: StepBatch) -> None:
+        """With option ``record_params``, append each new sequence's prompt and params (JSON)."""
+        path = self.options.get("record_params")
+        new = [s for s in batch.seqs if s.seq_id not in self._recorded] if path else []
+        if new:
+            with open(str(path), "ab") as out:
+                for seq in new:
+                    self._recorded.add(seq.seq_id)
+                    out.write(msgspec.json.encode({"seq_id": seq.seq_id, "params": seq.params,
+                                                   "prompt_token_ids": seq.prompt_token_ids}) + b"\n")
 
     async def execute(self, batch: StepBatch) -> StepResult:
         self.steps += 1
@@ -145,6 +197,7 @@ class FifoScheduler:
 
     def __init__(self, spec: DeploymentSpec, kv_cache: Any):
         self.spec, self.kv = spec, kv_cache
+        self.max_model_len = spec.max_model_len or 256
         self.running: dict[str, Task] = {}
         self.waiting: list[Task] = []
 
@@ -186,11 +239,17 @@ class FifoScheduler:
             task.output_token_ids.append(token)
             params = task.request.params
             reason = None
-            if token in task.request.eos_token_ids and not params.ignore_eos:
+            stops = (token in task.request.eos_token_ids and not params.ignore_eos) or \
+                token in params.stop_token_ids
+            if stops and len(task.output_token_ids) >= params.min_tokens:
                 reason = "stop"
             elif params.max_tokens and len(task.output_token_ids) >= params.max_tokens:
                 reason = "length"
+            elif len(task.request.prompt_token_ids) + len(task.output_token_ids) >= self.max_model_len:
+                reason = "length"
+            logprob = result.logprobs.get(seq_id)
             events.append(TokenEvent(task_id=seq_id, token_ids=[token], finish_reason=reason,
+                                     logprobs=[logprob] if logprob is not None else None,
                                      num_prompt_tokens=len(task.request.prompt_token_ids)))
             if reason:
                 del self.running[seq_id]

@@ -1,0 +1,92 @@
+"""The autoscaling policy: how many instances a deployment should run, from its load.
+
+Pure logic with the clock passed in, so it is tested without sleeping and shared by every
+scaler that autoscales (``prewarm`` here, ``ray`` in contrib).
+
+- Demand is the requests running plus waiting; the wanted count is demand divided by
+  ``target_concurrency`` per instance, rounded up.
+- A TTFT SLO breach (p90 of recent requests over ``slo_ttft_seconds``) scales up faster:
+  at least ``slo_scale_factor`` × the current count.
+- Scale-up happens at once (after ``scale_up_cooldown``); scale-down only when the wanted
+  count stayed lower for ``scale_down_delay`` seconds (the highest wish in that window is
+  kept), so load that comes and goes does not flap.
+- With ``scale_to_zero_after`` set, a deployment with no request for that long goes to zero;
+  a request arriving at zero asks for one instance at once.
+- Everything is clamped to ``[min_instances, max_instances]`` while there is demand.
+"""
+
+from __future__ import annotations
+
+import math
+import msgspec
+
+
+class ScalingPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the autoscaler (``--option`` keys of the same names override them)."""
+
+    min_instances: int = 0
+    max_instances: int = 8
+    target_concurrency: float = 8.0
+    slo_ttft_seconds: float | None = None
+    slo_scale_factor: float = 2.0
+    scale_up_cooldown: float = 1.0
+    scale_down_delay: float = 30.0
+    scale_to_zero_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_concurrency <= 0:
+            raise ValueError("target_concurrency must be > 0")
+        if self.max_instances < self.min_instances:
+            raise ValueError("max_instances must be >= min_instances")
+
+
+class LoadSample(msgspec.Struct, kw_only=True):
+    """What the scaler saw at one moment."""
+
+    now: float
+    running: int
+    waiting: int
+    instances: int
+    ttft_p90: float | None = None
+
+
+class Autoscaler:
+    """Turns load samples into a wanted instance count, with cooldowns and hysteresis."""
+
+    def __init__(self, policy: ScalingPolicy, now: float = 0.0):
+        self.policy = policy
+        self.last_request_time = now
+        self.last_scale_up = -math.inf
+        self._below_since: float | None = None
+        self._highest_below = 0
+
+    def desired(self, sample: LoadSample) -> int:
+        """The instance count to run now (may equal ``sample.instances``)."""
+        policy, current = self.policy, sample.instances
+        demand = sample.running + sample.waiting
+        if demand:
+            self.last_request_time = sample.now
+        elif policy.scale_to_zero_after is not None \
+                and sample.now - self.last_request_time >= policy.scale_to_zero_after:
+            self._below_since = None
+            return 0
+        wish = math.ceil(demand / policy.target_concurrency)
+        if policy.slo_ttft_seconds is not None and sample.ttft_p90 is not None \
+                and sample.ttft_p90 > policy.slo_ttft_seconds and current:
+            wish = max(wish, math.ceil(current * policy.slo_scale_factor))
+        wish = min(max(wish, policy.min_instances, 1 if demand else 0), policy.max_instances)
+        if wish >= current:
+            self._below_since = None
+            if wish > current and current and sample.now - self.last_scale_up < policy.scale_up_cooldown:
+                return current
+            if wish > current:
+                self.last_scale_up = sample.now
+            return wish
+        # Lower wishes must persist for the whole delay; then go to the highest of them.
+        if self._below_since is None:
+            self._below_since, self._highest_below = sample.now, wish
+        self._highest_below = max(self._highest_below, wish)
+        if sample.now - self._below_since < policy.scale_down_delay:
+            return current
+        target, self._below_since = self._highest_below, None
+        return target

@@ -9,6 +9,8 @@
   ``fail_to_start`` (building the executor raises), ``record_params`` (a file: one JSON line
   per new sequence with its prompt and SamplingParams). When a sequence asks for logprobs,
   the counter's "distribution" gives token last+1+j the logprob -(j+1)·ln 2.
+  ``num_blocks`` sets the KV blocks (of 16 tokens) it reports, default 1<<20 (a small cache
+  makes KV cache managers preempt).
 - kv cache ``unbounded``: bookkeeping without limits.
 - batch scheduler ``fifo``: every admitted task decodes one token per step; it honours
   ``stop_token_ids``, ``min_tokens`` and the context length (``max_model_len``, default 256).
@@ -117,7 +119,8 @@ class CounterExecutor:
             raise RuntimeError("injected start failure of the counter executor (fail_to_start)")
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        return KVCacheSpec(num_blocks=1 << 20, block_size=16, max_model_len=256)
+        return KVCacheSpec(num_blocks=int(self.options.get("num_blocks", 1 << 20)), block_size=16,
+                           max_model_len=256)
 
     def _compute(self, batch: StepBatch) -> StepResult:
         delay = float(self.options.get("step_delay", 0))

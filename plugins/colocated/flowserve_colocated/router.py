@@ -1,0 +1,132 @@
+"""Job scheduler ``colocated``: one task per request, on the least-loaded colocated instance.
+
+Options (``DeploymentSpec.options``):
+
+- ``retry_on_instance_death`` (int, default 2): how many times a task is retried on another
+  instance when its instance dies before the task produced any token. Once tokens went to
+  the client, a retry would repeat them, so the task fails with the instance's error instead.
+- ``instance_wait_timeout`` (seconds, default 600): how long a request waits for a ready
+  instance (scale from zero: it waits while the scaler starts one; it is not rejected).
+- ``instance_death_grace`` (seconds, default 1.0): after an error event, how long to wait
+  for the instance to report that it is gone before taking the error as the task's own (an
+  instance process sends its tasks' errors a moment before the server sees it exit).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+
+from flowserve_core.errors import EngineDeadError
+from flowserve_core.interfaces import EmitEvent, Instance
+from flowserve_core.types import (
+    DeploymentSpec, InstanceState, Job, Request, Task, TaskRole, TaskState, TokenEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_key(instance: Instance) -> tuple[int, int, int, int]:
+    """Sort key of an instance's load, lightest first: tasks the server has in flight there,
+    then what it last reported: prefill tokens waiting, sequences running, free KV blocks."""
+    stats = instance.stats
+    return (getattr(instance, "num_tasks", 0), stats.scheduler.waiting_prefill_tokens,
+            stats.scheduler.num_running, -(stats.kv.free_blocks + stats.kv.cached_blocks))
+
+
+class _InstanceDied(Exception):
+    """The task's instance died before the task produced a token: the task may run elsewhere."""
+
+    def __init__(self, error: str):
+        super().__init__(error)
+        self.error = error
+
+
+class ColocatedJobScheduler:
+    """Each request is a job of one colocated task, run on the least-loaded ready instance and
+    retried elsewhere (boundedly) if its instance dies before the first token."""
+
+    role = TaskRole.COLOCATED
+
+    def __init__(self, spec: DeploymentSpec):
+        self.spec = spec
+        options = spec.options
+        self.max_retries = int(options.get("retry_on_instance_death", 2))
+        self.wait_timeout = float(options.get("instance_wait_timeout", 600.0))
+        self.death_grace = float(options.get("instance_death_grace", 1.0))
+        if self.max_retries < 0:
+            raise ValueError(f"option retry_on_instance_death must be >= 0, got {self.max_retries}")
+
+    def make_job(self, request: Request) -> Job:
+        """A job of one colocated task."""
+        job = Job(request=request)
+        job.tasks.append(Task(job_id=job.id, role=self.role, request=request))
+        return job
+
+    async def run_job(self, job: Job, pool: Any, emit: EmitEvent) -> None:
+        """Place the task, forward its events, retry it if its instance dies before a token."""
+        task = job.tasks[0]
+        failed_on: set[str] = set()
+        job.move_to(TaskState.RUNNING)
+        task.move_to(TaskState.RUNNING)
+        while True:
+            job.attempts += 1
+            instance = await self._place(pool, failed_on)
+            try:
+                last = await self._run_on(instance, task, pool, emit)
+            except _InstanceDied as died:
+                failed_on.add(instance.info.id)
+                log.warning("instance %s died before task %s produced a token (attempt %d): %s",
+                            instance.info.id, task.id, job.attempts, died.error,
+                            extra={"task_id": task.id, "instance": instance.info.id})
+                if job.attempts > self.max_retries:
+                    last = TokenEvent(task_id=task.id, finish_reason="error",
+                                      error=f"{died.error} (gave up after {job.attempts} attempts "
+                                            f"on instances that died)")
+                    await emit(last)
+                else:
+                    continue
+            state = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}.get(
+                last.finish_reason if last else "error", TaskState.DONE)
+            task.move_to(state)
+            job.move_to(state)
+            return
+
+    async def _place(self, pool: Any, avoid: set[str]) -> Instance:
+        """The least-loaded ready instance, waiting for one if there is none (scale from zero)."""
+        try:
+            ready = await pool.wait_ready(self.role, timeout=self.wait_timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no {self.role.value} instance became ready within "
+                               f"{self.wait_timeout:g} s") from None
+        fresh = [i for i in ready if i.info.id not in avoid]
+        return min(fresh or ready, key=load_key)
+
+    async def _run_on(self, instance: Instance, task: Task, pool: Any, emit: EmitEvent) -> TokenEvent | None:
+        """Run ``task`` on ``instance`` and forward its events; the last one, or None if the
+        stream ended without one. Raises ``_InstanceDied`` if it died before any token."""
+        produced = False
+        try:
+            async with instance.submit(task) as events:
+                async for event in events:
+                    if event.finish_reason == "error" and not produced \
+                            and await self._died(instance, pool):
+                        raise _InstanceDied(event.error or "the instance died")
+                    produced = produced or bool(event.token_ids)
+                    await emit(event)
+                    if event.finish_reason:
+                        return event
+        except EngineDeadError as exc:  # it was no longer ready when we submitted
+            if produced:
+                raise
+            raise _InstanceDied(str(exc)) from None
+        return None
+
+    async def _died(self, instance: Instance, pool: Any) -> bool:
+        """Whether ``instance`` is gone (or goes within the grace period)."""
+        with anyio.move_on_after(self.death_grace):
+            while instance.info.state is InstanceState.READY:
+                await pool.wait_changed()
+        return instance.info.state is not InstanceState.READY

@@ -1,0 +1,68 @@
+"""One task's sequence inside the ``continuous`` batch scheduler: its tokens and progress."""
+
+from __future__ import annotations
+
+import enum
+
+from flowserve_core.types import SamplingParams, Task, TaskRole
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # holds no KV blocks (new, or preempted)
+    RUNNING = "running"  # holds blocks for all its tokens
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A task's tokens (prompt, then outputs) and how many of them have KV computed.
+
+    ``num_computed`` tokens are in the KV cache; the rest (``num_remaining``) are computed by
+    the next steps, the last of which samples a token. A decoding sequence has exactly one
+    remaining token: the one it sampled last. ``key`` orders sequences first come, first served
+    (arrival time, then admission order); a preempted sequence keeps it, so it goes back to
+    the front of the queue.
+    """
+
+    __slots__ = ("task", "seq_id", "role", "params", "prompt_token_ids", "output_token_ids",
+                 "token_ids", "key", "status", "num_computed", "num_cached_tokens", "admitted",
+                 "reported_first", "stop_token_ids", "banned_until_min_tokens")
+
+    def __init__(self, task: Task, order: int):
+        request = task.request
+        self.task = task
+        self.seq_id = task.id
+        self.role: TaskRole = task.role
+        self.params: SamplingParams = request.params
+        self.prompt_token_ids: list[int] = list(request.prompt_token_ids)
+        # The task's record stays the job scheduler's; the sequence keeps its own copy.
+        self.output_token_ids: list[int] = list(task.output_token_ids)
+        self.token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
+        self.key = (request.arrival_time, order)
+        self.status = SequenceStatus.WAITING
+        self.num_computed = 0
+        self.num_cached_tokens = 0
+        self.admitted = False
+        self.reported_first = False
+        eos = [] if self.params.ignore_eos else list(request.eos_token_ids)
+        self.stop_token_ids = frozenset(eos) | frozenset(self.params.stop_token_ids)
+        # What the executor masks while ``min_tokens`` is not reached (as vLLM does).
+        self.banned_until_min_tokens = sorted(self.stop_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def append(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.token_ids.append(token)
+
+    def __lt__(self, other: Sequence) -> bool:  # for bisect.insort
+        return self.key < other.key
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed})")

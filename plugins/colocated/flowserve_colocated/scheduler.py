@@ -113,7 +113,8 @@ class ContinuousBatchScheduler:
     # ------------------------------------------------------------------ one step
 
     def schedule(self) -> StepBatch:
-        """Choose this step's work: decodes, then prefill chunks, within the token budget."""
+        """Choose this step's work within the token budget. ``seqs`` lists the decodes (one
+        token each) first, then the prefill chunks, each group first come first served."""
         planned: dict[str, tuple[Sequence, int]] = {}  # seq_id → (sequence, tokens this step)
         preempted: set[str] = set()
         budget = self.token_budget
@@ -168,8 +169,8 @@ class ContinuousBatchScheduler:
             self._ended = ended  # an empty batch is never executed: report them next time
             return StepBatch()
         copies = self.kv.take_block_copies() if hasattr(self.kv, "take_block_copies") else []
-        ordered = sorted(planned.values(), key=lambda item: item[0].key)
-        return StepBatch(seqs=[self._scheduled(seq, n) for seq, n in ordered],
+        # Planning order: decodes first, then prefill chunks, each first come first served.
+        return StepBatch(seqs=[self._scheduled(seq, n) for seq, n in planned.values()],
                          finished_seq_ids=ended, block_copies=copies)
 
     def _scheduled(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:

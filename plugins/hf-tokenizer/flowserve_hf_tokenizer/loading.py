@@ -109,7 +109,8 @@ def directory_facts(directory: Path) -> ModelFacts:
     for name in ("generation_config.json", "config.json"):
         config = _read_json(directory / name)
         # Multimodal configs keep the language model's settings under ``text_config``.
-        for section in (config, config.get("text_config") or {}):
+        text_config = config.get("text_config")
+        for section in (config, text_config if isinstance(text_config, dict) else {}):
             eos += _as_id_list(section.get("eos_token_id"))
             if name == "config.json" and context is None:
                 context = next((int(section[k]) for k in _CONTEXT_KEYS if isinstance(section.get(k), int)), None)
@@ -154,7 +155,8 @@ def _load_gguf(gguf: Path) -> LoadedTokenizer:
             logger.debug("GGUF tokenizer loaded from cache", extra={"gguf": str(gguf), "cache": str(cached)})
             return LoadedTokenizer(tokenizer=tokenizer, facts=facts, model=str(gguf))
         except (OSError, ValueError, msgspec.DecodeError) as exc:
-            logger.warning("ignoring a broken tokenizer cache %s: %s", cached, exc)
+            logger.warning("rebuilding a broken tokenizer cache %s: %s", cached, exc)
+            shutil.rmtree(cached, ignore_errors=True)
     eos, context = gguf_model_facts(read_gguf_scalars(gguf))
     facts = ModelFacts(eos_token_ids=eos, context_length=context, source=str(gguf))
     tokenizer = _convert_gguf_tokenizer(gguf)
@@ -173,8 +175,9 @@ def _convert_gguf_tokenizer(gguf: Path) -> Any:
         progress.add_task(f"Reading the tokenizer of {gguf.name} (once, then cached)", total=None)
         try:
             return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"cannot read a tokenizer from the GGUF file {gguf}: {exc}") from exc
+        except Exception as exc:  # transformers raises many kinds for files it cannot convert
+            raise ConfigError(f"cannot read a tokenizer from the GGUF file {gguf}: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 def _save_to_cache(tokenizer: Any, facts: ModelFacts, target: Path) -> None:

@@ -17,9 +17,8 @@ from flowserve_core.interfaces import ChatMessage, IncrementalDetokenizer, TextD
 from flowserve_core.types import SamplingParams
 
 from flowserve_hf_tokenizer.detokenizer import HFDetokenizer
+from flowserve_hf_tokenizer.testing import WIDE_CHARACTERS as WIDE
 
-# Characters that take 2–4 UTF-8 bytes and several byte-level or byte-fallback tokens.
-WIDE = ["é", "ñ", "ß", "世", "界", "東", "京", "語", "🙂", "🚀", "👍🏽", "🇫🇷", "👩‍💻", "∑", "ﬁ", "\u00a0"]
 characters = st.sampled_from(list("abcdefghij ,.!\n") + ["Hello", " world", " the"] + WIDE)
 texts = st.lists(characters, max_size=25).map("".join)
 # More examples for a thorough local run: FLOWSERVE_HF_TOKENIZER_EXAMPLES=5000.

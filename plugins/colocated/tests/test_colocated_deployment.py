@@ -223,3 +223,24 @@ async def test_instance_processes_that_die_are_retried_then_given_up(pm):
             events, output = await generate(deployment, request([1], 10))
         tg.cancel_scope.cancel()
     assert output.finish_reason == "error" and "gave up after 2 attempts" in output.error
+
+
+def test_load_order_is_tasks_then_prefill_backlog_then_running_then_free_blocks():
+    from flowserve_core.instance import InstanceBase
+    from flowserve_core.types import InstanceInfo, InstanceStats, KVUsage, SchedulerStats
+
+    from flowserve_colocated import load_key
+
+    def instance(name, tasks=0, prefill=0, running=0, free=0):
+        handle = InstanceBase(InstanceInfo(id=name))
+        handle._streams = {f"{name}-{i}": None for i in range(tasks)}
+        handle.stats = InstanceStats(scheduler=SchedulerStats(waiting_prefill_tokens=prefill, num_running=running),
+                                     kv=KVUsage(free_blocks=free))
+        return handle
+
+    candidates = [instance("busy", tasks=2), instance("backlog", tasks=1, prefill=500),
+                  instance("running", tasks=1, prefill=10, running=9, free=100),
+                  instance("roomy", tasks=1, prefill=10, running=3, free=5),
+                  instance("roomier", tasks=1, prefill=10, running=3, free=50)]
+    ranked = [i.info.id for i in sorted(candidates, key=load_key)]
+    assert ranked == ["roomier", "roomy", "running", "backlog", "busy"]

@@ -123,7 +123,8 @@ class Engine:
                 self.scheduler.abort(task_id)
             except Exception:  # the scheduler may be as broken as the executor
                 pass
-        return [TokenEvent(task_id=t, finish_reason="error", error=error) for t in live]
+        return [TokenEvent(task_id=t, finish_reason="error", error=error, instance_failed=True)
+                for t in live]
 
     async def _send(self, events: list[TokenEvent]) -> None:
         for event in events:

@@ -74,7 +74,7 @@ class InstanceBase:
 
     def fail_all(self, error: str) -> None:
         """End every open task with an error event (the engine died)."""
-        self.dispatch([TokenEvent(task_id=t, finish_reason="error", error=error)
+        self.dispatch([TokenEvent(task_id=t, finish_reason="error", error=error, instance_failed=True)
                        for t in list(self._streams)])
 
     async def stop(self, drain_timeout: float = 0.0) -> None:

@@ -219,7 +219,8 @@ class Job(_StateMachine, kw_only=True):
 class TokenEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What a task produced in one engine step: new tokens and, at the end, why it stopped.
 
-    ``finish_reason`` is set on a task's last event; ``error`` explains ``"error"``.
+    ``finish_reason`` is set on a task's last event; ``error`` explains ``"error"``, and
+    ``instance_failed`` says the instance itself failed (the task may be retried elsewhere).
     A prefill task's last event carries the ``kv_handoff`` for its decode task.
     """
 
@@ -231,6 +232,7 @@ class TokenEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     kv_handoff: KVHandoff | None = None
+    instance_failed: bool = False
 
 
 class RequestMetrics(msgspec.Struct, kw_only=True):

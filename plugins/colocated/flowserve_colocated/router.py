@@ -7,9 +7,6 @@ Options (``DeploymentSpec.options``):
   the client, a retry would repeat them, so the task fails with the instance's error instead.
 - ``instance_wait_timeout`` (seconds, default 600): how long a request waits for a ready
   instance (scale from zero: it waits while the scaler starts one; it is not rejected).
-- ``instance_death_grace`` (seconds, default 1.0): after an error event, how long to wait
-  for the instance to report that it is gone before taking the error as the task's own (an
-  instance process sends its tasks' errors a moment before the server sees it exit).
 """
 
 from __future__ import annotations
@@ -17,12 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anyio
-
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
-    DeploymentSpec, InstanceState, Job, Request, Task, TaskRole, TaskState, TokenEvent,
+    DeploymentSpec, Job, Request, Task, TaskRole, TaskState, TokenEvent,
 )
 
 log = logging.getLogger(__name__)
@@ -55,7 +50,6 @@ class ColocatedJobScheduler:
         options = spec.options
         self.max_retries = int(options.get("retry_on_instance_death", 2))
         self.wait_timeout = float(options.get("instance_wait_timeout", 600.0))
-        self.death_grace = float(options.get("instance_death_grace", 1.0))
         if self.max_retries < 0:
             raise ValueError(f"option retry_on_instance_death must be >= 0, got {self.max_retries}")
 
@@ -75,7 +69,7 @@ class ColocatedJobScheduler:
             job.attempts += 1
             instance = await self._place(pool, failed_on)
             try:
-                last = await self._run_on(instance, task, pool, emit)
+                last = await self._run_on(instance, task, emit)
             except _InstanceDied as died:
                 failed_on.add(instance.info.id)
                 log.warning("instance %s died before task %s produced a token (attempt %d): %s",
@@ -104,15 +98,14 @@ class ColocatedJobScheduler:
         fresh = [i for i in ready if i.info.id not in avoid]
         return min(fresh or ready, key=load_key)
 
-    async def _run_on(self, instance: Instance, task: Task, pool: Any, emit: EmitEvent) -> TokenEvent | None:
+    async def _run_on(self, instance: Instance, task: Task, emit: EmitEvent) -> TokenEvent | None:
         """Run ``task`` on ``instance`` and forward its events; the last one, or None if the
         stream ended without one. Raises ``_InstanceDied`` if it died before any token."""
         produced = False
         try:
             async with instance.submit(task) as events:
                 async for event in events:
-                    if event.finish_reason == "error" and not produced \
-                            and await self._died(instance, pool):
+                    if event.instance_failed and not produced:
                         raise _InstanceDied(event.error or "the instance died")
                     produced = produced or bool(event.token_ids)
                     await emit(event)
@@ -123,10 +116,3 @@ class ColocatedJobScheduler:
                 raise
             raise _InstanceDied(str(exc)) from None
         return None
-
-    async def _died(self, instance: Instance, pool: Any) -> bool:
-        """Whether ``instance`` is gone (or goes within the grace period)."""
-        with anyio.move_on_after(self.death_grace):
-            while instance.info.state is InstanceState.READY:
-                await pool.wait_changed()
-        return instance.info.state is not InstanceState.READY

@@ -197,7 +197,7 @@ async def test_retries_are_bounded(pm):
 
 
 async def test_a_task_too_big_for_the_cache_fails_at_once_with_both_numbers(pm):
-    deployment = Deployment(spec(options={"num_blocks": 2, "instance_death_grace": 0.2}), pm)
+    deployment = Deployment(spec(options={"num_blocks": 2}), pm)
     async with anyio.create_task_group() as tg:
         await tg.start(deployment.run)
         with anyio.fail_after(60):
@@ -213,10 +213,10 @@ async def test_a_task_too_big_for_the_cache_fails_at_once_with_both_numbers(pm):
 @pytest.mark.slow
 async def test_instance_processes_that_die_are_retried_then_given_up(pm):
     """The same bounded retry when instances are processes (scaler ``static``), where the
-    task's error arrives before the server sees the process go."""
+    error comes from the instance process and is marked ``instance_failed``."""
     pytest.importorskip("flowserve_prewarm_scaler")
     deployment = Deployment(spec(scaler="static", options={
-        "die_after_steps": 0, "retry_on_instance_death": 1, "instance_death_grace": 10.0}), pm)
+        "die_after_steps": 0, "retry_on_instance_death": 1}), pm)
     async with anyio.create_task_group() as tg:
         await tg.start(deployment.run)
         with anyio.fail_after(120):

@@ -1,0 +1,125 @@
+"""The OpenAI endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+A generation endpoint checks everything it can before admitting anything — the body, the
+model, the prompt's fit in the context — then returns a ``GenerationResponse`` that admits
+one kernel request per choice and answers (streamed or not).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from flowserve_core.types import new_id
+from flowserve_openai.context import AppContext
+from flowserve_openai.errors import APIError
+from flowserve_openai.generation import Generation
+from flowserve_openai.prompts import chat_messages, chat_prompt, completion_prompts
+from flowserve_openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from flowserve_openai.rendering import ChatRenderer, CompletionRenderer
+from flowserve_openai.responses import GenerationResponse, json_response
+from flowserve_openai.sampling import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    check_context,
+    check_request,
+    fan_out,
+    rest_of_context,
+    sampling_params,
+)
+
+
+def _ctx(request: Request) -> AppContext:
+    return request.app.state.flowserve
+
+
+def _card(ctx: AppContext, model_id: str, deployment: Any) -> ModelCard:
+    return ModelCard(id=model_id, created=ctx.created(deployment.name), root=deployment.name,
+                     max_model_len=deployment.max_model_len)
+
+
+async def list_models(request: Request) -> Response:
+    """Every deployment, then every alias (``root`` names the deployment behind it)."""
+    ctx = _ctx(request)
+    server = ctx.server
+    cards = [_card(ctx, name, deployment) for name, deployment in list(server.deployments.items())]
+    cards += [_card(ctx, alias, server.deployments[name]) for alias, name in list(server.aliases.items())
+              if name in server.deployments]
+    return json_response(ModelList(data=cards))
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One served model by id (a deployment or an alias)."""
+    ctx = _ctx(request)
+    model_id = request.path_params["model"]
+    return json_response(_card(ctx, model_id, ctx.lookup(model_id)))
+
+
+def _renderer_args(ctx: AppContext, deployment: Any, body: Any, prefix: str, plans: list, prompts: list,
+                   logprobs: int | None) -> dict[str, Any]:
+    return dict(id=new_id(prefix), model=body.model or deployment.name, created=int(time.time()),
+                fingerprint=ctx.fingerprint(deployment), tokenizer=deployment.tokenizer, choices=plans,
+                prompt_lengths=[len(ids) for ids, _ in prompts], logprobs=logprobs,
+                include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
+
+
+async def create_completion(request: Request) -> Any:
+    """``POST /v1/completions``."""
+    ctx = _ctx(request)
+    body = await ctx.decode(request, CompletionRequest)
+    check_request(body, ctx.config)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_parameter")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, f"best_of must equal n ({body.n}) on this server, got {body.best_of}",
+                       param="best_of", code="unsupported_parameter")
+    deployment = ctx.deployment(body.model)
+    tokenizer = deployment.tokenizer
+    prompts = await completion_prompts(body, tokenizer)
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    for ids, _ in prompts:
+        check_context(len(ids), max_tokens, deployment.max_model_len, "prompt")
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=tokenizer.vocab_size)
+    plans = fan_out(prompts, params, body.n)
+    renderer = CompletionRenderer(**_renderer_args(ctx, deployment, body, "cmpl", plans, prompts, body.logprobs))
+    return GenerationResponse(Generation(deployment, plans, ctx.metrics), renderer, body.stream)
+
+
+async def create_chat_completion(request: Request) -> Any:
+    """``POST /v1/chat/completions``."""
+    ctx = _ctx(request)
+    body = await ctx.decode(request, ChatCompletionRequest)
+    check_request(body, ctx.config)
+    if body.tools:
+        raise APIError(400, "tools (function calling) are not supported by this server", param="tools",
+                       code="unsupported_parameter")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice must be 'none' or 'auto': tools are not supported by this server",
+                       param="tool_choice", code="unsupported_parameter")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format {body.response_format.type!r} is not supported; only 'text' is",
+                       param="response_format.type", code="unsupported_parameter")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
+                       code="invalid_value")
+    deployment = ctx.deployment(body.model)
+    tokenizer = deployment.tokenizer
+    prompt_ids = await chat_prompt(chat_messages(body), tokenizer)
+    if body.max_completion_tokens is not None:
+        requested, name = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, name = body.max_tokens, "max_tokens"
+    if requested is None:
+        max_tokens = rest_of_context(len(prompt_ids), deployment.max_model_len, "messages")
+    else:
+        check_context(len(prompt_ids), requested, deployment.max_model_len, "messages")
+        max_tokens = requested
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tokenizer.vocab_size,
+                             names={"max_tokens": name, "logprobs": "top_logprobs"})
+    prompts = [(prompt_ids, "")]
+    plans = fan_out(prompts, params, body.n)
+    renderer = ChatRenderer(**_renderer_args(ctx, deployment, body, "chatcmpl", plans, prompts, logprobs))
+    return GenerationResponse(Generation(deployment, plans, ctx.metrics), renderer, body.stream)

@@ -1,0 +1,93 @@
+"""What every endpoint of one app shares: the server, its health, its metrics, and the
+lookups that turn a model name into a deployment that can take a request now."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import ClientDisconnect, Request
+
+from flowserve_core import __version__
+from flowserve_core.errors import UnknownModelError
+from flowserve_openai.errors import APIError, invalid_body
+from flowserve_openai.health import HealthMonitor
+from flowserve_openai.metrics import ServerMetrics
+from flowserve_openai.openapi import openapi_schema
+from flowserve_openai.protocol import encoder
+
+T = TypeVar("T")
+
+
+class AppContext:
+    """The state of one app built by ``build_app(server)`` (its own Prometheus registry)."""
+
+    def __init__(self, server: Any):
+        self.server = server
+        self.config = server.config
+        self.health = HealthMonitor(server)
+        self.metrics = ServerMetrics(server)
+        self.openapi = encoder.encode(openapi_schema(self.config))
+        self._created: dict[str, int] = {}
+        for name in server.deployments:
+            self.created(name)
+
+    def created(self, name: str) -> int:
+        """When this app first saw the deployment ``name`` (OpenAI's ``created``)."""
+        return self._created.setdefault(name, int(time.time()))
+
+    def lookup(self, model: str | None, param: str = "model") -> Any:
+        """The deployment serving ``model`` (name or alias), or a 404 naming what is served."""
+        try:
+            return self.server.resolve(model)
+        except UnknownModelError as exc:
+            raise APIError(404, str(exc), param=param, code="model_not_found") from None
+
+    def deployment(self, model: str | None) -> Any:
+        """The deployment for an inference request: it must exist (404) and be able to serve
+        (503 while it starts, when its engine is dead, or while the server shuts down)."""
+        if self.server.stopping:
+            raise APIError(503, "The server is shutting down.", code="shutting_down")
+        deployment = self.lookup(model)
+        health = self.health.health(deployment)
+        if health.state == "starting":
+            raise APIError(503, f"The model {deployment.name!r} is still starting; retry shortly.",
+                           code="model_starting", headers={"Retry-After": "5"})
+        if health.state == "dead":
+            raise APIError(503, f"The model {deployment.name!r} cannot serve now: {health.error}",
+                           code="engine_dead")
+        return deployment
+
+    @staticmethod
+    def fingerprint(deployment: Any) -> str:
+        """OpenAI's ``system_fingerprint``: changes when the software or the model setup does."""
+        spec = deployment.spec
+        key = f"{__version__}|{spec.model}|{spec.executor}|{spec.dtype}|{spec.tensor_parallel}|{spec.tokenizer}"
+        return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+    async def decode(self, request: Request, type: type[T]) -> T:
+        """The body as ``type``: 413 past ``max_body_bytes``, 400 for bad JSON or values."""
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise APIError(400, "The client went away while sending the body.") from None
+        try:
+            return msgspec.json.decode(b"".join(chunks), type=type)
+        except msgspec.DecodeError as exc:
+            raise invalid_body(exc) from None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes "
+                         f"(max_body_bytes).", code="request_too_large")

@@ -1,0 +1,76 @@
+"""The ``openai`` frontend: ``build_app(server)`` served by uvicorn inside the server's event loop.
+
+On SIGTERM or SIGINT uvicorn stops accepting connections and lets in-flight requests finish
+(for up to ``drain_timeout`` seconds); then ``serve`` returns and the kernel drains the
+deployments. Unlike plain uvicorn, the signal is not raised again afterwards, so the
+process ends with status 0 once the shutdown is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from typing import Any, Iterator
+
+import uvicorn
+
+from flowserve_core.config import ServerConfig
+from flowserve_core.errors import FlowServeError
+from flowserve_openai.app import build_app
+
+log = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, minus re-raising the shutdown signal once it has stopped."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on ``host:port`` (port 0: any free port), or a clear error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise FlowServeError(f"cannot listen on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise FlowServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+class OpenAIFrontend:
+    """Serves a ``Server``'s deployments with the OpenAI API on ``config.host:config.port``."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+
+    async def serve(self, server: Any) -> None:
+        """Run uvicorn in the current event loop until a shutdown signal; then return."""
+        config = self.config
+        sock = bind(config.host, config.port)
+        host, port = sock.getsockname()[:2]
+        uv = _Uvicorn(uvicorn.Config(
+            build_app(server), log_config=None, lifespan="on", access_log=True,
+            timeout_graceful_shutdown=max(0.0, config.drain_timeout)))
+        log.info("serving the OpenAI API on http://%s:%d", f"[{host}]" if ":" in host else host, port,
+                 extra={"host": host, "port": port})
+        await uv.serve(sockets=[sock])

@@ -1,0 +1,117 @@
+"""Prometheus metrics with vLLM's names under the ``flowserve:`` prefix, one registry per app.
+
+Histograms and counters are recorded by the frontend when a request ends; gauges (running
+and waiting requests, KV cache usage, instances by state) and the prefix-cache counters are
+read from the deployments when Prometheus scrapes. Every series has a ``model`` label (the
+deployment's name).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+# vLLM's buckets, so that dashboards built for vLLM read these the same way.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                   120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class ServerMetrics:
+    """The app's Prometheus registry and the instruments the frontend records into."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, server: Any):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("flowserve:time_to_first_token_seconds", "Time to first token.",
+                              ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("flowserve:inter_token_latency_seconds", "Time between output tokens.",
+                             ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("flowserve:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                             ["model"], buckets=REQUEST_BUCKETS, registry=r)
+        self.queue = Histogram("flowserve:request_queue_time_seconds", "Time a request waited to be scheduled.",
+                               ["model"], buckets=REQUEST_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("flowserve:prompt_tokens", "Prompt tokens of finished requests.",
+                                     ["model"], registry=r)
+        self.generation_tokens = Counter("flowserve:generation_tokens", "Generated tokens.", ["model"], registry=r)
+        self.success = Counter("flowserve:request_success", "Finished requests by finish reason.",
+                               ["model", "finish_reason"], registry=r)
+        r.register(_DeploymentCollector(server))
+
+    def request_finished(self, model: str, handle: Any, inter_token_latencies: list[float]) -> None:
+        """Record one ended request (``handle`` is its ``RequestHandle``)."""
+        output, request = handle.output, handle.request
+        timing = output.metrics
+        if timing is not None:
+            if timing.first_token_time is not None:
+                self.ttft.labels(model).observe(timing.first_token_time - timing.arrival_time)
+            if timing.scheduled_time is not None:
+                self.queue.labels(model).observe(timing.scheduled_time - timing.arrival_time)
+            if timing.finished_time is not None:
+                self.e2e.labels(model).observe(timing.finished_time - timing.arrival_time)
+        itl = self.itl.labels(model)
+        for latency in inter_token_latencies:
+            itl.observe(latency)
+        self.prompt_tokens.labels(model).inc(len(request.prompt_token_ids))
+        self.generation_tokens.labels(model).inc(len(output.output_token_ids))
+        self.success.labels(model, output.finish_reason or "abort").inc()
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class _DeploymentCollector:
+    """Reads the deployments' load when scraped. Prefix-cache counters sum the instances'
+    own counters, keeping what instances that went away had counted."""
+
+    def __init__(self, server: Any):
+        self.server = server
+        self._retired: dict[str, list[int]] = {}
+        self._last: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("flowserve:num_requests_running", "Requests running on an instance.",
+                                    labels=["model"])
+        waiting = GaugeMetricFamily("flowserve:num_requests_waiting", "Requests waiting to run.", labels=["model"])
+        kv = GaugeMetricFamily("flowserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
+                               labels=["model"])
+        instances = GaugeMetricFamily("flowserve:num_instances", "Engine instances by state.",
+                                      labels=["model", "state"])
+        hits = CounterMetricFamily("flowserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   labels=["model"])
+        queries = CounterMetricFamily("flowserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels=["model"])
+        for name, deployment in list(self.server.deployments.items()):
+            stats = deployment.stats()
+            running.add_metric([name], stats.num_running)
+            waiting.add_metric([name], stats.num_waiting)
+            kv.add_metric([name], stats.kv_used_blocks / stats.kv_total_blocks if stats.kv_total_blocks else 0.0)
+            for state, count in stats.instances.items():
+                instances.add_metric([name, state], count)
+            total_hits, total_queries = self._prefix_totals(name, deployment)
+            hits.add_metric([name], total_hits)
+            queries.add_metric([name], total_queries)
+        return [running, waiting, kv, instances, hits, queries]
+
+    def _prefix_totals(self, name: str, deployment: Any) -> tuple[int, int]:
+        current = {instance_id: (instance.stats.kv.prefix_hits, instance.stats.kv.prefix_queries)
+                   for instance_id, instance in list(deployment.pool.instances.items())}
+        retired = self._retired.setdefault(name, [0, 0])
+        for instance_id, (h, q) in self._last.get(name, {}).items():
+            if instance_id not in current:
+                retired[0] += h
+                retired[1] += q
+        self._last[name] = current
+        return (retired[0] + sum(h for h, _ in current.values()),
+                retired[1] + sum(q for _, q in current.values()))

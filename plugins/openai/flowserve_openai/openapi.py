@@ -1,0 +1,103 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``, generated from the msgspec Structs
+the server decodes and encodes, so that it describes exactly what the server does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from flowserve_core import __version__
+from flowserve_core.config import ServerConfig
+from flowserve_openai import protocol as p
+
+REF = "#/components/schemas/{name}"
+SCHEMAS = [p.CompletionRequest, p.Completion, p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
+           p.ModelList, p.ModelCard, p.ErrorResponse, p.HealthResponse, p.ScaleRequest, p.ScaleResponse,
+           p.StatusResponse]
+
+
+def _ref(struct: type) -> dict[str, str]:
+    return {"$ref": REF.format(name=struct.__name__)}
+
+
+def _json(struct: type, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(struct)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    reasons = {400: "Invalid request: malformed JSON, a bad parameter (named in error.param), or a "
+                    "prompt that does not fit the context.",
+               401: "Missing or wrong API key.", 404: "Unknown model or deployment.",
+               413: "The body is larger than the server's limit.",
+               429: "The deployment's queue is full; retry after Retry-After seconds.",
+               500: "The engine failed while running the request.",
+               503: "The model is starting, or its engine is down."}
+    out = {}
+    for status in statuses:
+        out[str(status)] = _json(p.ErrorResponse, reasons[status])
+        if status == 429:
+            out["429"]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                     "description": "Seconds to wait before retrying."}}
+    return out
+
+
+def _generation(request: type, response: type, chunk: type, summary: str) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+        "responses": {
+            "200": {"description": "The result; with `stream: true`, Server-Sent Events of "
+                                   f"`{chunk.__name__}` objects ending with `data: [DONE]`.",
+                    "content": {"application/json": {"schema": _ref(response)},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors(400, 401, 404, 413, 429, 500, 503)},
+    }}
+
+
+def openapi_schema(config: ServerConfig) -> dict[str, Any]:
+    """The document for a server with ``config`` (its ``max_n`` and keys show in it)."""
+    _, components = msgspec.json.schema_components(SCHEMAS, ref_template=REF)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        components[name]["properties"]["n"]["maximum"] = config.max_n
+    api_security = [{"bearer": []}] if config.api_key else []
+    admin_security = [{"bearer": []}] if (config.admin_key or config.api_key) else []
+    model_param = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    deployment_param = {"name": "deployment", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "The deployment (default: the first one)."}
+    paths: dict[str, Any] = {
+        "/v1/models": {"get": {"summary": "Every deployment and alias this server serves.",
+                               "responses": {"200": _json(p.ModelList, "The models."), **_errors(401)}}},
+        "/v1/models/{model}": {"get": {"summary": "One served model.", "parameters": [model_param],
+                                       "responses": {"200": _json(p.ModelCard, "The model."), **_errors(401, 404)}}},
+        "/v1/completions": _generation(p.CompletionRequest, p.Completion, p.Completion, "Complete prompts."),
+        "/v1/chat/completions": _generation(p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
+                                            "Answer a conversation."),
+        "/health": {"get": {"summary": "Liveness: 503 when a deployment's engine is dead.", "responses": {
+            "200": _json(p.HealthResponse, "Alive."), "503": _json(p.HealthResponse, "A deployment is dead.")}}},
+        "/ready": {"get": {"summary": "Readiness: every deployment has a ready instance.", "responses": {
+            "200": _json(p.HealthResponse, "Ready."), "503": _json(p.HealthResponse, "Not ready yet.")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {
+            "description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/admin/scale": {"post": {
+            "summary": "Set a deployment's instance count.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(p.ScaleRequest)}}},
+            "responses": {"200": _json(p.ScaleResponse, "The new target."), **_errors(400, 401, 404, 413)}}},
+        "/admin/status": {"get": {
+            "summary": "A deployment's instances and target.", "parameters": [deployment_param],
+            "responses": {"200": _json(p.StatusResponse, "The deployment's instances."), **_errors(401, 404)}}},
+    }
+    for path, item in paths.items():
+        security = admin_security if path.startswith("/admin") else api_security
+        if path.startswith(("/v1", "/admin")) and security:
+            for operation in item.values():
+                operation["security"] = security
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "FlowServe OpenAI-compatible API", "version": __version__},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+    if api_security or admin_security:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return document

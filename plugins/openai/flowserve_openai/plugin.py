@@ -1,0 +1,29 @@
+"""Hook implementations: frontend ``openai``; commands ``flowserve scale`` and ``flowserve status``.
+
+Kept light: uvicorn and starlette are imported by the factory, httpx by the commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowserve_core import hookimpl
+
+
+def make_frontend(config: Any) -> Any:
+    """Factory of the ``openai`` frontend: ``(config: ServerConfig) -> OpenAIFrontend``."""
+    from flowserve_openai.frontend import OpenAIFrontend
+
+    return OpenAIFrontend(config)
+
+
+@hookimpl
+def flowserve_register_frontends(register: Any) -> None:
+    register("openai", make_frontend)
+
+
+@hookimpl
+def flowserve_register_commands(app: Any) -> None:
+    from flowserve_openai.commands import add_commands
+
+    add_commands(app)

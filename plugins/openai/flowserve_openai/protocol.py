@@ -1,0 +1,324 @@
+"""The bodies the OpenAI API sends and receives, as msgspec Structs.
+
+Requests are decoded straight into these types (a wrong type or an out-of-range value is
+a 400 naming the field); responses are encoded from them. ``/openapi.json`` is generated
+from the same Structs, so the schema and the server cannot disagree.
+
+Unknown request fields are ignored, as OpenAI-compatible servers do, so clients that send
+newer fields keep working. vLLM's sampling extensions (``top_k``, ``min_p``, …) are
+accepted at the top level of the body, where the openai client's ``extra_body`` puts them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX, description="A token id of the model's vocabulary.")]
+TokenCount = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+StopString = Annotated[str, Meta(min_length=1)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+LogprobCount = Annotated[int, Meta(ge=0, le=20)]
+
+PROMPT_SCHEMA = {
+    "description": "A string, a list of strings, a list of token ids, or a list of lists of token ids.",
+    "anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}},
+        {"type": "array", "minItems": 1, "items": {
+            "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}},
+    ],
+}
+
+# ---------------------------------------------------------------- requests
+
+
+class StreamOptions(Struct, kw_only=True):
+    """``stream_options``: only valid with ``stream: true``."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(Struct, kw_only=True):
+    """Fields shared by completions and chat completions, vLLM's extensions included."""
+
+    model: str | None = None
+    n: Annotated[int, Meta(ge=1, le=INT32_MAX)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Meta(ge=0.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    seed: Seed | None = None
+    stop: StopString | list[StopString] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM's extensions
+    top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
+    skip_special_tokens: bool = True
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    """``POST /v1/completions``."""
+
+    prompt: Annotated[str | list[str | TokenId | list[TokenId]], Meta(extra_json_schema=PROMPT_SCHEMA)]
+    max_tokens: TokenCount | None = 16
+    echo: bool = False
+    logprobs: LogprobCount | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
+
+
+class TextPart(Struct, tag="text", tag_field="type"):
+    """A text part of a message's ``content`` (the only kind of part a text model takes)."""
+
+    text: str
+
+
+class ChatMessageIn(Struct, kw_only=True):
+    """One message of ``messages``; ``developer`` is treated as ``system``."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    """``response_format``; only ``text`` is supported."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
+    logprobs: bool | None = False
+    top_logprobs: LogprobCount | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class ScaleRequest(Struct, kw_only=True):
+    """``POST /admin/scale``: set a deployment's instance count."""
+
+    instances: Annotated[int, Meta(ge=0, le=INT32_MAX)]
+    deployment: str | None = None
+
+
+# ---------------------------------------------------------------- responses
+
+
+class Usage(Struct, kw_only=True):
+    """Token counts of one call: the prompt(s) once, every choice's output."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(Struct, kw_only=True):
+    """The legacy completions logprobs: parallel lists, one entry per token."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(Struct, kw_only=True):
+    """One choice of a completion (or its part in a streamed chunk)."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(Struct, kw_only=True):
+    """A completion, and also each chunk of a streamed one (as OpenAI does)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None | UnsetType = UNSET
+
+
+class TopLogprob(Struct, kw_only=True):
+    """One alternative token in chat logprobs."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(Struct, kw_only=True):
+    """A sampled token in chat logprobs, with its ``top_logprobs`` alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct, kw_only=True):
+    """``choices[].logprobs`` of a chat completion."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(Struct, kw_only=True):
+    """The message of a chat completion choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(Struct, kw_only=True):
+    """One choice of a chat completion."""
+
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletion(Struct, kw_only=True):
+    """A chat completion (not streamed)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(Struct, kw_only=True):
+    """What a streamed chunk adds to a choice's message."""
+
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(Struct, kw_only=True):
+    """One choice's part of a streamed chat chunk."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    """One Server-Sent Event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None | UnsetType = UNSET
+
+
+class ModelCard(Struct, kw_only=True):
+    """One served model: a deployment, or an alias (``root`` names its deployment)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "flowserve"
+    root: str
+    max_model_len: int
+
+
+class ModelList(Struct, kw_only=True):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(Struct, kw_only=True):
+    """OpenAI's error object: what went wrong, and which parameter (if one) is to blame."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Struct, kw_only=True):
+    """Every error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+class DeploymentHealth(Struct, kw_only=True):
+    """How one deployment stands: ``ready``, ``warming``, ``starting``, ``scaled-to-zero`` or ``dead``."""
+
+    state: Literal["ready", "warming", "starting", "scaled-to-zero", "dead"]
+    instances: dict[str, int]
+    error: str | None = None
+
+
+class HealthResponse(Struct, kw_only=True):
+    """``GET /health`` and ``GET /ready``."""
+
+    status: Literal["ok", "unavailable"]
+    deployments: dict[str, DeploymentHealth]
+
+
+class ScaleResponse(Struct, kw_only=True):
+    """``POST /admin/scale``: the deployment and the instance count it now aims for."""
+
+    deployment: str
+    target: int
+
+
+class InstanceStatus(Struct, kw_only=True):
+    """One instance in ``GET /admin/status``."""
+
+    id: str
+    role: str
+    state: str
+    start_path: str
+    start_seconds: float
+    pid: int | None
+    error: str | None = None
+
+
+class StatusResponse(Struct, kw_only=True):
+    """``GET /admin/status``: a deployment's instances and its target count."""
+
+    deployment: str
+    target: int
+    instances: list[InstanceStatus]
+
+
+encoder = msgspec.json.Encoder()

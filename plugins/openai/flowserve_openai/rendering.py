@@ -1,0 +1,226 @@
+"""Choice events to OpenAI's response bodies: Server-Sent Event chunks while streaming, one
+JSON document at the end otherwise. One renderer for completions, one for chat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from msgspec import UNSET
+
+from flowserve_core.types import TokenLogprob
+from flowserve_openai.generation import ChoiceEvent
+from flowserve_openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+    encoder,
+)
+from flowserve_openai.sampling import ChoicePlan
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: bytes) -> bytes:
+    """One Server-Sent Event carrying ``payload`` (JSON)."""
+    return b"data: " + payload + b"\n\n"
+
+
+class Renderer:
+    """What both renderers share: ids, usage accounting and per-choice accumulation."""
+
+    def __init__(self, *, id: str, model: str, created: int, fingerprint: str, tokenizer: Any,
+                 choices: list[ChoicePlan], prompt_lengths: list[int], logprobs: int | None,
+                 include_usage: bool):
+        self.id, self.model, self.created, self.fingerprint = id, model, created, fingerprint
+        self.tokenizer = tokenizer
+        self.plans = {plan.index: plan for plan in choices}
+        self.prompt_lengths = prompt_lengths
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.text = {index: "" for index in self.plans}
+        self.tokens = {index: 0 for index in self.plans}
+        self.finish = {index: None for index in self.plans}
+
+    def usage(self) -> Usage:
+        prompt, completion = sum(self.prompt_lengths), sum(self.tokens.values())
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def _account(self, event: ChoiceEvent) -> None:
+        self.tokens[event.index] += len(event.token_ids)
+        self.text[event.index] += event.text
+        self.finish[event.index] = event.finish_reason or self.finish[event.index]
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.token_text(token_id)
+
+    def _chunk_usage(self) -> Any:
+        return None if self.include_usage else UNSET
+
+    def opening(self) -> list[bytes]:
+        """Chunks sent as soon as the stream starts."""
+        return []
+
+    def closing(self) -> list[bytes]:
+        """Chunks sent after every choice ended (before ``[DONE]``)."""
+        return [sse(encoder.encode(self._usage_chunk()))] if self.include_usage else []
+
+    def _usage_chunk(self) -> Any:
+        raise NotImplementedError
+
+
+class CompletionRenderer(Renderer):
+    """``/v1/completions``: legacy logprobs (``tokens``, ``token_logprobs``, ``top_logprobs``,
+    ``text_offset``), echo of the prompt."""
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.collected = {index: CompletionLogprobs() for index in self.plans}
+        self.offsets = {index: len(plan.echo_text) for index, plan in self.plans.items()}
+
+    def _legacy(self, index: int, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for i, token_id in enumerate(token_ids):
+            text = self._token_text(token_id)
+            entry = logprobs[i] if logprobs is not None and i < len(logprobs) else None
+            out.tokens.append(text)
+            out.token_logprobs.append(entry.logprob if entry else None)
+            out.top_logprobs.append(
+                {self._token_text(t.token_id): t.logprob for t in entry.top[:self.logprobs]} if entry else None)
+            out.text_offset.append(self.offsets[index])
+            self.offsets[index] += len(text)
+        return out
+
+    def _echo_logprobs(self, plan: ChoicePlan) -> CompletionLogprobs:
+        """Prompt tokens of an echoed prompt: their texts, without logprobs (not computed)."""
+        out, offset = CompletionLogprobs(), 0
+        for token_id in plan.prompt_token_ids:
+            text = self._token_text(token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+    def _merge(self, into: CompletionLogprobs, more: CompletionLogprobs) -> None:
+        into.tokens += more.tokens
+        into.token_logprobs += more.token_logprobs
+        into.top_logprobs += more.top_logprobs
+        into.text_offset += more.text_offset
+
+    def _chunk(self, choices: list[CompletionChoice], usage: Any) -> bytes:
+        return sse(encoder.encode(Completion(id=self.id, created=self.created, model=self.model,
+                                             system_fingerprint=self.fingerprint, choices=choices, usage=usage)))
+
+    def opening(self) -> list[bytes]:
+        chunks = []
+        for index, plan in self.plans.items():
+            if plan.echo_text:
+                logprobs = self._echo_logprobs(plan) if self.logprobs is not None else None
+                chunks.append(self._chunk([CompletionChoice(index=index, text=plan.echo_text, logprobs=logprobs)],
+                                          self._chunk_usage()))
+        return chunks
+
+    def chunks(self, event: ChoiceEvent) -> list[bytes]:
+        """The SSE chunks for ``event`` while streaming."""
+        self._account(event)
+        logprobs = self._legacy(event.index, event.token_ids, event.logprobs) if self.logprobs is not None else None
+        if not (event.text or event.finish_reason or (logprobs and logprobs.tokens)):
+            return []  # text held back (e.g. a possible stop string) and nothing else to say
+        return [self._chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs,
+                                              finish_reason=event.finish_reason)], self._chunk_usage())]
+
+    def add(self, event: ChoiceEvent) -> None:
+        """Collect ``event`` for the single JSON answer."""
+        self._account(event)
+        if self.logprobs is not None:
+            self._merge(self.collected[event.index], self._legacy(event.index, event.token_ids, event.logprobs))
+
+    def body(self) -> bytes:
+        choices = []
+        for index, plan in sorted(self.plans.items()):
+            logprobs = None
+            if self.logprobs is not None:
+                logprobs = self._echo_logprobs(plan) if plan.echo_text else CompletionLogprobs()
+                self._merge(logprobs, self.collected[index])
+            choices.append(CompletionChoice(index=index, text=plan.echo_text + self.text[index],
+                                            logprobs=logprobs, finish_reason=self.finish[index]))
+        return encoder.encode(Completion(id=self.id, created=self.created, model=self.model,
+                                         system_fingerprint=self.fingerprint, choices=choices, usage=self.usage()))
+
+    def _usage_chunk(self) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model,
+                          system_fingerprint=self.fingerprint, choices=[], usage=self.usage())
+
+
+class ChatRenderer(Renderer):
+    """``/v1/chat/completions``: a role chunk per choice first, content deltas, an empty
+    delta with the finish reason last; logprobs as ``logprobs.content[…]``."""
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self.collected: dict[int, list[ChatTokenLogprob]] = {index: [] for index in self.plans}
+
+    def _entries(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> list[ChatTokenLogprob]:
+        entries = []
+        for i, token_id in enumerate(token_ids):
+            entry = logprobs[i] if logprobs is not None and i < len(logprobs) else None
+            if entry is None:
+                continue  # the executor computed none for this token
+            text = self._token_text(token_id)
+            top = [TopLogprob(token=(t := self._token_text(alt.token_id)), logprob=alt.logprob,
+                              bytes=list(t.encode("utf-8")))
+                   for alt in entry.top[:self.logprobs]]
+            entries.append(ChatTokenLogprob(token=text, logprob=entry.logprob,
+                                            bytes=list(text.encode("utf-8")), top_logprobs=top))
+        return entries
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Any = None) -> bytes:
+        return sse(encoder.encode(ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, system_fingerprint=self.fingerprint,
+            choices=choices, usage=self._chunk_usage() if usage is None else usage)))
+
+    def opening(self) -> list[bytes]:
+        return [self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+                for index in sorted(self.plans)]
+
+    def chunks(self, event: ChoiceEvent) -> list[bytes]:
+        self._account(event)
+        chunks = []
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = ChatLogprobs(content=self._entries(event.token_ids, event.logprobs))
+        if event.text or (logprobs is not None and logprobs.content):
+            chunks.append(self._chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text),
+                                                       logprobs=logprobs)]))
+        if event.finish_reason:
+            chunks.append(self._chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(),
+                                                       finish_reason=event.finish_reason)]))
+        return chunks
+
+    def add(self, event: ChoiceEvent) -> None:
+        self._account(event)
+        if self.logprobs is not None:
+            self.collected[event.index] += self._entries(event.token_ids, event.logprobs)
+
+    def body(self) -> bytes:
+        choices = [ChatChoice(index=index, message=AssistantMessage(content=self.text[index]),
+                              logprobs=ChatLogprobs(content=self.collected[index]) if self.logprobs is not None else None,
+                              finish_reason=self.finish[index])
+                   for index in sorted(self.plans)]
+        return encoder.encode(ChatCompletion(id=self.id, created=self.created, model=self.model,
+                                             system_fingerprint=self.fingerprint, choices=choices, usage=self.usage()))
+
+    def _usage_chunk(self) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                   system_fingerprint=self.fingerprint, choices=[], usage=self.usage())

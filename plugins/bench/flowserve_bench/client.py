@@ -1,0 +1,190 @@
+"""One streamed request to an OpenAI-compatible server, timed chunk by chunk.
+
+A request that fails is returned as a record with its ``error`` set (the HTTP status and the
+server's message, or what went wrong before a status came); nothing here raises for a failed
+request, and ``timeout`` bounds each request from its sending to its last chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+
+from flowserve_bench.errors import BenchError
+from flowserve_bench.results import BenchConfig, RequestError, RequestRecord
+
+
+class PlannedRequest(msgspec.Struct):
+    """A request decided before the run starts: its prompt and the lengths asked for."""
+
+    index: int
+    prompt: list[int] | str
+    prompt_len: int
+    output_len: int
+
+
+# ---- what the server streams (only the fields we read; the rest is ignored)
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    text: str | None = None
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: Any = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+_encoder = msgspec.json.Encoder()
+
+
+def api_base(url: str) -> str:
+    """The base URL without a trailing slash; a bare ``http://host:port`` gets ``/v1``."""
+    parsed = httpx.URL(url)
+    if not parsed.scheme or not parsed.host:
+        raise BenchError(f"--url {url!r} is not an http(s) URL like http://127.0.0.1:8000/v1")
+    base = url.rstrip("/")
+    return base + "/v1" if parsed.path in ("", "/") else base
+
+
+def build_payload(config: BenchConfig, model: str, planned: PlannedRequest) -> dict[str, Any]:
+    """The JSON body: streamed, with usage, greedy by default; ``ignore_eos`` also sends
+    ``min_tokens`` equal to ``max_tokens``, so servers without ``ignore_eos`` still comply."""
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": planned.output_len,
+        "temperature": config.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if config.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": planned.prompt}]
+    else:
+        body["prompt"] = planned.prompt
+    if config.ignore_eos:
+        body["ignore_eos"] = True
+        body["min_tokens"] = planned.output_len
+    return body
+
+
+def error_message(body: bytes) -> str:
+    """The message inside an error body (OpenAI's ``{"error": {"message"}}`` and kin)."""
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body.decode("utf-8", "replace").strip()[:500] or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            return str(error.get("message") or error.get("detail") or error)[:500]
+        return str(error)[:500]
+    return str(data)[:500]
+
+
+async def send_request(client: httpx.AsyncClient, url: str, config: BenchConfig, model: str,
+                       planned: PlannedRequest, run_start: float) -> RequestRecord:
+    """Send ``planned`` to ``url`` (the full endpoint URL), stream the answer, time it."""
+    content = _encoder.encode(build_payload(config, model, planned))
+    start = time.perf_counter()
+    record = RequestRecord(index=planned.index, start=start - run_start,
+                           requested_prompt_tokens=planned.prompt_len,
+                           requested_output_tokens=planned.output_len)
+    if isinstance(planned.prompt, list):
+        record.prompt_tokens = len(planned.prompt)
+    try:
+        with anyio.fail_after(config.timeout):
+            async with client.stream("POST", url, content=content,
+                                     headers={"content-type": "application/json"}) as response:
+                if response.status_code != 200:
+                    message = error_message(await response.aread())
+                    record.error = RequestError(str(response.status_code), message)
+                    return record
+                await _read_stream(response, record, start)
+    except TimeoutError:
+        record.error = RequestError("timeout", f"no complete answer within --timeout {config.timeout:g} s")
+    except httpx.ConnectError as exc:
+        record.error = RequestError("connect", f"cannot connect to {url}: {exc}")
+    except httpx.TimeoutException as exc:
+        record.error = RequestError("timeout", f"{type(exc).__name__} from {url}: {exc}")
+    except httpx.HTTPError as exc:
+        record.error = RequestError("protocol", f"{type(exc).__name__} from {url}: {exc}")
+    return record
+
+
+async def _read_stream(response: httpx.Response, record: RequestRecord, start: float) -> None:
+    """Read SSE events until ``[DONE]`` (or the end), filling ``record``'s timings."""
+    last_chunk_at: float | None = None
+    chunks_with_text = 0
+    usage: _Usage | None = None
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, comments, event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        now = time.perf_counter()
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            record.error = RequestError("stream", f"undecodable event {data[:200]!r}: {exc}")
+            return
+        if chunk.error is not None:
+            message = chunk.error.get("message", chunk.error) if isinstance(chunk.error, dict) else chunk.error
+            record.error = RequestError("stream", str(message)[:500])
+            return
+        usage = chunk.usage or usage
+        has_text = False
+        for choice in chunk.choices:
+            text = choice.text if choice.delta is None else choice.delta.content
+            has_text = has_text or bool(text)
+            record.finish_reason = choice.finish_reason or record.finish_reason
+        if has_text:
+            if last_chunk_at is None:
+                record.ttft = now - start
+            else:
+                record.itl.append(now - last_chunk_at)
+            last_chunk_at = now
+            chunks_with_text += 1
+    record.e2e = time.perf_counter() - start
+    if usage is not None and usage.prompt_tokens is not None:
+        record.prompt_tokens = usage.prompt_tokens
+    if usage is not None and usage.completion_tokens is not None:
+        record.output_tokens = usage.completion_tokens
+    else:
+        record.output_tokens = chunks_with_text  # a server without usage: one token per chunk
+    if record.ttft is not None and record.output_tokens > 1:
+        record.tpot = (record.e2e - record.ttft) / (record.output_tokens - 1)
+
+
+async def first_model(client: httpx.AsyncClient, base: str) -> str:
+    """The first model id of ``GET {base}/models``; a clear error when there is none."""
+    url = f"{base}/models"
+    try:
+        response = await client.get(url)
+    except httpx.HTTPError as exc:
+        raise BenchError(f"cannot list the models at {url} ({type(exc).__name__}: {exc}); "
+                         "is the server running? (or pass --model)") from None
+    if response.status_code != 200:
+        raise BenchError(f"GET {url} answered {response.status_code}: {error_message(response.content)} "
+                         "(pass --model to skip it)")
+    try:
+        return str(msgspec.json.decode(response.content)["data"][0]["id"])
+    except (msgspec.DecodeError, KeyError, IndexError, TypeError):
+        raise BenchError(f"GET {url} listed no model: {response.text[:200]!r} (pass --model)") from None

@@ -129,3 +129,17 @@ def test_goodput_counts_requests_within_every_slo():
                        prompt_source="ids", records=records, duration=2.0)
     assert no_slo.goodput is None and no_slo.goodput_fraction is None
     assert BenchResult.from_json(result.to_json()) == result
+
+
+def test_smollm2s_served_name_finds_its_gguf_vocabulary():
+    from flowserve_core.config import default_model_path
+
+    from flowserve_bench.prompts import find_vocabulary
+
+    pytest.importorskip("gguf")
+    vocabulary = find_vocabulary(None, "SmolLM2-135M-Instruct.Q4_1.gguf")  # FlowServe's default model id
+    assert vocabulary is not None and vocabulary.source == default_model_path()
+    assert len(vocabulary.ids) > 10_000
+    assert not {0, 1, 2} & set(vocabulary.ids)  # <|endoftext|>, <|im_start|>, <|im_end|>
+    assert all(piece.strip().isalpha() and piece.isascii() for piece in vocabulary.pieces)
+    assert find_vocabulary(None, "some-remote-model") is None

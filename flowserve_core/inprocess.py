@@ -39,6 +39,8 @@ class LocalInstance(InstanceBase):
             with self._scope:
                 self.engine = await build_engine(self.spec, self.pm, self._on_events)
                 self.info.start_seconds = time.monotonic() - started
+                if self.info.state is not InstanceState.WARMING:
+                    return  # stopped while warming (e.g. scaled down): it never becomes ready
                 self.set_state(InstanceState.READY)
                 task_status.started()
                 await self.engine.run()

@@ -70,11 +70,6 @@ async def create_completion(request: Request) -> Any:
     ctx = _ctx(request)
     body = await ctx.decode(request, CompletionRequest)
     check_request(body, ctx.config)
-    if body.suffix:
-        raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_parameter")
-    if body.best_of is not None and body.best_of != body.n:
-        raise APIError(400, f"best_of must equal n ({body.n}) on this server, got {body.best_of}",
-                       param="best_of", code="unsupported_parameter")
     deployment = ctx.deployment(body.model)
     tokenizer = deployment.tokenizer
     prompts = await completion_prompts(body, tokenizer)
@@ -92,15 +87,6 @@ async def create_chat_completion(request: Request) -> Any:
     ctx = _ctx(request)
     body = await ctx.decode(request, ChatCompletionRequest)
     check_request(body, ctx.config)
-    if body.tools:
-        raise APIError(400, "tools (function calling) are not supported by this server", param="tools",
-                       code="unsupported_parameter")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice must be 'none' or 'auto': tools are not supported by this server",
-                       param="tool_choice", code="unsupported_parameter")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format {body.response_format.type!r} is not supported; only 'text' is",
-                       param="response_format.type", code="unsupported_parameter")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
                        code="invalid_value")

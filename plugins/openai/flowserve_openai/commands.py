@@ -37,8 +37,10 @@ def add_commands(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        answer = _call("GET", url, "/admin/status", admin_key, params={"deployment": deployment} if deployment else None)
-        table = Table(title=f"{answer['deployment']}: {len(answer['instances'])} instance(s), target {answer['target']}")
+        params = {"deployment": deployment} if deployment else None
+        answer = _call("GET", url, "/admin/status", admin_key, params=params)
+        count, target = len(answer["instances"]), answer["target"]
+        table = Table(title=f"{answer['deployment']}: {count} instance(s), target {target}")
         for column in ("id", "role", "state", "start path", "start s", "pid", "error"):
             table.add_column(column)
         for instance in answer["instances"]:

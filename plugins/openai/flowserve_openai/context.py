@@ -29,7 +29,10 @@ class AppContext:
         self.config = server.config
         self.health = HealthMonitor(server)
         self.metrics = ServerMetrics(server)
-        self.openapi = encoder.encode(openapi_schema(self.config))
+        deployments = list(server.deployments.values())
+        self.openapi = encoder.encode(openapi_schema(
+            self.config, max((d.spec.max_instances for d in deployments), default=None),
+            max((d.max_model_len for d in deployments), default=None)))
         self._created: dict[str, int] = {}
         for name in server.deployments:
             self.created(name)

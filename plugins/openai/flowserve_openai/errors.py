@@ -55,6 +55,16 @@ class APIError(Exception):
         return cls(rejection.status, rejection.message, code=code, headers=headers)
 
 
+#: Why a parameter declared with only the values the server accepts refused another value.
+UNSUPPORTED = {
+    "tools": "function calling (tools) is not supported by this server",
+    "tool_choice": "only 'none' and 'auto' are accepted, as tools are not supported by this server",
+    "logit_bias": "logit_bias is not supported by this server",
+    "suffix": "suffix is not supported by this server",
+    "best_of": "best_of other than 1 is not supported by this server",
+    "response_format.type": "only the 'text' response format is supported by this server",
+}
+
 _AT_PATH = re.compile(r"^(?P<detail>.*?) - at `\$(?P<path>[^`]*)`$", re.S)
 _MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
 
@@ -72,4 +82,6 @@ def invalid_body(exc: msgspec.DecodeError) -> APIError:
     if missing := _MISSING.match(detail):
         param = f"{param}.{missing['field']}" if param else missing["field"]
     message = f"Invalid value for '{param}': {detail}" if param else f"Invalid request body: {detail}"
+    if param in UNSUPPORTED:
+        return APIError(400, f"{message} ({UNSUPPORTED[param]})", param=param, code="unsupported_parameter")
     return APIError(400, message, param=param, code="invalid_value")

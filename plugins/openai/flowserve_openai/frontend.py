@@ -40,21 +40,30 @@ class _Uvicorn(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening-ready socket on ``host:port`` (port 0: any free port), or a clear error."""
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` on ``port`` (port 0: one free port for all),
+    or an error that says why not."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
+        infos = list(dict.fromkeys(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)))
     except OSError as exc:
         raise FlowServeError(f"cannot listen on {host}:{port}: {exc}") from None
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
+        for family, kind, proto, _, address in infos:
+            if sockets:  # the same port on every address, also when the first was chosen freely
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
     except OSError as exc:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise FlowServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
+    return sockets
 
 
 class OpenAIFrontend:
@@ -66,11 +75,12 @@ class OpenAIFrontend:
     async def serve(self, server: Any) -> None:
         """Run uvicorn in the current event loop until a shutdown signal; then return."""
         config = self.config
-        sock = bind(config.host, config.port)
-        host, port = sock.getsockname()[:2]
+        sockets = bind(config.host, config.port)
         uv = _Uvicorn(uvicorn.Config(
             build_app(server), log_config=None, lifespan="on", access_log=True,
             timeout_graceful_shutdown=max(0.0, config.drain_timeout)))
-        log.info("serving the OpenAI API on http://%s:%d", f"[{host}]" if ":" in host else host, port,
-                 extra={"host": host, "port": port})
-        await uv.serve(sockets=[sock])
+        for sock in sockets:
+            host, port = sock.getsockname()[:2]
+            log.info("serving the OpenAI API on http://%s:%d", f"[{host}]" if ":" in host else host, port,
+                     extra={"host": host, "port": port})
+        await uv.serve(sockets=sockets)

@@ -42,6 +42,16 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return out
 
 
+def _event_schema(chunk: type) -> dict[str, Any]:
+    """One Server-Sent Event: ``data`` is a chunk's JSON, an error's JSON, or ``[DONE]``."""
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"},
+        "data": {"description": f"A `{chunk.__name__}` or an `ErrorResponse` as JSON, or `[DONE]` (the last event).",
+                 "anyOf": [{"const": "[DONE]"},
+                           {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": {"anyOf": [_ref(chunk), _ref(p.ErrorResponse)]}}]}}}
+
+
 def _generation(request: type, response: type, chunk: type, summary: str) -> dict[str, Any]:
     return {"post": {
         "summary": summary,
@@ -50,16 +60,36 @@ def _generation(request: type, response: type, chunk: type, summary: str) -> dic
             "200": {"description": "The result; with `stream: true`, Server-Sent Events of "
                                    f"`{chunk.__name__}` objects ending with `data: [DONE]`.",
                     "content": {"application/json": {"schema": _ref(response)},
-                                "text/event-stream": {"schema": {"type": "string"}}}},
+                                "text/event-stream": {"schema": _event_schema(chunk)}}},
             **_errors(400, 401, 404, 413, 429, 500, 503)},
     }}
 
 
-def openapi_schema(config: ServerConfig) -> dict[str, Any]:
-    """The document for a server with ``config`` (its ``max_n`` and keys show in it)."""
+def _requires(field: str, value_type: str, then_field: str) -> dict[str, Any]:
+    """JSON Schema: when ``field`` holds a ``value_type``, ``then_field`` must be true."""
+    return {"if": {"required": [field], "properties": {field: {"type": value_type}}},
+            "then": {"required": [then_field], "properties": {then_field: {"const": True}}}}
+
+
+def openapi_schema(config: ServerConfig, max_instances: int | None = None,
+                   max_model_len: int | None = None) -> dict[str, Any]:
+    """The document for a server with ``config`` (its ``max_n`` and keys show in it) whose
+    deployments allow at most ``max_instances`` instances and ``max_model_len`` tokens."""
     _, components = msgspec.json.schema_components(SCHEMAS, ref_template=REF)
+    # What the Structs cannot say: limits of this server, and parameters that need another.
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         components[name]["properties"]["n"]["maximum"] = config.max_n
+        components[name]["allOf"] = [_requires("stream_options", "object", "stream")]
+    components["CompletionRequest"]["properties"]["prompt"] = p.PROMPT_SCHEMA
+    components["ChatCompletionRequest"]["allOf"].append(_requires("top_logprobs", "integer", "logprobs"))
+    if max_model_len is not None:
+        for name, field in (("CompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_tokens"),
+                            ("ChatCompletionRequest", "max_completion_tokens")):
+            for option in components[name]["properties"][field].get("anyOf", []):
+                if option.get("type") == "integer":
+                    option["maximum"] = max_model_len
+    if max_instances is not None:
+        components["ScaleRequest"]["properties"]["instances"]["maximum"] = max_instances
     api_security = [{"bearer": []}] if config.api_key else []
     admin_security = [{"bearer": []}] if (config.admin_key or config.api_key) else []
     model_param = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}

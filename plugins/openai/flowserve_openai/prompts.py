@@ -10,7 +10,7 @@ import anyio
 
 from flowserve_core.interfaces import ChatMessage
 from flowserve_openai.errors import APIError
-from flowserve_openai.protocol import ChatCompletionRequest, CompletionRequest
+from flowserve_openai.protocol import MAX_PROMPTS, ROLES, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +19,25 @@ async def completion_prompts(body: CompletionRequest, tokenizer: Any) -> list[tu
     """``(token ids, echo text)`` per prompt of ``body.prompt`` (a string, strings, token ids
     or lists of token ids); the echo text is only computed when ``echo`` asks for it."""
     prompt = body.prompt
+    texts: list[str] | None = None
+    token_lists: list[list[int]] = []
     if isinstance(prompt, str):
-        texts: list[str] | None = [prompt]
+        texts = [prompt]
     elif not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     elif all(isinstance(p, str) for p in prompt):
         texts = list(prompt)  # type: ignore[arg-type]
     elif all(isinstance(p, int) for p in prompt):
-        texts, token_lists = None, [list(prompt)]  # type: ignore[arg-type]
+        token_lists = [list(prompt)]  # type: ignore[arg-type]
     elif all(isinstance(p, list) for p in prompt):
-        texts, token_lists = None, [list(p) for p in prompt]  # type: ignore[union-attr]
+        token_lists = [list(p) for p in prompt]  # type: ignore[union-attr]
     else:
         raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a "
                             "list of lists of token ids, not a mix of them", param="prompt", code="invalid_value")
+    count = len(texts) if texts is not None else len(token_lists)
+    if count > MAX_PROMPTS:
+        raise APIError(400, f"prompt holds {count} prompts; at most {MAX_PROMPTS} are allowed in one call",
+                       param="prompt", code="invalid_value")
     if texts is not None:
         token_lists = await anyio.to_thread.run_sync(lambda: [tokenizer.encode(t) for t in texts])
         echoes = texts
@@ -57,19 +63,16 @@ def _check_token_ids(token_lists: list[list[int]], vocab_size: int) -> None:
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
-    """The kernel's ``ChatMessage`` list: text parts joined, ``developer`` read as ``system``."""
+    """The kernel's ``ChatMessage`` list: text parts joined by newlines, ``developer`` read
+    as ``system``, an assistant's null content as empty."""
     messages = []
-    for i, message in enumerate(body.messages):
-        role = "system" if message.role == "developer" else message.role
+    for message in body.messages:
         content = message.content
         if content is None:
-            if role != "assistant":
-                raise APIError(400, f"messages[{i}].content is required for a {message.role} message",
-                               param=f"messages[{i}].content", code="invalid_value")
             content = ""
         elif not isinstance(content, str):
             content = "\n".join(part.text for part in content)
-        messages.append(ChatMessage(role=role, content=content))
+        messages.append(ChatMessage(role=ROLES[type(message)], content=content))
     return messages
 
 

@@ -5,8 +5,11 @@ a 400 naming the field); responses are encoded from them. ``/openapi.json`` is g
 from the same Structs, so the schema and the server cannot disagree.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so clients that send
-newer fields keep working. vLLM's sampling extensions (``top_k``, ``min_p``, …) are
-accepted at the top level of the body, where the openai client's ``extra_body`` puts them.
+newer fields keep working. Parameters the server cannot honour (``tools``, ``logit_bias``,
+``suffix``, ``best_of`` > 1, JSON response formats) are declared with the only values it
+accepts, so the schema says what a request may hold and decoding refuses the rest.
+vLLM's sampling extensions (``top_k``, ``min_p``, …) are accepted at the top level of the
+body, where the openai client's ``extra_body`` puts them.
 """
 
 from __future__ import annotations
@@ -20,17 +23,21 @@ INT32_MAX = 2**31 - 1
 TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX, description="A token id of the model's vocabulary.")]
 TokenCount = Annotated[int, Meta(ge=1, le=INT32_MAX)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-StopString = Annotated[str, Meta(min_length=1)]
+#: Stop strings are matched against every token's text on the event loop: keep them bounded.
+MAX_STOP_STRINGS, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_PROMPTS = 16, 256, 256, 1024
+StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_LENGTH)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 LogprobCount = Annotated[int, Meta(ge=0, le=20)]
 
+#: ``prompt`` as the OpenAPI document states it: msgspec's type is broader (one union of
+#: items), ``completion_prompts`` enforces this one.
 PROMPT_SCHEMA = {
     "description": "A string, a list of strings, a list of token ids, or a list of lists of token ids.",
     "anyOf": [
-        {"type": "string"},
-        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": {"type": "string", "minLength": 1}},
         {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}},
-        {"type": "array", "minItems": 1, "items": {
+        {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": {
             "type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": INT32_MAX}}},
     ],
 }
@@ -54,16 +61,16 @@ class SamplingFields(Struct, kw_only=True):
     temperature: Annotated[float, Meta(ge=0.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     seed: Seed | None = None
-    stop: StopString | list[StopString] | None = None
+    stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float], Meta(max_length=0)] | None = None
     user: str | None = None
     # vLLM's extensions
     top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
@@ -73,45 +80,75 @@ class SamplingFields(Struct, kw_only=True):
 class CompletionRequest(SamplingFields, kw_only=True):
     """``POST /v1/completions``."""
 
-    prompt: Annotated[str | list[str | TokenId | list[TokenId]], Meta(extra_json_schema=PROMPT_SCHEMA)]
+    prompt: str | list[str | TokenId | list[TokenId]]
     max_tokens: TokenCount | None = 16
     echo: bool = False
     logprobs: LogprobCount | None = None
-    suffix: str | None = None
-    best_of: Annotated[int, Meta(ge=1, le=INT32_MAX)] | None = None
+    suffix: Annotated[str, Meta(max_length=0)] | None = None
+    best_of: Annotated[int, Meta(ge=1, le=1)] | None = None
 
 
-class TextPart(Struct, tag="text", tag_field="type"):
+class TextPart(Struct, kw_only=True):
     """A text part of a message's ``content`` (the only kind of part a text model takes)."""
 
+    type: Literal["text"]
     text: str
 
 
-class ChatMessageIn(Struct, kw_only=True):
-    """One message of ``messages``; ``developer`` is treated as ``system``."""
+Content = str | list[TextPart]
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+
+class SystemMessageParam(Struct, tag="system", tag_field="role", kw_only=True):
+    """A system message."""
+
+    content: Content
     name: str | None = None
+
+
+class DeveloperMessageParam(Struct, tag="developer", tag_field="role", kw_only=True):
+    """A developer message (newer clients' name for system messages; read as ``system``)."""
+
+    content: Content
+    name: str | None = None
+
+
+class UserMessageParam(Struct, tag="user", tag_field="role", kw_only=True):
+    """A user message."""
+
+    content: Content
+    name: str | None = None
+
+
+class AssistantMessageParam(Struct, tag="assistant", tag_field="role", kw_only=True):
+    """An earlier answer of the assistant (its content may be null)."""
+
+    content: Content | None = None
+    name: str | None = None
+
+
+MessageParam = SystemMessageParam | DeveloperMessageParam | UserMessageParam | AssistantMessageParam
+#: What each message kind is called in ``role``.
+ROLES = {SystemMessageParam: "system", DeveloperMessageParam: "system", UserMessageParam: "user",
+         AssistantMessageParam: "assistant"}
 
 
 class ResponseFormat(Struct, kw_only=True):
     """``response_format``; only ``text`` is supported."""
 
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Literal["text"] = "text"
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     """``POST /v1/chat/completions``."""
 
-    messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
+    messages: Annotated[list[MessageParam], Meta(min_length=1)]
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
     logprobs: bool | None = False
     top_logprobs: LogprobCount | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]], Meta(max_length=0)] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
 
 
 class ScaleRequest(Struct, kw_only=True):

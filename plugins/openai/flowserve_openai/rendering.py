@@ -214,8 +214,9 @@ class ChatRenderer(Renderer):
             self.collected[event.index] += self._entries(event.token_ids, event.logprobs)
 
     def body(self) -> bytes:
+        wants_logprobs = self.logprobs is not None
         choices = [ChatChoice(index=index, message=AssistantMessage(content=self.text[index]),
-                              logprobs=ChatLogprobs(content=self.collected[index]) if self.logprobs is not None else None,
+                              logprobs=ChatLogprobs(content=self.collected[index]) if wants_logprobs else None,
                               finish_reason=self.finish[index])
                    for index in sorted(self.plans)]
         return encoder.encode(ChatCompletion(id=self.id, created=self.created, model=self.model,

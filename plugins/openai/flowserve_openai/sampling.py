@@ -39,9 +39,6 @@ def check_request(body: SamplingFields, config: ServerConfig) -> None:
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options", code="invalid_value")
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
-                       code="unsupported_parameter")
 
 
 def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None, vocab_size: int,

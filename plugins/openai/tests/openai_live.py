@@ -23,11 +23,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-TOY_ENGINE = ["--model", "toy", "--tokenizer", "whitespace", "--executor", "counter", "--kv-cache", "unbounded",
-              "--batch-scheduler", "fifo", "--job-scheduler", "least-tasks"]
-ENGINE_ARGS = TOY_ENGINE  # the real engine: ["--tokenizer", "hf", "--executor", "spmd", "--kv-cache", "paged", ...]
+TOY_ENGINE = ["--model", "toy", "--served-model-name", "toy", "--tokenizer", "whitespace", "--executor", "counter",
+              "--kv-cache", "unbounded", "--batch-scheduler", "fifo", "--job-scheduler", "least-tasks"]
+ENGINE_ARGS = TOY_ENGINE  # the real engine: ["--served-model-name", "toy", "--tokenizer", "hf", "--executor", "spmd", …]
 TOY = ENGINE_ARGS is TOY_ENGINE
-MODEL = "toy"
+MODEL = ENGINE_ARGS[ENGINE_ARGS.index("--served-model-name") + 1]
 #: The toy context: WhitespaceTokenizer.max_model_len.
 TOY_CONTEXT = 256
 

@@ -48,8 +48,12 @@ def test_the_factory_builds_a_frontend_with_serve(pm):
 @pytest.mark.parametrize("body, param", [
     (b'{"messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stop": [1]}', "stop[0]"),
-    (b'{"messages": [{"role": "user"}], "n": -1}', "n"),
-    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', "messages[0].content[0].type"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": -1}', "n"),
+    (b'{"messages": [{"role": "user"}]}', "messages[0].content"),
+    (b'{"messages": [{"role": "tool", "content": "x"}]}', "messages[0].role"),
+    (b'{"messages": [{"role": "user", "content": [{"text": "x"}]}]}', "messages[0].content[0].type"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
+     "messages[0].content[0].type"),
     (b'{}', "messages"),
     (b'"text"', None),
 ])

@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from openai_live import MODEL, TOY_CONTEXT, recorded_params, sse_events, toy_only, unique_prompt
+from openai_live import MODEL, recorded_params, sse_events, toy_only, unique_prompt
 
 pytestmark = pytest.mark.anyio
 
@@ -94,11 +94,14 @@ def test_chat_logprobs_shape(toy_server):
 
 
 def test_default_max_tokens_is_the_rest_of_the_context(toy_server):
-    chat = toy_server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "t1"}])
+    client = toy_server.client()
+    context = client.models.retrieve(MODEL).max_model_len
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "t1"}])
     assert chat.choices[0].finish_reason == "length"
-    assert chat.usage.total_tokens == TOY_CONTEXT
+    assert chat.usage.total_tokens == context
 
 
+@toy_only
 def test_chat_parameters_reach_the_engine(toy_server, record_path):
     text, ids = unique_prompt(4)
     chat = toy_server.client().chat.completions.create(
@@ -118,3 +121,20 @@ def test_chat_stop_string(toy_server):
     chat = toy_server.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "t7"}], max_tokens=30, stop=[" t11"])
     assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (" t8 t9 t10", "stop")
+
+
+async def test_n_streamed_choices_each_open_and_close(toy_server):
+    client = toy_server.async_client()
+    stream = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=4, n=3, seed=1,
+                                                  stream=True, stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].usage.completion_tokens == 12
+    by_choice: dict[int, list] = {}
+    for chunk in chunks[:-1]:
+        [choice] = chunk.choices
+        by_choice.setdefault(choice.index, []).append(choice)
+    assert sorted(by_choice) == [0, 1, 2]
+    whole = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=4, n=3, seed=1)
+    for index, parts in by_choice.items():
+        assert parts[0].delta.role == "assistant" and parts[-1].finish_reason == "length"
+        assert "".join(p.delta.content or "" for p in parts) == whole.choices[index].message.content

@@ -90,6 +90,7 @@ def test_unknown_model_is_a_404_naming_the_served_models(toy_server):
         toy_server.client().models.retrieve("gpt-9")
 
 
+@toy_only
 def test_context_overflow_is_a_400_with_both_numbers(toy_server):
     prompt = " ".join(["t1"] * 250)
     error = error_of(post(toy_server, "/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 10}), 400)
@@ -98,7 +99,8 @@ def test_context_overflow_is_a_400_with_both_numbers(toy_server):
     chat = post(toy_server, "/chat/completions", {"model": MODEL, "max_tokens": 300,
                                                   "messages": [{"role": "user", "content": "t1"}]})
     assert error_of(chat, 400)["param"] == "messages"
-    full = post(toy_server, "/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": prompt + " t2 t3 t4 t5 t6"}]})
+    filling = [{"role": "user", "content": prompt + " t2 t3 t4 t5 t6"}]  # no room left for a reply
+    full = post(toy_server, "/chat/completions", {"model": MODEL, "messages": filling})
     assert error_of(full, 400)["code"] == "context_length_exceeded"
 
 

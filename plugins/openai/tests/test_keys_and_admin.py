@@ -101,7 +101,8 @@ def test_scale_and_status_commands(keyed_server):
     assert f"{MODEL}: target 2" in result.stdout
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        status = flowserve("status", "--url", keyed_server.url, "--deployment", MODEL, env={"FLOWSERVE_API_KEY": API_KEY})
+        status = flowserve("status", "--url", keyed_server.url, "--deployment", MODEL,
+                           env={"FLOWSERVE_API_KEY": API_KEY})
         assert status.returncode == 0, status.stderr
         if status.stdout.count("ready") == 2:
             break

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
 import time
 
 import httpx
 import pytest
-from openai_live import MODEL, sse_events, serve_command
+from openai_live import MODEL, serve_command, sse_events, toy_only
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(process_server):
         httpx.get(process_server.url + "/health", timeout=5)
 
 
+@toy_only
 def test_health_is_503_when_the_engine_cannot_start(start_server):
     server = start_server(serve_command("-o", "fail_to_start=true", scaler="static"), ready=False)
     deadline = time.monotonic() + 90
@@ -61,3 +64,14 @@ def test_health_is_503_when_the_engine_cannot_start(start_server):
     error = refused.json()["error"]
     assert error["code"] == "engine_dead" and error["type"] == "service_unavailable"
     assert server.stop() == 0
+
+
+def test_a_busy_port_is_a_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        command = [*serve_command(), "--port", port]  # the later --port wins
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "in use" in result.stderr

@@ -1,0 +1,234 @@
+"""``SpmdExecutor``: the ``Executor`` of one engine instance, SPMD over tensor-parallel ranks.
+
+Rank 0 lives in the executor's own process and computes in a worker thread (the event loop
+never blocks); ranks 1 … N-1 are worker processes (``gang.py``). Each step rank 0 builds a
+compact ``StepPlan``, announces it to the workers, runs its own shard of the forward pass
+(the collectives line the ranks up), and samples from the gathered logits.
+
+A worker that dies, or a collective that fails or times out, makes ``execute`` raise
+``EngineDeadError`` within a bounded time: a watcher polls the worker processes while a step
+runs, and collectives carry a timeout (option ``collective_timeout_seconds``, default 30).
+
+Options (``spec.options``): ``num_threads`` (torch threads per rank; by default each rank
+gets ``cpu_count // tensor_parallel`` on CPU when ``tensor_parallel > 1``),
+``collective_timeout_seconds``, ``load_timeout_seconds`` (workers loading, default 600).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Callable, TypeVar
+
+import anyio
+import numpy as np
+import torch
+
+from flowserve_core.errors import ConfigError, EngineDeadError
+from flowserve_core.types import DeploymentSpec, KVCacheSpec, StepBatch, StepResult
+
+from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
+from flowserve_spmd_executor.gang import WorkerGang
+from flowserve_spmd_executor.kv_cache import bytes_per_block, plan_num_blocks
+from flowserve_spmd_executor.layers.linear import HeadShard
+from flowserve_spmd_executor.layers.sampler import Sampler
+from flowserve_spmd_executor.loader import resolve_weights
+from flowserve_spmd_executor.model_config import load_model_config
+from flowserve_spmd_executor.options import (
+    device_base_index, dtype_name, parse_memory_size, resolve_device_type, resolve_dtype,
+)
+from flowserve_spmd_executor.plan import build_step_plan
+from flowserve_spmd_executor.protocol import ExportBlocks, ImportBlocks, RunStep
+from flowserve_spmd_executor.rank import Rank, RankSetup
+
+log = logging.getLogger(__name__)
+
+_WATCH_INTERVAL = 0.2
+T = TypeVar("T")
+
+
+class SpmdExecutor:
+    """Runs Llama-family models over paged KV blocks on ``spec.tensor_parallel`` ranks.
+
+    Construction loads the weights (blocking). ``execute`` computes off the event loop.
+    ``export_kv``/``import_kv`` move blocks in the layout ``kv_block_shape`` describes.
+    """
+
+    def __init__(self, spec: DeploymentSpec):
+        self.spec = spec
+        self.world_size = spec.tensor_parallel
+        self.device_type = resolve_device_type(spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device_type)
+        self.weights = resolve_weights(spec.model)
+        self.config = load_model_config(self.weights.directory)
+        self.max_model_len = spec.max_model_len or self.config.max_position_embeddings
+        try:
+            shard = HeadShard(self.config.num_heads, self.config.num_kv_heads, 0, self.world_size)
+        except ValueError as exc:
+            raise ConfigError(f"model {spec.model!r}: {exc}") from None
+        memory = parse_memory_size(spec.kv_cache_memory)
+        self.bytes_per_block = bytes_per_block(self.config, shard.kv_heads, spec.block_size, self.dtype)
+        self.num_blocks = plan_num_blocks(memory, self.bytes_per_block, what=repr(spec.kv_cache_memory))
+        self._dead: str | None = None
+        self._lock = threading.Lock()
+        self._gang: WorkerGang | None = None
+        self._rendezvous: Rendezvous | None = None
+        options = spec.options
+        self.collective_timeout = float(options.get("collective_timeout_seconds", 30.0))
+        threads = int(options.get("num_threads", 0))
+        if not threads and self.world_size > 1 and self.device_type == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        if self.world_size > 1:
+            self._rendezvous = Rendezvous(self.world_size, timeout=max(self.collective_timeout, 60.0))
+        setups = [self._setup(rank, threads) for rank in range(self.world_size)]
+        if self.world_size > 1:
+            self._gang = WorkerGang(setups[1:])
+            self._finalizer = weakref.finalize(self, self._gang.close)
+        try:
+            self.rank = Rank(setups[0])
+            if self._gang is not None:
+                self._gang.wait_ready(float(options.get("load_timeout_seconds", 600.0)))
+                self.rank.connect(self._rendezvous)
+        except BaseException:
+            if self._gang is not None:
+                self._gang.close()
+            raise
+        self.sampler = Sampler(self.config.vocab_size, self.rank.device)
+        self.kv_block_shape = (self.config.num_layers, 2, spec.block_size, self.config.num_kv_heads,
+                               self.config.head_dim)
+        log.info("spmd executor ready: %s on %s × %d (%s), KV cache %d blocks × %d tokens = %.1f MiB per "
+                 "rank (%d tokens), max_model_len %d", self.config.model_type, self.device_type,
+                 self.world_size, dtype_name(self.dtype), self.num_blocks, spec.block_size,
+                 self.num_blocks * self.bytes_per_block / 2**20, self.num_blocks * spec.block_size,
+                 self.max_model_len,
+                 extra={"num_blocks": self.num_blocks, "bytes_per_block": self.bytes_per_block,
+                        "tensor_parallel": self.world_size, "dtype": dtype_name(self.dtype)})
+
+    def _setup(self, rank: int, threads: int) -> RankSetup:
+        return RankSetup(
+            spec=self.spec, weights=self.weights, rank=rank, world_size=self.world_size,
+            device_type=self.device_type, device_index=device_base_index(self.spec.device),
+            dtype=dtype_name(self.dtype), num_blocks=self.num_blocks, max_model_len=self.max_model_len,
+            port=self._rendezvous.port if self._rendezvous else 0,
+            group_name=self._rendezvous.name if self._rendezvous else "",
+            collective_timeout=self.collective_timeout, num_threads=threads,
+            packed_linear=_flag(self.spec.options.get("packed_linear", True)))
+
+    # ------------------------------------------------------------------ Executor protocol
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """The KV blocks this executor reserved (per rank; every rank has as many)."""
+        return KVCacheSpec(num_blocks=self.num_blocks, block_size=self.spec.block_size,
+                           bytes_per_block=self.bytes_per_block, max_model_len=self.max_model_len)
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        """Run one step in a worker thread; ``EngineDeadError`` once a rank is gone."""
+        self._check_alive()
+        if self._gang is None:
+            return await anyio.to_thread.run_sync(self._step, batch)
+        return await self._watched(self._step, batch)
+
+    def _step(self, batch: StepBatch) -> StepResult:
+        with self._lock:
+            self._check_alive()
+            self.sampler.forget(batch.finished_seq_ids)
+            plan, sampled = build_step_plan(batch, block_size=self.spec.block_size,
+                                            max_model_len=self.max_model_len, num_blocks=self.num_blocks)
+            logits = self._announced(RunStep(plan=plan), lambda: self.rank.run(plan))
+            if not sampled:
+                return StepResult()
+            return self.sampler(logits, sampled)
+
+    def _announced(self, message: Any, local: Callable[[], T]) -> T:
+        """Tell the workers ``message``, then run rank 0's part ``local``. Once the workers
+        were told, any failure leaves the ranks out of step: the executor is dead from then on."""
+        if self._gang is None:
+            return local()
+        try:
+            self._gang.send_all(message)
+            return local()
+        except (CollectiveError, OSError) as exc:
+            self._dead = self._gang.dead_reason() or f"tensor-parallel group failed: {exc}"
+        except Exception as exc:
+            self._dead = f"rank 0 failed in a tensor-parallel step ({type(exc).__name__}: {exc})"
+        raise EngineDeadError(f"spmd executor is dead: {self._dead}")
+
+    async def _watched(self, fn: Any, *args: Any) -> Any:
+        """``fn`` in a thread, abandoned with ``EngineDeadError`` as soon as a worker dies."""
+        outcome: dict[str, Any] = {}
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            while True:
+                await anyio.sleep(_WATCH_INTERVAL)
+                reason = self._gang.dead_reason() if self._gang else None
+                if reason:
+                    self._dead = self._dead or reason
+                    scope.cancel()
+                    return
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch, group.cancel_scope)
+            try:
+                outcome["value"] = await anyio.to_thread.run_sync(fn, *args, abandon_on_cancel=True)
+            except Exception as exc:
+                outcome["error"] = exc
+            group.cancel_scope.cancel()
+        if "error" in outcome:
+            raise outcome["error"]
+        if "value" not in outcome:
+            raise EngineDeadError(self._dead or "the step was abandoned")
+        return outcome["value"]
+
+    def _check_alive(self) -> None:
+        if self._dead is None and self._gang is not None:
+            self._dead = self._gang.dead_reason()
+        if self._dead is not None:
+            raise EngineDeadError(f"spmd executor is dead: {self._dead}")
+
+    # ------------------------------------------------------------------ KV transfer
+
+    def export_kv(self, block_ids: list[int]) -> memoryview:
+        """The K and V of ``block_ids`` in every layer, all KV heads, as raw bytes (the
+        executor's dtype, C order) of shape ``[num_layers, 2, len(block_ids), block_size,
+        num_kv_heads, head_dim]`` — ``kv_block_shape`` with the blocks inserted as axis 2."""
+        block_ids = [int(b) for b in block_ids]
+        with self._lock:
+            self._check_alive()
+            blocks = self._announced(ExportBlocks(block_ids=block_ids),
+                                     lambda: self.rank.export_blocks(block_ids))
+        flat = blocks.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        return memoryview(flat.numpy())
+
+    def import_kv(self, block_ids: list[int], data: bytes | bytearray | memoryview) -> None:
+        """Write blocks exported by ``export_kv`` (same model and dtype) into ``block_ids``."""
+        block_ids = [int(b) for b in block_ids]
+        layers, two, block_size, heads, head_dim = self.kv_block_shape
+        shape = (layers, two, len(block_ids), block_size, heads, head_dim)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        expected = int(np.prod(shape)) * element
+        view = memoryview(data).cast("B")
+        if view.nbytes != expected:
+            raise ValueError(f"import_kv got {view.nbytes} bytes for {len(block_ids)} blocks; this model "
+                             f"({dtype_name(self.dtype)}) needs {expected}")
+        blocks = torch.frombuffer(bytearray(view), dtype=torch.uint8).view(self.dtype).view(shape)
+        with self._lock:
+            self._check_alive()
+            self._announced(ImportBlocks(block_ids=block_ids),
+                            lambda: self.rank.import_blocks(block_ids, blocks))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Stop the worker ranks and leave the group; ``execute`` fails afterwards."""
+        self._dead = self._dead or "the executor was closed"
+        if self._gang is not None:
+            self._gang.close()
+        self.rank.close()
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)

@@ -1,0 +1,1 @@
+"""Tensor-parallel-aware building blocks of Llama-family models (nano-vllm's ``layers/``)."""

@@ -1,0 +1,138 @@
+"""Attention over the paged KV cache, for a flat batch of decode tokens and prefill chunks.
+
+Every layer first writes the step's new keys and values into their cache slots
+(``slot = block_table[pos // block_size] * block_size + pos % block_size``), then attends:
+
+- **decode** sequences (one new token each) together: their blocks are gathered into a
+  padded ``[D, kv_heads, L, head_dim]`` view and the query heads of each KV head are laid out
+  as the query "positions" of one SDPA call (``[D, kv_heads, group, head_dim]``), so grouped
+  query attention needs no copy of K/V per query head; a key-padding mask hides slots past
+  each sequence's length.
+- **prefill** chunks (several tokens, possibly after cached context: earlier chunks or prefix
+  cache hits) together: padded to the longest chunk, with a mask that is causal over the
+  absolute positions and hides padding.
+
+Everything that depends only on the step (slots, padded block tables, masks, index maps) is
+built once per step in ``AttentionMetadata`` and shared by all layers. Flat tokens are
+ordered decode tokens first, then the prefill chunks one after another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's attention layout, shared by every layer."""
+
+    slot_mapping: torch.Tensor
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None
+    #: sliding window (0 = none) → key mask ``[D, 1, 1, L]``
+    decode_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_prefill: int = 0
+    prefill_max_len: int = 0
+    prefill_gather: torch.Tensor | None = None
+    prefill_unpad: torch.Tensor | None = None
+    prefill_block_tables: torch.Tensor | None = None
+    #: sliding window → mask ``[P, 1, group * max_len, L]``
+    prefill_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+
+
+def build_attention_metadata(*, slot_mapping: list[int], query_lens: list[int], context_lens: list[int],
+                             block_tables: list[list[int]], num_decode: int, block_size: int,
+                             group_size: int, windows: set[int], device: torch.device) -> AttentionMetadata:
+    """Build the step's metadata. Sequences ``[0, num_decode)`` have one query token each;
+    the rest are prefill chunks. ``context_lens`` count cached plus new tokens."""
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device))
+    if num_decode:
+        meta.num_decode = num_decode
+        tables = block_tables[:num_decode]
+        meta.decode_block_tables = _padded_tables(tables, device)
+        keys = torch.arange(meta.decode_block_tables.shape[1] * block_size, device=device)
+        ctx = torch.tensor(context_lens[:num_decode], device=device)
+        visible = keys[None, :] < ctx[:, None]
+        for window in windows:
+            mask = visible if not window else visible & (keys[None, :] > (ctx - 1 - window)[:, None])
+            meta.decode_masks[window] = mask.view(num_decode, 1, 1, -1)
+    if len(query_lens) > num_decode:
+        lens = query_lens[num_decode:]
+        num, longest = len(lens), max(lens)
+        meta.num_prefill, meta.prefill_max_len = num, longest
+        q_lens = torch.tensor(lens, device=device)
+        offsets = torch.cumsum(q_lens, 0) - q_lens
+        steps = torch.arange(longest, device=device)
+        # Padding rows repeat the chunk's last token, so their (ignored) output stays finite.
+        meta.prefill_gather = (offsets[:, None] + torch.minimum(steps[None, :], (q_lens - 1)[:, None])).view(-1)
+        rows = torch.arange(num, device=device)[:, None] * longest + steps[None, :]
+        meta.prefill_unpad = rows[steps[None, :] < q_lens[:, None]]
+        meta.prefill_block_tables = _padded_tables(block_tables[num_decode:], device)
+        keys = torch.arange(meta.prefill_block_tables.shape[1] * block_size, device=device)
+        ctx = torch.tensor(context_lens[num_decode:], device=device)
+        q_pos = (ctx - q_lens)[:, None] + steps[None, :]
+        # Padding rows see the whole context, so no row is fully masked (SDPA would give NaN).
+        visible = (keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ctx[:, None, None])
+        for window in windows:
+            mask = visible if not window else visible & (keys[None, None, :] > (q_pos - window)[:, :, None])
+            meta.prefill_masks[window] = mask.unsqueeze(1).repeat(1, 1, group_size, 1)
+    return meta
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention of one layer over its KV cache blocks.
+
+    ``k_cache``/``v_cache`` are this layer's ``[num_blocks, block_size, kv_heads, head_dim]``
+    views of the executor's KV tensor, attached by the runner once allocated.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int = 0):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.group = num_heads // num_kv_heads
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        num, width = tables.shape
+        blocks = cache.index_select(0, tables.view(-1))
+        return blocks.view(num, width * cache.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """``q [T, heads, hd]``, ``k``/``v [T, kv_heads, hd]`` → ``[T, heads * hd]``."""
+        kvh, hd, group = self.num_kv_heads, self.head_dim, self.group
+        k_cache, v_cache = self.k_cache, self.v_cache
+        assert k_cache is not None and v_cache is not None, "the KV cache is not attached"
+        k_cache.view(-1, kvh, hd).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kvh, hd).index_copy_(0, meta.slot_mapping, v)
+        outputs = []
+        num_decode = meta.num_decode
+        if num_decode:
+            tables = meta.decode_block_tables
+            out = F.scaled_dot_product_attention(
+                q[:num_decode].view(num_decode, kvh, group, hd),
+                self._gather(k_cache, tables), self._gather(v_cache, tables),
+                attn_mask=meta.decode_masks[self.sliding_window], scale=self.scale)
+            outputs.append(out.reshape(num_decode, -1))
+        if meta.num_prefill:
+            num, longest = meta.num_prefill, meta.prefill_max_len
+            tables = meta.prefill_block_tables
+            qp = q[num_decode:].index_select(0, meta.prefill_gather)
+            qp = qp.view(num, longest, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(num, kvh, group * longest, hd)
+            out = F.scaled_dot_product_attention(
+                qp, self._gather(k_cache, tables), self._gather(v_cache, tables),
+                attn_mask=meta.prefill_masks[self.sliding_window], scale=self.scale)
+            out = out.view(num, kvh, group, longest, hd).permute(0, 3, 1, 2, 4).reshape(num * longest, -1)
+            outputs.append(out.index_select(0, meta.prefill_unpad))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -1,0 +1,80 @@
+"""A worker rank (1 … N-1) of a tensor-parallel executor, in its own process.
+
+Run by ``gang.WorkerGang`` as ``python -m flowserve_spmd_executor.worker FD``, where FD is
+its end of a socketpair. It builds its ``Rank`` from the ``Init`` message, says ``Ready``,
+joins the group, then runs what rank 0 announces until ``Shutdown``, end of stream (rank 0
+is gone), its parent process changing (rank 0's process died), or a failed collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+from flowserve_spmd_executor.protocol import (
+    Channel, ExportBlocks, Failed, ImportBlocks, Init, Ready, RunStep, Shutdown,
+)
+
+log = logging.getLogger("flowserve_spmd_executor.worker")
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Rank 0's process died without closing our socket (e.g. killed): leave too."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def serve(channel: Channel) -> int:
+    """Build this rank and run rank 0's announcements; the process exit code."""
+    init = channel.recv()
+    if not isinstance(init, Init):
+        return 2
+    rank_index = init.setup.rank
+    try:
+        from flowserve_spmd_executor.rank import Rank
+
+        rank = Rank(init.setup, show_progress=False)
+        channel.send(Ready(rank=rank_index, load_seconds=rank.load_seconds))
+        rank.connect()
+        while True:
+            message = channel.recv()
+            if message is None or isinstance(message, Shutdown):
+                break
+            if isinstance(message, RunStep):
+                rank.run(message.plan)
+            elif isinstance(message, ExportBlocks):
+                rank.export_blocks(message.block_ids)
+            elif isinstance(message, ImportBlocks):
+                rank.import_blocks(message.block_ids, None)
+        rank.close()
+        return 0
+    except BaseException as exc:  # tell rank 0 why, whatever it was
+        log.exception("tensor-parallel rank %d failed", rank_index)
+        try:
+            channel.send(Failed(rank=rank_index, error=f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        return 1
+
+
+def main() -> None:
+    """Entry point: ``python -m flowserve_spmd_executor.worker FD``."""
+    logging.basicConfig(level=os.environ.get("FLOWSERVE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s rank-worker %(levelname)s %(name)s: %(message)s")
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    code = serve(Channel(sock))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: torch's process-group threads may still be blocked.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,7 @@ def build_app(server: Any) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        """While the app runs, follow the deployments' instances (for /health)."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(context.health.watch)
             yield

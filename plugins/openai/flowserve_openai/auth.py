@@ -26,6 +26,7 @@ class BearerKeyMiddleware:
         self.admin_key = admin.encode() if admin else None
 
     def required_key(self, path: str) -> bytes | None:
+        """The key ``path`` needs, or None when it is open."""
         if path in OPEN_PATHS:
             return None
         if path == "/admin" or path.startswith("/admin/"):

@@ -89,6 +89,8 @@ class AppContext:
             return msgspec.json.decode(b"".join(chunks), type=type)
         except msgspec.DecodeError as exc:
             raise invalid_body(exc) from None
+        except RecursionError:
+            raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
 
 
 def _too_large(limit: int) -> APIError:

@@ -39,10 +39,12 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> ErrorResponse:
+        """The OpenAI error object."""
         return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type,
                                                param=self.param, code=self.code))
 
     def encode(self) -> bytes:
+        """The OpenAI error object as JSON."""
         return encoder.encode(self.body())
 
     @classmethod

@@ -29,6 +29,7 @@ class _Uvicorn(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        """Turn SIGINT/SIGTERM into a graceful exit while serving; restore the old handlers after."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return

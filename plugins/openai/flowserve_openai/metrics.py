@@ -78,9 +78,11 @@ class _DeploymentCollector:
         self._last: dict[str, dict[str, tuple[int, int]]] = {}
 
     def describe(self) -> Iterable[Metric]:
+        """Nothing up front: the registry must not read the deployments at registration."""
         return []
 
     def collect(self) -> Iterable[Metric]:
+        """The gauges and prefix-cache counters, read now."""
         running = GaugeMetricFamily("flowserve:num_requests_running", "Requests running on an instance.",
                                     labels=["model"])
         waiting = GaugeMetricFamily("flowserve:num_requests_waiting", "Requests waiting to run.", labels=["model"])
@@ -88,10 +90,10 @@ class _DeploymentCollector:
                                labels=["model"])
         instances = GaugeMetricFamily("flowserve:num_instances", "Engine instances by state.",
                                       labels=["model", "state"])
-        hits = CounterMetricFamily("flowserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+        hits = CounterMetricFamily("flowserve:prefix_cache_hits", "Prefix-cache hits the KV cache managers counted.",
                                    labels=["model"])
-        queries = CounterMetricFamily("flowserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                      labels=["model"])
+        queries = CounterMetricFamily("flowserve:prefix_cache_queries",
+                                      "Prefix-cache lookups the KV cache managers counted.", labels=["model"])
         for name, deployment in list(self.server.deployments.items()):
             stats = deployment.stats()
             running.add_metric([name], stats.num_running)

@@ -19,11 +19,13 @@ def make_frontend(config: Any) -> Any:
 
 @hookimpl
 def flowserve_register_frontends(register: Any) -> None:
+    """Register the frontend ``openai``."""
     register("openai", make_frontend)
 
 
 @hookimpl
 def flowserve_register_commands(app: Any) -> None:
+    """Add ``flowserve scale`` and ``flowserve status``."""
     from flowserve_openai.commands import add_commands
 
     add_commands(app)

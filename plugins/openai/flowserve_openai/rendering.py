@@ -52,6 +52,7 @@ class Renderer:
         self.finish = {index: None for index in self.plans}
 
     def usage(self) -> Usage:
+        """Token counts so far: every prompt once, every choice's output."""
         prompt, completion = sum(self.prompt_lengths), sum(self.tokens.values())
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -123,6 +124,7 @@ class CompletionRenderer(Renderer):
                                              system_fingerprint=self.fingerprint, choices=choices, usage=usage)))
 
     def opening(self) -> list[bytes]:
+        """An echo chunk per choice when ``echo`` is on."""
         chunks = []
         for index, plan in self.plans.items():
             if plan.echo_text:
@@ -147,6 +149,7 @@ class CompletionRenderer(Renderer):
             self._merge(self.collected[event.index], self._legacy(event.index, event.token_ids, event.logprobs))
 
     def body(self) -> bytes:
+        """The whole completion as JSON (not streamed)."""
         choices = []
         for index, plan in sorted(self.plans.items()):
             logprobs = None
@@ -191,10 +194,12 @@ class ChatRenderer(Renderer):
             choices=choices, usage=self._chunk_usage() if usage is None else usage)))
 
     def opening(self) -> list[bytes]:
+        """A role chunk per choice."""
         return [self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
                 for index in sorted(self.plans)]
 
     def chunks(self, event: ChoiceEvent) -> list[bytes]:
+        """A content chunk for new text (or logprobs), a finish chunk at the end."""
         self._account(event)
         chunks = []
         logprobs = None
@@ -209,11 +214,13 @@ class ChatRenderer(Renderer):
         return chunks
 
     def add(self, event: ChoiceEvent) -> None:
+        """Collect ``event`` for the single JSON answer."""
         self._account(event)
         if self.logprobs is not None:
             self.collected[event.index] += self._entries(event.token_ids, event.logprobs)
 
     def body(self) -> bytes:
+        """The whole chat completion as JSON (not streamed)."""
         wants_logprobs = self.logprobs is not None
         choices = [ChatChoice(index=index, message=AssistantMessage(content=self.text[index]),
                               logprobs=ChatLogprobs(content=self.collected[index]) if wants_logprobs else None,

@@ -28,6 +28,9 @@ def test_malformed_json_is_a_400(toy_server):
     assert error["type"] == "invalid_request_error" and error["param"] is None
     assert "not valid JSON" in error["message"]
     error_of(post(toy_server, "/chat/completions", b"[1, 2]"), 400)
+    error_of(post(toy_server, "/completions", b"\xff\xfe"), 400)
+    deep = b'{"model": "toy", "prompt": "t1", "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert "nested too deeply" in error_of(post(toy_server, "/completions", deep), 400)["message"]
 
 
 @pytest.mark.parametrize("path, body, param", [

@@ -54,3 +54,13 @@ async def test_fifty_concurrent_streams_match_their_solo_runs(toy_server):
     assert all(results[i] == solo[prompts[i % len(prompts)]] for i in range(50))
     assert all(len(text) > 0 for text in solo.values())
     assert toy_server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
+
+
+def test_a_client_that_gives_up_on_a_non_streamed_request_aborts_it(toy_server):
+    aborted = toy_server.metric("flowserve:request_success_total", finish_reason="abort")
+    body = {"model": MODEL, "prompt": "t1", "max_tokens": 240}
+    with pytest.raises(httpx.ReadTimeout):  # the client closes the connection when it gives up
+        httpx.post(toy_server.base_url + "/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    assert toy_server.wait_metric("flowserve:request_success_total", lambda v: v == aborted + 1,
+                                  finish_reason="abort") == aborted + 1
+    assert toy_server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0

@@ -87,6 +87,8 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
             overrides["options"] = dict(_parse_option(o) for o in option)
         run_server_command(pm, config, overrides)
 
+    from flowserve_core.scaffold import plugin_app  # `flowserve plugin new`
+    app.add_typer(plugin_app(), name="plugin")
     pm.hook.flowserve_register_commands(app=app)
     return app
 

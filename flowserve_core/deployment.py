@@ -105,6 +105,7 @@ class Deployment:
         self.pool = InstancePool(on_demand=self.scaler.on_demand)
         self.requests: dict[str, Request] = {}
         self.ready = anyio.Event()
+        self.stopping = False
         self._scope = anyio.CancelScope()
         self._observe = {name: bool(getattr(pm.hook, name).get_hookimpls()) for name in
                          ("flowserve_admit_request", "flowserve_request_admitted",
@@ -154,7 +155,10 @@ class Deployment:
                     tg.cancel_scope.cancel()
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
-        """Drain every instance for up to ``drain_timeout`` s, then stop the deployment."""
+        """Drain every instance for up to ``drain_timeout`` s, then stop the deployment.
+        Scalers start no instance once ``stopping`` is set."""
+        self.stopping = True
+        self.pool.notify()
         async with anyio.create_task_group() as tg:
             for instance in list(self.pool.instances.values()):
                 tg.start_soon(instance.stop, drain_timeout)

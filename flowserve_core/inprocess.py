@@ -39,9 +39,8 @@ class LocalInstance(InstanceBase):
             with self._scope:
                 self.engine = await build_engine(self.spec, self.pm, self._on_events)
                 self.info.start_seconds = time.monotonic() - started
-                if self.info.state is not InstanceState.WARMING:
-                    return  # stopped while warming (e.g. scaled down): it never becomes ready
-                self.set_state(InstanceState.READY)
+                if not self.mark_ready():
+                    return  # stopped while warming (e.g. scaled down)
                 task_status.started()
                 await self.engine.run()
         finally:
@@ -66,7 +65,8 @@ class LocalInstance(InstanceBase):
 
 class TargetScaler:
     """Keeps the deployment's instances at ``deployment.role_targets(target)``, replacing
-    the ones that die. Subclasses say how an instance is made (``make_instance``)."""
+    the ones that die, and starts none once the deployment is stopping. Subclasses say how an
+    instance is made (``make_instance``)."""
 
     drain_timeout = 30.0
 
@@ -91,7 +91,7 @@ class TargetScaler:
         self.deployment = deployment
         async with anyio.create_task_group() as tg:
             while True:
-                wanted = deployment.role_targets(self.target)
+                wanted = [] if deployment.stopping else deployment.role_targets(self.target)
                 live = [i for i in deployment.pool.instances.values()
                         if i.info.state in (InstanceState.WARMING, InstanceState.READY)]
                 for role in {*wanted, *(i.info.role for i in live)}:

@@ -41,6 +41,13 @@ class InstanceBase:
             self.info.error = error or self.info.error
             self.on_change()
 
+    def mark_ready(self) -> bool:
+        """Warming → ready. False when the instance was stopped while warming: it must end."""
+        if self.info.state is not InstanceState.WARMING:
+            return False
+        self.set_state(InstanceState.READY)
+        return True
+
     @asynccontextmanager
     async def submit(self, task: Task) -> AsyncIterator[MemoryObjectReceiveStream[TokenEvent]]:
         """Run ``task`` here; iterate the stream for its events. Leaving early aborts it."""

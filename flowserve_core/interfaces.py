@@ -205,7 +205,7 @@ class Scaler(Protocol):
 
     ``set_target`` is the manual override (admin API); ``on_demand`` tells that a request is
     waiting for an instance of ``role`` (scale from zero). ``run`` must stop every instance it
-    started when cancelled.
+    started when cancelled, and start none once ``deployment.stopping`` is set.
     """
 
     async def run(self, deployment: Deployment) -> None: ...

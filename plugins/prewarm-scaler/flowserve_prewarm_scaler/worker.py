@@ -157,7 +157,9 @@ class RemoteInstance(InstanceBase):
                 raise RuntimeError(ready.error)
             self.info.start_path = self.info.start_path or ready.start_path or "naive"
             self.info.start_seconds = time.monotonic() - started
-            self.set_state(InstanceState.READY)
+            if not self.mark_ready():
+                await self._shutdown()  # stopped while warming
+                return
             task_status.started()
             while True:
                 message = await self.channel.receive()

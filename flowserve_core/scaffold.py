@@ -1,0 +1,121 @@
+"""``flowserve plugin new NAME --kind KIND``: write a plugin project that is ready to test.
+
+The project is a distribution ``flowserve-NAME`` with a package ``flowserve_NAME``, a
+``flowserve`` entry point, one hook implementation and tests written with
+``flowserve_core.testing``. Its files come from ``flowserve_core/testing/templates``
+(``common/`` plus the kind's folder), with ``{{placeholders}}`` in names and text filled in.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import typer
+
+from flowserve_core import __version__
+
+TEMPLATES = Path(__file__).parent / "testing" / "templates"
+_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+
+
+class Kind(NamedTuple):
+    """What a kind of plugin project needs besides the common files."""
+
+    title: str
+    class_suffix: str
+    usage: str
+    dependencies: tuple[str, ...] = ()
+    test_dependencies: tuple[str, ...] = ()
+
+
+KINDS: dict[str, Kind] = {
+    "scheduler": Kind("batch scheduler", "Scheduler", "flowserve serve --batch-scheduler {{name}}",
+                      ("flowserve-colocated",), ("flowserve-paged-kv",)),
+    "executor": Kind("executor", "Executor", "flowserve serve --executor {{name}}", ("anyio>=4.4",)),
+    "kv-cache": Kind("KV cache manager", "KVCache", "flowserve serve --kv-cache {{name}}",
+                     ("flowserve-paged-kv",), ("flowserve-colocated",)),
+    "scaler": Kind("scaler", "Scaler", "flowserve serve --scaler {{name}}", ("anyio>=4.4",)),
+    "tokenizer": Kind("tokenizer", "Tokenizer", "flowserve serve --tokenizer {{name}}",
+                      ("flowserve-hf-tokenizer",)),
+    "frontend": Kind("frontend", "Frontend", "flowserve serve --frontend {{name}}",
+                     ("msgspec>=0.18", "starlette>=0.40", "uvicorn>=0.30")),
+    "command": Kind("command", "Command", "flowserve {{name}} --help", ("typer>=0.12",)),
+}
+
+
+def placeholders(name: str, kind: str) -> dict[str, str]:
+    """The values of the templates' ``{{placeholders}}`` for plugin ``name`` of ``kind``."""
+    spec = KINDS[kind]
+    words = "".join(word.capitalize() for word in name.split("-"))
+    snake = name.replace("-", "_")
+
+    def quoted(items: tuple[str, ...]) -> str:
+        return ", ".join(f'"{item}"' for item in items)
+
+    values = {
+        "name": name, "snake": snake, "dist": f"flowserve-{name}", "package": f"flowserve_{snake}",
+        "Class": words if words.endswith(spec.class_suffix) else words + spec.class_suffix,
+        "title": spec.title,
+        "dependencies": quoted((f"flowserve-core>={'.'.join(__version__.split('.')[:2])}", *spec.dependencies)),
+        "test_dependencies": quoted(("pytest>=8", *spec.test_dependencies)),
+    }
+    values["usage"] = fill(spec.usage, values)
+    return values
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    """Replace every ``{{key}}`` in ``text``."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda match: values[match[1]], text)
+
+
+def write_project(name: str, kind: str, directory: Path | None = None) -> list[Path]:
+    """Write plugin ``name`` of ``kind`` into ``directory`` (default ``./flowserve-NAME``).
+
+    :returns: the files written. Raises ``ValueError`` for a bad name or kind, or a
+        ``directory`` that exists and is not empty.
+    """
+    name = name.removeprefix("flowserve-")
+    if not _NAME.match(name):
+        raise ValueError(f"plugin name {name!r}: use lowercase letters, digits and single dashes, "
+                         f"starting with a letter (e.g. 'fair-share')")
+    if kind not in KINDS:
+        raise ValueError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}")
+    values = placeholders(name, kind)
+    directory = Path(directory or f"flowserve-{name}")
+    if directory.exists() and any(directory.iterdir()):
+        raise ValueError(f"{directory} exists and is not empty; choose another --directory")
+    written = []
+    for root in (TEMPLATES / "common", TEMPLATES / kind):
+        for template in sorted(root.rglob("*.tmpl")):
+            target = directory / fill(str(template.relative_to(root)), values).removesuffix(".tmpl")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(fill(template.read_text(), values))
+            written.append(target)
+    return written
+
+
+def plugin_app() -> typer.Typer:
+    """The ``flowserve plugin`` command group."""
+    app = typer.Typer(no_args_is_help=True, help="Write FlowServe plugins.")
+
+    @app.command()
+    def new(
+        name: str = typer.Argument(..., help="The plugin's name, e.g. fair-share (distribution flowserve-fair-share)."),
+        kind: str = typer.Option(..., "--kind", help=f"What it provides: {'|'.join(KINDS)}."),
+        directory: Optional[Path] = typer.Option(None, "--directory", "-d",
+                                                 help="Where to write it (default ./flowserve-NAME)."),
+    ) -> None:
+        """Write a plugin project (pyproject, hook implementation, tests) ready to test."""
+        name = name.removeprefix("flowserve-")
+        root = directory or Path(f"flowserve-{name}")
+        try:
+            files = write_project(name, kind, root)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        typer.echo(f"wrote {len(files)} files in {root}/. Next:\n"
+                   f"  pip install -e '{root}[test]'\n  pytest {root}\n  flowserve plugins\n"
+                   f"  {placeholders(name, kind)['usage']}")
+
+    return app

@@ -34,12 +34,13 @@ class TensorParallelGroup:
         self.world_size = world_size
         self._backend: _Backend | None = None
 
-    def connect(self, device_type: str, *, port: int, name: str, timeout: float,
+    def connect(self, device_type: str, *, port: int, name: str, timeout: float, join_timeout: float,
                 store: dist.Store | None = None, device: torch.device | None = None) -> None:
-        """Join the group ``name`` (blocks until every rank joined, or ``timeout``)."""
+        """Join the group ``name`` (blocks until every rank joined, or ``join_timeout``);
+        each collective afterwards fails after ``timeout`` seconds without its peers."""
         if self.world_size > 1:
             self._backend = _connect(device_type, self.rank, self.world_size, port=port, name=name,
-                                     timeout=timeout, store=store, device=device)
+                                     timeout=timeout, join_timeout=join_timeout, store=store, device=device)
 
     def _joined(self) -> _Backend:
         if self._backend is None:
@@ -150,12 +151,13 @@ class Rendezvous:
 
 
 def _connect(device_type: str, rank: int, world_size: int, *, port: int, name: str, timeout: float,
-             store: dist.Store | None, device: torch.device | None) -> _Backend:
+             join_timeout: float, store: dist.Store | None, device: torch.device | None) -> _Backend:
     delta = datetime.timedelta(seconds=timeout)
     backend = BACKENDS[device_type]
     try:
         if store is None:
-            store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=delta)
+            store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+                                  timeout=datetime.timedelta(seconds=join_timeout))
         prefixed = dist.PrefixStore(name, store)
         if backend == "gloo":
             pg = dist.ProcessGroupGloo(prefixed, rank, world_size, delta)

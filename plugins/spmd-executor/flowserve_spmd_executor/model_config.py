@@ -148,7 +148,7 @@ def _rope_config(raw: dict[str, Any], max_pos: int, source: str) -> RopeConfig:
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConfigError(f"{source}: partial_rotary_factor is not supported")
     factor = params.get("factor")
-    original = params.get("original_max_position_embeddings")
+    original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
     if rope_type == "yarn" and factor is None:
         factor = max_pos / original if original else 1.0
     return RopeConfig(

@@ -77,7 +77,7 @@ class Rank:
         """Join the other ranks (rank 0 passes its ``Rendezvous``, which owns the store)."""
         setup = self.setup
         self.group.connect(setup.device_type, port=setup.port, name=setup.group_name,
-                           timeout=max(setup.collective_timeout, 60.0),
+                           timeout=setup.collective_timeout, join_timeout=max(setup.collective_timeout, 60.0),
                            store=rendezvous.store if rendezvous else None,
                            device=self.device if setup.device_type != "cpu" else None)
 

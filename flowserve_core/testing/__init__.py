@@ -8,21 +8,22 @@ For tests only; the kernel never imports it at run time, and importing it import
 - ``TinyEngine`` / ``find_tiny_engine``: the smallest installed engine to run a plugin on.
 - ``LiveServer`` / ``serve``: ``flowserve serve`` in a subprocess on a free 127.0.0.1 port.
 - Conformance suites, one call each: ``check_batch_scheduler``, ``check_kv_cache_manager``,
-  ``check_tokenizer``, ``await check_executor``.
+  ``check_tokenizer``, ``await check_executor``; a broken rule raises ``ConformanceError``.
 - ``flowserve_core.testing.fixtures``: pytest fixtures ``tiny_model``, ``tiny_engine``,
   ``live_server``; import them in your ``conftest.py``.
 """
 
+from flowserve_core.testing._suite import ConformanceError
 from flowserve_core.testing.check_executor import check_executor
 from flowserve_core.testing.check_kv_cache import check_kv_cache_manager
 from flowserve_core.testing.check_scheduler import check_batch_scheduler
 from flowserve_core.testing.check_tokenizer import check_tokenizer
 from flowserve_core.testing.engines import TinyEngine, find_tiny_engine, write_tiny_llama
-from flowserve_core.testing.harness import DeploymentRunner, plugin_manager, run_deployment
+from flowserve_core.testing.harness import DeploymentRunner, InstanceStartError, plugin_manager, run_deployment
 from flowserve_core.testing.live import LiveServer, free_port, serve
 
 __all__ = [
-    "DeploymentRunner", "LiveServer", "TinyEngine", "check_batch_scheduler", "check_executor",
-    "check_kv_cache_manager", "check_tokenizer", "find_tiny_engine", "free_port", "plugin_manager",
-    "run_deployment", "serve", "write_tiny_llama",
+    "ConformanceError", "DeploymentRunner", "InstanceStartError", "LiveServer", "TinyEngine",
+    "check_batch_scheduler", "check_executor", "check_kv_cache_manager", "check_tokenizer",
+    "find_tiny_engine", "free_port", "plugin_manager", "run_deployment", "serve", "write_tiny_llama",
 ]

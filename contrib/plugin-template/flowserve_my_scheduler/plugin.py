@@ -1,0 +1,40 @@
+"""Batch scheduler ``my-scheduler``: FlowServe's ``continuous`` scheduler, ready for your policy.
+
+``continuous`` (from flowserve-colocated) does the mechanics: decodes first, chunked prefill
+within ``max_num_batched_tokens``, prefix caching through the KV cache manager, preemption
+when blocks run out. This subclass logs and counts every task it queues, so you can see it
+at work; change ``add`` (admission and order), ``_finish_reason`` (when a sequence ends) or
+``schedule`` to make it yours. Its tests hold it to the ``BatchScheduler`` Protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flowserve_colocated.scheduler import ContinuousBatchScheduler
+from flowserve_core import hookimpl
+from flowserve_core.types import DeploymentSpec, Task
+
+log = logging.getLogger(__name__)
+
+
+class MyScheduler(ContinuousBatchScheduler):
+    """The ``continuous`` batch scheduler that logs and counts the tasks it queues."""
+
+    def __init__(self, spec: DeploymentSpec, kv_cache: Any):
+        super().__init__(spec, kv_cache)
+        self.num_queued = 0
+
+    def add(self, task: Task) -> None:
+        """Queue ``task`` (``ValueError`` if it can never run here), then log it."""
+        super().add(task)
+        self.num_queued += 1
+        log.info("my-scheduler queued task %s (%d prompt tokens)", task.id, len(task.request.prompt_token_ids),
+                 extra={"task_id": task.id, "batch_scheduler": "my-scheduler"})
+
+
+@hookimpl
+def flowserve_register_batch_schedulers(register: Any) -> None:
+    """Register ``my-scheduler``; choose it with ``flowserve serve --batch-scheduler my-scheduler``."""
+    register("my-scheduler", MyScheduler)

@@ -1,0 +1,1 @@
+"""flowserve-request-log: one JSON line per finished request (see ``plugin``)."""

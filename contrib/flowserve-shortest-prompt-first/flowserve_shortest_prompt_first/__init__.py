@@ -1,0 +1,1 @@
+"""flowserve-shortest-prompt-first: the batch scheduler ``shortest-prompt-first`` (see ``plugin``)."""

@@ -9,9 +9,11 @@ A worker that dies, or a collective that fails or times out, makes ``execute`` r
 ``EngineDeadError`` within a bounded time: a watcher polls the worker processes while a step
 runs, and collectives carry a timeout (option ``collective_timeout_seconds``, default 30).
 
-Options (``spec.options``): ``num_threads`` (torch threads per rank; by default each rank
-gets ``cpu_count // tensor_parallel`` on CPU when ``tensor_parallel > 1``),
-``collective_timeout_seconds``, ``load_timeout_seconds`` (workers loading, default 600).
+Options (``spec.options``): ``num_threads`` (torch threads of every rank, rank 0's process
+included; by default rank 0 keeps torch's setting and CPU worker ranks take
+``cpu_count // tensor_parallel``), ``collective_timeout_seconds`` (default 30),
+``load_timeout_seconds`` (worker ranks loading, default 600), ``packed_linear`` (CPU: also
+keep oneDNN-packed weights, default true).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class SpmdExecutor:
         self.max_model_len = spec.max_model_len or self.config.max_position_embeddings
         try:
             shard = HeadShard(self.config.num_heads, self.config.num_kv_heads, 0, self.world_size)
+            if self.config.intermediate_size % self.world_size:
+                raise ValueError(f"tensor_parallel={self.world_size} does not divide the model's MLP "
+                                 f"size {self.config.intermediate_size}")
         except ValueError as exc:
             raise ConfigError(f"model {spec.model!r}: {exc}") from None
         memory = parse_memory_size(spec.kv_cache_memory)
@@ -78,11 +83,13 @@ class SpmdExecutor:
         options = spec.options
         self.collective_timeout = float(options.get("collective_timeout_seconds", 30.0))
         threads = int(options.get("num_threads", 0))
-        if not threads and self.world_size > 1 and self.device_type == "cpu":
-            threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        # Worker ranks on CPU share the cores with rank 0; rank 0's own (process-wide) thread
+        # count changes only when asked for.
+        worker_threads = threads or (max(1, (os.cpu_count() or 1) // self.world_size)
+                                     if self.device_type == "cpu" else 0)
         if self.world_size > 1:
             self._rendezvous = Rendezvous(self.world_size, timeout=max(self.collective_timeout, 60.0))
-        setups = [self._setup(rank, threads) for rank in range(self.world_size)]
+        setups = [self._setup(rank, threads if rank == 0 else worker_threads) for rank in range(self.world_size)]
         if self.world_size > 1:
             self._gang = WorkerGang(setups[1:])
             self._finalizer = weakref.finalize(self, self._gang.close)

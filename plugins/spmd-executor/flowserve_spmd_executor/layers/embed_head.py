@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowserve_spmd_executor.distributed import TensorParallelGroup
-from flowserve_spmd_executor.layers.linear import pack_weight, packed_linear
+from flowserve_spmd_executor.layers.linear import PACKED_MIN_TOKENS, pack_weight, packed_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -50,15 +50,12 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed: torch.Tensor | None = None
 
-    def pack(self, release: bool = True) -> None:
-        """Pre-pack the weight for oneDNN's CPU matmul; ``release`` drops the plain copy
-        (not when it is tied to the embedding, which still needs it)."""
+    def pack(self) -> None:
+        """Keep a second copy of the weight pre-packed for oneDNN (see ``linear.packed_linear``)."""
         self.packed = pack_weight(self.weight)
-        if release:
-            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.packed is not None:
+        if self.packed is not None and hidden.shape[0] >= PACKED_MIN_TOKENS:
             logits = packed_linear(hidden, self.packed, None)
         else:
             logits = F.linear(hidden, self.weight)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / rms(x)``, computed in float32 and cast back (as HF Llama does)."""
+    """``weight * x / rms(x)``, computed in float32 and cast back before the weight (as HF
+    Llama does, which matters in half precision)."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -16,6 +18,8 @@ class RMSNorm(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused op; same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)

@@ -87,18 +87,22 @@ class RotaryEmbedding(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         # Computed in float32 and cast afterwards, as transformers does. Plain attributes, not
         # buffers: they are built for ``device`` and ``dtype`` already, and must survive the
-        # loader's ``to_empty`` of the module tree.
+        # loader's ``to_empty`` of the module tree. The sine's first half is negated so that
+        # ``rotate_half(x) * sin`` becomes ``swap_halves(x) * signed_sin`` (fewer ops per layer).
+        sin = emb.sin() * scaling
+        half = inv_freq.shape[0]
         self.cos = (emb.cos() * scaling).to(dtype=dtype, device=device)
-        self.sin = (emb.sin() * scaling).to(dtype=dtype, device=device)
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(dtype=dtype, device=device)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[T, 1, head_dim]`` for flat ``positions [T]``, broadcastable over heads."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos and signed sin ``[T, 1, head_dim]`` for flat ``positions [T]`` (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [T, heads, head_dim]``: ``x * cos + rotate_half(x) * sin``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [T, heads, head_dim]``: ``x * cos + rotate_half(x) * sin`` (HF Llama's
+    convention), computed as ``x * cos + swap_halves(x) * signed_sin``."""
+    tokens, heads, dim = x.shape
+    swapped = x.reshape(tokens, heads, 2, dim // 2).flip(2).view(tokens, heads, dim)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 

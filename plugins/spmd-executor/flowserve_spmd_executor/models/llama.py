@@ -37,13 +37,12 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        tokens = hidden.shape[0]
+        tokens, heads, kv_heads, hd = hidden.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv_proj(hidden)
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(tokens, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(tokens, self.kv_heads, self.head_dim), cos, sin)
-        out = self.attn(q, k, v.view(tokens, self.kv_heads, self.head_dim), meta)
+        # Queries and keys are rotated together: one set of ops for both.
+        qk = apply_rotary(qkv[:, :(heads + kv_heads) * hd].view(tokens, heads + kv_heads, hd), cos, sin)
+        v = qkv[:, (heads + kv_heads) * hd:].view(tokens, kv_heads, hd)
+        out = self.attn(qk[:, :heads], qk[:, heads:], v, meta)
         return self.o_proj(out)
 
 
@@ -121,11 +120,11 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, max_positions, dtype, device)
 
     def pack_linear_weights(self) -> None:
-        """Pre-pack every matmul weight for oneDNN (CPU only; see ``ParallelLinear.pack``)."""
+        """Add oneDNN-packed copies of every matmul weight (CPU; see ``ParallelLinear.pack``)."""
         for module in self.modules():
             if isinstance(module, ParallelLinear):
                 module.pack()
-        self.lm_head.pack(release=not self.config.tie_word_embeddings)
+        self.lm_head.pack()
 
     def attention_layers(self) -> list[PagedAttention]:
         """Each decoder layer's attention module, in order (the runner attaches KV caches)."""

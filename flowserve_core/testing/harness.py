@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import anyio
 import msgspec
@@ -107,7 +107,7 @@ def _only_error(group: BaseExceptionGroup) -> BaseException:
     return causes[0] if len(causes) == 1 else group
 
 
-def _leaves(error: BaseException) -> Any:
+def _leaves(error: BaseException) -> Iterator[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         for inner in error.exceptions:
             yield from _leaves(inner)
@@ -126,6 +126,6 @@ async def _wait_for_an_instance(deployment: Deployment) -> None:
         seen.update((i.info.id, i.info) for i in deployment.pool.instances.values())
         failed = [info for info in seen.values() if info.state is InstanceState.GONE and info.error]
         if failed:
-            raise InstanceStartError(f"instance {failed[0].id} of deployment {deployment.name!r} failed "
-                               f"to start: {failed[0].error}")
+            raise InstanceStartError(f"instance {failed[0].id} of deployment {deployment.name!r} "
+                                     f"failed to start: {failed[0].error}")
         await deployment.pool.wait_changed()

@@ -1,9 +1,8 @@
 """Observer: one JSON line per finished request, from the ``flowserve_request_finished`` hook.
 
-The line goes to the file named by the deployment option ``request_log`` (``flowserve serve
--o request_log=PATH``) or the ``FLOWSERVE_REQUEST_LOG`` variable, else to the logger
-``flowserve.request_log`` at INFO. The hook runs once per request on the server's event
-loop, so it only appends one short line.
+The line goes to the file named by the deployment option ``request_log`` (``-o
+request_log=PATH``) or ``FLOWSERVE_REQUEST_LOG``, else to the logger ``flowserve.request_log``
+at INFO. The hook runs once per request on the server's event loop: it appends one line.
 """
 
 from __future__ import annotations

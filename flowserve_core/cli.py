@@ -114,6 +114,7 @@ def run_server_command(pm: PluginManager, config_path: Path | None, overrides: d
     from flowserve_core.telemetry import setup_logging, setup_telemetry
 
     config = load_config(config_path, overrides)
+    os.environ.setdefault("FLOWSERVE_LOG_LEVEL", config.log_level)  # instance processes follow
     setup_logging(config.log_level)
     setup_telemetry()
     anyio.run(Server(config, pm).run)

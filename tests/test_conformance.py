@@ -32,8 +32,6 @@ def test_continuous_batch_scheduler_on_the_toy_unbounded_kv_cache(pm):
     check_batch_scheduler("continuous", kv_cache="unbounded", pm=pm)
 
 
-@pytest.mark.xfail(strict=True, reason="toy 'fifo': abort() of a waiting task returns None, not its "
-                                       "last event (the engine makes one up, so nothing breaks)")
 def test_toy_fifo_batch_scheduler(pm):
     check_batch_scheduler("fifo", kv_cache="unbounded", pm=pm)
 

@@ -210,8 +210,9 @@ class FifoScheduler:
         self.waiting.append(task)
 
     def abort(self, task_id: str) -> TokenEvent | None:
+        waiting = len(self.waiting)
         self.waiting = [t for t in self.waiting if t.id != task_id]
-        if self.running.pop(task_id, None) is None:
+        if self.running.pop(task_id, None) is None and len(self.waiting) == waiting:
             return None
         self.kv.free(task_id)
         return TokenEvent(task_id=task_id, finish_reason="abort")

@@ -201,6 +201,7 @@ class SpmdExecutor:
         executor's dtype, C order) of shape ``[num_layers, 2, len(block_ids), block_size,
         num_kv_heads, head_dim]`` — ``kv_block_shape`` with the blocks inserted as axis 2."""
         block_ids = [int(b) for b in block_ids]
+        self._check_alive()  # before waiting for the lock: an abandoned step may still hold it
         with self._lock:
             self._check_alive()
             blocks = self._announced(ExportBlocks(block_ids=block_ids),
@@ -220,6 +221,7 @@ class SpmdExecutor:
             raise ValueError(f"import_kv got {view.nbytes} bytes for {len(block_ids)} blocks; this model "
                              f"({dtype_name(self.dtype)}) needs {expected}")
         blocks = torch.frombuffer(bytearray(view), dtype=torch.uint8).view(self.dtype).view(shape)
+        self._check_alive()
         with self._lock:
             self._check_alive()
             self._announced(ImportBlocks(block_ids=block_ids),

@@ -134,3 +134,32 @@ def test_sampling_follows_the_filtered_distribution():
     hot = [math.exp(math.log(p) / 2) for p in (0.1, 0.2, 0.3, 0.4)]
     assert frequencies(SamplingParams(temperature=2.0)) == pytest.approx([h / sum(hot) for h in hot], abs=0.03)
     assert frequencies(SamplingParams(temperature=1.0, top_k=1)) == [0, 0, 0, 1]
+
+
+def test_a_nucleus_wider_than_the_candidates_is_still_exact():
+    from flowserve_spmd_executor.layers.sampler import TOP_P_CANDIDATES
+
+    vocab, rows = 2000, 600
+    sampler = Sampler(vocab, torch.device("cpu"))
+    torch.manual_seed(1)
+    logits = (-torch.arange(vocab, dtype=torch.float32) / 1000).repeat(rows, 1)
+    seqs = [ScheduledSequence(seq_id=str(i), token_ids=[1], start_pos=0, block_table=[0],
+                              params=SamplingParams(temperature=1.0, top_p=0.9)) for i in range(rows)]
+    drawn = torch.tensor(list(sampler(logits, seqs).token_ids.values()))
+    probs = torch.softmax(logits[0], -1)
+    nucleus = int(((probs.cumsum(0) - probs) < 0.9).sum())  # about 1500 tokens
+    assert nucleus > TOP_P_CANDIDATES
+    assert int(drawn.max()) < nucleus
+    assert int((drawn >= TOP_P_CANDIDATES).sum()) > rows // 20  # drawn beyond the candidates
+
+
+def test_top_k_and_top_p_together_renormalise_within_top_k():
+    sampler = Sampler(5, torch.device("cpu"))
+    torch.manual_seed(2)
+    rows = 3000
+    logits = torch.log(torch.tensor([0.05, 0.15, 0.2, 0.25, 0.35])).repeat(rows, 1)
+    seqs = [ScheduledSequence(seq_id=str(i), token_ids=[1], start_pos=0, block_table=[0],
+                              params=SamplingParams(temperature=1.0, top_k=3, top_p=0.5)) for i in range(rows)]
+    counts = torch.bincount(torch.tensor(list(sampler(logits, seqs).token_ids.values())), minlength=5)
+    # top-3 = {4: .35, 3: .25, 2: .2} renormalised to .4375/.3125/.25; top-p 0.5 keeps 4 and 3
+    assert (counts / rows).tolist() == pytest.approx([0, 0, 0, 0.3125 / 0.75, 0.4375 / 0.75], abs=0.03)

@@ -121,6 +121,23 @@ async def test_a_hung_worker_rank_times_out_into_engine_dead(tiny_llama):
     assert worker.poll() is not None  # close() stopped it
 
 
+def test_a_worker_rank_that_cannot_load_reports_its_own_error(tiny_llama):
+    from flowserve_spmd_executor.gang import WorkerGang, WorkerStartError
+    from flowserve_spmd_executor.loader import ResolvedWeights
+    from flowserve_spmd_executor.rank import RankSetup
+
+    setup = RankSetup(spec=DeploymentSpec(model=str(tiny_llama)), rank=1, world_size=2, device_type="cpu",
+                      device_index=0, dtype="float32", num_blocks=4, max_model_len=64,
+                      weights=ResolvedWeights(directory=str(tiny_llama / "missing"), files=[], source="x"))
+    gang = WorkerGang([setup])
+    try:
+        with pytest.raises(WorkerStartError, match="rank 1 failed while loading.*missing/config.json"):
+            gang.wait_ready(timeout=120)
+    finally:
+        gang.close()
+    assert gang.processes[0].poll() is not None
+
+
 def test_a_tensor_parallel_size_that_does_not_divide_the_heads_is_refused(tiny_llama):
     with pytest.raises(ConfigError, match="tensor_parallel=3 does not divide the model's 4 attention heads"):
         make_executor(tiny_llama, tensor_parallel=3)

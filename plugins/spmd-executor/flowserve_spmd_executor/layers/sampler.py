@@ -4,9 +4,14 @@ Order, as in HF and vLLM: repetition penalty (prompt + output, HF semantics: pos
 logits divided, negative multiplied), frequency and presence penalties (output tokens,
 OpenAI semantics), ``min_tokens`` (end-of-sequence and stop token ids masked until
 reached), then greedy (temperature 0 or top-k 1) or temperature → top-k → top-p → min-p →
-a categorical draw. Draws use the "exponential race" (argmax of ``p / E``, ``E ~ Exp(1)``);
-a request with a ``seed`` draws its noise from its own ``torch.Generator``, so its tokens
-do not depend on what else is in the batch. Logprobs are the log-softmax of the raw logits.
+one draw. Logprobs are the log-softmax of the raw logits.
+
+Cost matters at a 49k vocabulary on a CPU: penalties touch only the history's token ids,
+top-k and top-p work on a ``topk`` of candidates instead of sorting the vocabulary (a row
+whose nucleus is wider than the candidates falls back to a full sort), and a draw is one
+uniform number per row against the cumulative weights (inverse CDF). A request with a
+``seed`` takes that number from its own ``torch.Generator``, so its tokens do not depend on
+what else is in the batch.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from collections.abc import Sequence
 
 import torch
 
-from flowserve_core.types import ScheduledSequence, StepResult, TokenLogprob, TopLogprob
+from flowserve_core.types import SamplingParams, ScheduledSequence, StepResult, TokenLogprob, TopLogprob
 
 _NEG_INF = float("-inf")
+#: Candidates examined for top-p when a row sets no top-k (enough for any usual nucleus).
+TOP_P_CANDIDATES = 1024
 
 
 class Sampler:
@@ -38,15 +45,15 @@ class Sampler:
         """Sample one token for each row of ``logits [len(seqs), vocab]``."""
         raw = logits.float()
         scores = self._apply_penalties(raw, seqs)
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=raw.device)
         greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if len(greedy) == len(seqs):
             tokens = scores.argmax(dim=-1)
         else:
+            tokens = torch.empty(len(seqs), dtype=torch.long, device=raw.device)
             if greedy:
                 rows = self._index(greedy)
                 tokens[rows] = scores.index_select(0, rows).argmax(dim=-1)
+            sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
             rows = self._index(sampled)
             tokens[rows] = self._draw(scores.index_select(0, rows), [seqs[i] for i in sampled])
         token_list = tokens.tolist()
@@ -59,37 +66,51 @@ class Sampler:
     def _index(self, rows: list[int]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
+    # ------------------------------------------------------------------ penalties
+
     def _apply_penalties(self, raw: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
-        vocab = raw.shape[-1]
-        repetition = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
-        additive = [i for i, s in enumerate(seqs)
-                    if s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0]
-        banned = [(i, self._banned_ids(s)) for i, s in enumerate(seqs)
-                  if len(s.output_token_ids) < s.params.min_tokens]
-        banned = [(i, ids) for i, ids in banned if ids]
-        if not (repetition or additive or banned):
+        repetition = [(i, s.prompt_token_ids + s.output_token_ids) for i, s in enumerate(seqs)
+                      if s.params.repetition_penalty != 1.0]
+        presence = [(i, s.output_token_ids) for i, s in enumerate(seqs)
+                    if s.params.presence_penalty != 0.0 and s.output_token_ids]
+        frequency = [(i, s.output_token_ids) for i, s in enumerate(seqs)
+                     if s.params.frequency_penalty != 0.0 and s.output_token_ids]
+        banned = [(i, ids) for i, s in enumerate(seqs)
+                  if len(s.output_token_ids) < s.params.min_tokens and (ids := self._banned_ids(s))]
+        repetition = [(i, h) for i, h in repetition if h]
+        if not (repetition or presence or frequency or banned):
             return raw
         scores = raw.clone()
-        if repetition:
-            rows = self._index(repetition)
-            histories = [seqs[i].prompt_token_ids + seqs[i].output_token_ids for i in repetition]
-            seen = self._counts(histories, vocab) > 0
-            penalty = torch.tensor([seqs[i].params.repetition_penalty for i in repetition],
-                                   device=raw.device).unsqueeze(1)
-            values = scores.index_select(0, rows)
-            penalised = torch.where(values < 0, values * penalty, values / penalty)
-            scores.index_copy_(0, rows, torch.where(seen, penalised, values))
-        if additive:
-            rows = self._index(additive)
-            counts = self._counts([seqs[i].output_token_ids for i in additive], vocab)
-            frequency = torch.tensor([seqs[i].params.frequency_penalty for i in additive], device=raw.device)
-            presence = torch.tensor([seqs[i].params.presence_penalty for i in additive], device=raw.device)
-            values = scores.index_select(0, rows)
-            values = values - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0)
-            scores.index_copy_(0, rows, values)
+        flat = scores.view(-1)
+        if repetition:  # each distinct token once: duplicates gather and write the same value
+            index, _ = self._flat_ids(repetition, scores.shape[-1])
+            values = flat.gather(0, index)
+            penalty = self._per_token([seqs[i].params.repetition_penalty for i, _ in repetition], repetition)
+            flat.scatter_(0, index, torch.where(values < 0, values * penalty, values / penalty))
+        if presence:
+            index, _ = self._flat_ids(presence, scores.shape[-1])
+            penalty = self._per_token([seqs[i].params.presence_penalty for i, _ in presence], presence)
+            flat.scatter_(0, index, flat.gather(0, index) - penalty)
+        if frequency:  # once per occurrence
+            index, real = self._flat_ids(frequency, scores.shape[-1])
+            penalty = self._per_token([seqs[i].params.frequency_penalty for i, _ in frequency], frequency)
+            flat.scatter_add_(0, index, -penalty * real)
         for row, ids in banned:
             scores[row, ids] = _NEG_INF
         return scores
+
+    def _flat_ids(self, rows: list[tuple[int, list[int]]], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indexes ``row * vocab + token`` of each row's tokens, padded by repeating the
+        row's first token, and a 1/0 mask telling real entries from padding."""
+        width = max(len(ids) for _, ids in rows)
+        index = [[row * vocab + t for t in ids] + [row * vocab + ids[0]] * (width - len(ids)) for row, ids in rows]
+        real = [[1.0] * len(ids) + [0.0] * (width - len(ids)) for _, ids in rows]
+        return (torch.tensor(index, dtype=torch.long, device=self.device).view(-1),
+                torch.tensor(real, device=self.device).view(-1))
+
+    def _per_token(self, values: list[float], rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+        width = max(len(ids) for _, ids in rows)
+        return torch.tensor(values, device=self.device).repeat_interleave(width)
 
     def _banned_ids(self, seq: ScheduledSequence) -> list[int]:
         ids = list(seq.params.stop_token_ids)
@@ -97,45 +118,69 @@ class Sampler:
             ids += seq.eos_token_ids
         return [i for i in dict.fromkeys(ids) if 0 <= i < self.vocab_size]
 
-    def _counts(self, histories: list[list[int]], vocab: int) -> torch.Tensor:
-        """``[len(histories), vocab]`` float counts of each token id in each history."""
-        width = max(1, max(len(h) for h in histories))
-        # Padding points at an extra column that is dropped afterwards.
-        ids = torch.tensor([h + [vocab] * (width - len(h)) for h in histories], dtype=torch.long,
-                           device=self.device).clamp_(0, vocab)
-        counts = torch.zeros(len(histories), vocab + 1, device=self.device)
-        counts.scatter_add_(1, ids, torch.ones(ids.shape, device=self.device))
-        return counts[:, :vocab]
+    # ------------------------------------------------------------------ drawing
 
     def _draw(self, scores: torch.Tensor, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """One token per row of ``scores`` (penalised logits of non-greedy sequences)."""
         params = [s.params for s in seqs]
-        scores = scores / torch.tensor([p.temperature for p in params], device=scores.device).unsqueeze(1)
         vocab = scores.shape[-1]
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        top_p = [p.top_p for p in params]
-        if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-            ordered, order = scores.sort(dim=-1, descending=True)
-            if any(k < vocab for k in top_k):
-                ranks = torch.arange(vocab, device=scores.device)
-                limit = torch.tensor(top_k, device=scores.device).unsqueeze(1)
-                ordered = ordered.masked_fill(ranks.unsqueeze(0) >= limit, _NEG_INF)
-            if any(p < 1.0 for p in top_p):
-                probs = ordered.softmax(dim=-1)
-                before = probs.cumsum(dim=-1) - probs  # mass of the better tokens; the top one stays
-                limit = torch.tensor(top_p, device=scores.device).unsqueeze(1)
-                ordered = ordered.masked_fill(before > limit, _NEG_INF)
-            scores = torch.full_like(scores, _NEG_INF).scatter_(1, order, ordered)
-        min_p = [p.min_p for p in params]
-        if any(m > 0 for m in min_p):
-            probs = scores.softmax(dim=-1)
-            floor = torch.tensor(min_p, device=scores.device).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-            scores = scores.masked_fill(probs < floor, _NEG_INF)
-        probs = scores.softmax(dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+        temperature = torch.tensor([p.temperature for p in params], device=scores.device).unsqueeze(1)
+        probs = torch.softmax(scores / temperature, dim=-1)
+        uniforms = self._uniforms(seqs)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=scores.device)
+        filtered = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
+        plain = sorted(set(range(len(params))) - set(filtered))
+        if plain:
+            rows = self._index(plain)
+            weights = probs.index_select(0, rows)
+            _min_p(weights, [params[i] for i in plain], weights.amax(dim=-1, keepdim=True))
+            tokens[rows] = _inverse_cdf(weights, uniforms.index_select(0, rows))
+        if filtered:
+            rows = self._index(filtered)
+            tokens[rows] = self._draw_filtered(probs.index_select(0, rows), [params[i] for i in filtered],
+                                               uniforms.index_select(0, rows))
+        return tokens
+
+    def _draw_filtered(self, probs: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
+                       ) -> torch.Tensor:
+        """Top-k / top-p / min-p over the best candidates, in descending order."""
+        vocab = probs.shape[-1]
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        width = min(vocab, max([k for k in top_k if k] + ([TOP_P_CANDIDATES] if not all(top_k) else [])))
+        values, ids = probs.topk(width, dim=-1)
+        ranks = torch.arange(width, device=probs.device).unsqueeze(0)
+        limit = torch.tensor([k or width for k in top_k], device=probs.device).unsqueeze(1)
+        values = values.masked_fill(ranks >= limit, 0.0)
+        cumulative = values.cumsum(dim=-1)
+        # Top-p is relative to what top-k kept (all the vocabulary when no top-k: mass 1).
+        kept = torch.where(torch.tensor([k > 0 for k in top_k], device=probs.device),
+                           cumulative[:, -1], torch.ones_like(cumulative[:, -1])).unsqueeze(1)
+        top_p = torch.tensor([p.top_p for p in params], device=probs.device).unsqueeze(1)
+        wide = ((cumulative[:, -1:] < top_p * kept) & (limit >= width)).squeeze(1)
+        values = values.masked_fill(cumulative - values >= top_p * kept, 0.0)  # the best one stays
+        _min_p(values, params, values[:, :1])
+        tokens = ids.gather(1, _inverse_cdf(values, uniforms).unsqueeze(1)).squeeze(1)
+        if bool(wide.any()):  # a nucleus wider than the candidates: sort the whole vocabulary
+            rows = wide.nonzero().squeeze(1)
+            tokens[rows] = self._draw_sorted(probs.index_select(0, rows),
+                                             [params[i] for i in rows.tolist()], uniforms.index_select(0, rows))
+        return tokens
+
+    def _draw_sorted(self, probs: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
+                     ) -> torch.Tensor:
+        values, ids = probs.sort(dim=-1, descending=True)
+        top_p = torch.tensor([p.top_p for p in params], device=probs.device).unsqueeze(1)
+        values = values.masked_fill(values.cumsum(dim=-1) - values >= top_p, 0.0)
+        _min_p(values, params, values[:, :1])
+        return ids.gather(1, _inverse_cdf(values, uniforms).unsqueeze(1)).squeeze(1)
+
+    def _uniforms(self, seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """One number in (0, 1] per row: from the sequence's own generator when seeded."""
+        uniforms = torch.rand(len(seqs), device=self.device)
         for row, seq in enumerate(seqs):
             if seq.params.seed is not None:
-                noise[row].exponential_(generator=self._generator(seq))
-        return (probs / noise).argmax(dim=-1)
+                uniforms[row] = torch.rand(1, generator=self._generator(seq), device=self.device)[0]
+        return 1.0 - uniforms
 
     def _generator(self, seq: ScheduledSequence) -> torch.Generator:
         generator = self.generators.get(seq.seq_id)
@@ -145,12 +190,14 @@ class Sampler:
             self.generators[seq.seq_id] = generator
         return generator
 
+    # ------------------------------------------------------------------ logprobs
+
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: list[ScheduledSequence],
                   wanted: list[int]) -> dict[str, TokenLogprob]:
         rows = self._index(wanted)
         logprobs = torch.log_softmax(raw.index_select(0, rows), dim=-1)
-        chosen = logprobs.gather(1, tokens.index_select(0, rows).unsqueeze(1)).squeeze(1).tolist()
-        chosen_ids = tokens.index_select(0, rows).tolist()
+        chosen_ids = tokens.index_select(0, rows)
+        chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
         most = max(seqs[i].params.logprobs or 0 for i in wanted)
         top_values: list[list[float]] = [[] for _ in wanted]
         top_ids: list[list[int]] = [[] for _ in wanted]
@@ -158,8 +205,26 @@ class Sampler:
             values, ids = logprobs.topk(most, dim=-1)
             top_values, top_ids = values.tolist(), ids.tolist()
         out: dict[str, TokenLogprob] = {}
-        for j, i in enumerate(wanted):
+        for j, (i, token) in enumerate(zip(wanted, chosen_ids.tolist())):
             n = seqs[i].params.logprobs or 0
             top = [TopLogprob(token_id=t, logprob=v) for t, v in zip(top_ids[j][:n], top_values[j][:n])]
-            out[seqs[i].seq_id] = TokenLogprob(token_id=chosen_ids[j], logprob=chosen[j], top=top)
+            out[seqs[i].seq_id] = TokenLogprob(token_id=token, logprob=chosen[j], top=top)
         return out
+
+
+def _min_p(weights: torch.Tensor, params: list[SamplingParams], best: torch.Tensor) -> None:
+    """Zero, in place, the weights below ``min_p`` times the best token's."""
+    min_p = [p.min_p for p in params]
+    if any(m > 0 for m in min_p):
+        floor = torch.tensor(min_p, device=weights.device).unsqueeze(1) * best
+        weights.masked_fill_(weights < floor, 0.0)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the index drawn with probability proportional to ``weights`` (unnormalised,
+    some zero) given ``uniforms`` in (0, 1]: the first index whose cumulative weight reaches
+    ``u × total`` — always one with a positive weight."""
+    cumulative = weights.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    target = torch.minimum(uniforms.unsqueeze(1) * total, total)
+    return torch.searchsorted(cumulative, target).squeeze(1).clamp_(max=weights.shape[-1] - 1)

@@ -16,8 +16,12 @@ from flowserve_core.types import DeploymentSpec
 
 
 def write_tiny_llama(directory: str | os.PathLike, *, seed: int = 0, num_hidden_layers: int = 2,
-                     hidden_size: int = 64, max_position_embeddings: int = 512) -> Path:
+                     hidden_size: int = 64, max_position_embeddings: int = 512,
+                     initializer_range: float = 0.35) -> Path:
     """Write a tiny random Llama checkpoint (safetensors, float32) with its tokenizer.
+
+    Weights are drawn wider than transformers' default (``initializer_range``) so that the
+    top logits stand well apart: greedy comparisons against HF then never hinge on a tie.
 
     The tokenizer is flowserve-hf-tokenizer's small Llama-style BPE (EOS ``</s>`` = 2), so
     ``--tokenizer hf`` and HF transformers both load the directory. Takes about a second.
@@ -37,7 +41,7 @@ def write_tiny_llama(directory: str | os.PathLike, *, seed: int = 0, num_hidden_
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False, torch_dtype="float32")
+        tie_word_embeddings=False, torch_dtype="float32", initializer_range=initializer_range)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(str(path), safe_serialization=True)
     return path

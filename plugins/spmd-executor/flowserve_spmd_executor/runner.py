@@ -11,7 +11,7 @@ import torch
 
 from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.kv_cache import KVCache
-from flowserve_spmd_executor.layers.attention import build_attention_metadata
+from flowserve_spmd_executor.layers.attention import GatherWorkspace, build_attention_metadata
 from flowserve_spmd_executor.plan import StepPlan
 
 
@@ -30,6 +30,8 @@ class ModelRunner:
             attention.k_cache, attention.v_cache = kv_cache.layer(index)
         self.group_size = layers[0].group
         self.windows = {attention.sliding_window for attention in layers}
+        self.workspace = GatherWorkspace(kv_cache.tensor.dtype, device)
+        self.block_shape = tuple(kv_cache.tensor.shape[3:])
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> torch.Tensor | None:
@@ -44,7 +46,8 @@ class ModelRunner:
         meta = build_attention_metadata(
             slot_mapping=plan.slot_mapping, query_lens=plan.query_lens, context_lens=plan.context_lens,
             block_tables=plan.block_tables, num_decode=plan.num_decode, block_size=self.block_size,
-            group_size=self.group_size, windows=self.windows, device=device)
+            group_size=self.group_size, windows=self.windows, device=device,
+            workspace=self.workspace, block_shape=self.block_shape)
         hidden = self.model(token_ids, positions, meta)
         if not plan.logits_rows:
             return None

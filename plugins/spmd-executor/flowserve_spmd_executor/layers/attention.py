@@ -26,6 +26,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class GatherWorkspace:
+    """Memory for gathered KV blocks, kept across layers and steps (grown when needed)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self._buffer = torch.empty(0, dtype=dtype, device=device)
+
+    def take(self, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+        """Contiguous, non-overlapping tensors of ``shapes`` (valid until the next ``take``)."""
+        sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+        if sum(sizes) > self._buffer.numel():
+            self._buffer = torch.empty(sum(sizes), dtype=self._buffer.dtype, device=self._buffer.device)
+        out, offset = [], 0
+        for shape, size in zip(shapes, sizes):
+            out.append(self._buffer[offset:offset + size].view(shape))
+            offset += size
+        return out
+
+
 @dataclass
 class AttentionMetadata:
     """One step's attention layout, shared by every layer."""
@@ -42,6 +60,9 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor | None = None
     #: sliding window → mask ``[P, 1, group * max_len, L]``
     prefill_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: where decode (then prefill) blocks are gathered: K and V ``[blocks, block_size, kv, hd]``
+    decode_buffers: list[torch.Tensor] = field(default_factory=list)
+    prefill_buffers: list[torch.Tensor] = field(default_factory=list)
 
 
 def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -51,9 +72,13 @@ def _padded_tables(tables: list[list[int]], device: torch.device) -> torch.Tenso
 
 def build_attention_metadata(*, slot_mapping: list[int], query_lens: list[int], context_lens: list[int],
                              block_tables: list[list[int]], num_decode: int, block_size: int,
-                             group_size: int, windows: set[int], device: torch.device) -> AttentionMetadata:
+                             group_size: int, windows: set[int], device: torch.device,
+                             workspace: GatherWorkspace | None = None,
+                             block_shape: tuple[int, ...] = ()) -> AttentionMetadata:
     """Build the step's metadata. Sequences ``[0, num_decode)`` have one query token each;
-    the rest are prefill chunks. ``context_lens`` count cached plus new tokens."""
+    the rest are prefill chunks. ``context_lens`` count cached plus new tokens. With a
+    ``workspace``, gather buffers for blocks of ``block_shape`` (block_size, kv_heads,
+    head_dim) are taken from it."""
     meta = AttentionMetadata(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device))
     if num_decode:
         meta.num_decode = num_decode
@@ -85,6 +110,15 @@ def build_attention_metadata(*, slot_mapping: list[int], query_lens: list[int], 
         for window in windows:
             mask = visible if not window else visible & (keys[None, None, :] > (q_pos - window)[:, :, None])
             meta.prefill_masks[window] = mask.unsqueeze(1).repeat(1, 1, group_size, 1)
+    if workspace is not None:
+        shapes = []
+        for tables in (meta.decode_block_tables, meta.prefill_block_tables):
+            if tables is not None:
+                shapes += [(tables.numel(), *block_shape)] * 2
+        buffers = workspace.take(*shapes)
+        if meta.decode_block_tables is not None:
+            meta.decode_buffers, buffers = buffers[:2], buffers[2:]
+        meta.prefill_buffers = buffers
     return meta
 
 
@@ -104,9 +138,12 @@ class PagedAttention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    def _gather(self, cache: torch.Tensor, tables: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         num, width = tables.shape
-        blocks = cache.index_select(0, tables.view(-1))
+        if out is None:
+            blocks = cache.index_select(0, tables.view(-1))
+        else:
+            blocks = torch.index_select(cache, 0, tables.view(-1), out=out)
         return blocks.view(num, width * cache.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -119,19 +156,19 @@ class PagedAttention(nn.Module):
         outputs = []
         num_decode = meta.num_decode
         if num_decode:
-            tables = meta.decode_block_tables
+            tables, buffers = meta.decode_block_tables, meta.decode_buffers or [None, None]
             out = F.scaled_dot_product_attention(
                 q[:num_decode].view(num_decode, kvh, group, hd),
-                self._gather(k_cache, tables), self._gather(v_cache, tables),
+                self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1]),
                 attn_mask=meta.decode_masks[self.sliding_window], scale=self.scale)
             outputs.append(out.reshape(num_decode, -1))
         if meta.num_prefill:
             num, longest = meta.num_prefill, meta.prefill_max_len
-            tables = meta.prefill_block_tables
+            tables, buffers = meta.prefill_block_tables, meta.prefill_buffers or [None, None]
             qp = q[num_decode:].index_select(0, meta.prefill_gather)
             qp = qp.view(num, longest, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(num, kvh, group * longest, hd)
             out = F.scaled_dot_product_attention(
-                qp, self._gather(k_cache, tables), self._gather(v_cache, tables),
+                qp, self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1]),
                 attn_mask=meta.prefill_masks[self.sliding_window], scale=self.scale)
             out = out.view(num, kvh, group, longest, hd).permute(0, 3, 1, 2, 4).reshape(num * longest, -1)
             outputs.append(out.index_select(0, meta.prefill_unpad))

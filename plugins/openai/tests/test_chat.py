@@ -19,20 +19,20 @@ CONVERSATION = [
 
 
 async def test_chat_completion_fields_and_roles(toy_server):
-    client = toy_server.async_client()
-    chat = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=3)
-    assert chat.id.startswith("chatcmpl-") and chat.object == "chat.completion"
-    assert chat.model == MODEL and chat.system_fingerprint.startswith("fp_") and isinstance(chat.created, int)
-    [choice] = chat.choices
-    assert choice.message.role == "assistant" and choice.finish_reason == "length" and choice.logprobs is None
-    assert chat.usage.completion_tokens == 3
-    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 3
-    # content as a list of text parts is the same conversation; "developer" reads as "system"
-    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CONVERSATION]
-    parts[0]["role"] = "developer"
-    again = await client.chat.completions.create(model=MODEL, messages=parts, max_tokens=3)
-    assert again.choices[0].message.content == choice.message.content
-    assert again.usage.prompt_tokens == chat.usage.prompt_tokens
+    async with toy_server.async_client() as client:
+        chat = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=3)
+        assert chat.id.startswith("chatcmpl-") and chat.object == "chat.completion"
+        assert chat.model == MODEL and chat.system_fingerprint.startswith("fp_") and isinstance(chat.created, int)
+        [choice] = chat.choices
+        assert choice.message.role == "assistant" and choice.finish_reason == "length" and choice.logprobs is None
+        assert chat.usage.completion_tokens == 3
+        assert chat.usage.total_tokens == chat.usage.prompt_tokens + 3
+        # content as a list of text parts is the same conversation; "developer" reads as "system"
+        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CONVERSATION]
+        parts[0]["role"] = "developer"
+        again = await client.chat.completions.create(model=MODEL, messages=parts, max_tokens=3)
+        assert again.choices[0].message.content == choice.message.content
+        assert again.usage.prompt_tokens == chat.usage.prompt_tokens
 
 
 @toy_only
@@ -64,14 +64,14 @@ def test_chat_stream_framing_role_first_finish_last_usage_then_done(toy_server):
 
 
 async def test_streamed_chat_with_the_async_client(toy_server):
-    client = toy_server.async_client()
-    stream = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=5, stream=True,
-                                                  stream_options={"include_usage": True})
-    chunks = [chunk async for chunk in stream]
-    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []
-    assert chunks[-2].choices[0].finish_reason == "length"
-    whole = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=5)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
+    async with toy_server.async_client() as client:
+        stream = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=5, stream=True,
+                                                      stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].choices == []
+        assert chunks[-2].choices[0].finish_reason == "length"
+        whole = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=5)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
 
 
 def test_chat_logprobs_shape(toy_server):
@@ -124,17 +124,17 @@ def test_chat_stop_string(toy_server):
 
 
 async def test_n_streamed_choices_each_open_and_close(toy_server):
-    client = toy_server.async_client()
-    stream = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=4, n=3, seed=1,
-                                                  stream=True, stream_options={"include_usage": True})
-    chunks = [chunk async for chunk in stream]
-    assert chunks[-1].usage.completion_tokens == 12
-    by_choice: dict[int, list] = {}
-    for chunk in chunks[:-1]:
-        [choice] = chunk.choices
-        by_choice.setdefault(choice.index, []).append(choice)
-    assert sorted(by_choice) == [0, 1, 2]
-    whole = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=4, n=3, seed=1)
-    for index, parts in by_choice.items():
-        assert parts[0].delta.role == "assistant" and parts[-1].finish_reason == "length"
-        assert "".join(p.delta.content or "" for p in parts) == whole.choices[index].message.content
+    async with toy_server.async_client() as client:
+        stream = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=4, n=3, seed=1,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage.completion_tokens == 12
+        by_choice: dict[int, list] = {}
+        for chunk in chunks[:-1]:
+            [choice] = chunk.choices
+            by_choice.setdefault(choice.index, []).append(choice)
+        assert sorted(by_choice) == [0, 1, 2]
+        whole = await client.chat.completions.create(model=MODEL, messages=CONVERSATION, max_tokens=4, n=3, seed=1)
+        for index, parts in by_choice.items():
+            assert parts[0].delta.role == "assistant" and parts[-1].finish_reason == "length"
+            assert "".join(p.delta.content or "" for p in parts) == whole.choices[index].message.content

@@ -32,28 +32,28 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(toy_server):
 
 @pytest.mark.anyio
 async def test_fifty_concurrent_streams_match_their_solo_runs(toy_server):
-    client = toy_server.async_client()
-    prompts = [f"t{10 * i + 1} t{10 * i + 2}" for i in range(10)]
+    async with toy_server.async_client() as client:
+        prompts = [f"t{10 * i + 1} t{10 * i + 2}" for i in range(10)]
 
-    async def stream_text(prompt: str) -> str:
-        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
-                                                 stream=True)
-        return "".join([chunk.choices[0].text async for chunk in stream])
+        async def stream_text(prompt: str) -> str:
+            stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+                                                     stream=True)
+            return "".join([chunk.choices[0].text async for chunk in stream])
 
-    solo = {prompt: await stream_text(prompt) for prompt in prompts}
-    results: dict[int, str] = {}
+        solo = {prompt: await stream_text(prompt) for prompt in prompts}
+        results: dict[int, str] = {}
 
-    async def one(i: int) -> None:
-        results[i] = await stream_text(prompts[i % len(prompts)])
+        async def one(i: int) -> None:
+            results[i] = await stream_text(prompts[i % len(prompts)])
 
-    with anyio.fail_after(120):
-        async with anyio.create_task_group() as tg:
-            for i in range(50):
-                tg.start_soon(one, i)
-    assert len(results) == 50
-    assert all(results[i] == solo[prompts[i % len(prompts)]] for i in range(50))
-    assert all(len(text) > 0 for text in solo.values())
-    assert toy_server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(one, i)
+        assert len(results) == 50
+        assert all(results[i] == solo[prompts[i % len(prompts)]] for i in range(50))
+        assert all(len(text) > 0 for text in solo.values())
+        assert toy_server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
 
 
 def test_a_client_that_gives_up_on_a_non_streamed_request_aborts_it(toy_server):

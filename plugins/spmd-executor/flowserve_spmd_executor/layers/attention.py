@@ -97,15 +97,16 @@ def build_attention_metadata(*, slot_mapping: list[int], query_lens: list[int], 
         q_lens = torch.tensor(lens, device=device)
         offsets = torch.cumsum(q_lens, 0) - q_lens
         steps = torch.arange(longest, device=device)
-        # Padding rows repeat the chunk's last token, so their (ignored) output stays finite.
-        meta.prefill_gather = (offsets[:, None] + torch.minimum(steps[None, :], (q_lens - 1)[:, None])).view(-1)
+        # Padding rows repeat the chunk's last token (query and mask), so no row is fully
+        # masked (SDPA would give NaN) and their ignored output stays finite.
+        clamped = torch.minimum(steps[None, :], (q_lens - 1)[:, None])
+        meta.prefill_gather = (offsets[:, None] + clamped).view(-1)
         rows = torch.arange(num, device=device)[:, None] * longest + steps[None, :]
         meta.prefill_unpad = rows[steps[None, :] < q_lens[:, None]]
         meta.prefill_block_tables = _padded_tables(block_tables[num_decode:], device)
         keys = torch.arange(meta.prefill_block_tables.shape[1] * block_size, device=device)
         ctx = torch.tensor(context_lens[num_decode:], device=device)
-        q_pos = (ctx - q_lens)[:, None] + steps[None, :]
-        # Padding rows see the whole context, so no row is fully masked (SDPA would give NaN).
+        q_pos = (ctx - q_lens)[:, None] + clamped
         visible = (keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < ctx[:, None, None])
         for window in windows:
             mask = visible if not window else visible & (keys[None, None, :] > (q_pos - window)[:, :, None])

@@ -51,8 +51,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None
-    #: sliding window (0 = none) → key mask ``[D, 1, 1, L]``
-    decode_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: sliding window (0 = none) → key mask ``[D, 1, 1, L]``, or None when every gathered key
+    #: up to ``decode_key_len`` is visible (one sequence: SDPA's unmasked kernel is faster)
+    decode_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    decode_key_len: int | None = None
     num_prefill: int = 0
     prefill_max_len: int = 0
     prefill_gather: torch.Tensor | None = None
@@ -88,6 +90,9 @@ def build_attention_metadata(*, slot_mapping: list[int], query_lens: list[int], 
         ctx = torch.tensor(context_lens[:num_decode], device=device)
         visible = keys[None, :] < ctx[:, None]
         for window in windows:
+            if num_decode == 1 and (not window or context_lens[0] <= window):
+                meta.decode_masks[window], meta.decode_key_len = None, context_lens[0]
+                continue
             mask = visible if not window else visible & (keys[None, :] > (ctx - 1 - window)[:, None])
             meta.decode_masks[window] = mask.view(num_decode, 1, 1, -1)
     if len(query_lens) > num_decode:
@@ -158,10 +163,12 @@ class PagedAttention(nn.Module):
         num_decode = meta.num_decode
         if num_decode:
             tables, buffers = meta.decode_block_tables, meta.decode_buffers or [None, None]
-            out = F.scaled_dot_product_attention(
-                q[:num_decode].view(num_decode, kvh, group, hd),
-                self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1]),
-                attn_mask=meta.decode_masks[self.sliding_window], scale=self.scale)
+            mask = meta.decode_masks[self.sliding_window]
+            keys, values = self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1])
+            if mask is None:
+                keys, values = keys[:, :, :meta.decode_key_len], values[:, :, :meta.decode_key_len]
+            out = F.scaled_dot_product_attention(q[:num_decode].view(num_decode, kvh, group, hd), keys, values,
+                                                 attn_mask=mask, scale=self.scale)
             outputs.append(out.reshape(num_decode, -1))
         if meta.num_prefill:
             num, longest = meta.num_prefill, meta.prefill_max_len

@@ -15,6 +15,26 @@ def build_executor(spec: DeploymentSpec) -> Any:
     return SpmdExecutor(spec)
 
 
+def _prewarm(device: str = "auto") -> None:
+    """Import torch and the runner and open ``device`` (a pre-warmed process, no model yet)."""
+    from flowserve_spmd_executor.preload import prewarm
+
+    prewarm(device)
+
+
+def _preload(spec: DeploymentSpec) -> str:
+    """Map ``spec``'s weights from their DRAM image into this process for its next executor
+    (see ``flowserve_spmd_executor.preload``); raises ``PreloadUnsupported`` where it cannot."""
+    from flowserve_spmd_executor.preload import preload
+
+    return preload(spec)
+
+
+# The fast-start API scalers look for on an executor factory (see flowserve-prewarm-scaler).
+build_executor.prewarm = _prewarm  # type: ignore[attr-defined]
+build_executor.preload = _preload  # type: ignore[attr-defined]
+
+
 @hookimpl
 def flowserve_register_executors(register: Any) -> None:
     """Register ``spmd``: a torch runner for Llama, Qwen2, Mistral and SmolLM2 checkpoints."""

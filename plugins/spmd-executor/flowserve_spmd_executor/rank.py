@@ -22,6 +22,7 @@ from flowserve_spmd_executor.loader import ResolvedWeights, load_model
 from flowserve_spmd_executor.model_config import load_model_config
 from flowserve_spmd_executor.options import rank_device
 from flowserve_spmd_executor.plan import StepPlan
+from flowserve_spmd_executor.preload import ModelKey, take_preloaded
 from flowserve_spmd_executor.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,19 @@ class Rank:
         self.config = load_model_config(setup.weights.directory)
         self.shard = HeadShard(self.config.num_heads, self.config.num_kv_heads, setup.rank, setup.world_size)
         self.group = TensorParallelGroup(setup.rank, setup.world_size)
-        self.model = load_model(setup.weights, self.config, self.group, dtype=self.dtype, device=self.device,
-                                max_positions=setup.max_model_len, show_progress=show_progress)
-        if setup.packed_linear and setup.device_type == "cpu" and onednn_linear_available():
-            self.model.pack_linear_weights()
+        #: how the weights came: "loaded", or "preloaded" (a model ``preload.preload`` built in
+        #: this process, or in the process this one was forked from)
+        self.weights_path = "preloaded"
+        self.model = take_preloaded(ModelKey(
+            weights=setup.weights.directory, dtype=setup.dtype, device_type=setup.device_type,
+            max_model_len=setup.max_model_len, packed_linear=setup.packed_linear)) \
+            if setup.world_size == 1 else None
+        if self.model is None:
+            self.weights_path = "loaded"
+            self.model = load_model(setup.weights, self.config, self.group, dtype=self.dtype, device=self.device,
+                                    max_positions=setup.max_model_len, show_progress=show_progress)
+            if setup.packed_linear and setup.device_type == "cpu" and onednn_linear_available():
+                self.model.pack_linear_weights()
         self.kv_cache = KVCache(self.config, num_blocks=setup.num_blocks, block_size=setup.spec.block_size,
                                 kv_heads=self.shard.kv_heads, dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, self.group, self.device)

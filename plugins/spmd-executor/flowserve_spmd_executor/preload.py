@@ -1,0 +1,247 @@
+"""Fast instance starts for scalers: pre-warming, DRAM images of weights, pre-loaded models.
+
+A plugin-level API of the ``spmd`` executor (the factory ``build_executor`` carries
+``prewarm`` and ``preload`` as attributes, so a scaler finds them without importing this
+package by name):
+
+- ``prewarm(device)`` — import torch and the executor's modules and open the device, so a
+  pre-warmed process pays none of it when a model is assigned.
+- ``ensure_image(spec)`` — the model's weights as this executor holds them (fused, in the
+  run dtype) written once into a DRAM image: one flat file under ``/dev/shm/flowserve``
+  (``$FLOWSERVE_SHM_DIR``) plus a JSON index. Built by a separate process
+  (``python -m flowserve_spmd_executor.preload``) so the caller never computes; one builder
+  at a time (a file lock), atomically renamed into place.
+- ``preload(spec)`` — build the model in this process with every parameter a view into the
+  image, memory-mapped copy-on-write (``torch.from_file(shared=False)``): nothing is read,
+  parsed or converted, and every process mapping the image shares one copy of its pages.
+  The next ``SpmdExecutor`` with the same model, dtype, device and length built in this
+  process takes that model instead of loading (``take_preloaded``). A process that forks
+  after ``preload`` hands the mapped (and, on CPU, oneDNN-packed) model to its children.
+
+Pre-loading supports ``tensor_parallel = 1`` on CPU; elsewhere ``preload`` raises
+``PreloadUnsupported`` and the caller starts the instance the ordinary way.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flowserve_core.errors import ConfigError
+from flowserve_core.types import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+#: Bump when what an image holds changes, so old images are ignored.
+IMAGE_FORMAT = 1
+_ALIGN = 64
+
+
+class PreloadUnsupported(RuntimeError):
+    """This deployment cannot start from a pre-loaded model (the message says why)."""
+
+
+class ImageEntry(msgspec.Struct, frozen=True):
+    """One tensor in an image: where its bytes are and what they are."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+class ImageIndex(msgspec.Struct, frozen=True, kw_only=True):
+    """The JSON index beside an image's data file."""
+
+    format: int
+    source: str
+    dtype: str
+    nbytes: int
+    tensors: list[ImageEntry]
+
+
+class ModelKey(msgspec.Struct, frozen=True, kw_only=True):
+    """What makes two executors' models interchangeable."""
+
+    weights: str
+    dtype: str
+    device_type: str
+    max_model_len: int
+    packed_linear: bool
+
+
+def prewarm(device: str = "auto") -> None:
+    """Import torch and this executor's modules and open ``device``; builds no model."""
+    import torch
+
+    import flowserve_spmd_executor.executor  # noqa: F401  (the whole runner and its layers)
+    from flowserve_spmd_executor.options import resolve_device_type
+
+    kind = resolve_device_type(device)
+    if kind == "cuda":
+        torch.cuda.init()
+    elif kind == "npu":
+        torch.npu.init()
+
+
+def image_dir() -> Path:
+    """Where images live: ``$FLOWSERVE_SHM_DIR``, else ``/dev/shm/flowserve`` when there is a
+    ``/dev/shm``, else the cache directory (a page-cached file is mapped all the same)."""
+    from flowserve_spmd_executor.options import cache_root
+
+    if os.environ.get("FLOWSERVE_SHM_DIR"):
+        return Path(os.environ["FLOWSERVE_SHM_DIR"])
+    return Path("/dev/shm/flowserve") if Path("/dev/shm").is_dir() else cache_root() / "images"
+
+
+def model_key(spec: DeploymentSpec) -> ModelKey:
+    """The key of ``spec``'s model, derived the way ``SpmdExecutor`` derives its settings
+    (resolving the weights converts a GGUF file once, as the executor would)."""
+    from flowserve_spmd_executor.executor import _flag
+    from flowserve_spmd_executor.loader import resolve_weights
+    from flowserve_spmd_executor.model_config import load_model_config
+    from flowserve_spmd_executor.options import dtype_name, resolve_device_type, resolve_dtype
+
+    if spec.tensor_parallel != 1:
+        raise PreloadUnsupported(f"pre-loading needs tensor_parallel = 1, not {spec.tensor_parallel}")
+    device_type = resolve_device_type(spec.device)
+    if device_type != "cpu":
+        raise PreloadUnsupported(f"DRAM images are mapped on CPU; device {device_type!r} attaches "
+                                 "shared weights through IPC handles instead")
+    weights = resolve_weights(spec.model)
+    config = load_model_config(weights.directory)
+    return ModelKey(weights=weights.directory, dtype=dtype_name(resolve_dtype(spec.dtype, device_type)),
+                    device_type=device_type, max_model_len=spec.max_model_len or config.max_position_embeddings,
+                    packed_linear=_flag(spec.options.get("packed_linear", True)))
+
+
+def image_paths(key: ModelKey) -> tuple[Path, Path]:
+    """The data file and the index of ``key``'s image (keyed by checkpoint files and dtype)."""
+    directory = Path(key.weights)
+    stamp = "\0".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                      for p in sorted(directory.glob("*.safetensors")))
+    digest = hashlib.sha256(f"{IMAGE_FORMAT}\0{directory.resolve()}\0{key.dtype}\0{stamp}".encode()).hexdigest()
+    stem = f"{directory.name}-{key.dtype}-{digest[:16]}"
+    return image_dir() / f"{stem}.weights", image_dir() / f"{stem}.json"
+
+
+def ensure_image(spec: DeploymentSpec, timeout: float = 1800.0) -> Path:
+    """The image of ``spec``'s weights, built first (in a child process) if absent."""
+    key = model_key(spec)
+    data, index = image_paths(key)
+    if index.exists() and data.exists():
+        return data
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with open(data.parent / f".{data.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not index.exists():
+            started = time.perf_counter()
+            process = subprocess.run([sys.executable, "-m", "flowserve_spmd_executor.preload"],
+                                     input=msgspec.json.encode(key), capture_output=True, timeout=timeout)
+            if process.returncode != 0:
+                raise ConfigError(f"building the DRAM image of {spec.model!r} failed: "
+                                  f"{process.stderr.decode(errors='replace')[-2000:]}")
+            log.info("built the DRAM image of %s in %.1f s: %s", spec.model, time.perf_counter() - started,
+                     data, extra={"image": str(data)})
+    return data
+
+
+def write_image(key: ModelKey) -> None:
+    """Load ``key``'s model the ordinary way and write its parameters as an image (the work of
+    ``python -m flowserve_spmd_executor.preload``)."""
+    import torch
+
+    from flowserve_spmd_executor.distributed import TensorParallelGroup
+    from flowserve_spmd_executor.loader import resolve_weights, load_model
+    from flowserve_spmd_executor.model_config import load_model_config
+
+    weights = resolve_weights(key.weights)
+    config = load_model_config(weights.directory)
+    model = load_model(weights, config, TensorParallelGroup(), dtype=getattr(torch, key.dtype),
+                       device=torch.device("cpu"), max_positions=key.max_model_len, show_progress=False)
+    data, index = image_paths(key)
+    tensors, offset = [], 0
+    staging = data.with_name(f".{data.name}.{os.getpid()}")
+    with open(staging, "wb") as out:
+        for name, param in model.named_parameters():  # tied weights appear once
+            raw = param.detach().contiguous().view(-1).view(torch.uint8).numpy()
+            pad = -offset % _ALIGN
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(memoryview(raw))
+            tensors.append(ImageEntry(name=name, dtype=str(param.dtype).removeprefix("torch."),
+                                      shape=list(param.shape), offset=offset, nbytes=raw.nbytes))
+            offset += raw.nbytes
+    os.rename(staging, data)
+    entry = ImageIndex(format=IMAGE_FORMAT, source=weights.source, dtype=key.dtype, nbytes=offset, tensors=tensors)
+    index_staging = index.with_name(f".{index.name}.{os.getpid()}")
+    index_staging.write_bytes(msgspec.json.encode(entry))
+    os.rename(index_staging, index)  # last: the index existing means the image is complete
+
+
+def map_image(key: ModelKey) -> Any:
+    """Build ``key``'s model with every parameter a copy-on-write view into its image."""
+    import torch
+
+    from flowserve_spmd_executor.distributed import TensorParallelGroup
+    from flowserve_spmd_executor.layers.linear import onednn_linear_available
+    from flowserve_spmd_executor.loader import build_model
+    from flowserve_spmd_executor.model_config import load_model_config
+
+    data, index_path = image_paths(key)
+    index = msgspec.json.decode(index_path.read_bytes(), type=ImageIndex)
+    if index.format != IMAGE_FORMAT:
+        raise PreloadUnsupported(f"image {data} has format {index.format}, not {IMAGE_FORMAT}")
+    storage = torch.from_file(str(data), shared=False, size=index.nbytes, dtype=torch.uint8)
+    config = load_model_config(key.weights)
+    model = build_model(config, TensorParallelGroup(), dtype=getattr(torch, key.dtype),
+                        device=torch.device("cpu"), max_positions=key.max_model_len)
+    params = dict(model.named_parameters())
+    for entry in index.tensors:
+        view = storage[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype))
+        params.pop(entry.name).data = view.view(entry.shape)
+    if params:
+        raise PreloadUnsupported(f"image {data} lacks parameters {sorted(params)[:4]}")
+    if key.packed_linear and onednn_linear_available():
+        model.pack_linear_weights()
+    return model
+
+
+_preloaded: dict[ModelKey, Any] = {}
+
+
+def preload(spec: DeploymentSpec) -> str:
+    """Map ``spec``'s image (building it once) and keep the model for this process's next
+    ``SpmdExecutor(spec)``; returns the image's path. Computes nothing (safe before a fork)."""
+    key = model_key(spec)
+    data = ensure_image(spec)
+    if key not in _preloaded:
+        _preloaded[key] = map_image(key)
+    return str(data)
+
+
+def take_preloaded(key: ModelKey) -> Any | None:
+    """The model ``preload`` built for ``key`` in this process, handed out once (an executor
+    attaches its own KV cache to the modules), or None."""
+    return _preloaded.pop(key, None)
+
+
+def main() -> None:
+    """``python -m flowserve_spmd_executor.preload`` with a ``ModelKey`` (JSON) on stdin."""
+    logging.basicConfig(level=os.environ.get("FLOWSERVE_LOG_LEVEL", "WARNING").upper())
+    write_image(msgspec.json.decode(sys.stdin.buffer.read(), type=ModelKey))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,25 @@
-"""Hook implementations: scaler ``static``."""
+"""Hook implementations: scalers ``static`` and ``prewarm``. Imports nothing heavy."""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections import deque
 from typing import Any
+
+import anyio
 
 from flowserve_core import hookimpl
 from flowserve_core.inprocess import TargetScaler
-from flowserve_core.types import InstanceInfo, TaskRole
+from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 
+from flowserve_prewarm_scaler.policy import Autoscaler, LoadSample, ScalingPolicy
 from flowserve_prewarm_scaler.worker import RemoteInstance, spawn_instance_process
+
+log = logging.getLogger(__name__)
+
+START_PATHS = ("auto", "fork", "preload", "prewarm", "naive")
 
 
 class StaticScaler(TargetScaler):
@@ -21,6 +32,136 @@ class StaticScaler(TargetScaler):
         return RemoteInstance(self.spec, info, sock, process)
 
 
+class PrewarmScaler(TargetScaler):
+    """Starts instances the fastest way the deployment allows and autoscales them.
+
+    Start paths (option ``start_path``, default ``auto`` = ``fork``):
+
+    - ``fork``: fork the model's zygote (weights mapped once, shared copy-on-write); where
+      the executor cannot pre-load (no ``preload`` on its factory, tensor parallelism, a
+      device other than CPU) it falls back to ``prewarm``;
+    - ``preload``: a pre-warmed process that maps the model's DRAM image;
+    - ``prewarm``: a pre-warmed process that loads the model the ordinary way;
+    - ``naive``: a fresh process.
+
+    Each instance reports the path it really took (``InstanceInfo.start_path``).
+
+    Options: ``pool_size`` (pre-warmed processes kept idle, default 2), ``pool_refill``
+    (default true), ``autoscale`` (default true), ``scale_interval`` (seconds between load
+    samples, default 0.5), and the ``ScalingPolicy`` settings ``target_concurrency``,
+    ``slo_scale_factor``, ``scale_up_cooldown``, ``scale_down_delay``. ``min_instances``,
+    ``max_instances``, ``slo_ttft_seconds`` and ``scale_to_zero_after`` come from the spec.
+    """
+
+    def __init__(self, spec: DeploymentSpec):
+        super().__init__(spec)
+        options = spec.options
+        self.start_path = str(options.get("start_path", "auto"))
+        if self.start_path not in START_PATHS:
+            raise ValueError(f"option start_path must be one of {', '.join(START_PATHS)}, "
+                             f"got {self.start_path!r}")
+        self.pool_size = int(options.get("pool_size", 2))
+        self.pool_refill = _flag(options.get("pool_refill", True))
+        self.autoscale = _flag(options.get("autoscale", True))
+        self.interval = float(options.get("scale_interval", 0.5))
+        defaults = ScalingPolicy()
+        self.policy = ScalingPolicy(
+            min_instances=spec.min_instances, max_instances=spec.max_instances,
+            slo_ttft_seconds=spec.slo_ttft_seconds, scale_to_zero_after=spec.scale_to_zero_after,
+            **{name: float(options.get(name, getattr(defaults, name))) for name in (
+                "target_concurrency", "slo_scale_factor", "scale_up_cooldown", "scale_down_delay")})
+        self.autoscaler = Autoscaler(self.policy, now=time.monotonic())
+        self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)
+        self.resources: Any = None
+
+    @property
+    def forking(self) -> bool:
+        return self.start_path in ("auto", "fork")
+
+    async def run(self, deployment: Any) -> None:
+        from flowserve_prewarm_scaler.pool import shared_resources
+
+        self.resources = shared_resources()
+        self.resources.pool.refill = self.pool_refill
+        self.resources.attach(self.pool_size if self.start_path != "naive" else 0,
+                              [f"{self.spec.executor}@{self.spec.device}"])
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.forking:  # pre-load the model now, while there may be no instance yet
+                    tg.start_soon(self.resources.zygotes.get, self.spec)
+                if self.autoscale:
+                    tg.start_soon(self._autoscale, deployment)
+                await super().run(deployment)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.resources.detach()
+
+    def make_instance(self, deployment: Any, role: TaskRole) -> RemoteInstance:
+        info = InstanceInfo(deployment=self.spec.name, role=role)
+        if self.start_path == "naive":
+            process, sock = spawn_instance_process()
+            info.start_path = "naive"
+            return RemoteInstance(self.spec, info, sock, process)
+        instance = RemoteInstance(self.spec, info, preload=self.start_path == "preload")
+
+        async def launch() -> tuple[Any, Any, str]:
+            if self.forking:
+                zygote = await self.resources.zygotes.get(self.spec)
+                if zygote is not None:
+                    process, sock = await zygote.fork()
+                    return process, sock, "forked"
+            taken = self.resources.pool.take()
+            if taken is None:  # no pool: a fresh process that warms itself
+                process, sock = spawn_instance_process(warm=[f"{self.spec.executor}@{self.spec.device}"])
+                return process, sock, "naive"
+            return taken
+
+        instance._launcher = launch
+        return instance
+
+    # ------------------------------------------------------------------ autoscaling
+
+    def observe(self, output: RequestOutput) -> None:
+        """Note a finished request's TTFT (the SLO check reads the last minute of them)."""
+        ttft = output.metrics.ttft if output.metrics else None
+        if ttft is not None:
+            self.ttfts.append((time.monotonic(), ttft))
+
+    def ttft_p90(self, now: float, window: float = 60.0) -> float | None:
+        recent = sorted(t for at, t in self.ttfts if now - at <= window)
+        return recent[min(len(recent) - 1, math.ceil(0.9 * len(recent)) - 1)] if recent else None
+
+    async def _autoscale(self, deployment: Any) -> None:
+        """Every ``scale_interval`` s: sample the load, ask the policy, move the target."""
+        while not deployment.stopping:
+            await anyio.sleep(self.interval)
+            stats = deployment.stats()
+            current = len(deployment.role_targets(self.target))
+            now = time.monotonic()
+            wanted = self.autoscaler.desired(LoadSample(
+                now=now, running=stats.num_running, waiting=stats.num_waiting, instances=current,
+                ttft_p90=self.ttft_p90(now)))
+            if wanted != current and not deployment.stopping:
+                log.info("scaling %s from %d to %d instances (%d running, %d waiting)", self.spec.name,
+                         current, wanted, stats.num_running, stats.num_waiting,
+                         extra={"deployment": self.spec.name, "from": current, "to": wanted})
+                self.set_target(wanted)
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)
+
+
 @hookimpl
 def flowserve_register_scalers(register: Any) -> None:
     register("static", StaticScaler)
+    register("prewarm", PrewarmScaler)
+
+
+@hookimpl
+def flowserve_request_finished(request: Any, output: RequestOutput, deployment: Any) -> None:
+    """Feed TTFTs to the ``prewarm`` scaler's SLO check."""
+    if isinstance(getattr(deployment, "scaler", None), PrewarmScaler):
+        deployment.scaler.observe(output)

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
 import anyio.abc
@@ -43,17 +43,28 @@ MAX_FRAME = 256 * 1024 * 1024
 
 
 class Hello(msgspec.Struct, tag=True):
+    """The instance process is up (and, if it is a pre-warmed one, warm)."""
+
     pid: int
+    warmed: list[str] = []
 
 
 class Assign(msgspec.Struct, tag=True):
+    """Become an instance of ``spec``. With ``preload``, first map the model's weights from
+    their DRAM image (the executor factory's ``preload``), falling back to loading."""
+
     spec: DeploymentSpec
     info: InstanceInfo
+    preload: bool = False
 
 
 class Ready(msgspec.Struct, tag=True):
+    """The engine is built; ``start_path`` says how (``naive``, ``prewarmed``, ``preloaded``,
+    ``forked``), ``note`` why a faster path was not taken."""
+
     kv: KVCacheSpec
     start_path: str = ""
+    note: str = ""
 
 
 class Submit(msgspec.Struct, tag=True):
@@ -124,39 +135,61 @@ class ProcessHandle(Protocol):
     def poll(self) -> int | None: ...
 
 
-def spawn_instance_process(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, socket.socket]:
-    """Start a fresh ``python -m flowserve_prewarm_scaler.worker`` process; return it and our socket end."""
+def spawn_instance_process(env: dict[str, str] | None = None,
+                           warm: list[str] | None = None) -> tuple[subprocess.Popen, socket.socket]:
+    """Start a fresh ``python -m flowserve_prewarm_scaler.worker`` process; return it and our
+    socket end. With ``warm`` (``executor@device`` names) it is a pre-warmed process: it loads
+    the plugins and warms those executors before saying hello."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    process = subprocess.Popen([sys.executable, "-m", "flowserve_prewarm_scaler.worker", str(theirs.fileno())],
-                               pass_fds=[theirs.fileno()], env={**os.environ, **(env or {})})
+    argv = [sys.executable, "-m", "flowserve_prewarm_scaler.worker", str(theirs.fileno())]
+    if warm is not None:
+        argv += ["--warm", ",".join(warm)]
+    process = subprocess.Popen(argv, pass_fds=[theirs.fileno()], env={**os.environ, **(env or {})})
     theirs.close()
     return process, ours
 
 
-class RemoteInstance(InstanceBase):
-    """The server's handle on an instance process connected through ``sock``."""
+#: An async callable giving an instance its process: ``(process, socket, start_path)``.
+Launcher = Callable[[], Awaitable[tuple[ProcessHandle | None, socket.socket, str]]]
 
-    def __init__(self, spec: DeploymentSpec, info: InstanceInfo, sock: socket.socket,
-                 process: ProcessHandle | None = None, start_timeout: float = 600.0):
+
+class RemoteInstance(InstanceBase):
+    """The server's handle on an instance process connected through ``sock``, or through
+    what ``launcher`` gives when the instance runs (a pre-warmed or forked process).
+
+    ``start_seconds`` counts from the handle's creation (the scaler's decision) to ready.
+    """
+
+    def __init__(self, spec: DeploymentSpec, info: InstanceInfo, sock: socket.socket | None = None,
+                 process: ProcessHandle | None = None, start_timeout: float = 600.0, *,
+                 launcher: Launcher | None = None, preload: bool = False):
         super().__init__(info)
         self.spec, self.process, self.start_timeout = spec, process, start_timeout
-        self._sock = sock
+        self.preload = preload
+        self._sock, self._launcher = sock, launcher
+        self._created = time.monotonic()
         self.channel: Channel | None = None
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        started = time.monotonic()
         error = "the instance process exited"
-        self.channel = await Channel.from_socket(self._sock)
         try:
             with anyio.fail_after(self.start_timeout):
+                if self._launcher is not None:
+                    self.process, self._sock, self.info.start_path = await self._launcher()
+                self.channel = await Channel.from_socket(self._sock)
                 hello = await self.channel.receive()
                 self.info.pid = getattr(hello, "pid", None)
-                await self.channel.send(Assign(spec=self.spec, info=self.info))
+                await self.channel.send(Assign(spec=self.spec, info=self.info, preload=self.preload))
                 ready = await self.channel.receive()
             if isinstance(ready, Failed):
                 raise RuntimeError(ready.error)
-            self.info.start_path = self.info.start_path or ready.start_path or "naive"
-            self.info.start_seconds = time.monotonic() - started
+            if not isinstance(ready, Ready):
+                raise RuntimeError(f"the instance process said {type(ready).__name__} instead of Ready")
+            self.info.start_path = ready.start_path or self.info.start_path or "naive"
+            self.info.start_seconds = time.monotonic() - self._created
+            if ready.note:
+                log.info("instance %s started %s: %s", self.info.id, self.info.start_path, ready.note,
+                         extra={"instance": self.info.id, "start_path": self.info.start_path})
             if not self.mark_ready():
                 await self._shutdown()  # stopped while warming
                 return
@@ -181,7 +214,10 @@ class RemoteInstance(InstanceBase):
                 await self._reap()
 
     async def _reap(self) -> None:
-        await self.channel.aclose()
+        if self.channel is not None:
+            await self.channel.aclose()
+        elif self._sock is not None:
+            self._sock.close()
         if self.process is None:
             return
         with anyio.move_on_after(5):
@@ -200,16 +236,56 @@ class RemoteInstance(InstanceBase):
             pass  # the instance is gone; nothing runs to abort
 
     async def _shutdown(self) -> None:
+        if self.channel is None:
+            return  # still launching: ``run`` ends when it sees the state
         try:
             await self.channel.send(Shutdown())
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
 
 
-async def serve_instance(sock: socket.socket | int, start_path: str = "") -> None:
+def _executor_factory(name: str) -> Any:
+    return get_plugin_manager().get("executor", name).factory
+
+
+def warm_executors(names: list[str]) -> list[str]:
+    """Run the ``prewarm(device)`` of each ``executor@device`` whose factory has one; the
+    ones that warmed. A failure is logged, not fatal: the process is still usable."""
+    get_plugin_manager()  # load the plugins now, not when the model is assigned
+    warmed = []
+    for item in filter(None, names):
+        name, _, device = item.partition("@")
+        try:
+            prewarm = getattr(_executor_factory(name), "prewarm", None)
+            if prewarm is not None:
+                prewarm(device or "auto")
+                warmed.append(item)
+        except Exception:
+            log.warning("could not pre-warm executor %s", item, exc_info=True)
+    return warmed
+
+
+def preload_model(spec: DeploymentSpec) -> str:
+    """Call the executor factory's ``preload(spec)`` in this process; '' if it did, else why not."""
+    preload = getattr(_executor_factory(spec.executor), "preload", None)
+    if preload is None:
+        return f"executor {spec.executor!r} offers no preload"
+    try:
+        preload(spec)
+    except Exception as exc:
+        return f"preload failed ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def _weights_path(executor: Any) -> str | None:
+    """How the executor got its weights, if it says (``spmd``: ``rank.weights_path``)."""
+    return getattr(executor, "weights_path", None) or getattr(getattr(executor, "rank", None), "weights_path", None)
+
+
+async def serve_instance(sock: socket.socket | int, start_path: str = "", warmed: list[str] = ()) -> None:
     """The instance side: say hello, wait for an assignment, build the engine, serve tasks."""
     channel = await Channel.from_socket(sock)
-    await channel.send(Hello(pid=os.getpid()))
+    await channel.send(Hello(pid=os.getpid(), warmed=list(warmed)))
     try:
         assign = await channel.receive()
     except anyio.EndOfStream:
@@ -220,13 +296,18 @@ async def serve_instance(sock: socket.socket | int, start_path: str = "") -> Non
     async def emit(events: list[TokenEvent]) -> None:
         await channel.send(Events(events=events, stats=engine.stats))
 
+    note = ""
     try:
+        if assign.preload:
+            note = await anyio.to_thread.run_sync(preload_model, assign.spec)
         engine = await build_engine(assign.spec, get_plugin_manager(), emit)
     except Exception as exc:
         log.exception("instance failed to start")
         await channel.send(Failed(error=f"{type(exc).__name__}: {exc}"))
         return
-    await channel.send(Ready(kv=engine.executor.kv_cache_spec(), start_path=start_path))
+    if start_path != "forked" and _weights_path(engine.executor) == "preloaded":
+        start_path = "preloaded"
+    await channel.send(Ready(kv=engine.executor.kv_cache_spec(), start_path=start_path, note=note))
     async with anyio.create_task_group() as tg:
 
         async def run_engine() -> None:
@@ -252,11 +333,18 @@ async def serve_instance(sock: socket.socket | int, start_path: str = "") -> Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of an instance process: ``python -m flowserve_prewarm_scaler.worker FD``."""
+    """Entry point of an instance process: ``python -m flowserve_prewarm_scaler.worker FD
+    [--warm EXECUTOR@DEVICE,...]``. With ``--warm`` it loads plugins and warms those executors
+    before saying hello (a pre-warmed process), and reports ``prewarmed``."""
     argv = sys.argv[1:] if argv is None else argv
     from flowserve_core.telemetry import setup_logging
     setup_logging(os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))
-    anyio.run(serve_instance, int(argv[0]), os.environ.get("FLOWSERVE_START_PATH", "naive"))
+    warmed: list[str] = []
+    start_path = os.environ.get("FLOWSERVE_START_PATH", "naive")
+    if "--warm" in argv:
+        warmed = warm_executors([w for w in argv[argv.index("--warm") + 1].split(",") if w])
+        start_path = "prewarmed"
+    anyio.run(serve_instance, int(argv[0]), start_path, warmed)
 
 
 if __name__ == "__main__":

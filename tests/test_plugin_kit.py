@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flowserve_core.cli import build_cli
-from flowserve_core.scaffold import KINDS, write_project
+from flowserve_core.testing.scaffold import KINDS, write_project
 from flowserve_core.testing import LiveServer, plugin_manager, run_deployment
 from flowserve_core.testing.fixtures import live_server, tiny_engine  # noqa: F401
 
@@ -56,6 +56,8 @@ def test_plugin_new_refuses_bad_names_unknown_kinds_and_non_empty_directories(pm
                           (["fine", "--kind", "scheduler", "-d", str(ROOT)], "is not empty")]:
         result = CliRunner().invoke(cli, ["plugin", "new", *args], env={"COLUMNS": "300"})
         assert result.exit_code == 2 and message in result.output, result.output
+    help_text = CliRunner().invoke(cli, ["plugin", "new", "--help"], env={"COLUMNS": "300"}).output
+    assert "|".join(KINDS) in help_text  # the help lists exactly the kinds the kit writes
 
 
 def test_every_kind_plugin_new_writes_passes_its_own_tests_once_installed(tmp_path):

@@ -1,6 +1,7 @@
 """FlowServe's plugin test kit: what plugin authors use in their tests.
 
-For tests only; the kernel never imports it at run time, and importing it imports no torch.
+For tests only (and ``flowserve plugin new``, which writes plugin projects from its
+``templates``: ``scaffold.py``); the server never imports it, and importing it imports no torch.
 
 - ``plugin_manager(*names)``: a fresh ``PluginManager`` with only the named plugins.
 - ``run_deployment(spec)``: an in-process deployment to ``generate(prompt_ids, **params)`` on.

@@ -16,7 +16,7 @@ import typer
 
 from flowserve_core import __version__
 
-TEMPLATES = Path(__file__).parent / "testing" / "templates"
+TEMPLATES = Path(__file__).parent / "templates"
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -96,26 +96,14 @@ def write_project(name: str, kind: str, directory: Path | None = None) -> list[P
     return written
 
 
-def plugin_app() -> typer.Typer:
-    """The ``flowserve plugin`` command group."""
-    app = typer.Typer(no_args_is_help=True, help="Write FlowServe plugins.")
-
-    @app.command()
-    def new(
-        name: str = typer.Argument(..., help="The plugin's name, e.g. fair-share (distribution flowserve-fair-share)."),
-        kind: str = typer.Option(..., "--kind", help=f"What it provides: {'|'.join(KINDS)}."),
-        directory: Optional[Path] = typer.Option(None, "--directory", "-d",
-                                                 help="Where to write it (default ./flowserve-NAME)."),
-    ) -> None:
-        """Write a plugin project (pyproject, hook implementation, tests) ready to test."""
-        name = name.removeprefix("flowserve-")
-        root = directory or Path(f"flowserve-{name}")
-        try:
-            files = write_project(name, kind, root)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
-        typer.echo(f"wrote {len(files)} files in {root}/. Next:\n"
-                   f"  pip install -e '{root}[test]'\n  pytest {root}\n  flowserve plugins\n"
-                   f"  {placeholders(name, kind)['usage']}")
-
-    return app
+def new_project(name: str, kind: str, directory: Optional[Path]) -> None:
+    """``flowserve plugin new``: write the project and say what to do next."""
+    name = name.removeprefix("flowserve-")
+    root = directory or Path(f"flowserve-{name}")
+    try:
+        files = write_project(name, kind, root)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"wrote {len(files)} files in {root}/. Next:\n"
+               f"  pip install -e '{root}[test]'\n  pytest {root}\n  flowserve plugins\n"
+               f"  {placeholders(name, kind)['usage']}")

@@ -68,7 +68,7 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         kv_cache: Optional[str] = typer.Option(None, help="KV cache manager plugin (default paged)."),
         batch_scheduler: Optional[str] = typer.Option(None, help="Batch scheduler (default continuous)."),
         job_scheduler: Optional[str] = typer.Option(None, help="Job scheduler (default colocated)."),
-        scaler: Optional[str] = typer.Option(None, help="Scaler (default static)."),
+        scaler: Optional[str] = typer.Option(None, help="Scaler: static, prewarm, inproc (default static)."),
         dtype: Optional[str] = typer.Option(None, help="auto|float32|bfloat16|float16."),
         device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|npu (auto: npu, cuda, cpu)."),
         tensor_parallel: Optional[int] = typer.Option(None, "--tensor-parallel", help="SPMD ranks per instance."),
@@ -77,6 +77,8 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
         min_instances: Optional[int] = typer.Option(None, help="Instances kept running."),
         max_instances: Optional[int] = typer.Option(None, help="Upper bound for autoscaling."),
+        scale_to_zero_after: Optional[float] = typer.Option(
+            None, help="Seconds without requests before an autoscaling scaler (prewarm) stops every instance."),
         option: list[str] = typer.Option([], "--option", "-o", help="Plugin option KEY=VALUE (repeatable)."),
     ) -> None:
         """Serve models over HTTP (default: SmolLM2 with the OpenAI API on 127.0.0.1:8000)."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 # vLLM's buckets, so that dashboards built for vLLM read these the same way.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                10.0, 20.0, 40.0, 80.0)
+COLD_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
@@ -76,6 +77,7 @@ class _DeploymentCollector:
         self.server = server
         self._retired: dict[str, list[int]] = {}
         self._last: dict[str, dict[str, tuple[int, int]]] = {}
+        self._cold_starts = _ColdStarts()
 
     def describe(self) -> Iterable[Metric]:
         """Nothing up front: the registry must not read the deployments at registration."""
@@ -104,7 +106,8 @@ class _DeploymentCollector:
             total_hits, total_queries = self._prefix_totals(name, deployment)
             hits.add_metric([name], total_hits)
             queries.add_metric([name], total_queries)
-        return [running, waiting, kv, instances, hits, queries]
+            self._cold_starts.note(name, deployment)
+        return [running, waiting, kv, instances, hits, queries, self._cold_starts.family()]
 
     def _prefix_totals(self, name: str, deployment: Any) -> tuple[int, int]:
         current = {instance_id: (instance.stats.kv.prefix_hits, instance.stats.kv.prefix_queries)
@@ -117,3 +120,42 @@ class _DeploymentCollector:
         self._last[name] = current
         return (retired[0] + sum(h for h, _ in current.values()),
                 retired[1] + sum(q for _, q in current.values()))
+
+
+class _ColdStarts:
+    """Instance start times by start path (naive, prewarmed, preloaded, forked, in-process),
+    counted once per instance when a scrape first sees it started (an instance that starts
+    and ends between two scrapes is not counted)."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, str], list[int]] = {}
+        self._sums: dict[tuple[str, str], float] = {}
+        self._seen: dict[str, set[str]] = {}
+
+    def note(self, name: str, deployment: Any) -> None:
+        seen, live = self._seen.setdefault(name, set()), set()
+        for instance_id, instance in list(deployment.pool.instances.items()):
+            live.add(instance_id)
+            info = instance.info
+            if instance_id in seen or not info.start_seconds:
+                continue
+            seen.add(instance_id)
+            key = (name, info.start_path or "unknown")
+            counts = self._buckets.setdefault(key, [0] * (len(COLD_START_BUCKETS) + 1))
+            index = next((i for i, bound in enumerate(COLD_START_BUCKETS) if info.start_seconds <= bound),
+                         len(COLD_START_BUCKETS))
+            counts[index] += 1
+            self._sums[key] = self._sums.get(key, 0.0) + info.start_seconds
+        seen &= live  # ids of instances that are gone never come back
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily("flowserve:instance_cold_start_seconds",
+                                       "Time from a scaler starting an instance to it being ready, by start path.",
+                                       labels=["model", "path"])
+        for key, counts in sorted(self._buckets.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, COLD_START_BUCKETS), "+Inf"], counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(key), buckets, self._sums[key])
+        return family

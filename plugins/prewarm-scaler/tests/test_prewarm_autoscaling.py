@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from types import SimpleNamespace
 
 import anyio
 import pytest
@@ -75,8 +76,23 @@ async def test_a_burst_at_zero_instances_is_fully_served(pm):
         # The toy executor cannot pre-load, so fork-clone fell back to the pre-warmed pool.
         assert paths <= {"prewarmed", "naive"} and paths, paths
         assert all(i.info.pid and i.info.pid != os.getpid() for i in deployment.pool.ready())
+        check_metrics(deployment)
         await deployment.stop()
         tg.cancel_scope.cancel()
+
+
+def check_metrics(deployment: Deployment) -> None:
+    """/metrics (when flowserve-openai is installed) counts the cold starts by path."""
+    metrics = pytest.importorskip("flowserve_openai.metrics")
+    server = SimpleNamespace(deployments={deployment.name: deployment})  # all the collector reads
+    text = metrics.ServerMetrics(server).exposition().decode()
+    ready = deployment.pool.ready()
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("flowserve:instance_cold_start_seconds_count{"))
+    assert counted == len(ready), text
+    for path in {i.info.start_path for i in ready}:
+        assert f'path="{path}"' in text
+    assert f'flowserve:num_instances{{model="toy",state="ready"}} {float(len(ready))}' in text
 
 
 async def test_scale_up_scale_down_and_scale_to_zero_under_scripted_load(pm):

@@ -65,7 +65,7 @@ def serve(channel: Channel) -> int:
 
 def main() -> None:
     """Entry point: ``python -m flowserve_spmd_executor.worker FD``."""
-    logging.basicConfig(level=os.environ.get("FLOWSERVE_LOG_LEVEL", "WARNING"),
+    logging.basicConfig(level=os.environ.get("FLOWSERVE_LOG_LEVEL", "WARNING").upper(),
                         format="%(asctime)s rank-worker %(levelname)s %(name)s: %(message)s")
     sock = socket.socket(fileno=int(sys.argv[1]))
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()

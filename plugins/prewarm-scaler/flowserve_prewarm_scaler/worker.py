@@ -5,7 +5,10 @@ the scaler; nothing listens on the filesystem or the network). Frames are length
 msgpack messages. The instance says ``Hello``, waits for an ``Assign`` (a pre-warmed
 process may wait a long time), builds its engine, says ``Ready``, then takes ``Submit`` and
 ``Abort`` and sends one ``Events`` frame per engine step. When the server's end closes, the
-instance exits; when the instance dies, the server fails its tasks.
+instance exits; when the instance dies, the server fails its tasks. A ready instance also
+sends an empty ``Events`` frame (a heartbeat) every ``heartbeat_interval(spec)`` seconds:
+a process that sends nothing for ``step_timeout_seconds`` is frozen (SIGSTOP, a stuck
+interpreter), and the server kills it and fails its tasks, as if it had died.
 
 Run an instance process with ``python -m flowserve_prewarm_scaler.worker FD``.
 """
@@ -86,6 +89,11 @@ class Failed(msgspec.Struct, tag=True):
 
 class Shutdown(msgspec.Struct, tag=True):
     pass
+
+
+def heartbeat_interval(spec: DeploymentSpec) -> float:
+    """Seconds between a ready instance's heartbeats: a quarter of the step timeout, at most 1 s."""
+    return max(0.05, min(1.0, spec.step_timeout_seconds / 4))
 
 
 Message = Hello | Assign | Ready | Submit | Abort | Events | Failed | Shutdown
@@ -195,7 +203,15 @@ class RemoteInstance(InstanceBase):
                 return
             task_status.started()
             while True:
-                message = await self.channel.receive()
+                with anyio.move_on_after(self.spec.step_timeout_seconds) as silent:
+                    message = await self.channel.receive()
+                if silent.cancelled_caught:
+                    error = (f"the instance process sent nothing for {self.spec.step_timeout_seconds:g} s "
+                             f"(step_timeout_seconds): it is frozen or hung, so it was killed")
+                    log.error("instance %s: %s", self.info.id, error, extra={"instance": self.info.id})
+                    if self.process is not None:
+                        self.process.kill()  # SIGKILL also ends a stopped process
+                    break
                 if isinstance(message, Events):
                     self.stats = message.stats
                     self.dispatch(message.events)
@@ -315,7 +331,16 @@ async def serve_instance(sock: socket.socket | int, start_path: str = "", warmed
             await channel.send(Failed(error=engine.dead or "engine stopped"))
             tg.cancel_scope.cancel()
 
+        async def heartbeat() -> None:
+            try:
+                while True:
+                    await anyio.sleep(heartbeat_interval(assign.spec))
+                    await channel.send(Events(events=[], stats=engine.stats))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass  # the server is gone; the receive loop below ends too
+
         tg.start_soon(run_engine)
+        tg.start_soon(heartbeat)
         try:
             while True:
                 message = await channel.receive()

@@ -1,0 +1,232 @@
+"""Faults in the machines behind a live server: a SIGKILLed instance process, a frozen one
+(SIGSTOP), and a killed tensor-parallel rank of the real engine.
+
+Every affected stream must end with an error event within a bounded time, the unaffected
+ones must finish with the right tokens, and the deployment must replace the instance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from openai_live import MODEL, serve_command, toy_only, write_config
+
+from flowserve_core.testing import write_tiny_llama
+
+#: Seconds within which a fault must surface as an error event (generous: a busy 2-core CI).
+BOUND = 60
+
+
+class StreamRecorder(threading.Thread):
+    """One streaming completion read in a thread: its text, and how it ended."""
+
+    def __init__(self, url: str, body: dict):
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.first_token = threading.Event()
+        self.text = ""
+        self.error: dict | None = None
+        self.finish_reason: str | None = None
+        self.done = False
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=BOUND) as response:
+                assert response.status_code == 200, response.read()
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: "):]
+                    if data == "[DONE]":
+                        self.done = True
+                        break
+                    payload = json.loads(data)
+                    if "error" in payload:
+                        self.error = payload["error"]
+                        continue
+                    choice = payload["choices"][0]
+                    self.text += choice["text"]
+                    self.finish_reason = choice["finish_reason"] or self.finish_reason
+                    self.first_token.set()
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            self.failure = exc
+        finally:
+            self.first_token.set()
+
+    def outcome(self) -> str:
+        """'ok', 'error' (an error event, then [DONE]), or what went wrong."""
+        self.join(BOUND)
+        if self.is_alive():
+            return "still running"
+        if self.failure is not None:
+            return f"failed: {self.failure!r}"
+        if not self.done:
+            return "no [DONE]"
+        return "error" if self.error else "ok"
+
+
+def admin_status(server) -> dict:
+    return httpx.get(server.url + "/admin/status", timeout=10).json()
+
+
+def ready_pids(server) -> set[int]:
+    return {i["pid"] for i in admin_status(server)["instances"] if i["state"] == "ready"}
+
+
+def wait_replaced(server, victim: int, count: int) -> set[int]:
+    """The ready instances' pids, once ``count`` are ready and ``victim`` is not among them."""
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:
+        pids = ready_pids(server)
+        if len(pids) == count and victim not in pids:
+            return pids
+        time.sleep(0.1)
+    pytest.fail(f"the deployment did not replace instance process {victim}: {admin_status(server)}\n"
+                f"{server.log()[-3000:]}")
+
+
+def counter_text(first: int, count: int) -> str:
+    """What the toy counter executor continues the prompt ``t{first}`` with."""
+    return "".join(f" t{(first + i) % 1000}" for i in range(1, count + 1))
+
+
+def assert_serves(server) -> None:
+    """A completion after the fault has the toy counter's tokens."""
+    answer = httpx.post(server.url + "/v1/completions", timeout=BOUND,
+                        json={"model": MODEL, "prompt": "t500", "max_tokens": 3})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == counter_text(500, 3)
+
+
+
+@pytest.fixture(scope="module")
+def two_instances(start_server, tmp_path_factory):
+    """Two instance processes (scaler ``static``), a step timeout of 3 s."""
+    config = write_config(tmp_path_factory.mktemp("faults"), "step_timeout_seconds = 3\n")
+    return start_server(serve_command("--config", config, "--min-instances", "2", "--max-instances", "2",
+                                      "-o", "step_delay=0.02", scaler="static"))
+
+
+def start_streams(server, count: int, max_tokens: int = 150) -> list[StreamRecorder]:
+    """``count`` streams, each started once the previous one has its first token, so the
+    job scheduler (fewest tasks first) spreads them over the instances."""
+    streams = []
+    for i in range(count):
+        first = 10 + 200 * i
+        stream = StreamRecorder(server.url, {"model": MODEL, "prompt": f"t{first}", "max_tokens": max_tokens,
+                                             "stream": True})
+        stream.start()
+        assert stream.first_token.wait(BOUND), server.log()[-3000:]
+        streams.append(stream)
+    return streams
+
+
+@toy_only
+def test_a_killed_instance_process_fails_its_streams_only_and_is_replaced(two_instances):
+    server = two_instances
+    before = ready_pids(server)
+    assert len(before) == 2
+    streams = start_streams(server, 4)
+    victim = min(before)
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    outcomes = [stream.outcome() for stream in streams]
+    assert time.monotonic() - killed_at < BOUND
+    assert sorted(outcomes) == ["error", "error", "ok", "ok"], outcomes
+    for i, (stream, outcome) in enumerate(zip(streams, outcomes)):
+        first = 10 + 200 * i
+        if outcome == "ok":  # unaffected: every token, the right ones
+            assert stream.text == counter_text(first, 150) and stream.finish_reason == "length"
+        else:  # affected: the tokens before the kill were right, then an error event
+            assert counter_text(first, 150).startswith(stream.text)
+            assert stream.error["type"] == "server_error" and "is gone" in stream.error["message"]
+    after = wait_replaced(server, victim, 2)
+    assert before - {victim} <= after
+    assert_serves(server)
+    assert server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
+
+
+@toy_only
+def test_a_frozen_instance_process_is_detected_by_the_step_timeout_and_replaced(two_instances):
+    server = two_instances
+    before = ready_pids(server)
+    streams = start_streams(server, 2)
+    victim = min(before)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        outcomes = [stream.outcome() for stream in streams]
+        assert sorted(outcomes) == ["error", "ok"], outcomes
+        frozen = streams[outcomes.index("error")]
+        assert "sent nothing for 3 s" in frozen.error["message"], frozen.error
+        wait_replaced(server, victim, 2)
+        assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if psutil.pid_exists(victim):
+            os.kill(victim, signal.SIGCONT)
+    assert_serves(server)
+    assert server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel_server(start_server, tmp_path_factory):
+    """The real engine (hf + spmd + paged + continuous + colocated) on a tiny random Llama,
+    two tensor-parallel ranks per instance process."""
+    model = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    command = serve_command("--tensor-parallel", "2", "-o", "collective_timeout_seconds=5", scaler="static")
+    real = command[:command.index("--model")] + [
+        "--model", str(model), "--served-model-name", MODEL, "--tokenizer", "hf", "--executor", "spmd",
+        "--kv-cache", "paged", "--batch-scheduler", "continuous", "--job-scheduler", "colocated",
+        "--kv-cache-memory", "8MiB", "--device", "cpu", "--dtype", "float32",
+        *command[command.index("--tensor-parallel"):]]
+    return start_server(real, env={"HF_HUB_OFFLINE": "1"}), model
+
+
+def rank_processes(instance_pid: int) -> list[psutil.Process]:
+    """The worker ranks an instance process (rank 0) started."""
+    return [child for child in psutil.Process(instance_pid).children(recursive=True)
+            if "flowserve_spmd_executor" in " ".join(child.cmdline())]
+
+
+def hf_greedy(model_dir, prompt: list[int], max_tokens: int) -> list[int]:
+    """The oracle: HF transformers' greedy continuation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                         do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def test_a_killed_tensor_parallel_rank_fails_the_stream_and_the_instance_is_replaced(tensor_parallel_server):
+    server, model_dir = tensor_parallel_server
+    (instance,) = ready_pids(server)
+    ranks = rank_processes(instance)
+    assert len(ranks) == 1, [r.cmdline() for r in ranks]
+    stream = StreamRecorder(server.url, {"model": MODEL, "prompt": "Hello tiny model", "max_tokens": 400,
+                                         "ignore_eos": True, "stream": True})
+    stream.start()
+    assert stream.first_token.wait(BOUND)
+    ranks[0].kill()
+    assert stream.outcome() == "error", (stream.outcome(), stream.text)
+    assert "rank 1 died" in stream.error["message"], stream.error
+    wait_replaced(server, instance, 1)
+    # the replacement computes right: HF's greedy tokens, as text
+    from transformers import AutoTokenizer
+
+    prompt = [5, 17, 42, 99, 7]
+    answer = httpx.post(server.url + "/v1/completions", timeout=BOUND, json={
+        "model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    assert answer.status_code == 200, answer.text
+    expected = AutoTokenizer.from_pretrained(str(model_dir)).decode(hf_greedy(model_dir, prompt, 8),
+                                                                     skip_special_tokens=True)
+    assert answer.json()["choices"][0]["text"] == expected
+    assert server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0

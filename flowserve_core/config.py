@@ -58,7 +58,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """Read ``path`` (TOML), apply ``overrides`` (flags; None values are ignored), validate.
 
     Server keys in ``overrides`` set the server; deployment keys apply to every deployment
-    (creating one when the file has none).
+    (creating one when the file has none). ``overrides["models"]``, ``{name: path}`` from
+    repeated ``--model NAME=PATH``, sets the model of the deployment of that name, adding one
+    when the file has none of that name.
     """
     raw: dict[str, Any] = {}
     source = "flags"
@@ -72,9 +74,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     top_deployment = {k: raw.pop(k) for k in list(raw) if k in _DEPLOYMENT_KEYS and k not in _SERVER_KEYS}
     deployments = raw.setdefault("deployments", [])
-    if top_deployment or not deployments:
+    overrides = dict(overrides or {})
+    named_models = overrides.pop("models", None) or {}
+    if top_deployment or not (deployments or named_models):
         deployments.insert(0, top_deployment)
-    for key, value in (overrides or {}).items():
+    for name, model in named_models.items():
+        # ``--model NAME=PATH``: the deployment NAME of the file gets PATH, or a new one is added.
+        found = next((d for d in deployments if d.get("name") == name), None)
+        if found is None:
+            deployments.append({"name": name, "model": model})
+        else:
+            found["model"] = model
+    for key, value in overrides.items():
         if value is None:
             continue
         if key in _SERVER_KEYS:

@@ -41,6 +41,8 @@ class InstancePool:
     def __init__(self, on_demand: Callable[[TaskRole], None] = lambda role: None):
         self.instances: dict[str, Instance] = {}
         self.on_demand = on_demand
+        #: Set when the deployment stops: no instance will come, so waiters give up.
+        self.closed = False
         self._changed = anyio.Event()
 
     def notify(self) -> None:
@@ -62,9 +64,12 @@ class InstancePool:
         return counts
 
     async def wait_ready(self, role: TaskRole, timeout: float = math.inf) -> list[Instance]:
-        """Ready instances of ``role``; if none, ask the scaler for one and wait (scale from zero)."""
+        """Ready instances of ``role``; if none, ask the scaler for one and wait (scale from zero).
+        Raises ``EngineDeadError`` once the pool is closed (its deployment was removed)."""
         with anyio.fail_after(timeout):
             while not (found := self.ready(role)):
+                if self.closed:
+                    raise EngineDeadError("the deployment was removed before an instance could take the task")
                 self.on_demand(role)
                 await self.wait_changed()
         return found
@@ -158,6 +163,7 @@ class Deployment:
         """Drain every instance for up to ``drain_timeout`` s, then stop the deployment.
         Scalers start no instance once ``stopping`` is set."""
         self.stopping = True
+        self.pool.closed = True
         self.pool.notify()
         async with anyio.create_task_group() as tg:
             for instance in list(self.pool.instances.values()):

@@ -49,6 +49,8 @@ class Server:
     async def add_deployment(self, spec: DeploymentSpec) -> Deployment:
         """Start serving ``spec``; returns once its deployment runs (instances may warm)."""
         resolve_deployment(spec)
+        if self.stopping:
+            raise ConfigError("the server is shutting down; it takes no new deployment")
         if spec.name in self.deployments or spec.name in self.aliases:
             raise ConfigError(f"a deployment or alias named {spec.name!r} already exists")
         self.check_components(spec)
@@ -63,10 +65,40 @@ class Server:
         return deployment
 
     async def remove_deployment(self, name: str, drain_timeout: float | None = None) -> None:
-        """Stop routing to ``name``, let its requests finish, stop its instances."""
-        deployment = self.deployments.pop(name)
+        """Stop routing to ``name`` at once (new requests for it are unknown), let the requests
+        it admitted finish for up to ``drain_timeout`` s, then stop its instances; aliases
+        that pointed at it go too. Raises ``UnknownModelError`` if no deployment has that name."""
+        deployment = self.deployments.pop(name, None)
+        if deployment is None:
+            raise UnknownModelError(f"no deployment is named {name!r}; deployments: "
+                                    f"{', '.join(sorted(self.deployments)) or 'none'}")
         self.aliases = {a: d for a, d in self.aliases.items() if d != name}
-        await deployment.stop(self.config.drain_timeout if drain_timeout is None else drain_timeout)
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        log.info("removing deployment", extra={"deployment": name, "in_flight": len(deployment.requests)})
+        with anyio.move_on_after(timeout) as drain:
+            while deployment.requests:  # admitted requests keep their instances until they end
+                await anyio.sleep(0.05)
+        await deployment.stop(max(0.0, drain.deadline - anyio.current_time()) if timeout else 0.0)
+        log.info("deployment removed", extra={"deployment": name})
+
+    def set_alias(self, alias: str, deployment: str) -> None:
+        """Point the served name ``alias`` at the deployment ``deployment`` (a new alias, or
+        a switch: one assignment, so every later request sees either the old or the new
+        target; requests already running stay where they are)."""
+        if alias in self.deployments:
+            raise ConfigError(f"{alias!r} is a deployment's name; an alias needs a name of its own")
+        if deployment not in self.deployments:
+            raise UnknownModelError(f"no deployment is named {deployment!r}; deployments: "
+                                    f"{', '.join(sorted(self.deployments)) or 'none'}")
+        self.aliases = {**self.aliases, alias: deployment}
+        log.info("alias set", extra={"alias": alias, "deployment": deployment})
+
+    def remove_alias(self, alias: str) -> None:
+        """Stop serving the name ``alias`` (its deployment stays). ``UnknownModelError`` if none."""
+        if alias not in self.aliases:
+            raise UnknownModelError(f"no alias is named {alias!r}; aliases: "
+                                    f"{', '.join(sorted(self.aliases)) or 'none'}")
+        self.aliases = {a: d for a, d in self.aliases.items() if a != alias}
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every configured deployment, then serve the frontend until it returns."""

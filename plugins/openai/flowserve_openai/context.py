@@ -89,6 +89,8 @@ class AppContext:
             return msgspec.json.decode(b"".join(chunks), type=type)
         except msgspec.DecodeError as exc:
             raise invalid_body(exc) from None
+        except UnicodeDecodeError as exc:  # msgspec's own error for bytes that are not UTF-8
+            raise APIError(400, f"The request body is not valid UTF-8: {exc}", code="invalid_json") from None
         except RecursionError:
             raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
 

@@ -200,13 +200,16 @@ def tensor_names(resolved: ResolvedWeights) -> set[str]:
 
 
 def build_model(config: ModelConfig, group: TensorParallelGroup, *, dtype: torch.dtype,
-                device: torch.device, max_positions: int) -> torch.nn.Module:
-    """The model's modules for this rank, allocated on ``device`` in ``dtype``, uninitialised."""
+                device: torch.device, max_positions: int, allocate: bool = True) -> torch.nn.Module:
+    """The model's modules for this rank, allocated on ``device`` in ``dtype``, uninitialised
+    (with ``allocate=False`` the parameters stay on the "meta" device, for the caller to swap
+    in tensors it already has, e.g. views of a DRAM image)."""
     cls = model_class(config.model_type)
     with torch.device("meta"):
         model = cls(config, group, max_positions, dtype, device)
     model.to(dtype=dtype)
-    model.to_empty(device=device)
+    if allocate:
+        model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()

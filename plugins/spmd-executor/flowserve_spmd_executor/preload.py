@@ -205,14 +205,18 @@ def map_image(key: ModelKey) -> Any:
         raise PreloadUnsupported(f"image {data} has format {index.format}, not {IMAGE_FORMAT}")
     storage = torch.from_file(str(data), shared=False, size=index.nbytes, dtype=torch.uint8)
     config = load_model_config(key.weights)
+    # Parameters stay on "meta" (no memory) until swapped for views of the image; swapping
+    # keeps each Parameter object, so tied weights stay tied.
     model = build_model(config, TensorParallelGroup(), dtype=getattr(torch, key.dtype),
-                        device=torch.device("cpu"), max_positions=key.max_model_len)
+                        device=torch.device("cpu"), max_positions=key.max_model_len, allocate=False)
     params = dict(model.named_parameters())
     for entry in index.tensors:
         view = storage[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype))
-        params.pop(entry.name).data = view.view(entry.shape)
-    if params:
-        raise PreloadUnsupported(f"image {data} lacks parameters {sorted(params)[:4]}")
+        torch.utils.swap_tensors(params.pop(entry.name),
+                                 torch.nn.Parameter(view.view(entry.shape), requires_grad=False))
+    left = sorted(params) + [name for name, t in model.named_buffers() if t.is_meta]
+    if left:
+        raise PreloadUnsupported(f"image {data} lacks tensors {left[:4]}")
     if key.packed_linear and onednn_linear_available():
         model.pack_linear_weights()
     return model

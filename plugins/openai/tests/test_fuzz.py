@@ -128,9 +128,10 @@ def mutated(target: Target) -> st.SearchStrategy[tuple[str, dict]]:
     return mutate()
 
 
-def encode(body: Any) -> bytes:
-    """JSON as a sloppy client writes it: NaN and Infinity literals, lone surrogates as-is."""
-    return json.dumps(body, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+def encode(body: Any, ascii: bool = False) -> bytes:
+    """JSON as a sloppy client writes it: NaN and Infinity literals, lone surrogates as-is
+    (invalid UTF-8) or, with ``ascii``, as ``\\ud800`` escapes."""
+    return json.dumps(body, allow_nan=True, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
 
 
 def raw_bodies(target: Target) -> st.SearchStrategy[tuple[str, bytes]]:
@@ -163,7 +164,8 @@ def raw_bodies(target: Target) -> st.SearchStrategy[tuple[str, bytes]]:
 
 def hostile_requests(target: Target) -> st.SearchStrategy[tuple[str, bytes]]:
     """Every kind of hostile request, as (path, raw body)."""
-    as_bytes = st.one_of(targeted(target), mutated(target)).map(lambda pb: (pb[0], encode(pb[1])))
+    as_bytes = st.tuples(st.one_of(targeted(target), mutated(target)), st.booleans()).map(
+        lambda request: (request[0][0], encode(request[0][1], ascii=request[1])))
     return st.one_of(as_bytes, raw_bodies(target))
 
 
@@ -363,6 +365,18 @@ def run_huge_bodies(target: Target, name: str) -> Tally:
 def test_hostile_requests_get_4xx_in_openai_shape(toy_target):
     tally = run_hostile(toy_target, FUZZ_CASES, "toy hypothesis")
     assert set(tally.statuses) - {200} and all(status < 500 for status in tally.statuses)
+    still_serves(toy_target, toy=True)
+
+
+def test_strings_that_are_not_utf8_are_400s(toy_target):
+    """Found by this fuzzer: msgspec raises UnicodeDecodeError (not a DecodeError) for them."""
+    tally = Tally()
+    with httpx.Client(base_url=toy_target.url, timeout=60) as client:
+        for bad in (b"\xff", b"\xed\xa0\x80", b"\xc3\x28"):
+            for path, body in (("/v1/completions", b'{"model": "toy", "prompt": "t1 X", "max_tokens": 1}'),
+                               ("/v1/chat/completions", b'{"model": "X", "messages": []}')):
+                response = send(client, tally, "invalid UTF-8", "POST", path, body.replace(b"X", bad))
+                assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     still_serves(toy_target, toy=True)
 
 

@@ -308,7 +308,10 @@ def run_schemathesis(target: Target, cases: int, name: str) -> Tally:
     )
 
     schema = schemathesis.openapi.from_url(target.url + "/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # /admin/* answer 401 to a client without the admin key whatever the body (test_security
+    # checks that); fuzzing them would only count 401s, so the cases go to the other paths.
+    operations = [op for op in (result.ok() for result in schema.get_all_operations())
+                  if not op.path.startswith("/admin")]
     strategy = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
                           for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
@@ -387,7 +390,7 @@ def test_ten_megabyte_bodies_are_413s(toy_target):
 
 def test_schemathesis_cases_from_the_openapi_document(toy_target):
     tally = run_schemathesis(toy_target, FUZZ_CASES, "toy schemathesis")
-    assert tally.statuses[401] > 0  # the admin endpoints refuse the fuzzer, who has no admin key
+    assert tally.statuses[200] > 0 and tally.statuses[400] > 0
     still_serves(toy_target, toy=True)
 
 

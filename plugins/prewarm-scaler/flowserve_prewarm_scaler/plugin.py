@@ -37,9 +37,10 @@ class PrewarmScaler(TargetScaler):
 
     Start paths (option ``start_path``, default ``auto`` = ``fork``):
 
-    - ``fork``: fork the model's zygote (weights mapped once, shared copy-on-write); where
-      the executor cannot pre-load (no ``preload`` on its factory, tensor parallelism, a
-      device other than CPU) it falls back to ``prewarm``;
+    - ``fork``: fork the model's zygote (weights mapped once, shared copy-on-write); on CUDA
+      or NPU the zygote holds the weights on the device and a pre-warmed process attaches
+      them through IPC handles (``ipc``); where the executor can do neither (no ``preload``
+      on its factory, tensor parallelism) it falls back to ``prewarm``;
     - ``preload``: a pre-warmed process that maps the model's DRAM image;
     - ``prewarm``: a pre-warmed process that loads the model the ordinary way;
     - ``naive``: a fresh process.
@@ -107,9 +108,11 @@ class PrewarmScaler(TargetScaler):
         async def launch() -> tuple[Any, Any, str]:
             if self.forking:
                 zygote = await self.resources.zygotes.get(self.spec)
-                if zygote is not None:
+                if zygote is not None and not zygote.handles:
                     process, sock = await zygote.fork()
                     return process, sock, "forked"
+                if zygote is not None:  # a device: attach the zygote's weights by IPC
+                    instance.attach = zygote.handles
             taken = self.resources.pool.take()
             if taken is None:  # no pool: a fresh process that warms itself
                 process, sock = spawn_instance_process(warm=[f"{self.spec.executor}@{self.spec.device}"])

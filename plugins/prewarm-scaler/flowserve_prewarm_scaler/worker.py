@@ -41,6 +41,8 @@ from flowserve_core.types import (
     TokenEvent,
 )
 
+from flowserve_prewarm_scaler.startup import attach_weights, preload_model, warm_executors, weights_path
+
 log = logging.getLogger(__name__)
 MAX_FRAME = 256 * 1024 * 1024
 
@@ -59,6 +61,8 @@ class Assign(msgspec.Struct, tag=True):
     spec: DeploymentSpec
     info: InstanceInfo
     preload: bool = False
+    #: IPC handles of device weights a zygote holds (the executor factory's ``attach``)
+    attach: bytes = b""
 
 
 class Ready(msgspec.Struct, tag=True):
@@ -174,6 +178,7 @@ class RemoteInstance(InstanceBase):
         super().__init__(info)
         self.spec, self.process, self.start_timeout = spec, process, start_timeout
         self.preload = preload
+        self.attach = b""
         self._sock, self._launcher = sock, launcher
         self._created = time.monotonic()
         self.channel: Channel | None = None
@@ -187,7 +192,8 @@ class RemoteInstance(InstanceBase):
                 self.channel = await Channel.from_socket(self._sock)
                 hello = await self.channel.receive()
                 self.info.pid = getattr(hello, "pid", None)
-                await self.channel.send(Assign(spec=self.spec, info=self.info, preload=self.preload))
+                await self.channel.send(Assign(spec=self.spec, info=self.info, preload=self.preload,
+                                               attach=self.attach))
                 ready = await self.channel.receive()
             if isinstance(ready, Failed):
                 raise RuntimeError(ready.error)
@@ -260,44 +266,6 @@ class RemoteInstance(InstanceBase):
             pass
 
 
-def _executor_factory(name: str) -> Any:
-    return get_plugin_manager().get("executor", name).factory
-
-
-def warm_executors(names: list[str]) -> list[str]:
-    """Run the ``prewarm(device)`` of each ``executor@device`` whose factory has one; the
-    ones that warmed. A failure is logged, not fatal: the process is still usable."""
-    get_plugin_manager()  # load the plugins now, not when the model is assigned
-    warmed = []
-    for item in filter(None, names):
-        name, _, device = item.partition("@")
-        try:
-            prewarm = getattr(_executor_factory(name), "prewarm", None)
-            if prewarm is not None:
-                prewarm(device or "auto")
-                warmed.append(item)
-        except Exception:
-            log.warning("could not pre-warm executor %s", item, exc_info=True)
-    return warmed
-
-
-def preload_model(spec: DeploymentSpec) -> str:
-    """Call the executor factory's ``preload(spec)`` in this process; '' if it did, else why not."""
-    preload = getattr(_executor_factory(spec.executor), "preload", None)
-    if preload is None:
-        return f"executor {spec.executor!r} offers no preload"
-    try:
-        preload(spec)
-    except Exception as exc:
-        return f"preload failed ({type(exc).__name__}: {exc})"
-    return ""
-
-
-def _weights_path(executor: Any) -> str | None:
-    """How the executor got its weights, if it says (``spmd``: ``rank.weights_path``)."""
-    return getattr(executor, "weights_path", None) or getattr(getattr(executor, "rank", None), "weights_path", None)
-
-
 async def serve_instance(sock: socket.socket | int, start_path: str = "", warmed: list[str] = ()) -> None:
     """The instance side: say hello, wait for an assignment, build the engine, serve tasks."""
     channel = await Channel.from_socket(sock)
@@ -314,15 +282,17 @@ async def serve_instance(sock: socket.socket | int, start_path: str = "", warmed
 
     note = ""
     try:
-        if assign.preload:
+        if assign.attach:
+            note = await anyio.to_thread.run_sync(attach_weights, assign.spec, assign.attach)
+        elif assign.preload:
             note = await anyio.to_thread.run_sync(preload_model, assign.spec)
         engine = await build_engine(assign.spec, get_plugin_manager(), emit)
     except Exception as exc:
         log.exception("instance failed to start")
         await channel.send(Failed(error=f"{type(exc).__name__}: {exc}"))
         return
-    if start_path != "forked" and _weights_path(engine.executor) == "preloaded":
-        start_path = "preloaded"
+    if start_path != "forked" and weights_path(engine.executor) == "preloaded":
+        start_path = "ipc" if assign.attach else "preloaded"
     await channel.send(Ready(kv=engine.executor.kv_cache_spec(), start_path=start_path, note=note))
     async with anyio.create_task_group() as tg:
 

@@ -13,7 +13,8 @@ the machine's default before it builds its engine.
 Protocol on the zygote's socketpair (length-prefixed msgpack, blocking on the zygote side):
 ``Preload(spec)`` → ``Preloaded(seconds, error)``; ``Fork`` with one socket passed along
 (SCM_RIGHTS) → ``Forked(pid)``: the child serves that socket with ``serve_instance``.
-The zygote exits when the server's end closes; its children are reaped as they exit and the server watches each child through a pidfd.
+The zygote exits when the server's end closes; its children are reaped as they exit,
+and the server watches each child through a pidfd.
 
 Run it with ``python -m flowserve_prewarm_scaler.zygote FD``.
 """
@@ -45,10 +46,13 @@ class Preload(msgspec.Struct, tag=True):
 
 
 class Preloaded(msgspec.Struct, tag=True):
-    """The model is mapped (``error`` empty), or why not."""
+    """The model is mapped (``error`` empty), or why not. On a device (CUDA, NPU) the zygote
+    cannot fork; it holds the model there instead and ``handles`` are its weights' IPC
+    handles, for new instances to attach."""
 
     seconds: float
     error: str = ""
+    handles: bytes = b""
 
 
 class Fork(msgspec.Struct, tag=True):
@@ -79,7 +83,7 @@ def _serve_zygote(sock: socket.socket) -> None:
     """The zygote's loop: blocking, single-threaded, until the server closes its end."""
     import torch
 
-    from flowserve_prewarm_scaler.worker import preload_model, warm_executors
+    from flowserve_prewarm_scaler.startup import preload_model, share_weights, warm_executors
 
     child_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # no OpenMP team before forking (see the module docstring)
@@ -98,9 +102,12 @@ def _serve_zygote(sock: socket.socket) -> None:
             # Building an image runs a subprocess, which must reap its own child.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             warmed = warm_executors([f"{spec.executor}@{spec.device}"])
-            error = preload_model(spec)
+            error, handles = preload_model(spec), b""
+            if error:
+                handles, error = share_weights(spec, error)
             signal.signal(signal.SIGCHLD, _reap_children)
-            reply: ZygoteMessage = Preloaded(seconds=time.perf_counter() - started, error=error)
+            reply: ZygoteMessage = Preloaded(seconds=time.perf_counter() - started, error=error,
+                                             handles=handles)
         elif isinstance(message, Fork):
             (fd,) = fds
             pid = os.fork()
@@ -200,6 +207,8 @@ class Zygote:
         self._lock = anyio.Lock()
         self.preload_seconds: float | None = None
         self.error = ""
+        #: IPC handles of the model held on a device (then instances attach, never fork)
+        self.handles = b""
 
     @property
     def pid(self) -> int:
@@ -232,7 +241,7 @@ class Zygote:
         """Map ``spec``'s model in the zygote; False (``error`` says why) when it cannot."""
         reply = await self._request(Preload(spec=spec))
         assert isinstance(reply, Preloaded)
-        self.error = reply.error
+        self.error, self.handles = reply.error, reply.handles
         self.preload_seconds = reply.seconds
         return not reply.error
 

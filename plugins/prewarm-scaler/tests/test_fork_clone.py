@@ -158,3 +158,19 @@ async def test_64_forked_instances_share_one_copy_of_the_weights(tiny):
     # 64 private copies would put over 64 × the weights in the children's PSS; shared, each
     # child's PSS is its own bookkeeping plus 1/65 of the weights.
     assert sum(u["Pss"] for u in usage) < 64 * weights / 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_on_cuda_instances_attach_the_zygotes_weights_through_ipc_handles(tiny):
+    path, model = tiny
+    deployment = Deployment(spec(path, device="cuda", options={"start_path": "fork", "pool_size": 2}),
+                            PluginManager())
+    prompt = [5, 9, 13, 21]
+    async with anyio.create_task_group() as tg:
+        await tg.start(deployment.run)
+        instances = await run_with_ready(deployment, 2)
+        assert {i.info.start_path for i in instances} == {"ipc"}
+        for instance in instances:
+            assert await generate_on(instance, prompt, 6) == hf_greedy(model, prompt, 6)
+        await deployment.stop()
+        tg.cancel_scope.cancel()

@@ -30,9 +30,25 @@ def _preload(spec: DeploymentSpec) -> str:
     return preload(spec)
 
 
+def _share(spec: DeploymentSpec) -> bytes:
+    """Hold ``spec``'s model on its device here; IPC handles for ``attach`` (CUDA, NPU)."""
+    from flowserve_spmd_executor.preload import share
+
+    return share(spec)
+
+
+def _attach(spec: DeploymentSpec, handles: bytes) -> None:
+    """Take a holder's device weights (``share``) for this process's next executor."""
+    from flowserve_spmd_executor.preload import attach
+
+    attach(spec, handles)
+
+
 # The fast-start API scalers look for on an executor factory (see flowserve-prewarm-scaler).
 build_executor.prewarm = _prewarm  # type: ignore[attr-defined]
 build_executor.preload = _preload  # type: ignore[attr-defined]
+build_executor.share = _share  # type: ignore[attr-defined]
+build_executor.attach = _attach  # type: ignore[attr-defined]
 
 
 @hookimpl

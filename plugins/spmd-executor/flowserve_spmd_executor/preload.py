@@ -18,8 +18,14 @@ package by name):
   process takes that model instead of loading (``take_preloaded``). A process that forks
   after ``preload`` hands the mapped (and, on CPU, oneDNN-packed) model to its children.
 
-Pre-loading supports ``tensor_parallel = 1`` on CPU; elsewhere ``preload`` raises
-``PreloadUnsupported`` and the caller starts the instance the ordinary way.
+- ``share(spec)`` / ``attach(spec, handles)`` — on CUDA (and NPU when torch-npu has IPC
+  reductions): a holder process loads the model onto the device once and hands out IPC
+  handles of its parameters; a new instance process attaches them, so its weights are the
+  holder's device memory, not a copy.
+
+Pre-loading supports ``tensor_parallel = 1``; images are for CPU, IPC handles for devices.
+Where it cannot, these raise ``PreloadUnsupported`` and the caller starts the instance the
+ordinary way.
 """
 
 from __future__ import annotations
@@ -105,7 +111,7 @@ def image_dir() -> Path:
     return Path("/dev/shm/flowserve") if Path("/dev/shm").is_dir() else cache_root() / "images"
 
 
-def model_key(spec: DeploymentSpec) -> ModelKey:
+def model_key(spec: DeploymentSpec, *, devices: tuple[str, ...] = ("cpu",)) -> ModelKey:
     """The key of ``spec``'s model, derived the way ``SpmdExecutor`` derives its settings
     (resolving the weights converts a GGUF file once, as the executor would)."""
     from flowserve_spmd_executor.executor import _flag
@@ -116,7 +122,7 @@ def model_key(spec: DeploymentSpec) -> ModelKey:
     if spec.tensor_parallel != 1:
         raise PreloadUnsupported(f"pre-loading needs tensor_parallel = 1, not {spec.tensor_parallel}")
     device_type = resolve_device_type(spec.device)
-    if device_type != "cpu":
+    if device_type not in devices:
         raise PreloadUnsupported(f"DRAM images are mapped on CPU; device {device_type!r} attaches "
                                  "shared weights through IPC handles instead")
     weights = resolve_weights(spec.model)
@@ -239,6 +245,73 @@ def take_preloaded(key: ModelKey) -> Any | None:
     """The model ``preload`` built for ``key`` in this process, handed out once (an executor
     attaches its own KV cache to the modules), or None."""
     return _preloaded.pop(key, None)
+
+
+_holding: dict[ModelKey, Any] = {}
+
+
+def _reductions(device_type: str) -> Any:
+    """torch's IPC reductions for ``device_type`` (CUDA; NPU through torch-npu when it has them)."""
+    if device_type == "cuda":
+        from torch.multiprocessing import reductions
+        return reductions
+    if device_type == "npu":
+        try:
+            from torch_npu.multiprocessing import reductions  # type: ignore[import-not-found]
+        except ImportError:
+            raise PreloadUnsupported("this torch-npu offers no IPC reductions for NPU tensors") from None
+        return reductions
+    raise PreloadUnsupported("IPC handles are for device weights; on CPU map the DRAM image (preload)")
+
+
+def share(spec: DeploymentSpec) -> bytes:
+    """Load ``spec``'s model onto its device once, keep it alive in this process (the
+    holder), and return IPC handles of its parameters (``torch.multiprocessing``
+    reductions) for ``attach`` in other processes on the same device."""
+    import pickle
+
+    import torch
+
+    from flowserve_spmd_executor.distributed import TensorParallelGroup
+    from flowserve_spmd_executor.loader import load_model, resolve_weights
+    from flowserve_spmd_executor.model_config import load_model_config
+    from flowserve_spmd_executor.options import device_base_index, rank_device
+
+    key = model_key(spec, devices=("cuda", "npu"))
+    reductions = _reductions(key.device_type)
+    if key not in _holding:
+        weights = resolve_weights(key.weights)
+        _holding[key] = load_model(weights, load_model_config(weights.directory), TensorParallelGroup(),
+                                   dtype=getattr(torch, key.dtype), max_positions=key.max_model_len,
+                                   device=rank_device(key.device_type, 0, device_base_index(spec.device)),
+                                   show_progress=False)
+    return pickle.dumps([(name, *reductions.reduce_tensor(param.data))
+                         for name, param in _holding[key].named_parameters()])
+
+
+def attach(spec: DeploymentSpec, handles: bytes) -> None:
+    """Build ``spec``'s model from a holder's IPC handles (``share``): every parameter is the
+    holder's device memory, nothing is copied; the next ``SpmdExecutor(spec)`` here takes it."""
+    import pickle
+
+    import torch
+
+    from flowserve_spmd_executor.distributed import TensorParallelGroup
+    from flowserve_spmd_executor.loader import build_model
+    from flowserve_spmd_executor.model_config import load_model_config
+    from flowserve_spmd_executor.options import device_base_index, rank_device
+
+    key = model_key(spec, devices=("cuda", "npu"))
+    _reductions(key.device_type)  # imports what the handles' rebuild functions need
+    device = rank_device(key.device_type, 0, device_base_index(spec.device))
+    model = build_model(load_model_config(key.weights), TensorParallelGroup(), dtype=getattr(torch, key.dtype),
+                        device=device, max_positions=key.max_model_len, allocate=False)
+    params = dict(model.named_parameters())
+    for name, rebuild, args in pickle.loads(handles):  # noqa: S301 (our own holder's handles)
+        torch.utils.swap_tensors(params.pop(name), torch.nn.Parameter(rebuild(*args), requires_grad=False))
+    if params:
+        raise PreloadUnsupported(f"the shared weights lack {sorted(params)[:4]}")
+    _preloaded[key] = model
 
 
 def main() -> None:

@@ -1,0 +1,75 @@
+"""Fast-start steps run inside instance and zygote processes, through the executor
+factory's optional API: ``prewarm(device)``, ``preload(spec)``, ``share(spec)`` and
+``attach(spec, handles)`` (the ``spmd`` executor implements all four; see
+``flowserve_spmd_executor.preload``). Each returns why it could not, rather than raising:
+the instance then starts the ordinary way and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flowserve_core.plugins import get_plugin_manager
+from flowserve_core.types import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+
+def _executor_factory(name: str) -> Any:
+    return get_plugin_manager().get("executor", name).factory
+
+
+def warm_executors(names: list[str]) -> list[str]:
+    """Run the ``prewarm(device)`` of each ``executor@device`` whose factory has one; the
+    ones that warmed. A failure is logged, not fatal: the process is still usable."""
+    get_plugin_manager()  # load the plugins now, not when the model is assigned
+    warmed = []
+    for item in filter(None, names):
+        name, _, device = item.partition("@")
+        try:
+            prewarm = getattr(_executor_factory(name), "prewarm", None)
+            if prewarm is not None:
+                prewarm(device or "auto")
+                warmed.append(item)
+        except Exception:
+            log.warning("could not pre-warm executor %s", item, exc_info=True)
+    return warmed
+
+
+def preload_model(spec: DeploymentSpec) -> str:
+    """Call the executor factory's ``preload(spec)`` in this process; '' if it did, else why not."""
+    preload = getattr(_executor_factory(spec.executor), "preload", None)
+    if preload is None:
+        return f"executor {spec.executor!r} offers no preload"
+    try:
+        preload(spec)
+    except Exception as exc:
+        return f"preload failed ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def share_weights(spec: DeploymentSpec, why_not_preload: str) -> tuple[bytes, str]:
+    """Where ``preload`` cannot (a device), hold the model here and return its IPC handles
+    (the executor factory's ``share``); ``(b"", why not)`` when that fails too."""
+    share = getattr(_executor_factory(spec.executor), "share", None)
+    if share is None:
+        return b"", why_not_preload
+    try:
+        return share(spec), ""
+    except Exception as exc:
+        return b"", f"{why_not_preload}; sharing device weights failed ({type(exc).__name__}: {exc})"
+
+
+def attach_weights(spec: DeploymentSpec, handles: bytes) -> str:
+    """Attach a zygote's device weights (the factory's ``attach``); '' if done, else why not."""
+    try:
+        _executor_factory(spec.executor).attach(spec, handles)
+    except Exception as exc:
+        return f"attaching shared device weights failed ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def weights_path(executor: Any) -> str | None:
+    """How the executor got its weights, if it says (``spmd``: ``rank.weights_path``)."""
+    return getattr(executor, "weights_path", None) or getattr(getattr(executor, "rank", None), "weights_path", None)

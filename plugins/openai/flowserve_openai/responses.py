@@ -39,24 +39,37 @@ class GenerationResponse:
         self.generation = generation
         self.renderer = renderer
         self.stream = stream
+        self._stream_open = False  # the SSE response started and has not sent [DONE] yet
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-            await self._respond(send)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+                await self._respond(send)
+                tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            # Cancelled from outside (a client's disconnect cancels only the group above): the
+            # server's drain timeout ran out. An open stream ends with an error event, not a cut.
+            if self._stream_open:
+                error = APIError(503, "The server shut down before this request finished (its drain_timeout "
+                                      "ran out); retry it.", code="shutting_down")
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    await send({"type": "http.response.body", "body": sse(error.encode()), "more_body": True})
+                    await send({"type": "http.response.body", "body": DONE, "more_body": False})
+            raise
 
     async def _respond(self, send: Any) -> None:
         renderer, streaming = self.renderer, False
 
         async def body(data: bytes, more: bool = True) -> None:
+            self._stream_open = streaming and more
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         async def on_started() -> None:
             nonlocal streaming
             if self.stream:
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                streaming = True
+                streaming = self._stream_open = True
                 for chunk in renderer.opening():
                     await body(chunk)
 

@@ -230,3 +230,35 @@ def test_a_killed_tensor_parallel_rank_fails_the_stream_and_the_instance_is_repl
                                                                      skip_special_tokens=True)
     assert answer.json()["choices"][0]["text"] == expected
     assert server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
+
+
+@toy_only
+def test_sigterm_stops_admission_drains_up_to_the_timeout_then_exits_0(start_server, tmp_path_factory):
+    """A short request in flight finishes; a request that outlives ``drain_timeout`` is cut
+    off at the timeout; new connections are refused meanwhile; the exit status is 0."""
+    config = write_config(tmp_path_factory.mktemp("drain"), "drain_timeout = 3\n")
+    server = start_server(serve_command("--config", config, "-o", "step_delay=0.02", scaler="static"))
+    short = StreamRecorder(server.url, {"model": MODEL, "prompt": "t10", "max_tokens": 40, "stream": True})
+    long = StreamRecorder(server.url, {"model": MODEL, "prompt": "t300", "max_tokens": 240, "stream": True})
+    for stream in (short, long):
+        stream.start()
+        assert stream.first_token.wait(BOUND)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    refused = None
+    while refused is None and time.monotonic() - signalled < 2:
+        try:
+            answer = httpx.post(server.url + "/v1/completions", timeout=5,
+                                json={"model": MODEL, "prompt": "t1", "max_tokens": 1})
+            if answer.status_code == 503:
+                refused = "503"
+        except httpx.TransportError:
+            refused = "connection refused"
+        time.sleep(0.05)
+    assert refused, "the draining server still admitted new requests"
+    assert short.outcome() == "ok" and short.text == counter_text(10, 40)
+    long.join(BOUND)
+    assert long.outcome() == "error" and len(long.text.split()) < 240  # cut off at the drain timeout, said so
+    assert long.error["code"] == "shutting_down" and "drain_timeout" in long.error["message"]
+    assert server.process.wait(BOUND) == 0
+    assert time.monotonic() - signalled < 3 + 30  # the drain timeout, plus the deployments' stop

@@ -147,8 +147,8 @@ async def offer(server: LiveServer, result: OverloadResult, rps: float, seconds:
         async def watch() -> None:
             while time.monotonic() < deadline:
                 await anyio.sleep(1.0)
-                waiting = await anyio.to_thread.run_sync(server.metric, "flowserve:num_requests_waiting")
-                running = await anyio.to_thread.run_sync(server.metric, "flowserve:num_requests_running")
+                waiting, running = await anyio.to_thread.run_sync(
+                    server.metrics, "flowserve:num_requests_waiting", "flowserve:num_requests_running")
                 result.waiting_max = max(result.waiting_max, waiting)
                 result.admitted_max = max(result.admitted_max, waiting + running)
                 result.rss_peak_mib = max(result.rss_peak_mib, server.rss() / 2**20)
@@ -185,7 +185,8 @@ def main() -> int:
     if args.engine == "toy":
         engine += ["-o", f"step_delay={args.step_delay}"]
     # max_queue counts every admitted request (running and waiting): the running batch plus
-    # as many waiting as the engine drains within half the SLO at the expected rate.
+    # as many waiting as the engine drains within a third of the SLO at the measured capacity
+    # (the load generator shares the machine's CPU with the server: keep a margin).
     toy_rate = args.max_num_seqs / (args.max_tokens * args.step_delay) if args.engine == "toy" else None
     config = (f"max_num_seqs = {args.max_num_seqs}\nslo_ttft_seconds = {args.slo_ttft}\n"
               f"max_queue = {{max_queue}}\n")
@@ -199,7 +200,7 @@ def main() -> int:
     finally:
         server.stop()
     print(f"capacity: {result.capacity_rps} requests/s (toy estimate {toy_rate})", flush=True)
-    result.max_queue = args.max_num_seqs + max(1, int(result.capacity_rps * args.slo_ttft / 2))
+    result.max_queue = args.max_num_seqs + max(1, int(result.capacity_rps * args.slo_ttft / 3))
     result.offered_rps = round(args.factor * result.capacity_rps, 2)
     workdir2 = Path(tempfile.mkdtemp(prefix="flowserve-overload-"))
     server = LiveServer([*engine, "--scaler", "static"], workdir2,

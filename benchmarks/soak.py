@@ -101,10 +101,18 @@ class LiveServer:
             time.sleep(0.2)
         raise SystemExit(f"flowserve serve was not ready within {timeout} s")
 
-    def metric(self, name: str) -> float:
+    def metrics(self, *names: str) -> list[float]:
+        """The values of ``names`` (summed over their labels) from one scrape of /metrics."""
         text = httpx.get(self.url + "/metrics", timeout=30).text
-        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                   if sample.name == name and sample.labels.get("model") == MODEL)
+        values = dict.fromkeys(names, 0.0)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in values and sample.labels.get("model") == MODEL:
+                    values[sample.name] += sample.value
+        return list(values.values())
+
+    def metric(self, name: str) -> float:
+        return self.metrics(name)[0]
 
     def rss(self) -> int:
         return tree_rss(self.process.pid)

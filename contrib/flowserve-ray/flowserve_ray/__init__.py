@@ -1,0 +1,1 @@
+"""FlowServe on Ray: scaler ``ray`` and KV transport ``ray`` (see ``flowserve_ray.plugin``)."""

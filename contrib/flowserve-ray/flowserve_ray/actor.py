@@ -1,0 +1,144 @@
+"""The engine actor: one FlowServe engine instance living in a Ray worker process.
+
+An async actor (its methods run on the worker's event loop, driven here through anyio):
+
+- ``start(setup)`` builds the engine (weights mapped from the object store when the scaler
+  put them there) and answers ``ActorReady``;
+- ``run()`` drives the engine until it dies or ``shutdown()``; it returns why it ended;
+- ``events()`` is a streaming generator (``num_returns="streaming"``) of ``EventBatch``
+  bytes: every step's events as they come, and an empty batch (a heartbeat) every
+  ``heartbeat_interval`` seconds of quiet;
+- ``submit(task)`` / ``abort(task_id)`` reach the engine between steps.
+
+The server awaits ``submit`` before it may send an ``abort`` for that task, so the two
+never overtake each other even though an async actor does not order its calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, AsyncIterator
+
+import anyio
+import msgspec
+
+from flowserve_core.types import Task, TokenEvent
+
+from flowserve_ray.protocol import ActorReady, EventBatch, decode_setup, encode
+
+log = logging.getLogger(__name__)
+
+_decode_task = msgspec.msgpack.Decoder(Task).decode
+
+
+def heartbeat_interval(step_timeout: float) -> float:
+    """Seconds between heartbeats: a quarter of the step timeout, at most 1 s."""
+    return max(0.05, min(1.0, step_timeout / 4))
+
+
+class EngineActor:
+    """A FlowServe engine instance as a Ray actor (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+        self.spec: Any = None
+        self._send, self._receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
+        self._scope: anyio.CancelScope | None = None
+        self._stopped = False
+
+    async def start(self, setup: bytes, weights: list[Any] | None = None, index: bytes = b"") -> bytes:
+        """Build the engine. ``weights`` is ``[ObjectRef]`` of the model's DRAM image in the
+        object store (in a list, so Ray hands over the reference, not the data) and ``index``
+        its tensor index; without them the executor loads the weights itself."""
+        import ray
+
+        from flowserve_core.engine import build_engine
+        from flowserve_core.plugins import get_plugin_manager
+        from flowserve_core.telemetry import setup_logging
+
+        request = decode_setup(setup)
+        setup_logging(request.log_level)
+        self.spec = request.spec
+        start_path, note = "loaded", ""
+        if weights:
+            from flowserve_ray.weights import map_shared_weights
+
+            note = await anyio.to_thread.run_sync(map_shared_weights, self.spec, weights[0], index)
+            start_path = "object-store" if not note else "loaded"
+        self.engine = await build_engine(self.spec, get_plugin_manager(), self._emit)
+        if start_path == "object-store" and _weights_path(self.engine.executor) != "preloaded":
+            start_path, note = "loaded", "the executor did not take the mapped weights"
+        return encode(ActorReady(kv=self.engine.executor.kv_cache_spec(), start_path=start_path,
+                                 pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(),
+                                 note=note))
+
+    async def _emit(self, events: list[TokenEvent]) -> None:
+        self._send.send_nowait(events)
+
+    async def run(self) -> str:
+        """Drive the engine until it dies (its reason) or ``shutdown`` ("stopped")."""
+        with anyio.CancelScope() as self._scope:
+            if not self._stopped:
+                await self.engine.run()
+        self._send.close()
+        return self.engine.dead or "stopped"
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """Stream ``EventBatch`` bytes until the engine stops (use ``num_returns="streaming"``)."""
+        quiet = heartbeat_interval(self.spec.step_timeout_seconds)
+        while True:
+            batch: list[TokenEvent] = []
+            with anyio.move_on_after(quiet):
+                try:
+                    batch = list(await self._receive.receive())
+                except anyio.EndOfStream:
+                    return
+            while True:  # whatever else is queued goes in the same batch
+                try:
+                    batch += self._receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            yield encode(EventBatch(events=batch, stats=self.engine.stats))
+
+    async def submit(self, task: bytes) -> None:
+        """Queue a task (msgpack ``Task``); raises ``EngineDeadError`` on a dead engine."""
+        self.engine.submit(_decode_task(task))
+
+    async def abort(self, task_id: str) -> None:
+        if self.engine is not None and not self.engine.dead:
+            self.engine.abort(task_id)
+
+    async def shutdown(self) -> None:
+        """Stop the engine; ``run`` returns and ``events`` ends."""
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+        if self.engine is not None and hasattr(self.engine.executor, "close"):
+            await anyio.to_thread.run_sync(self.engine.executor.close)
+
+    async def ping(self) -> int:
+        """The actor's pid (tests use it to kill the process behind an instance)."""
+        return os.getpid()
+
+    async def weights_mappings(self) -> list[str]:
+        """For every weight of the model, the ``/proc/self/maps`` path of the memory holding
+        it ('' for anonymous memory): tests check the weights are Ray's shared object store."""
+        model = getattr(getattr(self.engine.executor, "rank", None), "model", None)
+        if model is None:
+            return []
+        with open("/proc/self/maps") as maps:
+            spans = [(int(lo, 16), int(hi, 16), parts[5] if len(parts) > 5 else "")
+                     for parts in (line.split() for line in maps)
+                     for lo, hi in [parts[0].split("-")]]
+        found = []
+        for param in model.parameters():
+            address = param.data_ptr()
+            found.append(next((path for lo, hi, path in spans if lo <= address < hi), ""))
+        return found
+
+
+def _weights_path(executor: Any) -> str | None:
+    """How the executor got its weights, if it says (``spmd``: ``rank.weights_path``)."""
+    return getattr(executor, "weights_path", None) or getattr(getattr(executor, "rank", None), "weights_path", None)

@@ -1,0 +1,41 @@
+"""Hook implementations: scaler ``ray`` and KV transport ``ray``. Imports neither Ray nor torch:
+the factories do, so ``flowserve --help`` stays light and Ray stays optional."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowserve_core import hookimpl
+from flowserve_core.types import DeploymentSpec, RequestOutput
+
+
+def build_ray_scaler(spec: DeploymentSpec) -> Any:
+    """Factory of scaler ``ray``: engine instances as Ray actors (see ``flowserve_ray.scaler``)."""
+    from flowserve_ray.scaler import RayScaler
+
+    return RayScaler(spec)
+
+
+def build_ray_transport(spec: DeploymentSpec) -> Any:
+    """Factory of KV transport ``ray``: KV bytes as Ray objects (see ``flowserve_ray.transport``)."""
+    from flowserve_ray.transport import RayObjectTransport
+
+    return RayObjectTransport(spec)
+
+
+@hookimpl
+def flowserve_register_scalers(register: Any) -> None:
+    register("ray", build_ray_scaler)
+
+
+@hookimpl
+def flowserve_register_kv_transports(register: Any) -> None:
+    register("ray", build_ray_transport)
+
+
+@hookimpl
+def flowserve_request_finished(request: Any, output: RequestOutput, deployment: Any) -> None:
+    """Feed TTFTs to the ``ray`` scaler's SLO check (as the prewarm scaler does for its own)."""
+    observe = getattr(getattr(deployment, "scaler", None), "observe_ray_ttft", None)
+    if observe is not None:
+        observe(output)

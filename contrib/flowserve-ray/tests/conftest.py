@@ -1,0 +1,20 @@
+"""A Ray cluster for the tests of one module: local (``ray.init`` with 2 CPUs), stopped at the end."""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray instance with 2 CPUs (a cluster joined earlier is left first)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="flowserve",
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}}, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

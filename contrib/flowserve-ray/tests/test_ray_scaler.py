@@ -1,0 +1,121 @@
+"""Scaler ``ray`` on a local Ray instance: the tiny model served through Ray actors gives the
+local scaler's (and HF's) greedy tokens with weights mapped from the object store; 0 → 4
+actors and back; a killed actor's requests are retried or failed and the actor replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import anyio
+import pytest
+
+from flowserve_core.types import InstanceState
+
+ray = pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
+pytest.importorskip("flowserve_spmd_executor")
+from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_test_fixtures import toy_spec  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+TIMEOUT = 120
+
+
+async def wait_until(check, timeout: float = TIMEOUT, what: str = "") -> None:
+    with anyio.fail_after(timeout):
+        while not check():
+            await anyio.sleep(0.05)
+
+
+def ready_actors(runner) -> list:
+    return [i for i in runner.deployment.pool.instances.values() if i.info.state is InstanceState.READY]
+
+
+async def test_tiny_llama_through_ray_actors_matches_the_local_scaler_and_hf(local_ray, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flowserve_core.types import DeploymentSpec
+
+    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=5)
+    fields = dict(name="tiny", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
+                  batch_scheduler="continuous", job_scheduler="colocated", dtype="float32", device="cpu",
+                  kv_cache_memory="4MiB", max_num_batched_tokens=64)
+    prompts = [[5, 9, 14, 3], list(range(3, 40)), [7] * 20 + [11, 12]]
+
+    async def serve(spec: DeploymentSpec) -> tuple[list[list[int]], object]:
+        async with run_deployment(spec, timeout=TIMEOUT) as runner:
+            outputs = []
+            async with anyio.create_task_group() as tg:
+                async def one(i: int) -> None:
+                    outputs.append((i, await runner.generate(prompts[i], max_tokens=10, temperature=0.0,
+                                                             ignore_eos=True)))
+                for i in range(len(prompts)):
+                    tg.start_soon(one, i)
+            instance = ready_actors(runner)[0]
+            mapping = await instance.actor.weights_mappings.remote() if hasattr(instance, "actor") else []
+            info = instance.info
+        for _, output in outputs:
+            assert output.finish_reason == "length", output.error
+        return [o.output_token_ids for _, o in sorted(outputs, key=lambda x: x[0])], (info, mapping)
+
+    through_ray, (info, mapping) = await serve(DeploymentSpec(
+        **fields, scaler="ray", options={"num_cpus": 1, "autoscale": False}))
+    local, _ = await serve(DeploymentSpec(**fields, scaler="inproc"))
+    assert through_ray == local
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, through_ray):
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+            assert tokens == expected.tolist()
+    # The actor built its model over the object store's shared pages, not a private copy.
+    assert info.start_path == "object-store", info
+    assert mapping and all("plasma" in path for path in mapping), mapping
+    assert info.pid != os.getpid()
+
+
+async def test_scale_from_zero_to_four_actors_and_back(local_ray):
+    spec = toy_spec(scaler="ray", min_instances=0, max_instances=4,
+                    options={"num_cpus": 0.25, "autoscale": False})
+    async with run_deployment(spec, timeout=TIMEOUT) as runner:
+        assert not runner.deployment.pool.instances  # zero: no actor yet
+        runner.deployment.scaler.set_target(4)
+        await wait_until(lambda: len(ready_actors(runner)) == 4)
+        actors = ready_actors(runner)
+        assert len({a.info.pid for a in actors}) == 4  # four Ray worker processes
+        assert all(a.info.pid != os.getpid() for a in actors)
+        outputs = [await runner.generate([1, 2, 3], max_tokens=4) for _ in range(8)]
+        assert all(o.output_token_ids == [4, 5, 6, 7] for o in outputs)
+        handles = [a.actor for a in actors]
+        runner.deployment.scaler.set_target(0)
+        await wait_until(lambda: not runner.deployment.pool.instances)
+    for handle in handles:  # every actor is gone from the cluster
+        with pytest.raises(ray.exceptions.RayActorError):
+            await handle.ping.remote()
+
+
+async def test_a_killed_actor_fails_its_requests_and_is_replaced(local_ray):
+    spec = toy_spec(scaler="ray", min_instances=1, max_instances=1,
+                    options={"num_cpus": 0.25, "autoscale": False, "step_delay": 0.05,
+                             "retry_on_instance_death": 1})
+    async with run_deployment(spec, timeout=TIMEOUT) as runner:
+        (first,) = ready_actors(runner)
+        results: dict[str, object] = {}
+
+        async def long_request() -> None:
+            results["long"] = await runner.generate([1], max_tokens=200)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_request)
+            await wait_until(lambda: first.stats.generation_tokens > 3)
+            os.kill(first.info.pid, signal.SIGKILL)  # the actor's process, as a node loss would
+        output = results["long"]
+        # It had streamed tokens, so a retry would repeat them: it fails with the actor's error.
+        assert output.finish_reason == "error" and "actor died" in output.error, output
+        await wait_until(lambda: ready_actors(runner) and ready_actors(runner)[0] is not first)
+        (second,) = ready_actors(runner)
+        assert second.info.pid != first.info.pid
+        assert first.info.state is InstanceState.GONE and "actor died" in first.info.error
+        again = await runner.generate([10], max_tokens=3)
+        assert again.output_token_ids == [11, 12, 13]

@@ -189,10 +189,22 @@ def tensor_parallel_server(start_server, tmp_path_factory):
     return start_server(real, env={"HF_HUB_OFFLINE": "1"}), model
 
 
-def rank_processes(instance_pid: int) -> list[psutil.Process]:
-    """The worker ranks an instance process (rank 0) started."""
-    return [child for child in psutil.Process(instance_pid).children(recursive=True)
-            if "flowserve_spmd_executor" in " ".join(child.cmdline())]
+def instance_and_rank(server) -> tuple[int, psutil.Process]:
+    """The one ready instance process (rank 0) and its worker rank 1."""
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:
+        pids = ready_pids(server)
+        if len(pids) == 1:
+            (instance,) = pids
+            try:
+                ranks = [child for child in psutil.Process(instance).children(recursive=True)
+                         if "flowserve_spmd_executor" in " ".join(child.cmdline())]
+            except psutil.Error:
+                ranks = []
+            if len(ranks) == 1:
+                return instance, ranks[0]
+        time.sleep(0.1)
+    pytest.fail(f"no ready instance with one worker rank: {admin_status(server)}\n{server.log()[-3000:]}")
 
 
 def hf_greedy(model_dir, prompt: list[int], max_tokens: int) -> list[int]:
@@ -208,14 +220,12 @@ def hf_greedy(model_dir, prompt: list[int], max_tokens: int) -> list[int]:
 
 def test_a_killed_tensor_parallel_rank_fails_the_stream_and_the_instance_is_replaced(tensor_parallel_server):
     server, model_dir = tensor_parallel_server
-    (instance,) = ready_pids(server)
-    ranks = rank_processes(instance)
-    assert len(ranks) == 1, [r.cmdline() for r in ranks]
+    instance, rank = instance_and_rank(server)
     stream = StreamRecorder(server.url, {"model": MODEL, "prompt": "Hello tiny model", "max_tokens": 400,
                                          "ignore_eos": True, "stream": True})
     stream.start()
     assert stream.first_token.wait(BOUND)
-    ranks[0].kill()
+    rank.kill()
     assert stream.outcome() == "error", (stream.outcome(), stream.text)
     assert "rank 1 died" in stream.error["message"], stream.error
     wait_replaced(server, instance, 1)
@@ -262,3 +272,24 @@ def test_sigterm_stops_admission_drains_up_to_the_timeout_then_exits_0(start_ser
     assert long.error["code"] == "shutting_down" and "drain_timeout" in long.error["message"]
     assert server.process.wait(BOUND) == 0
     assert time.monotonic() - signalled < 3 + 30  # the drain timeout, plus the deployments' stop
+
+
+def test_a_frozen_tensor_parallel_rank_is_detected_and_the_instance_replaced(tensor_parallel_server):
+    """SIGSTOP on rank 1: rank 0's collectives time out (collective_timeout_seconds=5), the
+    engine dies with an error event for the stream, and the deployment starts a new instance."""
+    server, _ = tensor_parallel_server
+    instance, rank = instance_and_rank(server)
+    stream = StreamRecorder(server.url, {"model": MODEL, "prompt": "Hello tiny model", "max_tokens": 400,
+                                         "ignore_eos": True, "stream": True})
+    stream.start()
+    assert stream.first_token.wait(BOUND)
+    rank.suspend()
+    try:
+        assert stream.outcome() == "error", (stream.outcome(), stream.text)
+        assert "tensor-parallel" in stream.error["message"], stream.error
+        wait_replaced(server, instance, 1)
+        rank.wait(BOUND)  # the dead instance's gang killed its frozen rank
+    finally:
+        if rank.is_running():
+            rank.resume()
+    assert server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0

@@ -79,6 +79,9 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
         min_instances: Optional[int] = typer.Option(None, help="Instances kept running."),
         max_instances: Optional[int] = typer.Option(None, help="Upper bound for autoscaling."),
+        prefill_instances: Optional[int] = typer.Option(None, help="PD: prefill instances (pd-disaggregated, pd-hybrid)."),
+        decode_instances: Optional[int] = typer.Option(None, help="PD: decode instances (pd-disaggregated, pd-hybrid)."),
+        colocated_instances: Optional[int] = typer.Option(None, help="PD: colocated instances (pd-hybrid)."),
         scale_to_zero_after: Optional[float] = typer.Option(
             None, help="Seconds without requests before an autoscaling scaler (prewarm) stops every instance."),
         option: list[str] = typer.Option([], "--option", "-o", help="Plugin option KEY=VALUE (repeatable)."),

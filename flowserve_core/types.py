@@ -368,12 +368,15 @@ class KVUsage(msgspec.Struct, kw_only=True):
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):
-    """A batch scheduler's queue: what runs, what waits, and the prefill work waiting."""
+    """A batch scheduler's queue: what runs, what waits, and the prefill work waiting; KV
+    imported by PD decode tasks (bytes, seconds spent fetching and importing)."""
 
     num_running: int = 0
     num_waiting: int = 0
     waiting_prefill_tokens: int = 0
     num_preemptions: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
 
 
 class InstanceStats(msgspec.Struct, kw_only=True):
@@ -417,17 +420,34 @@ class ScheduledSequence(msgspec.Struct, kw_only=True):
     eos_token_ids: list[int] = []
 
 
+class KVBlockTransfer(msgspec.Struct, kw_only=True):
+    """Raw KV of whole blocks moving out of or into an executor (PD-disaggregation).
+
+    ``data`` (bytes, or a zero-copy memoryview of them) holds blocks in the executor's export
+    layout; an import writes its blocks ``first_block`` onwards into ``block_ids`` (the
+    receiver skips the blocks it has cached).
+    """
+
+    seq_id: str
+    block_ids: list[int]
+    data: bytes = b""
+    first_block: int = 0
+
+
 class StepBatch(msgspec.Struct, kw_only=True):
     """What the batch scheduler asks the executor to run in one step.
 
     ``finished_seq_ids`` lets the executor drop per-sequence state (e.g. seeded generators);
     ``block_copies`` are ``(source, destination)`` KV blocks to copy before computing
-    (copy-on-write of a block shared after a fork).
+    (copy-on-write of a block shared after a fork); ``kv_imports`` are written before
+    computing and ``kv_exports`` read after it (their data comes back in the result).
     """
 
     seqs: list[ScheduledSequence] = []
     finished_seq_ids: list[str] = []
     block_copies: list[tuple[int, int]] = []
+    kv_imports: list[KVBlockTransfer] = []
+    kv_exports: list[KVBlockTransfer] = []
 
     @property
     def num_tokens(self) -> int:
@@ -435,7 +455,9 @@ class StepBatch(msgspec.Struct, kw_only=True):
 
 
 class StepResult(msgspec.Struct, kw_only=True):
-    """The executor's answer: one sampled token per sequence that had ``sample`` set."""
+    """The executor's answer: one sampled token per sequence that had ``sample`` set, and
+    the data of the batch's ``kv_exports``."""
 
     token_ids: dict[str, int] = {}
     logprobs: dict[str, TokenLogprob] = {}
+    kv_exports: list[KVBlockTransfer] = []

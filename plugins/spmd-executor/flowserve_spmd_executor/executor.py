@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from flowserve_core.errors import ConfigError, EngineDeadError
-from flowserve_core.types import DeploymentSpec, KVCacheSpec, StepBatch, StepResult
+from flowserve_core.types import KVBlockTransfer, DeploymentSpec, KVCacheSpec, StepBatch, StepResult
 
 from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
 from flowserve_spmd_executor.gang import WorkerGang
@@ -141,12 +141,16 @@ class SpmdExecutor:
         with self._lock:
             self._check_alive()
             self.sampler.forget(batch.finished_seq_ids)
+            for transfer in batch.kv_imports:  # PD decode: the prefill's KV, before computing
+                self._import_locked(transfer.block_ids, transfer.data, transfer.first_block)
             plan, sampled = build_step_plan(batch, block_size=self.spec.block_size,
                                             max_model_len=self.max_model_len, num_blocks=self.num_blocks)
             logits = self._announced(RunStep(plan=plan), lambda: self.rank.run(plan))
-            if not sampled:
-                return StepResult()
-            return self.sampler(logits, sampled)
+            result = self.sampler(logits, sampled) if sampled else StepResult()
+            # PD prefill: the prompt's KV, now computed, leaves with the first token.
+            result.kv_exports = [KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids,
+                                                 data=self._export_locked(t.block_ids)) for t in batch.kv_exports]
+            return result
 
     def _announced(self, message: Any, local: Callable[[], T]) -> T:
         """Tell the workers ``message``, then run rank 0's part ``local``. Once the workers
@@ -200,32 +204,41 @@ class SpmdExecutor:
         """The K and V of ``block_ids`` in every layer, all KV heads, as raw bytes (the
         executor's dtype, C order) of shape ``[num_layers, 2, len(block_ids), block_size,
         num_kv_heads, head_dim]`` — ``kv_block_shape`` with the blocks inserted as axis 2."""
-        block_ids = [int(b) for b in block_ids]
         self._check_alive()  # before waiting for the lock: an abandoned step may still hold it
         with self._lock:
             self._check_alive()
-            blocks = self._announced(ExportBlocks(block_ids=block_ids),
-                                     lambda: self.rank.export_blocks(block_ids))
-        flat = blocks.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-        return memoryview(flat.numpy())
+            return self._export_locked(block_ids)
 
-    def import_kv(self, block_ids: list[int], data: bytes | bytearray | memoryview) -> None:
-        """Write blocks exported by ``export_kv`` (same model and dtype) into ``block_ids``."""
-        block_ids = [int(b) for b in block_ids]
-        layers, two, block_size, heads, head_dim = self.kv_block_shape
-        shape = (layers, two, len(block_ids), block_size, heads, head_dim)
-        element = torch.empty((), dtype=self.dtype).element_size()
-        expected = int(np.prod(shape)) * element
-        view = memoryview(data).cast("B")
-        if view.nbytes != expected:
-            raise ValueError(f"import_kv got {view.nbytes} bytes for {len(block_ids)} blocks; this model "
-                             f"({dtype_name(self.dtype)}) needs {expected}")
-        blocks = torch.frombuffer(bytearray(view), dtype=torch.uint8).view(self.dtype).view(shape)
+    def import_kv(self, block_ids: list[int], data: bytes | bytearray | memoryview, first_block: int = 0) -> None:
+        """Write blocks exported by ``export_kv`` (same model and dtype) into ``block_ids``:
+        the exported blocks ``first_block`` onwards (a receiver skips blocks it has cached)."""
         self._check_alive()
         with self._lock:
             self._check_alive()
-            self._announced(ImportBlocks(block_ids=block_ids),
-                            lambda: self.rank.import_blocks(block_ids, blocks))
+            self._import_locked(block_ids, data, first_block)
+
+    def _export_locked(self, block_ids: list[int]) -> memoryview:
+        block_ids = [int(b) for b in block_ids]
+        blocks = self._announced(ExportBlocks(block_ids=block_ids), lambda: self.rank.export_blocks(block_ids))
+        flat = blocks.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+        return memoryview(flat.numpy())
+
+    def _import_locked(self, block_ids: list[int], data: bytes | bytearray | memoryview, first_block: int) -> None:
+        block_ids = [int(b) for b in block_ids]
+        layers, two, block_size, heads, head_dim = self.kv_block_shape
+        view = memoryview(data).cast("B")
+        element = torch.empty((), dtype=self.dtype).element_size()
+        per_block = layers * two * block_size * heads * head_dim * element
+        exported = view.nbytes // per_block if per_block else 0
+        if view.nbytes != exported * per_block or first_block + len(block_ids) > exported:
+            raise ValueError(f"import_kv got {view.nbytes} bytes, not whole blocks of {per_block} bytes holding "
+                             f"blocks {first_block}..{first_block + len(block_ids) - 1} of this model "
+                             f"({dtype_name(self.dtype)})")
+        if not block_ids:
+            return
+        blocks = torch.frombuffer(bytearray(view), dtype=torch.uint8).view(self.dtype)
+        blocks = blocks.view(layers, two, exported, block_size, heads, head_dim)[:, :, first_block:first_block + len(block_ids)]
+        self._announced(ImportBlocks(block_ids=block_ids), lambda: self.rank.import_blocks(block_ids, blocks))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -8,9 +8,12 @@ chunk that reaches its end samples. When blocks run out, the latest-arrived runn
 is preempted: its blocks are freed and it waits again, to be recomputed (prompt and the tokens
 it generated) when blocks are free. See docs/scheduling.md.
 
-Extension points for PD-disaggregation (prefill-only and decode-only tasks) are the three
-methods ``_admit`` (get blocks for a waiting sequence), ``_finish_reason`` (when a sequence
-ends) and ``_release`` (what happens to its blocks then); ``add`` refuses those roles today.
+PD-disaggregation roles: a **prefill** task ends after its first token; the step that
+samples it also exports the prompt's KV blocks (``StepBatch.kv_exports``), which are
+published through the deployment's KV transport, and the task's last event carries the
+``KVHandoff``. A **decode** task (prompt and first token, plus that handoff) is admitted by
+fetching the blocks its prefix cache lacks and importing them (``StepBatch.kv_imports``)
+before its first decode step; if the fetch fails it recomputes the prompt instead.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import time
 from typing import Any
 
 from flowserve_core.types import (
-    DeploymentSpec, FinishReason, KVUsage, SchedulerStats, ScheduledSequence, StepBatch,
-    StepResult, Task, TaskRole, TokenEvent,
+    DeploymentSpec, FinishReason, KVBlockTransfer, KVHandoff, KVUsage, SchedulerStats,
+    ScheduledSequence, StepBatch, StepResult, Task, TaskRole, TokenEvent,
 )
 
 from flowserve_colocated.sequence import Sequence, SequenceStatus
@@ -57,6 +61,11 @@ class ContinuousBatchScheduler:
         self.num_preemptions = 0
         self._ended: list[str] = []  # for the next batch's finished_seq_ids
         self._order = itertools.count()
+        self._handoffs: dict[str, KVHandoff] = {}  # decode tasks whose KV is still to import
+        self._imports: list[KVBlockTransfer] = []  # for the next batch
+        self._imported: dict[str, str] = {}  # seq_id → transport locator to release
+        self._transport: Any = None
+        self.kv_transfer_bytes, self.kv_transfer_seconds = 0, 0.0
 
     # ------------------------------------------------------------------ admission
 
@@ -64,14 +73,15 @@ class ContinuousBatchScheduler:
         """Queue ``task``; ``ValueError`` if it can never run here (the message says why)."""
         if task.id in self.seqs:
             raise ValueError(f"task {task.id} is already scheduled on this instance")
-        if task.role is not TaskRole.COLOCATED:
-            raise ValueError(f"batch scheduler 'continuous' runs colocated tasks only; task {task.id} "
-                             f"has role {task.role.value!r} (PD roles need a PD scheduler plugin)")
+        if task.role is TaskRole.DECODE and not task.output_token_ids:
+            raise ValueError(f"decode task {task.id} has no first token from its prefill")
         if not task.request.prompt_token_ids:
             raise ValueError(f"task {task.id}: the prompt is empty")
         seq = Sequence(task, next(self._order))
         self._check_fits(seq)
         self.seqs[seq.seq_id] = seq
+        if task.role is TaskRole.DECODE and task.kv_handoff is not None:
+            self._handoffs[seq.seq_id] = task.kv_handoff
         bisect.insort(self.waiting, seq)
 
     def _check_fits(self, seq: Sequence) -> None:
@@ -105,6 +115,8 @@ class ContinuousBatchScheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         del self.seqs[task_id]
+        if (handoff := self._handoffs.pop(task_id, None)) is not None:
+            self._release_handoff(handoff.locator)
         return self._event(seq, [], None, "abort")
 
     def has_work(self) -> bool:
@@ -170,8 +182,13 @@ class ContinuousBatchScheduler:
             return StepBatch()
         copies = self.kv.take_block_copies() if hasattr(self.kv, "take_block_copies") else []
         # Planning order: decodes first, then prefill chunks, each first come first served.
-        return StepBatch(seqs=[self._scheduled(seq, n) for seq, n in planned.values()],
-                         finished_seq_ids=ended, block_copies=copies)
+        scheduled = [self._scheduled(seq, n) for seq, n in planned.values()]
+        exports = [KVBlockTransfer(seq_id=s.seq_id, block_ids=s.block_table[:_ceil_div(len(s.prompt_token_ids),
+                                                                                       self.block_size)])
+                   for s in scheduled if s.sample and self.seqs[s.seq_id].role is TaskRole.PREFILL]
+        imports, self._imports = self._imports, []
+        return StepBatch(seqs=scheduled, finished_seq_ids=ended, block_copies=copies,
+                         kv_imports=imports, kv_exports=exports)
 
     def _scheduled(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
         start = seq.num_computed
@@ -196,6 +213,10 @@ class ContinuousBatchScheduler:
     def update(self, batch: StepBatch, result: StepResult) -> list[TokenEvent]:
         """Commit what was computed, append sampled tokens, end sequences; one event per token."""
         events: list[TokenEvent] = []
+        for transfer in batch.kv_imports:  # the step ran: the imported data is not needed any more
+            if (locator := self._imported.pop(transfer.seq_id, None)) is not None:
+                self._release_handoff(locator)
+        exported = {transfer.seq_id: transfer.data for transfer in result.kv_exports}
         for scheduled in batch.seqs:
             seq = self.seqs.get(scheduled.seq_id)
             if seq is None or seq.status is not SequenceStatus.RUNNING:
@@ -213,17 +234,21 @@ class ContinuousBatchScheduler:
             seq.append(token)
             reason = self._finish_reason(seq, token)
             logprob = result.logprobs.get(seq.seq_id)
-            events.append(self._event(seq, [token], [logprob] if logprob else None, reason))
+            handoff = None
+            if seq.role is TaskRole.PREFILL and reason is None:
+                # The prefill task's job is done; a decode task goes on from this handoff.
+                reason, handoff = "length", self._publish(seq, exported.get(seq.seq_id))
+            events.append(self._event(seq, [token], [logprob] if logprob else None, reason, handoff=handoff))
             if reason:
                 self._end(seq)
         return events
 
     def _event(self, seq: Sequence, tokens: list[int], logprobs: Any, reason: FinishReason | None,
-               error: str | None = None) -> TokenEvent:
+               error: str | None = None, handoff: KVHandoff | None = None) -> TokenEvent:
         cached = 0 if seq.reported_first else seq.num_cached_tokens
         seq.reported_first = True
         return TokenEvent(task_id=seq.seq_id, token_ids=tokens, logprobs=logprobs,
-                          finish_reason=reason, error=error,
+                          finish_reason=reason, error=error, kv_handoff=handoff,
                           num_prompt_tokens=len(seq.prompt_token_ids), num_cached_tokens=cached)
 
     def _end(self, seq: Sequence) -> None:
@@ -237,8 +262,58 @@ class ContinuousBatchScheduler:
 
     def _admit(self, seq: Sequence) -> int | None:
         """Blocks for a waiting sequence: how many leading tokens are already computed, or
-        None if the cache cannot hold it now. (A decode task would import its KV here.)"""
-        return self.kv.allocate(seq.seq_id, seq.token_ids)
+        None if the cache cannot hold it now. A decode task imports the prompt's KV blocks
+        that its prefix cache lacks (in the next batch, before computing)."""
+        num_cached = self.kv.allocate(seq.seq_id, seq.token_ids)
+        handoff = self._handoffs.pop(seq.seq_id, None) if num_cached is not None else None
+        if handoff is None or num_cached >= handoff.num_tokens:
+            if handoff is not None:
+                self._release_handoff(handoff.locator)
+            return num_cached
+        started = time.perf_counter()
+        first_block = num_cached // self.block_size
+        blocks = self.kv.block_table(seq.seq_id)[first_block:_ceil_div(handoff.num_tokens, self.block_size)]
+        try:
+            data = self.transport().fetch(handoff)
+        except Exception as exc:  # a lost handoff costs a recompute, never the request
+            log.warning("KV handoff %s could not be fetched (%s); recomputing the prompt", handoff.locator, exc,
+                        extra={"seq_id": seq.seq_id})
+            return num_cached
+        self._imports.append(KVBlockTransfer(seq_id=seq.seq_id, block_ids=blocks, data=data,
+                                             first_block=first_block))
+        self._imported[seq.seq_id] = handoff.locator
+        self.kv_transfer_bytes += handoff.nbytes * len(blocks) // max(1, _ceil_div(handoff.num_tokens,
+                                                                                    self.block_size))
+        self.kv_transfer_seconds += time.perf_counter() - started
+        self.kv.commit(seq.seq_id, seq.token_ids, handoff.num_tokens)  # hashed: later prompts share them
+        return handoff.num_tokens
+
+    def transport(self) -> Any:
+        """The deployment's KV transport (``spec.kv_transport``), built on first use."""
+        if self._transport is None:
+            from flowserve_core.plugins import get_plugin_manager
+
+            self._transport = get_plugin_manager().build("kv_transport", self.spec.kv_transport, self.spec)
+        return self._transport
+
+    def _publish(self, seq: Sequence, data: Any) -> KVHandoff | None:
+        """Publish a finished prefill's KV; None (the decode side recomputes) if there is none."""
+        if data is None:
+            return None
+        try:
+            locator = self.transport().publish(data, seq.seq_id)
+        except Exception as exc:
+            log.warning("KV of %s could not be published (%s); its decode task will recompute", seq.seq_id,
+                        exc, extra={"seq_id": seq.seq_id})
+            return None
+        return KVHandoff(transport=self.spec.kv_transport, locator=locator, num_tokens=len(seq.prompt_token_ids),
+                         block_size=self.block_size, nbytes=memoryview(data).nbytes)
+
+    def _release_handoff(self, locator: str) -> None:
+        try:
+            self.transport().release(locator)
+        except Exception as exc:
+            log.warning("KV handoff %s could not be released: %s", locator, exc)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         """Why ``seq`` ends after sampling ``token``. (A prefill task would end right here.)"""
@@ -264,7 +339,9 @@ class ContinuousBatchScheduler:
         prefill = sum(s.num_tokens for s in self.waiting) + \
             sum(s.num_remaining for s in self.running if s.num_remaining > 1)
         return SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
-                              waiting_prefill_tokens=prefill, num_preemptions=self.num_preemptions)
+                              waiting_prefill_tokens=prefill, num_preemptions=self.num_preemptions,
+                              kv_transfer_bytes=self.kv_transfer_bytes,
+                              kv_transfer_seconds=self.kv_transfer_seconds)
 
     def kv_usage(self) -> KVUsage:
         return self.kv.usage()

@@ -182,8 +182,8 @@ async def test_a_sequence_that_can_never_fit_is_refused_at_add():
         scheduler.add(task(list(range(64)), max_tokens=1))
     with pytest.raises(ValueError, match="the prompt is empty"):
         scheduler.add(Task(request=Request(prompt_token_ids=[])))
-    with pytest.raises(ValueError, match="role 'prefill'"):
-        scheduler.add(Task(role=TaskRole.PREFILL, request=Request(prompt_token_ids=[1])))
+    with pytest.raises(ValueError, match="decode task .* has no first token from its prefill"):
+        scheduler.add(Task(role=TaskRole.DECODE, request=Request(prompt_token_ids=[1])))
     # max_tokens=None means "until the context is full": 63 slots here, too many.
     with pytest.raises(ValueError, match="up to 63 tokens"):
         scheduler.add(task([1], max_tokens=None))

@@ -1,0 +1,1 @@
+"""FlowServe PD-disaggregation: prefill and decode tasks on separate instances."""

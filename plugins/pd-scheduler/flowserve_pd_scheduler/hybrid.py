@@ -1,0 +1,73 @@
+"""Job scheduler ``pd-hybrid``: a deployment with colocated instances *and* prefill/decode
+instances; per request it takes the colocated or the disaggregated path.
+
+The choice weighs the request's estimated new prefill tokens (its prompt, less a prefix a
+prefill instance recently computed) against each pool's queued prefill work: a long prefill
+on a colocated instance stalls every decode running there (their TPOT), so long prompts go
+to the prefill pool unless it is far busier; short prompts stay colocated (no KV transfer)
+unless the colocated pool is congested. Option ``hybrid_long_prompt_tokens`` (default 256)
+says what "long" is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowserve_colocated.router import ColocatedJobScheduler
+from flowserve_core.interfaces import EmitEvent
+from flowserve_core.types import DeploymentSpec, Job, Request, Task, TaskRole, TaskState
+
+from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler, _prefill_load
+
+
+class HybridJobScheduler(DisaggregatedJobScheduler):
+    """Colocated or disaggregated, per request, from prompt length and pool load."""
+
+    def __init__(self, spec: DeploymentSpec):
+        super().__init__(spec)
+        self.long_prompt_tokens = int(spec.options.get("hybrid_long_prompt_tokens", 256))
+        self.chosen = {TaskRole.COLOCATED: 0, TaskRole.PREFILL: 0}
+
+    def make_job(self, request: Request) -> Job:
+        """Three tasks, of which ``run_job`` runs either the first or the other two."""
+        job = super().make_job(request)
+        job.tasks.insert(0, Task(job_id=job.id, role=TaskRole.COLOCATED, request=request))
+        return job
+
+    def choose(self, request: Request, pool: Any) -> TaskRole:
+        """``COLOCATED`` or ``PREFILL`` (the disaggregated path) for ``request`` now."""
+        colocated, prefills = pool.ready(TaskRole.COLOCATED), pool.ready(TaskRole.PREFILL)
+        if not colocated or not prefills or not pool.ready(TaskRole.DECODE):
+            # A pool that is not ready (starting, or scaled to zero): take the one that is, or
+            # the one the deployment has, rather than wait.
+            if colocated:
+                return TaskRole.COLOCATED
+            if prefills and pool.ready(TaskRole.DECODE):
+                return TaskRole.PREFILL
+            return TaskRole.COLOCATED if self.spec.colocated_instances else TaskRole.PREFILL
+        cached = LOCALITY_TOKENS if tuple(request.prompt_token_ids[:LOCALITY_TOKENS]) in self._last_prefill_on else 0
+        new_tokens = max(1, len(request.prompt_token_ids) - cached)
+        colocated_queue = min(_prefill_load(i)[1] for i in colocated)
+        prefill_queue = min(_prefill_load(i)[1] for i in prefills)
+        if new_tokens >= self.long_prompt_tokens:
+            return TaskRole.COLOCATED if prefill_queue > colocated_queue + 4 * new_tokens else TaskRole.PREFILL
+        return TaskRole.PREFILL if colocated_queue > prefill_queue + self.long_prompt_tokens else TaskRole.COLOCATED
+
+    async def run_job(self, job: Job, pool: Any, emit: EmitEvent) -> None:
+        """Run the chosen path's tasks; the others are marked aborted (never started)."""
+        colocated, prefill, decode = job.tasks
+        role = self.choose(job.request, pool)
+        self.chosen[role] += 1
+        if role is TaskRole.COLOCATED:
+            prefill.move_to(TaskState.ABORTED)
+            decode.move_to(TaskState.ABORTED)
+            job.tasks = [colocated]
+            await self._run_colocated(job, pool, emit)
+            return
+        colocated.move_to(TaskState.ABORTED)
+        job.tasks = [prefill, decode]
+        await super().run_job(job, pool, emit)
+
+    async def _run_colocated(self, job: Job, pool: Any, emit: EmitEvent) -> None:
+        # The colocated router's own loop: least-loaded colocated instance, retry on death.
+        await ColocatedJobScheduler.run_job(self, job, pool, emit)

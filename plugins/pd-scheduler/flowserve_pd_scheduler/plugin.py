@@ -1,0 +1,32 @@
+"""Hook implementations: job schedulers ``pd-disaggregated`` and ``pd-hybrid``, KV transport
+``shm``, and SLO admission for deployments run by either (pure Python; cheap to import)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowserve_core import hookimpl
+
+from flowserve_pd_scheduler.disaggregated import DisaggregatedJobScheduler
+from flowserve_pd_scheduler.hybrid import HybridJobScheduler
+from flowserve_pd_scheduler.shm import SharedMemoryTransport
+
+
+@hookimpl
+def flowserve_register_job_schedulers(register: Any) -> None:
+    register("pd-disaggregated", DisaggregatedJobScheduler)
+    register("pd-hybrid", HybridJobScheduler)
+
+
+@hookimpl
+def flowserve_register_kv_transports(register: Any) -> None:
+    register("shm", SharedMemoryTransport)
+
+
+@hookimpl
+def flowserve_admit_request(request: Any, deployment: Any) -> Any:
+    """A PD deployment with SLOs refuses early what would miss them (see ``admission``)."""
+    scheduler = getattr(deployment, "job_scheduler", None)
+    if isinstance(scheduler, DisaggregatedJobScheduler):
+        return scheduler.admission(request, deployment.pool)
+    return None

@@ -1,0 +1,110 @@
+"""PD-disaggregation end to end in one process (scaler ``inproc``): prefill and decode
+instances with their own executors and KV caches, KV handed off through ``shm``; greedy
+tokens must equal HF's and the colocated path's exactly."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import pytest
+
+from flowserve_core.types import DeploymentSpec, TaskRole
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("flowserve_spmd_executor")
+
+from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), num_hidden_layers=2, seed=5)
+    from transformers import AutoModelForCausalLM
+
+    return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def spec(path, **overrides) -> DeploymentSpec:
+    fields = dict(name="tiny", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
+                  batch_scheduler="continuous", job_scheduler="pd-disaggregated", scaler="inproc",
+                  dtype="float32", device="cpu", kv_cache_memory="8MiB", max_num_batched_tokens=64,
+                  prefill_instances=1, decode_instances=1)
+    fields.update(overrides)
+    return DeploymentSpec(**fields)
+
+
+def prompts(count: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(lengths[i % len(lengths)])] for i in range(count)]
+
+
+async def generate_all(runner, jobs: list[tuple[list[int], int]]) -> list:
+    outputs: list = [None] * len(jobs)
+
+    async def one(i: int) -> None:
+        await anyio.sleep(0.03 * i)
+        prompt, new = jobs[i]
+        outputs[i] = await runner.generate(prompt, max_tokens=new, temperature=0.0, ignore_eos=True)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(jobs)):
+            tg.start_soon(one, i)
+    return outputs
+
+
+async def test_disaggregated_greedy_equals_hf_and_the_kv_really_moves(tiny):
+    path, model = tiny
+    jobs = [(p, 10) for p in prompts(8, [1, 5, 16, 17, 40, 90, 130, 33], model.config.vocab_size, seed=2)]
+    async with run_deployment(spec(path)) as runner:
+        outputs = await generate_all(runner, jobs)
+        roles = sorted(i.info.role.value for i in runner.deployment.pool.instances.values())
+        imported = sum(s.stats().kv_transfer_bytes for s in runner.batch_schedulers())
+        # A second request sharing a long prefix: the decode instance imports only the blocks
+        # its prefix cache lacks.
+        shared = jobs[6][0][:128] + [7, 8, 9]
+        before = imported
+        again = await runner.generate(shared, max_tokens=6, temperature=0.0, ignore_eos=True)
+        second = sum(s.stats().kv_transfer_bytes for s in runner.batch_schedulers()) - before
+    assert roles == ["decode", "prefill"]
+    for (prompt, new), output in zip(jobs, outputs):
+        assert output.finish_reason == "length", output.error
+        assert output.output_token_ids == hf_greedy(model, prompt, new), f"prompt of {len(prompt)} tokens"
+    assert again.output_token_ids == hf_greedy(model, shared, 6)
+    assert imported > 0
+    full = imported // sum(-(-len(p) // 16) for p, _ in jobs)  # bytes per block
+    assert 0 < second <= full  # 131 tokens = 9 blocks, 8 of them cached: one block moved
+
+
+async def test_stop_at_the_first_token_and_max_tokens_one_end_at_the_prefill(tiny):
+    path, model = tiny
+    prompt = prompts(1, [20], model.config.vocab_size, seed=4)[0]
+    first = hf_greedy(model, prompt, 1)[0]
+    async with run_deployment(spec(path)) as runner:
+        one = await runner.generate(prompt, max_tokens=1, temperature=0.0)
+        stopped = await runner.generate(prompt, max_tokens=5, temperature=0.0, stop_token_ids=[first])
+    assert (one.output_token_ids, one.finish_reason) == ([first], "length")
+    assert (stopped.output_token_ids, stopped.finish_reason) == ([first], "stop")
+
+
+async def test_hybrid_sends_long_prompts_to_prefill_and_short_ones_colocated(tiny):
+    path, model = tiny
+    short, long = prompts(2, [8, 200], model.config.vocab_size, seed=6)
+    hybrid = spec(path, job_scheduler="pd-hybrid", colocated_instances=1,
+                  options={"hybrid_long_prompt_tokens": 100})
+    async with run_deployment(hybrid) as runner:
+        outputs = [await runner.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True) for p in (short, long)]
+        chosen = dict(runner.deployment.job_scheduler.chosen)
+        roles = sorted(i.info.role.value for i in runner.deployment.pool.instances.values())
+    assert roles == ["colocated", "decode", "prefill"]
+    assert chosen == {TaskRole.COLOCATED: 1, TaskRole.PREFILL: 1}
+    assert [o.output_token_ids for o in outputs] == [hf_greedy(model, p, 8) for p in (short, long)]

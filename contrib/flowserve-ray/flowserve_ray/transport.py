@@ -1,11 +1,13 @@
 """KV transport ``ray``: a prefill instance's exported KV blocks as Ray objects, fetchable
 by a decode instance on any node of the cluster.
 
-``publish`` puts the bytes into the object store of the publisher's node, owned by the
-namespace's ``KVExchange`` actor (so they outlive a prefill actor that dies after handing
-off), and files the reference under a fresh locator; ``fetch`` asks the exchange for the
-reference and gets the bytes (zero copy on the same node; Ray moves them between nodes);
-``release`` drops it. Only the reference crosses the exchange, never the KV bytes.
+``publish`` puts the bytes into the object store of the publisher's node and files the
+reference with the namespace's ``KVExchange`` actor under a fresh locator; ``fetch`` asks
+the exchange for the reference and gets the bytes (zero copy on the same node; Ray moves
+them between nodes); ``release`` drops it. Only the reference crosses the exchange, never
+the KV bytes. The publisher owns the object (Ray 2.56 removed ``ray.put(_owner=…)``): KV
+of a prefill actor that dies before its decode fetched it is lost, and ``fetch`` says so
+(``KVLostError``), as a dead prefill instance's shared memory would be.
 
 Used wherever the job scheduler's transport hook builds it: in engine actors of the ``ray``
 scaler (already connected), or any process that can join the cluster (``$RAY_ADDRESS``).
@@ -22,6 +24,10 @@ from flowserve_core.types import DeploymentSpec, KVHandoff
 from flowserve_ray.cluster import NAMESPACE
 
 EXCHANGE_NAME = "flowserve-kv-exchange"
+
+
+class KVLostError(KeyError):
+    """The KV blocks under a locator are gone (released, or their publisher died)."""
 
 
 class KVExchange:
@@ -78,7 +84,7 @@ class RayObjectTransport:
 
         locator = f"{key}-{uuid.uuid4().hex[:12]}"
         array = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
-        ref = ray.put(array, _owner=self.exchange)
+        ref = ray.put(array)
         ray.get(self.exchange.hold.remote(locator, [ref]))
         return locator
 
@@ -88,9 +94,14 @@ class RayObjectTransport:
 
         refs = ray.get(self.exchange.lookup.remote(handoff.locator))
         if refs is None:
-            raise KeyError(f"no KV blocks are published under {handoff.locator!r} (released, or "
-                           f"published in another namespace than {self.namespace!r})")
-        array = ray.get(refs[0])
+            raise KVLostError(f"no KV blocks are published under {handoff.locator!r} (released, or "
+                              f"published in another namespace than {self.namespace!r})")
+        try:
+            array = ray.get(refs[0])
+        except ray.exceptions.ObjectLostError as exc:
+            self.exchange.drop.remote(handoff.locator)
+            raise KVLostError(f"the KV blocks under {handoff.locator!r} are lost: the instance that "
+                              f"published them is gone ({type(exc).__name__})") from None
         return memoryview(array).cast("B")  # the view keeps the array (and its pages) alive
 
     def release(self, locator: str) -> None:

@@ -1,0 +1,74 @@
+"""A 2-node Ray cluster on this machine (``ray start --head`` and ``ray start --address``,
+started here and stopped at the end): the tiny model served by one actor on each node, both
+with weights from the object store and HF's greedy tokens; KV bytes cross the nodes."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+ray = pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
+pytest.importorskip("flowserve_spmd_executor")
+
+from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_core.types import DeploymentSpec, InstanceState, Request, SamplingParams, Task  # noqa: E402
+from kv_peers import peer_on  # noqa: E402
+from ray_nodes import ray_cluster  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    if ray.is_initialized():
+        ray.shutdown()
+    with ray_cluster(nodes=2, cpus_per_node=1) as address:
+        yield address
+
+
+async def generate_on(instance, prompt: list[int], new_tokens: int) -> list[int]:
+    task = Task(request=Request(prompt_token_ids=prompt, params=SamplingParams(
+        max_tokens=new_tokens, temperature=0.0, ignore_eos=True)))
+    tokens: list[int] = []
+    async with instance.submit(task) as events:
+        async for event in events:
+            assert event.finish_reason in (None, "length"), event.error
+            tokens += event.token_ids
+    return tokens
+
+
+async def test_one_actor_per_node_both_serve_hf_greedy_tokens(two_nodes, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=11)
+    spec = DeploymentSpec(name="tiny", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
+                          batch_scheduler="continuous", job_scheduler="colocated", dtype="float32",
+                          device="cpu", kv_cache_memory="4MiB", scaler="ray", min_instances=2,
+                          max_instances=2, options={"num_cpus": 1, "autoscale": False})
+    prompt = [4, 8, 15, 16, 23, 42]
+    async with run_deployment(spec, timeout=180) as runner:
+        with anyio.fail_after(180):
+            while len([i for i in runner.deployment.pool.instances.values()
+                       if i.info.state is InstanceState.READY]) < 2:
+                await runner.deployment.pool.wait_changed()
+        instances = list(runner.deployment.pool.instances.values())
+        outputs = [await generate_on(instance, prompt, 8) for instance in instances]
+    assert len({i.node_id for i in instances}) == 2  # one actor on each node (1 CPU each)
+    assert all(i.info.start_path == "object-store" for i in instances), [i.info for i in instances]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert outputs == [expected, expected]
+
+
+def test_kv_bytes_cross_nodes_through_ray_objects(two_nodes):
+    first, second = [n["NodeID"] for n in ray.nodes() if n["Alive"]][:2]
+    prefill, decode = peer_on(first), peer_on(second)
+    (prefill_node, _), (decode_node, _) = ray.get([prefill.where.remote(), decode.where.remote()])
+    assert prefill_node != decode_node
+    size = 2 * 2**20
+    locator, digest = ray.get(prefill.publish.remote(size, seed=7))
+    assert ray.get(decode.fetch.remote(locator, size)) == digest
+    ray.get(decode.release.remote(locator))

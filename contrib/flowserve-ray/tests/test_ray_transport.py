@@ -4,6 +4,8 @@ wrong bytes or a hang."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -25,8 +27,11 @@ def test_kv_published_by_one_actor_is_fetched_by_another(local_ray):
         ray.get(decode.fetch.remote(locator, size))
     orphan, orphan_digest = ray.get(prefill.publish.remote(size, seed=3))
     ray.kill(prefill)  # the prefill instance died before its decode fetched the KV
+    deadline = time.monotonic() + 60
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(prefill.where.remote(), timeout=60)
+        while time.monotonic() < deadline:  # ray.kill is asynchronous: wait until it is dead
+            ray.get(prefill.where.remote(), timeout=60)
+            time.sleep(0.1)
     # The contract: intact bytes (Ray 2.60 keeps a borrowed object whose owner died), or a
     # KVLostError naming the cause; never other bytes, never a hang.
     try:

@@ -15,6 +15,9 @@ from flowserve_core.types import DeploymentSpec
 
 log = logging.getLogger(__name__)
 
+#: Seconds ``remove_deployment`` waits for stopped instances to end before it returns.
+STOP_WAIT = 30.0
+
 
 class Server:
     """Owns the deployments of one ``flowserve serve``; frontends look models up here.
@@ -79,6 +82,9 @@ class Server:
             while deployment.requests:  # admitted requests keep their instances until they end
                 await anyio.sleep(0.05)
         await deployment.stop(max(0.0, drain.deadline - anyio.current_time()) if timeout else 0.0)
+        with anyio.move_on_after(STOP_WAIT):  # until its instances have ended (processes reaped)
+            while deployment.pool.instances:
+                await deployment.pool.wait_changed()
         log.info("deployment removed", extra={"deployment": name})
 
     def set_alias(self, alias: str, deployment: str) -> None:

@@ -29,20 +29,12 @@ from flowserve_core.types import (
     DeploymentSpec, Job, KVHandoff, Rejection, Request, Task, TaskRole, TaskState, TokenEvent,
 )
 
+from flowserve_pd_scheduler.estimate import Ewma, LinearFit
+
 log = logging.getLogger(__name__)
 
 #: Prompt tokens that name a prefix for locality (two blocks of the default size).
 LOCALITY_TOKENS = 32
-
-
-class Ewma:
-    """An exponentially weighted moving average (None until the first sample)."""
-
-    def __init__(self, weight: float = 0.2):
-        self.weight, self.value = weight, None
-
-    def add(self, sample: float) -> None:
-        self.value = sample if self.value is None else (1 - self.weight) * self.value + self.weight * sample
 
 
 class DisaggregatedJobScheduler(ColocatedJobScheduler):
@@ -56,7 +48,9 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         if self.on_failure not in ("reroute", "fail"):
             raise ValueError(f"option pd_on_failure must be 'reroute' or 'fail', got {self.on_failure!r}")
         self.locality_slack = int(options.get("pd_locality_slack", 2))
-        self.prefill_tokens_per_second = Ewma()
+        #: Time to first token against prefill work (tokens queued ahead + new tokens).
+        self.prefill_time = LinearFit()
+        self._queued_at_placement: dict[str, int] = {}
         self.decode_seconds_per_token = Ewma()
         self._last_prefill_on: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
         self._transports: dict[str, Any] = {}
@@ -81,7 +75,10 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         request = prefill.request
         prefill.move_to(TaskState.RUNNING)
         started = time.monotonic()
-        first = await self._phase(prefill, pool, emit, self._place_prefill, forward_last=False)
+        try:
+            first = await self._phase(prefill, pool, emit, self._place_prefill, forward_last=False)
+        finally:  # what was queued where the prefill was placed: the fit's x, with its own tokens
+            queued = self._queued_at_placement.pop(request.id, 0)
         if first is None:
             return None
         if not self._continues(request, first):
@@ -91,7 +88,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
             return first
         prefill.move_to(TaskState.DONE)
         new_tokens = max(1, len(request.prompt_token_ids) - first.num_cached_tokens)
-        self.prefill_tokens_per_second.add(new_tokens / max(time.monotonic() - started, 1e-3))
+        self.prefill_time.add(queued + new_tokens, time.monotonic() - started)
         await emit(TokenEvent(task_id=first.task_id, token_ids=first.token_ids, logprobs=first.logprobs,
                               num_prompt_tokens=first.num_prompt_tokens,
                               num_cached_tokens=first.num_cached_tokens))
@@ -183,6 +180,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
             self._last_prefill_on.move_to_end(key)
             while len(self._last_prefill_on) > 4096:
                 self._last_prefill_on.popitem(last=False)
+        self._queued_at_placement[request.id] = _prefill_load(lightest)[1]
         return lightest
 
     async def _place_decode(self, pool: Any, avoid: set[str], request: Request | None = None) -> Instance:
@@ -199,14 +197,15 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
 
     def admission(self, request: Request, pool: Any) -> Rejection | None:
         """Refuse early (429) a request that would miss the deployment's SLOs anyway: its
-        estimated time to first token (prefill work queued ahead of it at the measured prefill
-        speed), or the measured decode time per token while every decode instance is busy."""
-        spec, rate = self.spec, self.prefill_tokens_per_second.value
+        estimated time to first token (the prefill work queued ahead of it plus its own, through
+        the fitted ``overhead + seconds per token × work``), or the measured decode time per
+        token while every decode instance is busy. Nothing is refused before the fit has data."""
+        spec = self.spec
         prefills = pool.ready(TaskRole.PREFILL)
-        if spec.slo_ttft_seconds and rate and prefills:
-            queued = min(_prefill_load(i)[1] for i in prefills) + len(request.prompt_token_ids)
-            estimate = queued / rate
-            if estimate > spec.slo_ttft_seconds:
+        if spec.slo_ttft_seconds and prefills:
+            work = min(_prefill_load(i)[1] for i in prefills) + len(request.prompt_token_ids)
+            estimate = self.prefill_time.predict(work)
+            if estimate is not None and estimate > spec.slo_ttft_seconds:
                 return Rejection(message=f"the estimated time to first token ({estimate:.1f} s) exceeds the "
                                          f"deployment's TTFT SLO ({spec.slo_ttft_seconds:g} s); retry later",
                                  status=429, retry_after=max(1.0, estimate - spec.slo_ttft_seconds))

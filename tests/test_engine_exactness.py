@@ -17,7 +17,7 @@ pytest.importorskip("flowserve_paged_kv")
 pytest.importorskip("flowserve_hf_tokenizer")
 torch = pytest.importorskip("torch")
 
-from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_core.testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -30,11 +30,6 @@ def tiny(tmp_path_factory):
     return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def spec(path, **overrides) -> DeploymentSpec:

@@ -5,7 +5,8 @@ For tests only (and ``flowserve plugin new``, which writes plugin projects from 
 
 - ``plugin_manager(*names)``: a fresh ``PluginManager`` with only the named plugins.
 - ``run_deployment(spec)``: an in-process deployment to ``generate(prompt_ids, **params)`` on.
-- ``write_tiny_llama(directory)``: a tiny random Llama checkpoint with its tokenizer.
+- ``write_tiny_llama(directory)``: a tiny random Llama checkpoint with its tokenizer;
+  ``hf_greedy(model, prompt, n)``: the oracle, transformers' greedy tokens.
 - ``TinyEngine`` / ``find_tiny_engine``: the smallest installed engine to run a plugin on.
 - ``LiveServer`` / ``serve``: ``flowserve serve`` in a subprocess on a free 127.0.0.1 port.
 - Conformance suites, one call each: ``check_batch_scheduler``, ``check_kv_cache_manager``,
@@ -19,12 +20,12 @@ from flowserve_core.testing.check_executor import check_executor
 from flowserve_core.testing.check_kv_cache import check_kv_cache_manager
 from flowserve_core.testing.check_scheduler import check_batch_scheduler
 from flowserve_core.testing.check_tokenizer import check_tokenizer
-from flowserve_core.testing.engines import TinyEngine, find_tiny_engine, write_tiny_llama
+from flowserve_core.testing.engines import TinyEngine, find_tiny_engine, hf_greedy, write_tiny_llama
 from flowserve_core.testing.harness import DeploymentRunner, InstanceStartError, plugin_manager, run_deployment
 from flowserve_core.testing.live import LiveServer, free_port, serve
 
 __all__ = [
     "ConformanceError", "DeploymentRunner", "InstanceStartError", "LiveServer", "TinyEngine",
     "check_batch_scheduler", "check_executor", "check_kv_cache_manager", "check_tokenizer",
-    "find_tiny_engine", "free_port", "plugin_manager", "run_deployment", "serve", "write_tiny_llama",
+    "find_tiny_engine", "free_port", "hf_greedy", "plugin_manager", "run_deployment", "serve", "write_tiny_llama",
 ]

@@ -56,6 +56,17 @@ TOY_ENGINE: dict[str, Any] = dict(
     batch_scheduler="fifo", job_scheduler="least-tasks")
 
 
+def hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """The oracle: transformers ``generate(do_sample=False)`` from ``prompt``, exactly
+    ``new_tokens`` token ids (EOS does not stop it), as FlowServe must produce them greedily."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 class TinyEngine(msgspec.Struct, kw_only=True):
     """Deployment settings of the smallest engine installed, for plugin tests.
 

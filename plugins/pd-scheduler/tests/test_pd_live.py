@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 openai = pytest.importorskip("openai")
 
-from flowserve_core.testing import serve, write_tiny_llama  # noqa: E402
+from flowserve_core.testing import hf_greedy, serve, write_tiny_llama  # noqa: E402
 
 ENGINE = ["--tokenizer", "hf", "--executor", "spmd", "--kv-cache", "paged", "--batch-scheduler", "continuous",
           "--scaler", "static", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB"]
@@ -33,11 +33,6 @@ def tiny(tmp_path_factory):
     return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 def wait_ready(server, count: int) -> list[dict]:

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from flowserve_core.deployment import Deployment  # noqa: E402
 from flowserve_core.plugins import PluginManager  # noqa: E402
-from flowserve_core.testing import write_tiny_llama  # noqa: E402
+from flowserve_core.testing import hf_greedy, write_tiny_llama  # noqa: E402
 from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -60,11 +60,6 @@ def spec(path: Path, **overrides) -> DeploymentSpec:
     return DeploymentSpec(**fields)
 
 
-def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 async def generate_on(instance, prompt: list[int], new_tokens: int) -> list[int]:

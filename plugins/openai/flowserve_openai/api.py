@@ -70,7 +70,7 @@ async def create_completion(request: Request) -> Any:
     ctx = _ctx(request)
     body = await ctx.decode(request, CompletionRequest)
     check_request(body, ctx.config)
-    deployment = ctx.deployment(body.model)
+    deployment = await ctx.deployment(body.model)
     tokenizer = deployment.tokenizer
     prompts = await completion_prompts(body, tokenizer)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
@@ -90,7 +90,7 @@ async def create_chat_completion(request: Request) -> Any:
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
                        code="invalid_value")
-    deployment = ctx.deployment(body.model)
+    deployment = await ctx.deployment(body.model)
     tokenizer = deployment.tokenizer
     prompt_ids = await chat_prompt(chat_messages(body), tokenizer)
     if body.max_completion_tokens is not None:

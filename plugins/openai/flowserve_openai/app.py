@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from flowserve_openai import admin, api, ops
+from flowserve_openai import admin, api, deployments, ops
 from flowserve_openai.auth import BearerKeyMiddleware
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
@@ -53,11 +53,16 @@ def build_app(server: Any) -> Starlette:
         Route("/openapi.json", ops.openapi, methods=["GET"]),
         Route("/admin/scale", admin.scale, methods=["POST"]),
         Route("/admin/status", admin.status, methods=["GET"]),
+        Route("/admin/deployments", deployments.list_deployments, methods=["GET"]),
+        Route("/admin/deployments", deployments.add_deployment, methods=["POST"]),
+        Route("/admin/deployments/{name:path}", deployments.remove_deployment, methods=["DELETE"]),
+        Route("/admin/aliases", deployments.set_alias, methods=["POST"]),
+        Route("/admin/aliases/{alias:path}", deployments.remove_alias, methods=["DELETE"]),
     ]
     middleware = []
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
-                                     allow_methods=["GET", "POST", "OPTIONS"],
+                                     allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                                      allow_headers=["authorization", "content-type"]))
     middleware.append(Middleware(BearerKeyMiddleware, api_key=config.api_key, admin_key=config.admin_key))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={

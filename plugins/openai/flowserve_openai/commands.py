@@ -1,4 +1,6 @@
-"""``flowserve scale N`` and ``flowserve status``: the admin endpoints from the command line."""
+"""The admin endpoints from the command line: ``flowserve scale N``, ``flowserve status``,
+``flowserve deploy NAME --model PATH``, ``flowserve undeploy NAME``, ``flowserve deployments``
+and ``flowserve alias ALIAS DEPLOYMENT``."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ KEY_HELP = "Admin key (default: $FLOWSERVE_ADMIN_KEY, else $FLOWSERVE_API_KEY)."
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Add ``scale`` and ``status`` to the ``flowserve`` CLI."""
+    """Add ``scale``, ``status`` and the deployment commands to the ``flowserve`` CLI."""
 
     @app.command()
     def scale(
@@ -49,6 +51,116 @@ def add_commands(app: typer.Typer) -> None:
         Console().print(table)
 
 
+def add_deployment_commands(app: typer.Typer) -> None:
+    """Add ``deploy``, ``undeploy``, ``deployments`` and ``alias`` to the ``flowserve`` CLI."""
+
+    @app.command()
+    def deploy(
+        name: str = typer.Argument(..., help="The model id clients will send."),
+        model: str = typer.Option(..., "--model", help="Model directory or GGUF file, as the server sees it."),
+        url: str = typer.Option(DEFAULT_URL, help="The FlowServe server."),
+        min_instances: Optional[int] = typer.Option(None, help="Instances kept running (default 1)."),
+        max_instances: Optional[int] = typer.Option(None, help="Upper bound for autoscaling (default 1)."),
+        scaler: Optional[str] = typer.Option(None, help="Scaler (default static)."),
+        job_scheduler: Optional[str] = typer.Option(None, help="Job scheduler (default colocated)."),
+        dtype: Optional[str] = typer.Option(None, help="auto|float32|bfloat16|float16."),
+        device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|npu."),
+        kv_cache_memory: Optional[str] = typer.Option(None, help="KV cache size per instance, e.g. 1GiB."),
+        max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
+        scale_to_zero_after: Optional[float] = typer.Option(None, help="Idle seconds before scaling to zero."),
+        option: list[str] = typer.Option([], "--option", "-o", help="Deployment setting KEY=VALUE: any "
+                                         "DeploymentSpec field, else a plugin option (repeatable)."),
+        admin_key: Optional[str] = typer.Option(None, envvar=["FLOWSERVE_ADMIN_KEY", "FLOWSERVE_API_KEY"],
+                                                show_envvar=False, help=KEY_HELP),
+    ) -> None:
+        """Add a deployment to a running server (POST /admin/deployments)."""
+        from flowserve_core.types import DeploymentSpec
+
+        body: dict[str, Any] = {"name": name, "model": model}
+        for key in ("min_instances", "max_instances", "scaler", "job_scheduler", "dtype", "device",
+                    "kv_cache_memory", "max_model_len", "scale_to_zero_after"):
+            if locals()[key] is not None:
+                body[key] = locals()[key]
+        if min_instances is not None and max_instances is None:
+            body["max_instances"] = max(min_instances, 1)
+        for text in option:
+            key, value = _key_value(text)
+            if key in DeploymentSpec.__struct_fields__:
+                body[key] = value
+            else:
+                body.setdefault("options", {})[key] = value
+        answer = _call("POST", url, "/admin/deployments", admin_key, json=body)
+        typer.echo(f"{answer['name']}: added ({answer['state']}, target {answer['target']} instance(s))")
+
+    @app.command()
+    def undeploy(
+        name: str = typer.Argument(..., help="The deployment to remove."),
+        url: str = typer.Option(DEFAULT_URL, help="The FlowServe server."),
+        admin_key: Optional[str] = typer.Option(None, envvar=["FLOWSERVE_ADMIN_KEY", "FLOWSERVE_API_KEY"],
+                                                show_envvar=False, help=KEY_HELP),
+    ) -> None:
+        """Drain and remove a deployment (DELETE /admin/deployments/NAME)."""
+        from urllib.parse import quote
+
+        answer = _call("DELETE", url, f"/admin/deployments/{quote(name, safe='')}", admin_key, timeout=None)
+        gone = f" (aliases removed: {', '.join(answer['aliases_removed'])})" if answer["aliases_removed"] else ""
+        typer.echo(f"{answer['name']}: removed{gone}")
+
+    @app.command()
+    def deployments(
+        url: str = typer.Option(DEFAULT_URL, help="The FlowServe server."),
+        admin_key: Optional[str] = typer.Option(None, envvar=["FLOWSERVE_ADMIN_KEY", "FLOWSERVE_API_KEY"],
+                                                show_envvar=False, help=KEY_HELP),
+    ) -> None:
+        """List the deployments with their instances by state (GET /admin/deployments)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        answer = _call("GET", url, "/admin/deployments", admin_key)
+        table = Table(title=f"{len(answer['deployments'])} deployment(s)")
+        for column in ("name", "model", "state", "target", "instances", "running", "waiting", "aliases"):
+            table.add_column(column)
+        for d in answer["deployments"]:
+            counts = ", ".join(f"{n} {state}" for state, n in d["instances"].items() if n)
+            table.add_row(d["name"], d["model"], d["state"], str(d["target"]), counts or "none",
+                          str(d["num_running"]), str(d["num_waiting"]), ", ".join(d["aliases"]))
+        Console(width=200).print(table)
+
+    @app.command()
+    def alias(
+        alias: str = typer.Argument(..., help="The served name, e.g. chat."),
+        deployment: Optional[str] = typer.Argument(None, help="The deployment it points at."),
+        remove: bool = typer.Option(False, "--remove", help="Stop serving the alias instead."),
+        url: str = typer.Option(DEFAULT_URL, help="The FlowServe server."),
+        admin_key: Optional[str] = typer.Option(None, envvar=["FLOWSERVE_ADMIN_KEY", "FLOWSERVE_API_KEY"],
+                                                show_envvar=False, help=KEY_HELP),
+    ) -> None:
+        """Point an alias at a deployment, or switch it (POST /admin/aliases)."""
+        from urllib.parse import quote
+
+        if remove:
+            answer = _call("DELETE", url, f"/admin/aliases/{quote(alias, safe='')}", admin_key)
+            typer.echo(f"{alias}: removed (was {answer['previous']})")
+            return
+        if deployment is None:
+            raise typer.BadParameter("name the deployment the alias points at (or give --remove)")
+        answer = _call("POST", url, "/admin/aliases", admin_key, json={"alias": alias, "deployment": deployment})
+        was = f" (was {answer['previous']})" if answer["previous"] else ""
+        typer.echo(f"{alias} -> {answer['deployment']}{was}")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise typer.BadParameter(f"--option wants KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def _call(method: str, url: str, path: str, key: str | None, **kw: Any) -> dict:
     """One admin call; a refusal or an unreachable server becomes a message and exit code 1."""
     import httpx
@@ -57,14 +169,15 @@ def _call(method: str, url: str, path: str, key: str | None, **kw: Any) -> dict:
 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.request(method, url.rstrip("/") + path, headers=headers, timeout=30, **kw)
+        kw.setdefault("timeout", 30)
+        response = httpx.request(method, url.rstrip("/") + path, headers=headers, **kw)
     except httpx.HTTPError as exc:
         raise FlowServeError(f"cannot reach {url}: {exc}") from None
     try:
         answer = response.json()
     except ValueError:
         answer = {}
-    if response.status_code != 200:
+    if not 200 <= response.status_code < 300:
         message = (answer.get("error") or {}).get("message") if isinstance(answer, dict) else None
         raise FlowServeError(f"{url}{path} answered {response.status_code}: {message or response.text[:200]}")
     return answer

@@ -7,6 +7,7 @@ import hashlib
 import time
 from typing import Any, TypeVar
 
+import anyio
 import msgspec
 from starlette.requests import ClientDisconnect, Request
 
@@ -19,6 +20,9 @@ from flowserve_openai.openapi import openapi_schema
 from flowserve_openai.protocol import encoder
 
 T = TypeVar("T")
+
+#: Seconds an inference request waits for a deployment added at run time to finish starting.
+START_WAIT = 300.0
 
 
 class AppContext:
@@ -36,10 +40,17 @@ class AppContext:
         self._created: dict[str, int] = {}
         for name in server.deployments:
             self.created(name)
+        #: Deployments the server started with; those added later do not hold /ready back.
+        self.initial = set(server.deployments)
 
     def created(self, name: str) -> int:
         """When this app first saw the deployment ``name`` (OpenAI's ``created``)."""
         return self._created.setdefault(name, int(time.time()))
+
+    def forget(self, name: str) -> None:
+        """The deployment ``name`` was removed: a new one of that name is a new model."""
+        self._created.pop(name, None)
+        self.initial.discard(name)
 
     def lookup(self, model: str | None, param: str = "model") -> Any:
         """The deployment serving ``model`` (name or alias), or a 404 naming what is served."""
@@ -48,13 +59,20 @@ class AppContext:
         except UnknownModelError as exc:
             raise APIError(404, str(exc), param=param, code="model_not_found") from None
 
-    def deployment(self, model: str | None) -> Any:
+    async def deployment(self, model: str | None) -> Any:
         """The deployment for an inference request: it must exist (404) and be able to serve
-        (503 while it starts, when its engine is dead, or while the server shuts down)."""
+        (503 when its engine is dead, or while the server shuts down). A deployment added at
+        run time that is still starting is waited for (up to ``START_WAIT`` s), not refused."""
         if self.server.stopping:
             raise APIError(503, "The server is shutting down.", code="shutting_down")
         deployment = self.lookup(model)
         health = self.health.health(deployment)
+        with anyio.move_on_after(START_WAIT):
+            while health.state == "starting":
+                await anyio.sleep(0.05)
+                if self.server.deployments.get(deployment.name) is not deployment:
+                    deployment = self.lookup(model)  # removed (404) or replaced meanwhile
+                health = self.health.health(deployment)
         if health.state == "starting":
             raise APIError(503, f"The model {deployment.name!r} is still starting; retry shortly.",
                            code="model_starting", headers={"Retry-After": "5"})

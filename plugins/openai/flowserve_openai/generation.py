@@ -82,6 +82,11 @@ class Generation:
                           eos_token_ids=list(tokenizer.eos_token_ids), model=self.deployment.name)
         handle = None
         latencies: list[float] = []
+        if self.deployment.stopping:  # removed after the lookup: as if it had not been found
+            events.close()
+            task_status.started(APIError(404, f"The model {self.deployment.name!r} was removed.",
+                                         param="model", code="model_not_found"))
+            return
         with events:
             try:
                 async with self.deployment.open(request) as handle:

@@ -68,13 +68,15 @@ class HealthMonitor:
         if counts[InstanceState.READY.value]:
             return DeploymentHealth(state="ready", instances=counts)
         warming = counts[InstanceState.WARMING.value]
+        wanted = deployment.role_targets(getattr(deployment.scaler, "target", None))
+        if not warming and not wanted:
+            # Scaled to zero by choice: the next request starts an instance, whatever the last
+            # one's end looked like (a drain the watcher saw only once it was over looks like a death).
+            return DeploymentHealth(state="scaled-to-zero", instances=counts)
         if history.failures and (not warming or history.failures >= CRASH_LOOP):
             return DeploymentHealth(state="dead", instances=counts, error=(
                 f"{history.failures} instance(s) of {deployment.name!r} failed in a row and none is "
                 f"ready; the last error: {history.last_error}"))
-        wanted = deployment.role_targets(getattr(deployment.scaler, "target", None))
-        if not warming and not wanted:
-            return DeploymentHealth(state="scaled-to-zero", instances=counts)
         return DeploymentHealth(state="warming", instances=counts)
 
     async def watch(self) -> None:
@@ -93,3 +95,6 @@ class HealthMonitor:
             self.observe(deployment)
             with anyio.move_on_after(1.0):
                 await deployment.pool.wait_changed()
+        history = self._history.get(deployment.name)
+        if history is not None and history.deployment is deployment:  # removed: forget it
+            del self._history[deployment.name]

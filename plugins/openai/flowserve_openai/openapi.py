@@ -9,12 +9,14 @@ import msgspec
 
 from flowserve_core import __version__
 from flowserve_core.config import ServerConfig
+from flowserve_core.types import DeploymentSpec
 from flowserve_openai import protocol as p
 
 REF = "#/components/schemas/{name}"
 SCHEMAS = [p.CompletionRequest, p.Completion, p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
            p.ModelList, p.ModelCard, p.ErrorResponse, p.HealthResponse, p.ScaleRequest, p.ScaleResponse,
-           p.StatusResponse]
+           p.StatusResponse, DeploymentSpec, p.DeploymentStatus, p.DeploymentList, p.RemovedDeployment,
+           p.AliasRequest, p.AliasResponse]
 
 
 def _ref(struct: type) -> dict[str, str]:
@@ -29,6 +31,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {400: "Invalid request: malformed JSON, a bad parameter (named in error.param), or a "
                     "prompt that does not fit the context.",
                401: "Missing or wrong API key.", 404: "Unknown model or deployment.",
+               409: "The name is taken (a deployment or an alias).",
                413: "The body is larger than the server's limit.",
                429: "The deployment's queue is full; retry after Retry-After seconds.",
                500: "The engine failed while running the request.",
@@ -93,6 +96,7 @@ def openapi_schema(config: ServerConfig, max_instances: int | None = None,
     api_security = [{"bearer": []}] if config.api_key else []
     admin_security = [{"bearer": []}] if (config.admin_key or config.api_key) else []
     model_param = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    name_param = model_param
     deployment_param = {"name": "deployment", "in": "query", "required": False, "schema": {"type": "string"},
                         "description": "The deployment (default: the first one)."}
     paths: dict[str, Any] = {
@@ -116,6 +120,25 @@ def openapi_schema(config: ServerConfig, max_instances: int | None = None,
         "/admin/status": {"get": {
             "summary": "A deployment's instances and target.", "parameters": [deployment_param],
             "responses": {"200": _json(p.StatusResponse, "The deployment's instances."), **_errors(401, 404)}}},
+        "/admin/deployments": {
+            "get": {"summary": "Every deployment with its instances by state, and the aliases.",
+                    "responses": {"200": _json(p.DeploymentList, "The deployments."), **_errors(401)}},
+            "post": {"summary": "Add a deployment; requests for it wait while its first instance warms.",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": _ref(DeploymentSpec)}}},
+                     "responses": {"201": _json(p.DeploymentStatus, "The deployment runs."),
+                                   **_errors(400, 401, 409, 413, 500, 503)}}},
+        "/admin/deployments/{name}": {"delete": {
+            "summary": "Drain a deployment (its requests finish, new ones get 404), then stop it.",
+            "parameters": [{**name_param, "name": "name"}],
+            "responses": {"200": _json(p.RemovedDeployment, "Removed."), **_errors(401, 404)}}},
+        "/admin/aliases": {"post": {
+            "summary": "Point an alias at a deployment (atomically; running requests stay where they are).",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(p.AliasRequest)}}},
+            "responses": {"200": _json(p.AliasResponse, "The alias."), **_errors(400, 401, 404, 409, 413)}}},
+        "/admin/aliases/{alias}": {"delete": {
+            "summary": "Stop serving an alias.", "parameters": [{**name_param, "name": "alias"}],
+            "responses": {"200": _json(p.AliasResponse, "Removed."), **_errors(401, 404)}}},
     }
     for path, item in paths.items():
         security = admin_security if path.startswith("/admin") else api_security

@@ -31,10 +31,14 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """200 when every deployment can take a request now (a ready instance, or scaled to zero
-    by choice: the first request starts one); 503 otherwise, and while shutting down."""
+    by choice: the first request starts one) or, if added at run time, is still warming
+    (requests for it wait); 503 otherwise, and while shutting down."""
     ctx = _ctx(request)
     states = _states(ctx)
-    ok = not ctx.server.stopping and all(state.state in SERVING for state in states.values())
+    # A model added at run time while it starts does not take the server out of service.
+    ok = not ctx.server.stopping and all(state.state in SERVING or (name not in ctx.initial and state.state in
+                                                                      ("starting", "warming"))
+                                         for name, state in states.items())
     return json_response(HealthResponse(status="ok" if ok else "unavailable", deployments=states),
                          200 if ok else 503)
 

@@ -1,4 +1,5 @@
-"""Hook implementations: frontend ``openai``; commands ``flowserve scale`` and ``flowserve status``.
+"""Hook implementations: frontend ``openai``; the admin commands ``flowserve scale``, ``status``,
+``deploy``, ``undeploy``, ``deployments`` and ``alias``.
 
 Kept light: uvicorn and starlette are imported by the factory, httpx by the commands.
 """
@@ -25,7 +26,8 @@ def flowserve_register_frontends(register: Any) -> None:
 
 @hookimpl
 def flowserve_register_commands(app: Any) -> None:
-    """Add ``flowserve scale`` and ``flowserve status``."""
-    from flowserve_openai.commands import add_commands
+    """Add ``flowserve scale``, ``status``, ``deploy``, ``undeploy``, ``deployments``, ``alias``."""
+    from flowserve_openai.commands import add_commands, add_deployment_commands
 
     add_commands(app)
+    add_deployment_commands(app)

@@ -358,4 +358,52 @@ class StatusResponse(Struct, kw_only=True):
     instances: list[InstanceStatus]
 
 
+class DeploymentStatus(Struct, kw_only=True):
+    """One deployment in ``GET /admin/deployments``: what it serves, how it stands, and its
+    instances counted by state (``warming``, ``ready``, ``draining``, ``gone``)."""
+
+    name: str
+    model: str
+    state: Literal["ready", "warming", "starting", "scaled-to-zero", "dead"]
+    target: int
+    min_instances: int
+    max_instances: int
+    scaler: str
+    job_scheduler: str
+    instances: dict[str, int]
+    aliases: list[str]
+    num_running: int
+    num_waiting: int
+
+
+class DeploymentList(Struct, kw_only=True):
+    """``GET /admin/deployments``: every deployment, and every alias with its deployment."""
+
+    deployments: list[DeploymentStatus]
+    aliases: dict[str, str]
+
+
+class RemovedDeployment(Struct, kw_only=True):
+    """``DELETE /admin/deployments/NAME``: the deployment is drained and its instances stopped."""
+
+    name: str
+    removed: bool = True
+    aliases_removed: list[str] = []
+
+
+class AliasRequest(Struct, kw_only=True):
+    """``POST /admin/aliases``: serve ``alias`` with ``deployment`` (new, or a switch)."""
+
+    alias: Annotated[str, Meta(min_length=1, max_length=256)]
+    deployment: Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class AliasResponse(Struct, kw_only=True):
+    """An alias after the call, and the deployment it pointed at before (None: it is new)."""
+
+    alias: str
+    deployment: str | None
+    previous: str | None = None
+
+
 encoder = msgspec.json.Encoder()

@@ -10,7 +10,8 @@ Options (``DeploymentSpec.options``):
 
 - ``pd_on_failure`` (``reroute`` | ``fail``, default ``reroute``): when a decode instance dies
   mid-request, run the rest on another decode instance (it recomputes the KV from the tokens
-  so far: greedy output is unchanged), or end the request with the error.
+  so far: greedy output is unchanged), or end the request with the error; when a prefill
+  instance dies, run the prefill again on another one, or end the request with the error.
 - ``retry_on_instance_death`` (default 2): attempts per phase on instances that died.
 - ``instance_wait_timeout`` (seconds, default 600): how long a task waits for a ready instance.
 - ``pd_locality_slack`` (tasks, default 2): how much busier the prefix-locality choice may be.
@@ -151,6 +152,9 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
                 return await self._run_on(instance, task, emit if forward_last else _ignore)
             except _InstanceDied as died:
                 failed_on.add(instance.info.id)
+                if self.on_failure == "fail":
+                    return TokenEvent(task_id=task.id, finish_reason="error", instance_failed=True,
+                                      error=f"{task.role.value} instance {instance.info.id} died: {died.error}")
                 if attempts > self.max_retries:
                     last = TokenEvent(task_id=task.id, finish_reason="error",
                                       error=f"{died.error} (gave up after {attempts} attempts)")

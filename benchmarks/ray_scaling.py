@@ -5,6 +5,8 @@ Paths measured:
 
 - ``ray+object-store``: scaler ``ray``; each new actor maps the model's DRAM image from
   Ray's object store (put once before the clock starts);
+- ``ray+pool``: as ``ray+object-store``, with ``pool_size = N`` pre-warmed idle actors
+  (worker process up, torch and the executor imported) filled before the clock starts;
 - ``ray+load``: scaler ``ray`` with ``weights_via_object_store=false``; each actor loads the
   weights itself;
 - ``prewarm forked`` and ``prewarm preloaded``: the local ``prewarm`` scaler, measured by
@@ -42,30 +44,35 @@ from flowserve_core.plugins import PluginManager  # noqa: E402
 from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402
 
 
-def ray_spec(args: argparse.Namespace, count: int, object_store: bool) -> DeploymentSpec:
+def ray_spec(args: argparse.Namespace, count: int, object_store: bool, pool: int = 0) -> DeploymentSpec:
     return DeploymentSpec(
         name="bench", model=args.model, scaler="ray", min_instances=0, max_instances=max(count, 1),
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, dtype=args.dtype,
-        options={"num_cpus": 1, "autoscale": False, "weights_via_object_store": object_store})
+        options={"num_cpus": 1, "autoscale": False, "weights_via_object_store": object_store,
+                 "pool_size": pool, "pool_refill": False})
 
 
-async def started(deployment: Deployment, object_store: bool) -> None:
-    """Until the scaler joined Ray and (if asked) put the weights into the object store."""
-    while not deployment.scaler.resources or (object_store and deployment.scaler.weights is None):
+async def started(deployment: Deployment, object_store: bool, pool: int = 0) -> None:
+    """Until the scaler joined Ray, (if asked) put the weights into the object store and
+    filled its pool of pre-warmed actors."""
+    scaler = deployment.scaler
+    while not scaler.resources or (object_store and scaler.weights is None) \
+            or (pool and len(scaler.pool.idle) < pool):
         await anyio.sleep(0.05)
 
 
-async def ray_scale_to(args: argparse.Namespace, count: int, object_store: bool) -> dict[str, Any]:
-    deployment = Deployment(ray_spec(args, count, object_store), PluginManager())
+async def ray_scale_to(args: argparse.Namespace, count: int, object_store: bool, pool: int = 0) -> dict[str, Any]:
+    deployment = Deployment(ray_spec(args, count, object_store, pool), PluginManager())
     async with anyio.create_task_group() as tg:
         await tg.start(deployment.run)
-        await started(deployment, object_store)
+        await started(deployment, object_store, pool)
         began = time.monotonic()
         deployment.scaler.set_target(count)
         await scaling.wait_ready(deployment, count, args.timeout)
         seconds = time.monotonic() - began
         instances = deployment.pool.ready()
-        result = {"path": "ray+object-store" if object_store else "ray+load", "instances": count,
+        name = "ray+pool" if pool else "ray+object-store" if object_store else "ray+load"
+        result = {"path": name, "instances": count,
                   "seconds": seconds, "start_paths": sorted({i.info.start_path for i in instances}),
                   "start_seconds_median": sorted(i.info.start_seconds for i in instances)[len(instances) // 2]}
         await deployment.stop()
@@ -73,12 +80,12 @@ async def ray_scale_to(args: argparse.Namespace, count: int, object_store: bool)
     return result
 
 
-async def ray_cold_request(args: argparse.Namespace) -> dict[str, Any]:
+async def ray_cold_request(args: argparse.Namespace, pool: int) -> dict[str, Any]:
     """A request at zero actors: from its arrival to its first token."""
-    deployment = Deployment(ray_spec(args, 1, True), PluginManager())
+    deployment = Deployment(ray_spec(args, 1, True, pool), PluginManager())
     async with anyio.create_task_group() as tg:
         await tg.start(deployment.run)
-        await started(deployment, True)
+        await started(deployment, True, pool)
         request = Request(prompt_token_ids=deployment.tokenizer.encode("The capital of France is"),
                           params=SamplingParams(max_tokens=8, temperature=0.0))
         began, first = time.monotonic(), None
@@ -90,7 +97,7 @@ async def ray_cold_request(args: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(f"cold request failed: {event.error}")
         await deployment.stop()
         tg.cancel_scope.cancel()
-    return {"path": "ray+object-store", "first_token_seconds": first}
+    return {"path": "ray+pool" if pool else "ray+object-store", "first_token_seconds": first}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,20 +105,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     counts = [int(c) for c in args.counts.split(",")]
     began = time.monotonic()
-    ray.init(address="local", num_cpus=max(counts), include_dashboard=False, namespace="flowserve",
+    # Pooled idle actors hold a logical CPU each while the instances start: room for both.
+    ray.init(address="local", num_cpus=2 * max(counts), include_dashboard=False, namespace="flowserve",
              log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     ray_start = time.monotonic() - began
     scaling.prepare_image(args)  # the DRAM image both sides start from, built once, untimed
     results, cold = [], []
     for count in counts:
-        for object_store in (True, False):
-            results.append(await ray_scale_to(args, count, object_store))
+        for object_store, pool in ((True, count), (True, 0), (False, 0)):
+            results.append(await ray_scale_to(args, count, object_store, pool))
             print(results[-1], flush=True)
         for path in ("preloaded", "forked"):
             results.append(await scaling.scale_to(args, path, count))
             results[-1]["path"] = f"prewarm {path}"
             print(results[-1], flush=True)
-    cold.append(await ray_cold_request(args))
+    cold.append(await ray_cold_request(args, 1))
+    cold.append(await ray_cold_request(args, 0))
     prewarm_cold = await scaling.cold_request(args, "forked")
     prewarm_cold["path"] = "prewarm forked"
     cold.append(prewarm_cold)

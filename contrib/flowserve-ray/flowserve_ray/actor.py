@@ -2,6 +2,7 @@
 
 An async actor (its methods run on the worker's event loop, driven here through anyio):
 
+- ``warm(executors)`` (optional, for a pool of idle actors) imports and warms ahead of demand;
 - ``start(setup)`` builds the engine (weights mapped from the object store when the scaler
   put them there) and answers ``ActorReady``;
 - ``run()`` drives the engine until it dies or ``shutdown()``; it returns why it ended;
@@ -47,6 +48,13 @@ class EngineActor:
         self._send, self._receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
         self._scope: anyio.CancelScope | None = None
         self._stopped = False
+
+    async def warm(self, executors: list[str]) -> list[str]:
+        """Pre-warm this idle actor: load the plugins and warm each ``executor@device`` (the
+        prewarm scaler's ``warm_executors``: torch imported, device opened). The warmed ones."""
+        from flowserve_prewarm_scaler.worker import warm_executors
+
+        return await anyio.to_thread.run_sync(warm_executors, executors)
 
     async def start(self, setup: bytes, weights: list[Any] | None = None, index: bytes = b"") -> bytes:
         """Build the engine. ``weights`` is ``[ObjectRef]`` of the model's DRAM image in the

@@ -40,6 +40,11 @@ class RayOptions(msgspec.Struct, kw_only=True):
     weights_via_object_store: bool = True
     #: seconds an actor may take from creation to a built engine
     start_timeout: float = 600.0
+    #: pre-warmed idle actors kept ready (runtime imported, executor warmed; each holds
+    #: ``num_cpus``); an instance takes one instead of starting a fresh worker process
+    pool_size: int = 0
+    #: replace pooled actors as instances take them
+    pool_refill: bool = True
     autoscale: bool = True
     scale_interval: float = 0.5
 
@@ -63,6 +68,8 @@ def read_options(spec: DeploymentSpec) -> RayOptions:
     if options.placement_strategy not in STRATEGIES:
         raise ConfigError(f"option placement_strategy must be one of {', '.join(STRATEGIES)}, "
                           f"got {options.placement_strategy!r}")
+    if options.pool_size < 0:
+        raise ConfigError(f"option pool_size must be >= 0, got {options.pool_size}")
     if options.num_cpus < 0:
         raise ConfigError(f"option num_cpus must be >= 0, got {options.num_cpus}")
     return options

@@ -31,14 +31,17 @@ log = logging.getLogger(__name__)
 class RayInstance(InstanceBase):
     """An engine instance running as a Ray actor (see the module docstring).
 
-    ``weights`` is the model's image in the object store (``SharedWeights``) or None.
+    ``weights`` is the model's image in the object store (``SharedWeights``) or None;
+    ``pool`` an ``ActorPool`` of pre-warmed actors to take one from (start path
+    ``prewarmed``/``prewarmed+object-store``), or None.
     ``start_seconds`` counts from the scaler's decision to a ready engine.
     """
 
     def __init__(self, spec: DeploymentSpec, info: InstanceInfo, options: RayOptions, *,
-                 weights: Any = None, log_level: str = "warning"):
+                 weights: Any = None, log_level: str = "warning", pool: Any = None):
         super().__init__(info)
         self.spec, self.options, self.weights, self.log_level = spec, options, weights, log_level
+        self.pool = pool
         self.actor: Any = None
         self.placement_group: Any = None
         self.node_id = ""
@@ -48,16 +51,21 @@ class RayInstance(InstanceBase):
         import ray
         from ray.exceptions import RayActorError
 
-        error = "the actor stopped"
+        error: str | None = "the actor stopped"
         try:
             with anyio.fail_after(self.options.start_timeout):
-                await self._create_actor()
+                pooled = self.pool.take() if self.pool is not None and self.spec.tensor_parallel == 1 else None
+                if pooled is not None:
+                    self.actor = pooled
+                else:
+                    await self._create_actor()
                 args = [encode(ActorSetup(spec=self.spec, info=self.info, log_level=self.log_level))]
                 if self.weights is not None:
                     args += [[self.weights.ref], self.weights.index]
                 ready = decode_ready(await self.actor.start.remote(*args))
             self.info.pid, self.node_id = ready.pid, ready.node_id
-            self.info.start_path = ready.start_path
+            self.info.start_path = ready.start_path if pooled is None else \
+                {"loaded": "prewarmed"}.get(ready.start_path, f"prewarmed+{ready.start_path}")
             self.info.start_seconds = time.monotonic() - self._created
             if ready.note:
                 log.info("instance %s started %s: %s", self.info.id, ready.start_path, ready.note,
@@ -82,7 +90,8 @@ class RayInstance(InstanceBase):
                 self.stats = batch.stats
                 self.dispatch(batch.events)
             with anyio.move_on_after(5):
-                error = f"the engine ended: {await finished}"
+                reason = await finished
+                error = None if reason == "stopped" else f"the engine ended: {reason}"
         except RayActorError as exc:
             error = f"the Ray actor died: {_first_line(exc)}"
             log.error("instance %s: %s", self.info.id, error, extra={"instance": self.info.id})
@@ -91,7 +100,7 @@ class RayInstance(InstanceBase):
             log.error("instance %s failed: %s", self.info.id, error, extra={"instance": self.info.id},
                       exc_info=not isinstance(exc, (TimeoutError, ray.exceptions.RayError)))
         finally:
-            self.fail_all(f"instance {self.info.id} is gone: {error}")
+            self.fail_all(f"instance {self.info.id} is gone: {error or 'stopped'}")
             self.set_state(InstanceState.GONE, error=error)
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._release)

@@ -8,7 +8,8 @@ scale-down after ``scale_down_delay``, to zero after ``scale_to_zero_after``.
 
 Options (``--option KEY=VALUE``): those of ``cluster.RayOptions`` (``ray_address``,
 ``ray_namespace``, ``num_cpus``, ``num_gpus``, ``placement_strategy``,
-``weights_via_object_store``, ``start_timeout``, ``autoscale``, ``scale_interval``) and the
+``weights_via_object_store``, ``start_timeout``, ``pool_size``, ``autoscale``,
+``scale_interval``) and the
 ``ScalingPolicy`` settings ``target_concurrency``, ``slo_scale_factor``,
 ``scale_up_cooldown``, ``scale_down_delay``.
 """
@@ -30,6 +31,7 @@ from flowserve_prewarm_scaler.policy import Autoscaler, LoadSample, ScalingPolic
 
 from flowserve_ray.cluster import connect, read_options
 from flowserve_ray.instance import RayInstance
+from flowserve_ray.pool import ActorPool
 from flowserve_ray.weights import SharedWeights, publish_weights, why_not_shared
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class RayScaler(TargetScaler):
         self.autoscaler = Autoscaler(self.policy, now=time.monotonic())
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)
         self.weights: SharedWeights | None = None
+        self.pool = ActorPool(spec, self.options) if self.options.pool_size else None
         self.resources: dict[str, Any] = {}
 
     async def run(self, deployment: Any) -> None:
@@ -62,7 +65,10 @@ class RayScaler(TargetScaler):
             async with anyio.create_task_group() as tg:
                 if self.options.autoscale:
                     tg.start_soon(self._autoscale, deployment)
+                if self.pool is not None:
+                    tg.start_soon(self.pool.run)
                 await super().run(deployment)
+                tg.cancel_scope.cancel()
         finally:
             self.weights = None  # the last reference: Ray frees the image
 
@@ -81,7 +87,7 @@ class RayScaler(TargetScaler):
 
     def make_instance(self, deployment: Any, role: TaskRole) -> RayInstance:
         info = InstanceInfo(deployment=self.spec.name, role=role)
-        return RayInstance(self.spec, info, self.options, weights=self.weights,
+        return RayInstance(self.spec, info, self.options, weights=self.weights, pool=self.pool,
                            log_level=os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))
 
     # ------------------------------------------------------------------ autoscaling

@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Iterator
 
 
+class _LocalRay:
+    """Whether this process is connected to the tests' shared local Ray instance."""
+
+    up = False
+
+
+LOCAL = _LocalRay()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -50,6 +59,9 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1, timeout: float = 90.0) -
     """Start a head and ``nodes - 1`` worker nodes; yield the head's ``HOST:PORT``."""
     import ray
 
+    if ray.is_initialized():  # leave the shared local instance (or any other cluster) first
+        ray.shutdown()
+    LOCAL.up = False
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp_dir = tempfile.mkdtemp(prefix="fsray")  # short: Unix socket paths have a length limit
     # Token authentication with Ray's default token file, which every process here reads

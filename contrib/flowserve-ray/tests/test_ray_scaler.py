@@ -181,3 +181,20 @@ async def test_load_scales_actors_up_and_down_through_the_shared_policy(local_ra
             tg.cancel_scope.cancel()
         assert peak == 2
         await wait_until(lambda: len(runner.deployment.pool.instances) == 1)
+
+
+async def test_instances_take_pre_warmed_actors_and_the_pool_refills(local_ray):
+    spec = toy_spec(scaler="ray", min_instances=0, max_instances=2,
+                    options={"num_cpus": 0.25, "autoscale": False, "pool_size": 2})
+    async with run_deployment(spec, timeout=TIMEOUT) as runner:
+        pool = runner.deployment.scaler.pool
+        await wait_until(lambda: len(pool.idle) == 2)
+        warmed = {actor._actor_id for actor in pool.idle}
+        runner.deployment.scaler.set_target(2)
+        await wait_until(lambda: len(ready_actors(runner)) == 2)
+        actors = ready_actors(runner)
+        assert {a.actor._actor_id for a in actors} == warmed  # the pooled actors became the instances
+        assert {a.info.start_path for a in actors} == {"prewarmed"}
+        assert (await runner.generate([5], max_tokens=2)).output_token_ids == [6, 7]
+        await wait_until(lambda: len(pool.idle) == 2)  # refilled with new actors
+        assert not {actor._actor_id for actor in pool.idle} & warmed

@@ -21,8 +21,6 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    if ray.is_initialized():
-        ray.shutdown()
     with ray_cluster(nodes=2, cpus_per_node=1) as address:
         yield address
 

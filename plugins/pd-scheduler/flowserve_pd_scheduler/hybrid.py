@@ -5,7 +5,9 @@ The choice weighs the request's estimated new prefill tokens (its prompt, less a
 prefill instance recently computed) against each pool's queued prefill work: a long prefill
 on a colocated instance stalls every decode running there (their TPOT), so long prompts go
 to the prefill pool unless it is far busier; short prompts stay colocated (no KV transfer)
-unless the colocated pool is congested. Option ``hybrid_long_prompt_tokens`` (default 256)
+unless the colocated pool is congested: more prefill tokens queued, or more sequences on its
+least busy instance than on the least busy decode instance (by more than
+``hybrid_sequence_slack``, default 1). Option ``hybrid_long_prompt_tokens`` (default 256)
 says what "long" is.
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 
 from flowserve_colocated.router import ColocatedJobScheduler
 from flowserve_core.interfaces import EmitEvent
-from flowserve_core.types import DeploymentSpec, Job, Request, Task, TaskRole, TaskState
+from flowserve_core.types import DeploymentSpec, Job, Rejection, Request, Task, TaskRole, TaskState
 
 from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler, _prefill_load
 
@@ -26,6 +28,7 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
     def __init__(self, spec: DeploymentSpec):
         super().__init__(spec)
         self.long_prompt_tokens = int(spec.options.get("hybrid_long_prompt_tokens", 256))
+        self.sequence_slack = int(spec.options.get("hybrid_sequence_slack", 1))
         self.chosen = {TaskRole.COLOCATED: 0, TaskRole.PREFILL: 0}
 
     def make_job(self, request: Request) -> Job:
@@ -51,7 +54,20 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
         prefill_queue = min(_prefill_load(i)[1] for i in prefills)
         if new_tokens >= self.long_prompt_tokens:
             return TaskRole.COLOCATED if prefill_queue > colocated_queue + 4 * new_tokens else TaskRole.PREFILL
-        return TaskRole.PREFILL if colocated_queue > prefill_queue + self.long_prompt_tokens else TaskRole.COLOCATED
+        if colocated_queue > prefill_queue + self.long_prompt_tokens:
+            return TaskRole.PREFILL
+        # Short prompts queue no prefill work to speak of, so the prefill queues cannot tell
+        # a colocated instance that decodes a crowd from one that idles: the sequences do.
+        colocated_seqs = min(_sequences(i) for i in colocated)
+        decode_seqs = min(_sequences(i) for i in pool.ready(TaskRole.DECODE))
+        return TaskRole.PREFILL if colocated_seqs > decode_seqs + self.sequence_slack else TaskRole.COLOCATED
+
+    def admission(self, request: Request, pool: Any) -> Rejection | None:
+        """SLO admission for requests that would take the disaggregated path (its estimates
+        are of the prefill and decode pools; the colocated path has none)."""
+        if self.choose(request, pool) is TaskRole.COLOCATED:
+            return None
+        return super().admission(request, pool)
 
     async def run_job(self, job: Job, pool: Any, emit: EmitEvent) -> None:
         """Run the chosen path's tasks; the others are marked aborted (never started)."""
@@ -71,3 +87,9 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
     async def _run_colocated(self, job: Job, pool: Any, emit: EmitEvent) -> None:
         # The colocated router's own loop: least-loaded colocated instance, retry on death.
         await ColocatedJobScheduler.run_job(self, job, pool, emit)
+
+
+def _sequences(instance: Any) -> int:
+    """Sequences on an instance: tasks the server has in flight there, or what it reported."""
+    scheduler = instance.stats.scheduler
+    return max(getattr(instance, "num_tasks", 0), scheduler.num_running + scheduler.num_waiting)

@@ -1,0 +1,43 @@
+"""``pd-hybrid`` under load: short prompts stay colocated until the colocated instance decodes
+more sequences than a decode instance, then take the disaggregated path; every answer is
+HF-exact whichever path it took."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from flowserve_core.types import DeploymentSpec, TaskRole
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("flowserve_spmd_executor")
+
+from flowserve_core.testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_short_prompts_spill_to_the_disaggregated_path_when_the_colocated_pool_is_busier(tmp_path):
+    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=17)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    spec = DeploymentSpec(name="tiny", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
+                          batch_scheduler="continuous", job_scheduler="pd-hybrid", scaler="inproc", dtype="float32",
+                          device="cpu", kv_cache_memory="8MiB", colocated_instances=1, prefill_instances=1,
+                          decode_instances=1)
+    prompts = [[(13 * i + j) % 250 + 3 for j in range(6 + i)] for i in range(6)]
+    outputs: list = [None] * len(prompts)
+    async with run_deployment(spec) as runner:
+        async def one(i: int) -> None:
+            await anyio.sleep(0.05 * i)  # one after another, each while the earlier ones decode
+            outputs[i] = await runner.generate(prompts[i], max_tokens=40, temperature=0.0, ignore_eos=True)
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(prompts)):
+                group.start_soon(one, i)
+        chosen = dict(runner.deployment.job_scheduler.chosen)
+    assert chosen[TaskRole.COLOCATED] >= 1 and chosen[TaskRole.PREFILL] >= 1, chosen
+    assert sum(chosen.values()) == len(prompts)
+    for prompt, output in zip(prompts, outputs):
+        assert output.output_token_ids == hf_greedy(model, prompt, 40), output.error

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -268,8 +270,6 @@ def share(spec: DeploymentSpec) -> bytes:
     """Load ``spec``'s model onto its device once, keep it alive in this process (the
     holder), and return IPC handles of its parameters (``torch.multiprocessing``
     reductions) for ``attach`` in other processes on the same device."""
-    import pickle
-
     import torch
 
     from flowserve_spmd_executor.distributed import TensorParallelGroup
@@ -292,8 +292,6 @@ def share(spec: DeploymentSpec) -> bytes:
 def attach(spec: DeploymentSpec, handles: bytes) -> None:
     """Build ``spec``'s model from a holder's IPC handles (``share``): every parameter is the
     holder's device memory, nothing is copied; the next ``SpmdExecutor(spec)`` here takes it."""
-    import pickle
-
     import torch
 
     from flowserve_spmd_executor.distributed import TensorParallelGroup
@@ -307,11 +305,24 @@ def attach(spec: DeploymentSpec, handles: bytes) -> None:
     model = build_model(load_model_config(key.weights), TensorParallelGroup(), dtype=getattr(torch, key.dtype),
                         device=device, max_positions=key.max_model_len, allocate=False)
     params = dict(model.named_parameters())
-    for name, rebuild, args in pickle.loads(handles):  # noqa: S301 (our own holder's handles)
+    for name, rebuild, args in _TorchHandleUnpickler(io.BytesIO(handles)).load():
         torch.utils.swap_tensors(params.pop(name), torch.nn.Parameter(rebuild(*args), requires_grad=False))
     if params:
         raise PreloadUnsupported(f"the shared weights lack {sorted(params)[:4]}")
     _preloaded[key] = model
+
+
+class _TorchHandleUnpickler(pickle.Unpickler):
+    """Reads ``share``'s handles, which name torch's own rebuild functions: any other global
+    (a function of some other module, a class to instantiate) is refused, so the bytes can
+    rebuild tensors and nothing else."""
+
+    _ALLOWED = ("torch.multiprocessing.reductions", "torch.storage", "torch._utils", "torch")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module not in self._ALLOWED or name.startswith("_") and module == "torch":
+            raise pickle.UnpicklingError(f"IPC handles may not name {module}.{name}")
+        return super().find_class(module, name)
 
 
 def main() -> None:

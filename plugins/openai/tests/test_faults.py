@@ -227,7 +227,8 @@ def test_a_killed_tensor_parallel_rank_fails_the_stream_and_the_instance_is_repl
     assert stream.first_token.wait(BOUND)
     rank.kill()
     assert stream.outcome() == "error", (stream.outcome(), stream.text)
-    assert "rank 1 died" in stream.error["message"], stream.error
+    # rank 0 sees either the gang's death notice or its own failed collective first
+    assert "rank 1 died" in stream.error["message"] or "tensor-parallel" in stream.error["message"], stream.error
     wait_replaced(server, instance, 1)
     # the replacement computes right: HF's greedy tokens, as text
     from transformers import AutoTokenizer
@@ -274,6 +275,9 @@ def test_sigterm_stops_admission_drains_up_to_the_timeout_then_exits_0(start_ser
     assert time.monotonic() - signalled < 3 + 30  # the drain timeout, plus the deployments' stop
 
 
+@pytest.mark.skipif(os.environ.get("FLOWSERVE_SLOW_FAULTS") != "1",
+                    reason="~30 s; on demand with FLOWSERVE_SLOW_FAULTS=1 (the executor-level hung-rank test "
+                           "of plugins/spmd-executor runs in CI)")
 def test_a_frozen_tensor_parallel_rank_is_detected_and_the_instance_replaced(tensor_parallel_server):
     """SIGSTOP on rank 1: rank 0's collectives time out (collective_timeout_seconds=5), the
     engine dies with an error event for the stream, and the deployment starts a new instance."""

@@ -85,7 +85,7 @@ class PrewarmScaler(TargetScaler):
         self.resources = shared_resources()
         self.resources.pool.refill = self.pool_refill
         self.resources.attach(self.pool_size if self.start_path != "naive" else 0,
-                              [f"{self.spec.executor}@{self.spec.device}"])
+                              [f"{self.spec.executor}@{self.spec.device}"], self.spec)
         try:
             async with anyio.create_task_group() as tg:
                 if self.forking:  # pre-load the model now, while there may be no instance yet
@@ -95,7 +95,7 @@ class PrewarmScaler(TargetScaler):
                 await super().run(deployment)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.resources.detach()
+                await self.resources.detach(self.spec)
 
     def make_instance(self, deployment: Any, role: TaskRole) -> RemoteInstance:
         info = InstanceInfo(deployment=self.spec.name, role=role)

@@ -98,10 +98,20 @@ class WarmPool:
             pooled.process.wait()
 
 
+#: Options that steer scaling, scheduling or KV transfer, never the weights a zygote maps:
+#: two deployments of one model file that differ only in these share a zygote.
+NOT_MODEL_OPTIONS = frozenset({
+    "autoscale", "pool_size", "pool_refill", "start_path", "scale_interval", "retry_on_instance_death",
+    "instance_wait_timeout", "pd_on_failure", "pd_locality_slack", "hybrid_long_prompt_tokens",
+    "hybrid_sequence_slack", "kv_transport_backend", "kv_transport_host", "kv_transport_timeout",
+    "kv_transport_ttl"})
+
+
 def zygote_key(spec: DeploymentSpec) -> bytes:
     """What must be equal for two deployments to fork from one zygote."""
+    options = sorted((k, v) for k, v in spec.options.items() if k not in NOT_MODEL_OPTIONS)
     return msgspec.json.encode([spec.executor, spec.model, spec.dtype, spec.device, spec.max_model_len,
-                                spec.tensor_parallel, sorted(spec.options.items())])
+                                spec.tensor_parallel, options])
 
 
 class Zygotes:
@@ -136,6 +146,17 @@ class Zygotes:
         await self._ready[key].wait()
         return self.by_key.get(key) if self._ok[key] else None
 
+    async def close(self, spec: DeploymentSpec) -> None:
+        """Stop the zygote of ``spec``'s model (its last deployment went away): its memory
+        returns; a later deployment of the model pre-loads it again."""
+        key = zygote_key(spec)
+        zygote = self.by_key.pop(key, None)
+        if self._ready.get(key) is not None and self._ready[key].is_set():
+            self._ready.pop(key, None)
+            self._ok.pop(key, None)
+        if zygote is not None:
+            await zygote.aclose()
+
     async def aclose(self) -> None:
         for zygote in self.by_key.values():
             await zygote.aclose()
@@ -151,14 +172,26 @@ class SharedResources:
         self.pool = WarmPool()
         self.zygotes = Zygotes()
         self.users = 0
+        self._model_users: dict[bytes, int] = {}
 
-    def attach(self, pool_size: int, warm: list[str]) -> None:
+    def attach(self, pool_size: int, warm: list[str], spec: DeploymentSpec | None = None) -> None:
+        """A deployment (of ``spec``'s model) starts using the pool and its model's zygote."""
         self.users += 1
+        if spec is not None:
+            key = zygote_key(spec)
+            self._model_users[key] = self._model_users.get(key, 0) + 1
         self.pool.closed = False
         self.pool.want(pool_size, warm)
 
-    async def detach(self) -> None:
+    async def detach(self, spec: DeploymentSpec | None = None) -> None:
+        """A deployment went away: its model's zygote stops once no deployment uses the model."""
         self.users -= 1
+        if spec is not None:
+            key = zygote_key(spec)
+            self._model_users[key] = self._model_users.get(key, 1) - 1
+            if self._model_users[key] <= 0 and self.users > 0:
+                del self._model_users[key]
+                await self.zygotes.close(spec)
         if self.users <= 0:
             global _shared
             _shared = None

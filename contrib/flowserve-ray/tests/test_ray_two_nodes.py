@@ -70,3 +70,31 @@ def test_kv_bytes_cross_nodes_through_ray_objects(two_nodes):
     locator, digest = ray.get(prefill.publish.remote(size, seed=7))
     assert ray.get(decode.fetch.remote(locator, size)) == digest
     ray.get(decode.release.remote(locator))
+
+
+async def test_pd_disaggregated_across_nodes_hands_kv_through_ray_objects(two_nodes, tmp_path):
+    pytest.importorskip("flowserve_pd_scheduler")
+    from flowserve_core.testing import hf_greedy
+    from flowserve_core.types import TaskRole
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=13)
+    spec = DeploymentSpec(name="pd", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
+                          batch_scheduler="continuous", job_scheduler="pd-disaggregated", kv_transport="ray",
+                          dtype="float32", device="cpu", kv_cache_memory="4MiB", scaler="ray",
+                          prefill_instances=1, decode_instances=1, options={"num_cpus": 1, "autoscale": False})
+    prompts = [list(range(5, 45)), [9, 8, 7, 6, 5, 4, 3]]
+    async with run_deployment(spec, timeout=180) as runner:
+        pool = runner.deployment.pool
+        with anyio.fail_after(180):
+            while not (pool.ready(TaskRole.PREFILL) and pool.ready(TaskRole.DECODE)):
+                await pool.wait_changed()
+        outputs = [await runner.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True) for p in prompts]
+        (prefill,), (decode,) = pool.ready(TaskRole.PREFILL), pool.ready(TaskRole.DECODE)
+        imported = decode.stats.scheduler.kv_transfer_bytes
+    assert prefill.node_id != decode.node_id  # the KV crossed hosts
+    assert imported > 0  # the decode instance imported the prefill's blocks (it did not recompute)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        assert output.finish_reason == "length", output.error
+        assert output.output_token_ids == hf_greedy(model, prompt, 8)

@@ -131,6 +131,7 @@ def test_the_server_binds_127_0_0_1_by_default(tmp_path):
     try:
         server.wait_listening()
         assert server.url.startswith("http://127.0.0.1:"), server.url
+        server.wait_ready()  # stop a started server (SIGTERM during start-up is another matter)
     finally:
         assert server.stop() == 0
 

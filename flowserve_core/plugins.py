@@ -48,6 +48,7 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("scaler", "static"): "flowserve-prewarm-scaler",
     ("scaler", "prewarm"): "flowserve-prewarm-scaler",
     ("scaler", "ray"): "flowserve-ray",
+    ("kv_transport", "ray"): "flowserve-ray",
     ("frontend", "openai"): "flowserve-openai",
 }
 

@@ -203,10 +203,13 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         """Refuse early (429) a request that would miss the deployment's SLOs anyway: its
         estimated time to first token (the prefill work queued ahead of it plus its own, through
         the fitted ``overhead + seconds per token × work``), or the measured decode time per
-        token while every decode instance is busy. Nothing is refused before the fit has data."""
+        token while every decode instance is busy. Nothing is refused before the fit has data,
+        nor while a prefill instance is idle: a request that starts at once delays nobody, and
+        its measured time corrects the fit (refusing every long prompt on a stale estimate would
+        keep the fit from ever seeing one again)."""
         spec = self.spec
         prefills = pool.ready(TaskRole.PREFILL)
-        if spec.slo_ttft_seconds and prefills:
+        if spec.slo_ttft_seconds and prefills and min(_prefill_load(i)[0] for i in prefills) > 0:
             work = min(_prefill_load(i)[1] for i in prefills) + len(request.prompt_token_ids)
             estimate = self.prefill_time.predict(work)
             if estimate is not None and estimate > spec.slo_ttft_seconds:

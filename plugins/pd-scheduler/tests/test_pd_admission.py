@@ -3,10 +3,11 @@ deployment that refuses (429) what would miss its TTFT SLO, but only once it has
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from flowserve_core.errors import RejectedError
-from flowserve_core.types import DeploymentSpec
+from flowserve_core.types import DeploymentSpec, TaskRole
 from flowserve_pd_scheduler.estimate import LinearFit
 
 torch = pytest.importorskip("torch")
@@ -34,20 +35,30 @@ def test_fit_learns_overhead_and_per_token_cost():
 
 async def test_deployment_refuses_what_would_miss_its_ttft_slo_after_measuring(tmp_path):
     path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=13)
-    # An SLO no prefill can meet: requests are refused as soon as the fit can predict.
+    # An SLO no prefill can meet: requests are refused once the fit can predict, whenever
+    # they would queue behind another prefill. (A small step budget: prefills take a while.)
     spec = DeploymentSpec(name="tiny", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
                           batch_scheduler="continuous", job_scheduler="pd-disaggregated", scaler="inproc",
                           dtype="float32", device="cpu", kv_cache_memory="8MiB", prefill_instances=1,
-                          decode_instances=1, slo_ttft_seconds=1e-6)
+                          decode_instances=1, slo_ttft_seconds=1e-6, max_num_batched_tokens=16)
     async with run_deployment(spec) as runner:
         admitted = []
         for length in (5, 60, 20, 110):  # the fit's first samples: nothing is refused blind
             output = await runner.generate(list(range(3, 3 + length)), max_tokens=3, temperature=0.0,
                                            ignore_eos=True)
             admitted.append(output.finish_reason)
-        with pytest.raises(RejectedError) as refused:
-            await runner.generate(list(range(3, 80)), max_tokens=3, temperature=0.0)
-    assert admitted == ["length"] * 4
+        # An idle prefill instance: admitted (it delays nobody; its time refreshes the fit).
+        idle = await runner.generate(list(range(3, 80)), max_tokens=3, temperature=0.0, ignore_eos=True)
+        # A busy one: refused.
+        prefill = runner.deployment.pool.ready(TaskRole.PREFILL)[0]
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: runner.generate(list(range(3, 500)), max_tokens=3, temperature=0.0))
+            with anyio.fail_after(60):
+                while not prefill.num_tasks:
+                    await anyio.sleep(0.005)
+            with pytest.raises(RejectedError) as refused:
+                await runner.generate(list(range(3, 80)), max_tokens=3, temperature=0.0)
+    assert admitted == ["length"] * 4 and idle.finish_reason == "length"
     rejection = refused.value.rejection
     assert rejection.status == 429 and rejection.retry_after and rejection.retry_after >= 1
     assert "TTFT SLO" in rejection.message

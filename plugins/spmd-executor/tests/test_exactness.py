@@ -110,8 +110,12 @@ async def test_exported_kv_imported_elsewhere_continues_the_same_sequence(llama,
     assert bytes(llama.export_kv(copy.table)) == bytes(data)
     outputs = await driver.run()
     assert outputs["copy"] == outputs["source"] == hf_greedy(hf_llama, prompt, 10)
+    # A receiver may import a subset (the blocks its prefix cache lacks), never more blocks
+    # than were exported, nor a payload that is not whole blocks.
     with pytest.raises(ValueError, match="bytes"):
-        llama.import_kv(copy.table[:1], data)
+        llama.import_kv(copy.table * 2, data)
+    with pytest.raises(ValueError, match="bytes"):
+        llama.import_kv(copy.table, bytes(data)[:-4])
 
 
 async def test_qwen2_with_qkv_bias_and_tied_embeddings_matches_hf(qwen2, hf_qwen2):

@@ -15,6 +15,7 @@ pytest.importorskip("flowserve_spmd_executor")
 from flowserve_core.testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.anyio
+NEW = 150
 
 
 async def test_short_prompts_spill_to_the_disaggregated_path_when_the_colocated_pool_is_busier(tmp_path):
@@ -29,15 +30,22 @@ async def test_short_prompts_spill_to_the_disaggregated_path_when_the_colocated_
     prompts = [[(13 * i + j) % 250 + 3 for j in range(6 + i)] for i in range(6)]
     outputs: list = [None] * len(prompts)
     async with run_deployment(spec) as runner:
+        scheduler, instances = runner.deployment.job_scheduler, runner.deployment.pool.instances
+
         async def one(i: int) -> None:
-            await anyio.sleep(0.05 * i)  # one after another, each while the earlier ones decode
-            outputs[i] = await runner.generate(prompts[i], max_tokens=40, temperature=0.0, ignore_eos=True)
+            outputs[i] = await runner.generate(prompts[i], max_tokens=NEW, temperature=0.0, ignore_eos=True)
 
         async with anyio.create_task_group() as group:
             for i in range(len(prompts)):
+                # One after another, each once the earlier ones sit on their instances (and,
+                # NEW tokens long, still decode there when the next one is routed).
                 group.start_soon(one, i)
+                with anyio.fail_after(60):
+                    while sum(scheduler.chosen.values()) <= i or \
+                            sum(x.num_tasks for x in list(instances.values())) <= i:
+                        await anyio.sleep(0.001)
         chosen = dict(runner.deployment.job_scheduler.chosen)
     assert chosen[TaskRole.COLOCATED] >= 1 and chosen[TaskRole.PREFILL] >= 1, chosen
     assert sum(chosen.values()) == len(prompts)
     for prompt, output in zip(prompts, outputs):
-        assert output.output_token_ids == hf_greedy(model, prompt, 40), output.error
+        assert output.output_token_ids == hf_greedy(model, prompt, NEW), output.error

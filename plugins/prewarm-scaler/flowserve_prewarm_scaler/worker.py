@@ -103,6 +103,48 @@ def heartbeat_interval(spec: DeploymentSpec) -> float:
 Message = Hello | Assign | Ready | Submit | Abort | Events | Failed | Shutdown
 
 
+class SocketBytes(anyio.abc.ByteStream):
+    """A connected socket as an anyio byte stream, waiting with ``anyio.wait_readable`` /
+    ``wait_writable``. (anyio's own UNIXSocketStream on asyncio can raise InvalidStateError
+    from a loop callback when a receive is cancelled just as data arrives, which happens when
+    many instance processes stop at once on a busy machine.)"""
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self.sock = sock
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        while True:
+            try:
+                data = self.sock.recv(max_bytes)
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+            if not data:
+                raise anyio.EndOfStream
+            return data
+
+    async def send(self, item: bytes) -> None:
+        view = memoryview(item)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                await anyio.wait_writable(self.sock)
+            except OSError as exc:
+                raise anyio.BrokenResourceError from exc
+
+    async def send_eof(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    async def aclose(self) -> None:
+        if self.sock.fileno() >= 0:
+            anyio.notify_closing(self.sock)  # wakes a receive waiting on it (ClosedResourceError)
+            self.sock.close()
+
+
 class Channel:
     """Length-prefixed msgpack ``Message`` frames over a connected socket."""
 
@@ -116,7 +158,9 @@ class Channel:
 
     @classmethod
     async def from_socket(cls, sock: socket.socket | int) -> Channel:
-        return cls(await anyio.abc.UNIXSocketStream.from_socket(sock))
+        if isinstance(sock, int):
+            sock = socket.socket(fileno=sock)
+        return cls(SocketBytes(sock))
 
     async def send(self, message: Message) -> None:
         data = self._encoder.encode(message)

@@ -29,6 +29,7 @@ import msgspec
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flowserve_core.engine import build_engine
+from flowserve_core.errors import EngineDeadError
 from flowserve_core.instance import InstanceBase
 from flowserve_core.plugins import get_plugin_manager
 from flowserve_core.types import (
@@ -293,7 +294,11 @@ class RemoteInstance(InstanceBase):
             self.process.kill()
 
     async def _send_task(self, task: Task) -> None:
-        await self.channel.send(Submit(task=task))
+        try:
+            await self.channel.send(Submit(task=task))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            # The process died and nobody noticed yet: the task never ran, so it may go elsewhere.
+            raise EngineDeadError(f"instance {self.info.id} is gone ({type(exc).__name__})") from None
 
     async def _abort_task(self, task_id: str) -> None:
         try:

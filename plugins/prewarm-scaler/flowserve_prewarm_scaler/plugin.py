@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import deque
 from typing import Any
 
 import anyio
@@ -14,7 +12,7 @@ from flowserve_core import hookimpl
 from flowserve_core.inprocess import TargetScaler
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 
-from flowserve_prewarm_scaler.policy import Autoscaler, LoadSample, ScalingPolicy
+from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
 from flowserve_prewarm_scaler.worker import RemoteInstance, spawn_instance_process
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,7 @@ class PrewarmScaler(TargetScaler):
             **{name: float(options.get(name, getattr(defaults, name))) for name in (
                 "target_concurrency", "slo_scale_factor", "scale_up_cooldown", "scale_down_delay")})
         self.autoscaler = Autoscaler(self.policy, now=time.monotonic())
-        self.ttfts: deque[tuple[float, float]] = deque(maxlen=1024)
+        self.ttfts = TtftWindow()
         self.resources: Any = None
 
     @property
@@ -126,29 +124,11 @@ class PrewarmScaler(TargetScaler):
 
     def observe(self, output: RequestOutput) -> None:
         """Note a finished request's TTFT (the SLO check reads the last minute of them)."""
-        ttft = output.metrics.ttft if output.metrics else None
-        if ttft is not None:
-            self.ttfts.append((time.monotonic(), ttft))
-
-    def ttft_p90(self, now: float, window: float = 60.0) -> float | None:
-        recent = sorted(t for at, t in self.ttfts if now - at <= window)
-        return recent[min(len(recent) - 1, math.ceil(0.9 * len(recent)) - 1)] if recent else None
+        self.ttfts.observe(output)
 
     async def _autoscale(self, deployment: Any) -> None:
-        """Every ``scale_interval`` s: sample the load, ask the policy, move the target."""
-        while not deployment.stopping:
-            await anyio.sleep(self.interval)
-            stats = deployment.stats()
-            current = len(deployment.role_targets(self.target))
-            now = time.monotonic()
-            wanted = self.autoscaler.desired(LoadSample(
-                now=now, running=stats.num_running, waiting=stats.num_waiting, instances=current,
-                ttft_p90=self.ttft_p90(now)))
-            if wanted != current and not deployment.stopping:
-                log.info("scaling %s from %d to %d instances (%d running, %d waiting)", self.spec.name,
-                         current, wanted, stats.num_running, stats.num_waiting,
-                         extra={"deployment": self.spec.name, "from": current, "to": wanted})
-                self.set_target(wanted)
+        """Every scale interval: sample the load, ask the shared policy, move the target."""
+        await autoscale(self, deployment, self.interval, "instances")
 
 
 def _flag(value: Any) -> bool:

@@ -17,7 +17,13 @@ scaler that autoscales (``prewarm`` here, ``ray`` in contrib).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from collections import deque
+from typing import Any
+
+import anyio
 import msgspec
 
 
@@ -90,3 +96,40 @@ class Autoscaler:
             return current
         target, self._below_since = self._highest_below, None
         return target
+
+
+class TtftWindow:
+    """Finished requests' times to first token, for the SLO check (the last minute's p90)."""
+
+    def __init__(self, maxlen: int = 1024):
+        self.samples: deque[tuple[float, float]] = deque(maxlen=maxlen)
+
+    def observe(self, output: Any) -> None:
+        """Note a finished request's TTFT (``RequestOutput``; none when it never produced one)."""
+        ttft = output.metrics.ttft if output.metrics else None
+        if ttft is not None:
+            self.samples.append((time.monotonic(), ttft))
+
+    def p90(self, now: float, window: float = 60.0) -> float | None:
+        recent = sorted(t for at, t in self.samples if now - at <= window)
+        return recent[min(len(recent) - 1, math.ceil(0.9 * len(recent)) - 1)] if recent else None
+
+
+async def autoscale(scaler: Any, deployment: Any, interval: float, unit: str = "instances") -> None:
+    """The autoscaling loop every autoscaling scaler runs: every ``interval`` s, sample the
+    deployment's load, ask ``scaler.autoscaler`` (an ``Autoscaler``) and move
+    ``scaler.set_target``. ``scaler.ttfts`` is its ``TtftWindow``."""
+    log = logging.getLogger(type(scaler).__module__)
+    while not deployment.stopping:
+        await anyio.sleep(interval)
+        stats = deployment.stats()
+        current = len(deployment.role_targets(scaler.target))
+        now = time.monotonic()
+        wanted = scaler.autoscaler.desired(LoadSample(
+            now=now, running=stats.num_running, waiting=stats.num_waiting, instances=current,
+            ttft_p90=scaler.ttfts.p90(now)))
+        if wanted != current and not deployment.stopping:
+            log.info("scaling %s from %d to %d %s (%d running, %d waiting)", deployment.name, current, wanted,
+                     unit, stats.num_running, stats.num_waiting,
+                     extra={"deployment": deployment.name, "from": current, "to": wanted})
+            scaler.set_target(wanted)

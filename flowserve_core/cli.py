@@ -92,7 +92,7 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         overrides["name"] = served_model_name
         overrides["model"], overrides["models"] = _split_models(model, served_model_name)
         if option:
-            overrides["options"] = dict(_parse_option(o) for o in option)
+            overrides["options"] = dict(parse_option(o) for o in option)
         run_server_command(pm, config, overrides)
 
     plugin_app = typer.Typer(no_args_is_help=True, help="Write FlowServe plugins.")
@@ -138,7 +138,9 @@ def _is_named_model(value: str) -> bool:
     return bool(sep and name and path and "/" not in name and os.sep not in name)
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--option``: the value as an int, float or bool when it reads as one.
+    Plugins' commands that take options use it too."""
     key, sep, value = text.partition("=")
     if not sep:
         raise typer.BadParameter(f"--option wants KEY=VALUE, got {text!r}")

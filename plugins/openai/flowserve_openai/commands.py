@@ -74,6 +74,7 @@ def add_deployment_commands(app: typer.Typer) -> None:
                                                 show_envvar=False, help=KEY_HELP),
     ) -> None:
         """Add a deployment to a running server (POST /admin/deployments)."""
+        from flowserve_core.cli import parse_option
         from flowserve_core.types import DeploymentSpec
 
         body: dict[str, Any] = {"name": name, "model": model}
@@ -84,7 +85,7 @@ def add_deployment_commands(app: typer.Typer) -> None:
         if min_instances is not None and max_instances is None:
             body["max_instances"] = max(min_instances, 1)
         for text in option:
-            key, value = _key_value(text)
+            key, value = parse_option(text)
             if key in DeploymentSpec.__struct_fields__:
                 body[key] = value
             else:
@@ -148,17 +149,6 @@ def add_deployment_commands(app: typer.Typer) -> None:
         was = f" (was {answer['previous']})" if answer["previous"] else ""
         typer.echo(f"{alias} -> {answer['deployment']}{was}")
 
-
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise typer.BadParameter(f"--option wants KEY=VALUE, got {text!r}")
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _call(method: str, url: str, path: str, key: str | None, **kw: Any) -> dict:

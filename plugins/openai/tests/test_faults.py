@@ -81,7 +81,7 @@ def ready_pids(server) -> set[int]:
     return {i["pid"] for i in admin_status(server)["instances"] if i["state"] == "ready"}
 
 
-def wait_replaced(server, victim: int, count: int) -> set[int]:
+def wait_replaced(server, victim: int | None, count: int) -> set[int]:
     """The ready instances' pids, once ``count`` are ready and ``victim`` is not among them."""
     deadline = time.monotonic() + BOUND
     while time.monotonic() < deadline:
@@ -91,6 +91,11 @@ def wait_replaced(server, victim: int, count: int) -> set[int]:
         time.sleep(0.1)
     pytest.fail(f"the deployment did not replace instance process {victim}: {admin_status(server)}\n"
                 f"{server.log()[-3000:]}")
+
+
+def wait_ready(server, count: int) -> set[int]:
+    """The ready instances' pids once ``count`` are (the server answers once one is)."""
+    return wait_replaced(server, None, count)
 
 
 def counter_text(first: int, count: int) -> str:
@@ -132,8 +137,7 @@ def start_streams(server, count: int, max_tokens: int = 150) -> list[StreamRecor
 @toy_only
 def test_a_killed_instance_process_fails_its_streams_only_and_is_replaced(two_instances):
     server = two_instances
-    before = ready_pids(server)
-    assert len(before) == 2
+    before = wait_ready(server, 2)
     streams = start_streams(server, 4)
     victim = min(before)
     killed_at = time.monotonic()
@@ -157,7 +161,7 @@ def test_a_killed_instance_process_fails_its_streams_only_and_is_replaced(two_in
 @toy_only
 def test_a_frozen_instance_process_is_detected_by_the_step_timeout_and_replaced(two_instances):
     server = two_instances
-    before = ready_pids(server)
+    before = wait_ready(server, 2)
     streams = start_streams(server, 2)
     victim = min(before)
     os.kill(victim, signal.SIGSTOP)

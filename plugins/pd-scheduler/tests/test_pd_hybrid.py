@@ -30,7 +30,13 @@ async def test_short_prompts_spill_to_the_disaggregated_path_when_the_colocated_
     prompts = [[(13 * i + j) % 250 + 3 for j in range(6 + i)] for i in range(6)]
     outputs: list = [None] * len(prompts)
     async with run_deployment(spec) as runner:
-        scheduler, instances = runner.deployment.job_scheduler, runner.deployment.pool.instances
+        scheduler, pool = runner.deployment.job_scheduler, runner.deployment.pool
+        instances = pool.instances
+        with anyio.fail_after(120):
+            # run_deployment waits for one ready instance; the choice needs all three pools
+            # (a pool not yet ready sends every request to the one that is).
+            while len(pool.ready()) < 3:
+                await pool.wait_changed()
 
         async def one(i: int) -> None:
             outputs[i] = await runner.generate(prompts[i], max_tokens=NEW, temperature=0.0, ignore_eos=True)

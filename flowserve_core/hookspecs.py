@@ -140,6 +140,16 @@ def flowserve_register_commands(app: typer.Typer) -> None:
     """
 
 
+@hookspec
+def flowserve_serve_flags() -> list[str]:
+    """Name plugin options that ``flowserve serve`` also takes as flags of their own.
+
+    :returns: option names, e.g. ``["ray_address"]``: then ``--ray-address VALUE`` means
+        ``--option ray_address=VALUE``, and ``flowserve serve --help`` lists the flag. Not
+        firstresult; the lists are joined. Called once, in the CLI process, by ``build_cli``.
+    """
+
+
 # ------------------------------------------------------------------ lifecycle
 # These may return an awaitable; the kernel awaits it, so plugins may be sync or async.
 

@@ -61,3 +61,23 @@ def test_serve_rejects_bad_flag_values():
     assert result.returncode == 2 and "Invalid value for '--tensor-parallel'" in result.stderr
     result = flowserve("serve", "--model", "/m/x", "--tensor-parallel", "0")
     assert result.returncode == 1 and "tensor_parallel must be at least 1" in result.stderr
+
+
+def test_plugins_give_serve_flags_that_become_options(pm, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("flowserve_core.cli.run_server_command",
+                        lambda _pm, _config, overrides: seen.update(overrides))
+    pm.register(types.SimpleNamespace(flowserve_serve_flags=hookimpl(lambda: ["ray_address", "pool_size"])),
+                name="flags")
+    app = build_cli(pm)
+    result = runner.invoke(app, ["serve", "--model", "/m/x", "--ray-address", "auto", "--pool-size=3",
+                                 "-o", "step_delay=0.5"])
+    assert result.exit_code == 0, result.output
+    assert seen["options"] == {"step_delay": 0.5, "ray_address": "auto", "pool_size": 3}
+    help_text = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).output
+    assert "--pool-size VALUE, --ray-address VALUE" in help_text
+    for args, message in ((["--ray-adress", "auto"], "no such option: --ray-adress"),
+                          (["--ray-address"], "--ray-address needs a value"),
+                          (["stray"], "unexpected argument 'stray'")):
+        result = runner.invoke(app, ["serve", "--model", "/m/x", *args], env={"COLUMNS": "200"})
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -34,6 +34,12 @@ def flowserve_register_kv_transports(register: Any) -> None:
 
 
 @hookimpl
+def flowserve_serve_flags() -> list[str]:
+    """``flowserve serve --scaler ray --ray-address auto|HOST:PORT|ray://…``."""
+    return ["ray_address"]
+
+
+@hookimpl
 def flowserve_request_finished(request: Any, output: RequestOutput, deployment: Any) -> None:
     """Feed TTFTs to the ``ray`` scaler's SLO check (as the prewarm scaler does for its own)."""
     observe = getattr(getattr(deployment, "scaler", None), "observe_ray_ttft", None)

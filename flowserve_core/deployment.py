@@ -175,12 +175,17 @@ class Deployment:
         rejection = None
         if self._observe["flowserve_admit_request"]:
             rejection = self.pm.hook.flowserve_admit_request(request=request, deployment=self)
-        if rejection is None and len(self.requests) >= self.spec.max_queue:
-            rejection = Rejection(message=f"the queue of {self.name!r} is full "
-                                          f"({self.spec.max_queue} requests); retry later",
-                                  status=429, retry_after=1.0)
+        rejection = rejection or self.queue_rejection()
         if rejection is not None:
             raise RejectedError(rejection)
+
+    def queue_rejection(self) -> Rejection | None:
+        """The 429 when the queue is full, else None: frontends ask before they parse and
+        tokenize a request, so shedding excess load costs little."""
+        if len(self.requests) < self.spec.max_queue:
+            return None
+        return Rejection(message=f"the queue of {self.name!r} is full ({self.spec.max_queue} requests); "
+                                 "retry later", status=429, retry_after=1.0)
 
     @asynccontextmanager
     async def open(self, request: Request) -> AsyncIterator[RequestHandle]:

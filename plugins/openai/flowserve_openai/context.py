@@ -79,6 +79,8 @@ class AppContext:
         if health.state == "dead":
             raise APIError(503, f"The model {deployment.name!r} cannot serve now: {health.error}",
                            code="engine_dead")
+        if (rejection := deployment.queue_rejection()) is not None:  # before tokenizing anything
+            raise APIError.from_rejection(rejection)
         return deployment
 
     @staticmethod

@@ -12,10 +12,13 @@ timeout — surfaces as ``CollectiveError``, which the executor turns into ``Eng
 from __future__ import annotations
 
 import datetime
+import socket
 import uuid
 
 import torch
 import torch.distributed as dist
+
+from flowserve_spmd_executor.launch import LOOPBACK, local_address_towards, rank_launcher
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
@@ -35,11 +38,13 @@ class TensorParallelGroup:
         self._backend: _Backend | None = None
 
     def connect(self, device_type: str, *, port: int, name: str, timeout: float, join_timeout: float,
-                store: dist.Store | None = None, device: torch.device | None = None) -> None:
-        """Join the group ``name`` (blocks until every rank joined, or ``join_timeout``);
-        each collective afterwards fails after ``timeout`` seconds without its peers."""
+                store: dist.Store | None = None, device: torch.device | None = None,
+                host: str = LOOPBACK) -> None:
+        """Join the group ``name`` whose store listens on ``host``:``port`` (blocks until every
+        rank joined, or ``join_timeout``); each collective afterwards fails after ``timeout``
+        seconds without its peers."""
         if self.world_size > 1:
-            self._backend = _connect(device_type, self.rank, self.world_size, port=port, name=name,
+            self._backend = _connect(device_type, self.rank, self.world_size, host=host, port=port, name=name,
                                      timeout=timeout, join_timeout=join_timeout, store=store, device=device)
 
     def _joined(self) -> _Backend:
@@ -140,27 +145,38 @@ class _WorldGroup(_Backend):
 
 
 class Rendezvous:
-    """Rank 0's TCP store on 127.0.0.1 (port chosen by the OS); workers connect to ``port``."""
+    """Rank 0's TCP store on ``host`` (port chosen by the OS); workers connect to ``host``:``port``.
+    ``host`` defaults to 127.0.0.1, or the installed rank launcher's ``listen_host``."""
 
-    def __init__(self, world_size: int, timeout: float):
+    def __init__(self, world_size: int, timeout: float, host: str | None = None):
         self.world_size = world_size
         self.name = f"flowserve-tp-{uuid.uuid4().hex[:12]}"
-        self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True,
-                                   timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
-        self.port = self.store.port
+        self.host = host or rank_launcher().listen_host or LOOPBACK
+        # torch's TCPStore server binds every interface when it opens its own socket: hand it
+        # one bound to ``host`` only.
+        self._listener = socket.create_server((self.host, 0))
+        self.port = self._listener.getsockname()[1]
+        self.store = dist.TCPStore(self.host, self.port, world_size, is_master=True,
+                                   timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,
+                                   master_listen_fd=self._listener.fileno())
 
 
-def _connect(device_type: str, rank: int, world_size: int, *, port: int, name: str, timeout: float,
+def _connect(device_type: str, rank: int, world_size: int, *, host: str, port: int, name: str, timeout: float,
              join_timeout: float, store: dist.Store | None, device: torch.device | None) -> _Backend:
     delta = datetime.timedelta(seconds=timeout)
     backend = BACKENDS[device_type]
     try:
         if store is None:
-            store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
+            store = dist.TCPStore(host, port, world_size, is_master=False,
                                   timeout=datetime.timedelta(seconds=join_timeout))
         prefixed = dist.PrefixStore(name, store)
         if backend == "gloo":
-            pg = dist.ProcessGroupGloo(prefixed, rank, world_size, delta)
+            options = dist.ProcessGroupGloo._Options()
+            # Listen where the other ranks reach this one, not on whatever the hostname means.
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address_towards(host))]
+            options._timeout = delta
+            options._threads = 2
+            pg = dist.ProcessGroupGloo(prefixed, rank, world_size, options)
             return _GlooGroup(pg, store, rank, world_size)
         if backend == "hccl":
             import torch_npu  # noqa: F401  (registers the hccl backend)

@@ -5,13 +5,19 @@ then a ``RunStep`` (the compact ``StepPlan``), ``ExportBlocks`` or ``ImportBlock
 each collective program it starts, and ``Shutdown`` at the end; the worker answers ``Ready``
 after loading, or ``Failed`` with its error before it exits. Tensors never travel here: they
 go through the tensor-parallel group's collectives.
+
+A worker that connected over TCP (a rank started elsewhere, see ``launch.py``) first sends
+``Hello`` with its rank and token; rank 0 reads it with ``read_hello`` (a small frame within
+a few seconds, or the connection is dropped) and says nothing to a peer that fails the check.
 """
 
 from __future__ import annotations
 
+import hmac
 import select
 import socket
 import struct
+import time
 
 import msgspec
 
@@ -51,6 +57,54 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+class Hello(msgspec.Struct, tag=True):
+    """A worker's first frame over TCP: which rank it is and the token rank 0 gave that rank."""
+
+    rank: int
+    token: str
+
+
+_HELLO_LIMIT = 1024
+
+
+def send_hello(sock: socket.socket, hello: Hello) -> None:
+    """Introduce this worker to rank 0 (the first frame on a TCP connection)."""
+    body = msgspec.msgpack.encode(hello)
+    sock.sendall(_HEADER.pack(len(body)) + body)
+
+
+def read_hello(sock: socket.socket, timeout: float) -> Hello | None:
+    """The ``Hello`` a connecting peer sends first, or None if it sends anything else: a bigger
+    frame, garbage, or nothing within ``timeout`` seconds (nothing more is read from it)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while True:
+        if len(data) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(data)
+            if size > _HELLO_LIMIT:
+                return None
+            if len(data) >= _HEADER.size + size:
+                try:
+                    return msgspec.msgpack.decode(data[_HEADER.size:_HEADER.size + size], type=Hello)
+                except msgspec.DecodeError:
+                    return None
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            return None
+        try:
+            chunk = sock.recv(_HELLO_LIMIT + _HEADER.size - len(data))
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Compare tokens in constant time."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
 Message = Init | Ready | Failed | RunStep | ExportBlocks | ImportBlocks | Shutdown
 
 
@@ -86,6 +140,16 @@ class Channel:
             if not chunk:
                 return None
             self._buffer += chunk
+
+    def peer_closed(self) -> bool:
+        """Whether the peer closed its end (end of stream is all that is left to read, or the
+        connection was reset). Never blocks and consumes nothing."""
+        try:
+            if not select.select([self.sock], [], [], 0)[0]:
+                return False
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (ConnectionResetError, ValueError, OSError):
+            return True
 
     def close(self) -> None:
         """Close the socket (the peer reads end of stream)."""

@@ -40,10 +40,15 @@ class RankSetup(msgspec.Struct, kw_only=True):
     dtype: str
     num_blocks: int
     max_model_len: int
+    #: the address rank 0's rendezvous store listens on (see ``launch.py``)
+    store_host: str = "127.0.0.1"
     port: int = 0
     group_name: str = ""
     collective_timeout: float = 30.0
     num_threads: int = 0
+    #: the accelerator index of this rank where its host process chose it (a Ray actor sees
+    #: only its own GPU, as index 0); None: ``device_index + rank``
+    local_device_index: int | None = None
     #: CPU: also keep matmul weights pre-packed for oneDNN (faster from 3 tokens a step on;
     #: a second, private copy of the weights)
     packed_linear: bool = True
@@ -57,7 +62,8 @@ class Rank:
         self.setup = setup
         if setup.num_threads:
             torch.set_num_threads(setup.num_threads)
-        self.device = rank_device(setup.device_type, setup.rank, setup.device_index)
+        self.device = rank_device(setup.device_type, setup.rank, setup.device_index) \
+            if setup.local_device_index is None else torch.device(setup.device_type, setup.local_device_index)
         if setup.device_type == "cuda":
             torch.cuda.set_device(self.device)
         elif setup.device_type == "npu":
@@ -87,7 +93,8 @@ class Rank:
     def connect(self, rendezvous: Rendezvous | None = None) -> None:
         """Join the other ranks (rank 0 passes its ``Rendezvous``, which owns the store)."""
         setup = self.setup
-        self.group.connect(setup.device_type, port=setup.port, name=setup.group_name,
+        host = rendezvous.host if rendezvous else setup.store_host
+        self.group.connect(setup.device_type, host=host, port=setup.port, name=setup.group_name,
                            timeout=setup.collective_timeout, join_timeout=max(setup.collective_timeout, 60.0),
                            store=rendezvous.store if rendezvous else None,
                            device=self.device if setup.device_type != "cpu" else None)

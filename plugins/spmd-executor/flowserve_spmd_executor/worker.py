@@ -1,9 +1,12 @@
-"""A worker rank (1 … N-1) of a tensor-parallel executor, in its own process.
+"""A worker rank (1 … N-1) of a tensor-parallel executor.
 
-Run by ``gang.WorkerGang`` as ``python -m flowserve_spmd_executor.worker FD``, where FD is
-its end of a socketpair. It builds its ``Rank`` from the ``Init`` message, says ``Ready``,
+By default ``gang.WorkerGang`` runs it as ``python -m flowserve_spmd_executor.worker FD``,
+where FD is its end of a socketpair. A rank started by another launcher (a Ray actor, see
+``launch.py``) calls ``connect_to_rank0`` with its ``ControlAddress`` and then ``serve`` on
+the channel. Either way it builds its ``Rank`` from the ``Init`` message, says ``Ready``,
 joins the group, then runs what rank 0 announces until ``Shutdown``, end of stream (rank 0
-is gone), its parent process changing (rank 0's process died), or a failed collective.
+is gone), its parent process changing (rank 0's process died; child processes only), or a
+failed collective.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import sys
 import threading
 import time
 
+from flowserve_spmd_executor.launch import ControlAddress
 from flowserve_spmd_executor.protocol import (
-    Channel, ExportBlocks, Failed, ImportBlocks, Init, Ready, RunStep, Shutdown,
+    Channel, ExportBlocks, Failed, Hello, ImportBlocks, Init, Ready, RunStep, Shutdown, send_hello,
 )
 
 log = logging.getLogger("flowserve_spmd_executor.worker")
@@ -30,16 +34,32 @@ def _exit_when_orphaned(parent: int) -> None:
             os._exit(3)
 
 
-def serve(channel: Channel) -> int:
-    """Build this rank and run rank 0's announcements; the process exit code."""
+def connect_to_rank0(address: ControlAddress, timeout: float = 60.0) -> Channel:
+    """Connect to rank 0's control socket and prove this worker's rank with its token."""
+    sock = socket.create_connection((address.host, address.port), timeout=timeout)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    send_hello(sock, Hello(rank=address.rank, token=address.token))
+    return Channel(sock)
+
+
+def serve(channel: Channel, *, local_device_index: int | None = None) -> int:
+    """Build this rank and run rank 0's announcements; the exit code (0: told to stop or
+    rank 0 went away). ``local_device_index``: the accelerator this process was given (its
+    host chose it), instead of rank 0's base index plus the rank."""
     init = channel.recv()
     if not isinstance(init, Init):
         return 2
     rank_index = init.setup.rank
     try:
+        import msgspec
+
         from flowserve_spmd_executor.rank import Rank
 
-        rank = Rank(init.setup, show_progress=False)
+        setup = init.setup
+        if local_device_index is not None and setup.device_type != "cpu":
+            setup = msgspec.structs.replace(setup, local_device_index=local_device_index)
+        rank = Rank(setup, show_progress=False)
         channel.send(Ready(rank=rank_index, load_seconds=rank.load_seconds))
         rank.connect()
         while True:

@@ -4,8 +4,10 @@ An async actor (its methods run on the worker's event loop, driven here through 
 
 - ``warm(executors)`` (optional, for a pool of idle actors) imports and warms ahead of demand;
 - ``start(setup)`` builds the engine (weights mapped from the object store when the scaler
-  put them there) and answers ``ActorReady``;
-- ``run()`` drives the engine until it dies or ``shutdown()``; it returns why it ended;
+  put them there; a tensor-parallel instance's ranks 1 … N-1 as ``RankActor``s on the
+  placement group it gets, see ``ranks.py``) and answers ``ActorReady``;
+- ``run()`` drives the engine until it dies, a rank actor ends, or ``shutdown()``; it
+  returns why it ended;
 - ``events()`` is a streaming generator (``num_returns="streaming"``) of ``EventBatch``
   bytes: every step's events as they come, and an empty batch (a heartbeat) every
   ``heartbeat_interval`` seconds of quiet;
@@ -48,6 +50,8 @@ class EngineActor:
         self._send, self._receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
         self._scope: anyio.CancelScope | None = None
         self._stopped = False
+        self.ranks: Any = None  # the RayRankLauncher of a tensor-parallel instance
+        self._rank_dead: str | None = None
 
     async def warm(self, executors: list[str]) -> list[str]:
         """Pre-warm this idle actor: load the plugins and warm each ``executor@device`` (the
@@ -56,10 +60,13 @@ class EngineActor:
 
         return await anyio.to_thread.run_sync(warm_executors, executors)
 
-    async def start(self, setup: bytes, weights: list[Any] | None = None, index: bytes = b"") -> bytes:
+    async def start(self, setup: bytes, weights: list[Any] | None = None, index: bytes = b"",
+                    placement_group: Any = None) -> bytes:
         """Build the engine. ``weights`` is ``[ObjectRef]`` of the model's DRAM image in the
         object store (in a list, so Ray hands over the reference, not the data) and ``index``
-        its tensor index; without them the executor loads the weights itself."""
+        its tensor index; without them the executor loads the weights itself.
+        ``placement_group``: the instance's gang (tensor parallelism; this actor is in bundle
+        0), whose other bundles get the ranks 1 … N-1."""
         import ray
 
         from flowserve_core.engine import build_engine
@@ -75,12 +82,48 @@ class EngineActor:
 
             note = await anyio.to_thread.run_sync(map_shared_weights, self.spec, weights[0], index)
             start_path = "object-store" if not note else "loaded"
-        self.engine = await build_engine(self.spec, get_plugin_manager(), self._emit)
+        if placement_group is not None and self.spec.tensor_parallel > 1:
+            self.engine = await self._build_with_rank_actors(request, placement_group)
+        else:
+            self.engine = await build_engine(self.spec, get_plugin_manager(), self._emit)
         if start_path == "object-store" and _weights_path(self.engine.executor) != "preloaded":
             start_path, note = "loaded", "the executor did not take the mapped weights"
         return encode(ActorReady(kv=self.engine.executor.kv_cache_spec(), start_path=start_path,
                                  pid=os.getpid(), node_id=ray.get_runtime_context().get_node_id(),
                                  note=note))
+
+    async def _build_with_rank_actors(self, request: Any, placement_group: Any) -> Any:
+        """Build the engine with the ``spmd`` executor's worker ranks as ``RankActor``s."""
+        from flowserve_core.engine import build_engine
+        from flowserve_core.plugins import get_plugin_manager
+        from flowserve_spmd_executor.launch import use_rank_launcher
+
+        from flowserve_ray.cluster import read_options
+        from flowserve_ray.ranks import RayRankLauncher
+
+        options = read_options(self.spec)
+        self.ranks = await anyio.to_thread.run_sync(lambda: RayRankLauncher(
+            placement_group, options.rank_resources(self.spec), namespace=options.ray_namespace,
+            name=f"flowserve-{self.spec.name or 'model'}-{request.info.id}"))
+        # One engine per actor process: the launcher is this process's while the executor
+        # starts its ranks (the executor takes it at construction).
+        previous = use_rank_launcher(self.ranks)
+        try:
+            return await build_engine(self.spec, get_plugin_manager(), self._emit)
+        finally:
+            use_rank_launcher(previous)
+
+    async def _watch_ranks(self, scope: anyio.CancelScope) -> None:
+        """End ``run`` when a rank actor ends, even while the engine is idle (a step would
+        find out only when the next request comes)."""
+        while True:
+            await anyio.sleep(0.5)
+            reason = self.ranks.dead_reason()
+            if reason:
+                self._rank_dead = reason
+                log.error("engine actor: %s", reason)
+                scope.cancel()
+                return
 
     async def _emit(self, events: list[TokenEvent]) -> None:
         self._send.send_nowait(events)
@@ -89,9 +132,13 @@ class EngineActor:
         """Drive the engine until it dies (its reason) or ``shutdown`` ("stopped")."""
         with anyio.CancelScope() as self._scope:
             if not self._stopped:
-                await self.engine.run()
+                async with anyio.create_task_group() as tg:
+                    if self.ranks is not None:
+                        tg.start_soon(self._watch_ranks, tg.cancel_scope)
+                    await self.engine.run()
+                    tg.cancel_scope.cancel()
         self._send.close()
-        return self.engine.dead or "stopped"
+        return self.engine.dead or self._rank_dead or "stopped"
 
     async def events(self) -> AsyncIterator[bytes]:
         """Stream ``EventBatch`` bytes until the engine stops (use ``num_returns="streaming"``)."""

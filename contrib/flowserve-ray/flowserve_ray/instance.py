@@ -1,7 +1,8 @@
 """The server's handle on an engine actor (``RayInstance``), and where its actor is placed.
 
 ``run`` creates the actor (on its own, or in bundle 0 of the placement group of a
-tensor-parallel gang), waits for ``start``, then reads the actor's ``events`` stream until
+tensor-parallel gang, whose ranks 1 … N-1 it starts as actors on the other bundles),
+waits for ``start``, then reads the actor's ``events`` stream until
 the actor ends. An actor that dies (its process killed, its node lost) ends the stream with
 a ``RayActorError``; one that sends nothing, not even a heartbeat, for
 ``step_timeout_seconds`` is killed. Either way its tasks fail with ``instance_failed`` (the
@@ -62,7 +63,7 @@ class RayInstance(InstanceBase):
                 args = [encode(ActorSetup(spec=self.spec, info=self.info, log_level=self.log_level))]
                 if self.weights is not None:
                     args += [[self.weights.ref], self.weights.index]
-                ready = decode_ready(await self.actor.start.remote(*args))
+                ready = decode_ready(await self.actor.start.remote(*args, placement_group=self.placement_group))
             self.info.pid, self.node_id = ready.pid, ready.node_id
             self.info.start_path = ready.start_path if pooled is None else \
                 {"loaded": "prewarmed"}.get(ready.start_path, f"prewarmed+{ready.start_path}")
@@ -117,15 +118,14 @@ class RayInstance(InstanceBase):
             name=f"flowserve-{self.spec.name or 'model'}-{self.info.id}", namespace=self.options.ray_namespace,
             max_restarts=0, max_concurrency=64, num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0))
         if self.spec.tensor_parallel > 1:
-            # One bundle per rank: rank 0 is the actor, the others the executor's rank
-            # processes, which the gang's reservation (STRICT_PACK: one node) accounts for.
+            # One bundle per rank: rank 0 is this actor (bundle 0); it creates the other
+            # ranks as RankActors on bundles 1 … N-1 (see ranks.py).
             self.placement_group = ray.util.placement_group(
                 [dict(bundle) for _ in range(self.spec.tensor_parallel)],
                 strategy=self.options.placement_strategy, name=f"flowserve-{self.info.id}")
             await self.placement_group.ready()
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self.placement_group, placement_group_bundle_index=0,
-                placement_group_capture_child_tasks=True)
+                self.placement_group, placement_group_bundle_index=0)
         self.actor = ray.remote(EngineActor).options(**options).remote()
 
     def _release(self) -> None:

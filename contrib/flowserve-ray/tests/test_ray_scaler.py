@@ -123,30 +123,70 @@ async def test_a_killed_actor_fails_its_requests_and_is_replaced(local_ray):
         assert again.output_token_ids == [11, 12, 13]
 
 
-async def test_a_tensor_parallel_instance_reserves_a_strict_pack_gang(local_ray, tmp_path):
+def actor_bundles(actor_id: str) -> dict[str, float]:
+    """The placement-group resources an actor holds, from the GCS actor table (the state API
+    needs the dashboard, which the tests' Ray runs without): ``CPU_group_1_<pg id>`` is
+    bundle 1 of that group."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    raw = state._connect_and_get_accessor().get_actor_info(ray.ActorID.from_hex(actor_id))
+    return dict(gcs_pb2.ActorTableData.FromString(raw).required_resources)
+
+
+async def test_a_tensor_parallel_gang_runs_its_ranks_as_actors_on_its_bundles(local_ray, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from flowserve_core.types import DeploymentSpec
 
-    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=9)
+    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=9, max_position_embeddings=2048)
     spec = DeploymentSpec(name="tp", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
                           batch_scheduler="continuous", job_scheduler="colocated", dtype="float32", device="cpu",
                           kv_cache_memory="4MiB", tensor_parallel=2, scaler="ray",
                           options={"num_cpus": 0.5, "autoscale": False})
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    async with run_deployment(spec, timeout=TIMEOUT) as runner:
-        output = await runner.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
-        (instance,) = ready_actors(runner)
-        table = ray.util.placement_group_table(instance.placement_group)
-    assert table["strategy"] == "STRICT_PACK"
-    assert [b.get("CPU") for b in table["bundles"].values()] == [0.5, 0.5]  # one bundle per rank
-    assert instance.info.start_path == "loaded"  # ranks load their own shards
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    assert output.output_token_ids == expected, output.error
-    await wait_until(lambda: ray.util.placement_group_table(instance.placement_group)["state"] == "REMOVED")
+    async with run_deployment(spec, timeout=TIMEOUT) as runner:
+        output = await runner.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert output.output_token_ids == expected, output.error
+        (first,) = ready_actors(runner)
+        group = first.placement_group
+        table = ray.util.placement_group_table(group)
+        assert table["strategy"] == "STRICT_PACK"
+        assert [b.get("CPU") for b in table["bundles"].values()] == [0.5, 0.5]  # one bundle per rank
+        assert first.info.start_path == "loaded"  # ranks load their own shards
+        # Rank 1 is an actor of its own (not a process of rank 0's), in bundle 1 of the group.
+        rank1 = ray.get_actor(f"flowserve-tp-{first.info.id}-rank1", namespace="flowserve")
+        node, pid = await rank1.where.remote()
+        assert pid != first.info.pid and node == first.node_id
+        held = actor_bundles(rank1._actor_id.hex())
+        assert held.get(f"CPU_group_1_{group.id.hex()}") == 0.5, held
+        assert not any(name.startswith("CPU_group_0_") for name in held), held
+        assert actor_bundles(first.actor._actor_id.hex()).get(f"CPU_group_0_{group.id.hex()}") == 0.5
+
+        # A killed rank actor: the instance fails its request naming the rank, and is replaced.
+        results: dict[str, object] = {}
+
+        async def long_request() -> None:
+            results["long"] = await runner.generate(prompt, max_tokens=1800, temperature=0.0, ignore_eos=True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(long_request)
+            await wait_until(lambda: first.stats.generation_tokens > 12)
+            ray.kill(rank1, no_restart=True)
+        failed = results["long"]
+        assert failed.finish_reason == "error" and "rank 1" in failed.error, failed
+        await wait_until(lambda: ready_actors(runner) and ready_actors(runner)[0] is not first)
+        assert first.info.state is InstanceState.GONE and "rank 1" in first.info.error, first.info
+        await wait_until(lambda: ray.util.placement_group_table(group)["state"] == "REMOVED")
+        (second,) = ready_actors(runner)
+        again = await runner.generate(prompt, max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert again.output_token_ids == expected, again.error
+        assert ray.get_actor(f"flowserve-tp-{second.info.id}-rank1", namespace="flowserve")
+    await wait_until(lambda: ray.util.placement_group_table(second.placement_group)["state"] == "REMOVED")
 
 
 async def test_load_scales_actors_up_and_down_through_the_shared_policy(local_ray):

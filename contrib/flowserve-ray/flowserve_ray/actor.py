@@ -173,6 +173,11 @@ class EngineActor:
         if self.engine is not None and hasattr(self.engine.executor, "close"):
             await anyio.to_thread.run_sync(self.engine.executor.close)
 
+    async def rank_listen_host(self) -> str:
+        """Where rank 0 listens for its rank actors ('' for a single rank): 127.0.0.1 when
+        the gang is on this node, else the node's address (diagnostics and tests)."""
+        return self.ranks.listen_host if self.ranks is not None else ""
+
     async def ping(self) -> int:
         """The actor's pid (tests use it to kill the process behind an instance)."""
         return os.getpid()

@@ -166,6 +166,7 @@ async def test_a_tensor_parallel_gang_runs_its_ranks_as_actors_on_its_bundles(lo
         assert held.get(f"CPU_group_1_{group.id.hex()}") == 0.5, held
         assert not any(name.startswith("CPU_group_0_") for name in held), held
         assert actor_bundles(first.actor._actor_id.hex()).get(f"CPU_group_0_{group.id.hex()}") == 0.5
+        assert await first.actor.rank_listen_host.remote() == "127.0.0.1"  # one node: loopback only
 
         # A killed rank actor: the instance fails its request naming the rank, and is replaced.
         results: dict[str, object] = {}

@@ -1,6 +1,8 @@
 """A 2-node Ray cluster on this machine (``ray start --head`` and ``ray start --address``,
 started here and stopped at the end): the tiny model served by one actor on each node, both
-with weights from the object store and HF's greedy tokens; KV bytes cross the nodes."""
+with weights from the object store and HF's greedy tokens; KV bytes cross the nodes; a
+tensor-parallel gang spread over both nodes (rank 1 an actor on the other node) gives HF's
+greedy tokens."""
 
 from __future__ import annotations
 
@@ -94,6 +96,35 @@ async def test_pd_disaggregated_across_nodes_hands_kv_through_ray_objects(two_no
         imported = decode.stats.scheduler.kv_transfer_bytes
     assert prefill.node_id != decode.node_id  # the KV crossed hosts
     assert imported > 0  # the decode instance imported the prefill's blocks (it did not recompute)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    for prompt, output in zip(prompts, outputs):
+        assert output.finish_reason == "length", output.error
+        assert output.output_token_ids == hf_greedy(model, prompt, 8)
+
+
+async def test_a_tensor_parallel_gang_spread_over_both_nodes_gives_hf_tokens(two_nodes, tmp_path):
+    from flowserve_core.testing import hf_greedy
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=17)
+    spec = DeploymentSpec(name="tp", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
+                          batch_scheduler="continuous", job_scheduler="colocated", dtype="float32",
+                          device="cpu", kv_cache_memory="4MiB", tensor_parallel=2, scaler="ray",
+                          options={"num_cpus": 1, "autoscale": False, "placement_strategy": "SPREAD"})
+    prompts = [[2, 7, 1, 8, 2, 8, 1, 8], list(range(10, 50))]
+    async with run_deployment(spec, timeout=180) as runner:
+        outputs = [await runner.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True) for p in prompts]
+        (instance,) = [i for i in runner.deployment.pool.instances.values() if i.info.state is InstanceState.READY]
+        rank1 = ray.get_actor(f"flowserve-tp-{instance.info.id}-rank1", namespace="flowserve")
+        rank1_node, _ = await rank1.where.remote()
+        table = ray.util.placement_group_table(instance.placement_group)
+        listen_host = await instance.actor.rank_listen_host.remote()
+    assert table["strategy"] == "SPREAD"
+    # Rank 0 listened on its node's address for a rank on another node, not on loopback.
+    node_address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}[instance.node_id]
+    assert listen_host == node_address != "127.0.0.1", (listen_host, node_address)
+    assert rank1_node != instance.node_id  # the two ranks ran on different nodes
+    assert set(table["bundles_to_node_id"].values()) == {instance.node_id, rank1_node}
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     for prompt, output in zip(prompts, outputs):
         assert output.finish_reason == "length", output.error

@@ -11,7 +11,7 @@ and runs the ``spmd`` worker loop until rank 0 says stop. Ray places it (any str
 its resources and tells its end: the ``serve`` call's result is the rank's exit, and an actor
 that died fails it with ``RayActorError``.
 
-Rank 0 listens on 127.0.0.1 when every bundle is on its own node, else on its node's address.
+Rank 0 listens on 127.0.0.1 when every bundle is on its node, else on its node's address.
 The rank actors are owned by the engine actor (they die with it) and live in the placement
 group (removing the group, as the instance does when it ends, kills them too).
 """

@@ -1,7 +1,8 @@
 """``SpmdExecutor``: the ``Executor`` of one engine instance, SPMD over tensor-parallel ranks.
 
 Rank 0 lives in the executor's own process and computes in a worker thread (the event loop
-never blocks); ranks 1 … N-1 are worker processes (``gang.py``). Each step rank 0 builds a
+never blocks); ranks 1 … N-1 are worker processes (``gang.py``), or whatever the installed
+rank launcher starts (``launch.py``: the Ray scaler's are actors). Each step rank 0 builds a
 compact ``StepPlan``, announces it to the workers, runs its own shard of the forward pass
 (the collectives line the ranks up), and samples from the gathered logits.
 

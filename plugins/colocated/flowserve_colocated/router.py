@@ -7,18 +7,27 @@ Options (``DeploymentSpec.options``):
   the client, a retry would repeat them, so the task fails with the instance's error instead.
 - ``instance_wait_timeout`` (seconds, default 600): how long a request waits for a ready
   instance (scale from zero: it waits while the scaler starts one; it is not rejected).
+
+SLO admission (when the deployment has ``slo_ttft_seconds``): a request that would queue
+behind every instance's full batch is refused early (429) when its estimated time to first
+token exceeds the SLO. The estimate is fitted online, ``overhead + seconds per task ahead ×
+tasks ahead``, from the TTFTs the admitted requests really had: it follows whatever slows the
+engine (longer prompts, a busier machine), where a fixed ``max_queue`` cannot.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
-    DeploymentSpec, Job, Request, Task, TaskRole, TaskState, TokenEvent,
+    DeploymentSpec, Job, Rejection, Request, Task, TaskRole, TaskState, TokenEvent,
 )
+
+from flowserve_colocated.estimate import LinearFit
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,26 @@ class ColocatedJobScheduler:
         self.wait_timeout = float(options.get("instance_wait_timeout", 600.0))
         if self.max_retries < 0:
             raise ValueError(f"option retry_on_instance_death must be >= 0, got {self.max_retries}")
+        #: time to first token against the tasks ahead on the instance a task was placed on
+        self.ttft_by_tasks_ahead = LinearFit()
+
+    def admission(self, request: Request, pool: Any) -> Rejection | None:
+        """Refuse (429) a request whose estimated time to first token exceeds the deployment's
+        TTFT SLO. Never while an instance has a free batch slot (it starts at once, and its
+        measured TTFT keeps the fit current), nor before the fit has data."""
+        slo = self.spec.slo_ttft_seconds
+        ready = pool.ready(self.role) if slo else []
+        if not ready:
+            return None
+        ahead = min(getattr(i, "num_tasks", 0) for i in ready)
+        if ahead < self.spec.max_num_seqs:
+            return None
+        estimate = self.ttft_by_tasks_ahead.predict(ahead)
+        if estimate is None or estimate <= slo:
+            return None
+        return Rejection(message=f"the estimated time to first token ({estimate:.1f} s) exceeds the "
+                                 f"deployment's TTFT SLO ({slo:g} s); retry later",
+                         status=429, retry_after=max(1.0, estimate - slo))
 
     def make_job(self, request: Request) -> Job:
         """A job of one colocated task."""
@@ -102,12 +131,15 @@ class ColocatedJobScheduler:
         """Run ``task`` on ``instance`` and forward its events; the last one, or None if the
         stream ended without one. Raises ``_InstanceDied`` if it died before any token."""
         produced = False
+        ahead = getattr(instance, "num_tasks", 0)
         try:
             async with instance.submit(task) as events:
                 async for event in events:
                     if event.instance_failed and not produced:
                         raise _InstanceDied(event.error or "the instance died")
-                    produced = produced or bool(event.token_ids)
+                    if event.token_ids and not produced:
+                        produced = True
+                        self.ttft_by_tasks_ahead.add(ahead, time.time() - task.request.arrival_time)
                     await emit(event)
                     if event.finish_reason:
                         return event

@@ -30,7 +30,7 @@ from flowserve_core.types import (
     DeploymentSpec, Job, KVHandoff, Rejection, Request, Task, TaskRole, TaskState, TokenEvent,
 )
 
-from flowserve_pd_scheduler.estimate import Ewma, LinearFit
+from flowserve_colocated.estimate import Ewma, LinearFit
 
 log = logging.getLogger(__name__)
 

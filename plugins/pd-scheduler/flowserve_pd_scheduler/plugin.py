@@ -1,5 +1,7 @@
 """Hook implementations: job schedulers ``pd-disaggregated`` and ``pd-hybrid``, KV transports
-``shm`` and ``torch-dist``, and SLO admission for deployments run by either (pure Python; cheap to import)."""
+``shm`` and ``torch-dist`` (pure Python; cheap to import). Their SLO admission
+(``DisaggregatedJobScheduler.admission``) is called by the colocated plugin's admission hook,
+as for every job scheduler built on ``ColocatedJobScheduler``."""
 
 from __future__ import annotations
 
@@ -23,12 +25,3 @@ def flowserve_register_job_schedulers(register: Any) -> None:
 def flowserve_register_kv_transports(register: Any) -> None:
     register("shm", SharedMemoryTransport)
     register("torch-dist", TorchDistributedTransport)
-
-
-@hookimpl
-def flowserve_admit_request(request: Any, deployment: Any) -> Any:
-    """A PD deployment with SLOs refuses early what would miss them (see ``admission``)."""
-    scheduler = getattr(deployment, "job_scheduler", None)
-    if isinstance(scheduler, DisaggregatedJobScheduler):
-        return scheduler.admission(request, deployment.pool)
-    return None

@@ -8,7 +8,7 @@ import pytest
 
 from flowserve_core.errors import RejectedError
 from flowserve_core.types import DeploymentSpec, TaskRole
-from flowserve_pd_scheduler.estimate import LinearFit
+from flowserve_colocated.estimate import LinearFit
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")

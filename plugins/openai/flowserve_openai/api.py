@@ -67,6 +67,7 @@ def _renderer_args(ctx: AppContext, deployment: Any, body: Any, prefix: str, pla
 
 async def create_completion(request: Request) -> Any:
     """``POST /v1/completions``."""
+    received = time.time()  # the request's arrival: its TTFT includes parsing and tokenizing
     ctx = _ctx(request)
     body = await ctx.decode(request, CompletionRequest)
     check_request(body, ctx.config)
@@ -79,11 +80,13 @@ async def create_completion(request: Request) -> Any:
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=tokenizer.vocab_size)
     plans = fan_out(prompts, params, body.n)
     renderer = CompletionRenderer(**_renderer_args(ctx, deployment, body, "cmpl", plans, prompts, body.logprobs))
-    return GenerationResponse(Generation(deployment, plans, ctx.metrics), renderer, body.stream)
+    generation = Generation(deployment, plans, ctx.metrics, arrival_time=received)
+    return GenerationResponse(generation, renderer, body.stream)
 
 
 async def create_chat_completion(request: Request) -> Any:
     """``POST /v1/chat/completions``."""
+    received = time.time()  # the request's arrival: its TTFT includes parsing and tokenizing
     ctx = _ctx(request)
     body = await ctx.decode(request, ChatCompletionRequest)
     check_request(body, ctx.config)
@@ -108,4 +111,5 @@ async def create_chat_completion(request: Request) -> Any:
     prompts = [(prompt_ids, "")]
     plans = fan_out(prompts, params, body.n)
     renderer = ChatRenderer(**_renderer_args(ctx, deployment, body, "chatcmpl", plans, prompts, logprobs))
-    return GenerationResponse(Generation(deployment, plans, ctx.metrics), renderer, body.stream)
+    generation = Generation(deployment, plans, ctx.metrics, arrival_time=received)
+    return GenerationResponse(generation, renderer, body.stream)

@@ -23,6 +23,12 @@ from flowserve_openai.app import build_app
 
 log = logging.getLogger(__name__)
 
+#: How long an idle keep-alive connection stays open. Longer than the clients' own idle expiry
+#: (httpx and the openai client: 5 s, uvicorn's default too), so the client always closes
+#: first: a server closing at the same moment as a client reuses the connection resets that
+#: request (seen as dropped requests at 150 requests/s).
+KEEP_ALIVE_SECONDS = 65
+
 
 class _Uvicorn(uvicorn.Server):
     """uvicorn's server, minus re-raising the shutdown signal once it has stopped."""
@@ -79,7 +85,7 @@ class OpenAIFrontend:
         sockets = bind(config.host, config.port)
         uv = _Uvicorn(uvicorn.Config(
             build_app(server), log_config=None, lifespan="on", access_log=True,
-            timeout_graceful_shutdown=max(0.0, config.drain_timeout)))
+            timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=max(0.0, config.drain_timeout)))
         for sock in sockets:
             host, port = sock.getsockname()[:2]
             log.info("serving the OpenAI API on http://%s:%d", f"[{host}]" if ":" in host else host, port,

@@ -45,10 +45,13 @@ OnEvent = Callable[[ChoiceEvent], Awaitable[None]]
 class Generation:
     """The choices of one call on one deployment; ``run`` drives them to the end."""
 
-    def __init__(self, deployment: Any, choices: list[ChoicePlan], metrics: Any = None):
+    def __init__(self, deployment: Any, choices: list[ChoicePlan], metrics: Any = None,
+                 arrival_time: float | None = None):
         self.deployment = deployment
         self.choices = choices
         self.metrics = metrics
+        #: ``time.time()`` when the HTTP request came in (default: now)
+        self.arrival_time = time.time() if arrival_time is None else arrival_time
 
     async def run(self, on_started: OnStarted, on_event: OnEvent) -> APIError | None:
         """Admit every choice, call ``on_started``, then ``on_event`` for each event until
@@ -79,7 +82,8 @@ class Generation:
                           task_status: Any) -> None:
         tokenizer = self.deployment.tokenizer
         request = Request(prompt_token_ids=choice.prompt_token_ids, params=choice.params,
-                          eos_token_ids=list(tokenizer.eos_token_ids), model=self.deployment.name)
+                          eos_token_ids=list(tokenizer.eos_token_ids), model=self.deployment.name,
+                          arrival_time=self.arrival_time)
         handle = None
         latencies: list[float] = []
         if self.deployment.stopping:  # removed after the lookup: as if it had not been found

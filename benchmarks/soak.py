@@ -117,6 +117,17 @@ class LiveServer:
     def metric(self, name: str) -> float:
         return self.metrics(name)[0]
 
+    def histogram(self, name: str) -> dict[float, float]:
+        """The cumulative bucket counts of histogram ``name`` (``le`` → count), from one scrape."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        buckets: dict[float, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name + "_bucket" and sample.labels.get("model") == MODEL:
+                    le = float(sample.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + sample.value
+        return buckets
+
     def rss(self) -> int:
         return tree_rss(self.process.pid)
 

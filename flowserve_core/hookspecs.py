@@ -144,6 +144,7 @@ def flowserve_register_commands(app: typer.Typer) -> None:
 def flowserve_serve_flags() -> list[str]:
     """Name plugin options that ``flowserve serve`` also takes as flags of their own.
 
+    No arguments (no :param entries).
     :returns: option names, e.g. ``["ray_address"]``: then ``--ray-address VALUE`` means
         ``--option ray_address=VALUE``, and ``flowserve serve --help`` lists the flag. Not
         firstresult; the lists are joined. Called once, in the CLI process, by ``build_cli``.

@@ -1,9 +1,11 @@
 """Joining a Ray cluster, and the scaler's settings read from ``DeploymentSpec.options``.
 
 ``ray_address`` (option, else ``$RAY_ADDRESS``): ``auto`` joins the cluster running on this
-machine (``ray start --head`` or a KubeRay head pod), ``HOST:PORT`` a given one, ``ray://…``
-goes through Ray Client; unset, a process that is not yet connected starts a local Ray
-instance. A process already connected (``ray.init`` done by the embedder or a test) keeps
+machine (``ray start --head`` or a KubeRay head pod), ``HOST:PORT`` a given one; unset, a
+process that is not yet connected starts a local Ray instance. ``ray://…`` (Ray Client) is
+refused with a message: Ray Client cannot carry streaming actor calls (Ray 2.60 raises "Streaming
+actor methods … are not currently supported when using Ray Client"), and every engine actor
+streams its events that way, so the server must run on a node of the cluster. A process already connected (``ray.init`` done by the embedder or a test) keeps
 its connection.
 """
 
@@ -72,7 +74,18 @@ def read_options(spec: DeploymentSpec) -> RayOptions:
         raise ConfigError(f"option pool_size must be >= 0, got {options.pool_size}")
     if options.num_cpus < 0:
         raise ConfigError(f"option num_cpus must be >= 0, got {options.num_cpus}")
+    check_address(options.ray_address or os.environ.get("RAY_ADDRESS", ""))
     return options
+
+
+def check_address(address: str) -> None:
+    """Refuse a Ray Client address (see the module docstring) with what to do instead."""
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"ray_address {address!r} goes through Ray Client, which cannot stream actor calls "
+            f"(the engine actors stream their tokens); run `flowserve serve` on a node of the "
+            f"cluster (a KubeRay head pod, or any node that ran `ray start`) with --ray-address auto, "
+            f"or give the cluster's GCS address as HOST:PORT (port 6379 by default)")
 
 
 def connect(address: str = "", namespace: str = NAMESPACE) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def flowserve_register_kv_transports(register: Any) -> None:
 
 @hookimpl
 def flowserve_serve_flags() -> list[str]:
-    """``flowserve serve --scaler ray --ray-address auto|HOST:PORT|ray://…``."""
+    """``flowserve serve --scaler ray --ray-address auto|HOST:PORT`` (``ray://`` is refused: see ``cluster``)."""
     return ["ray_address"]
 
 

@@ -21,6 +21,7 @@ Run it with ``python -m flowserve_prewarm_scaler.zygote FD``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -106,6 +107,9 @@ def _serve_zygote(sock: socket.socket) -> None:
             if error:
                 handles, error = share_weights(spec, error)
             signal.signal(signal.SIGCHLD, _reap_children)
+            # Everything alive now is inherited: keep the children's garbage collector off it,
+            # or its first full pass writes to (and so copies) every page of the heap.
+            gc.freeze()
             reply: ZygoteMessage = Preloaded(seconds=time.perf_counter() - started, error=error,
                                              handles=handles)
         elif isinstance(message, Fork):

@@ -59,11 +59,17 @@ class Server:
         self.check_components(spec)
         deployment = Deployment(spec, self.pm)
         self.deployments[spec.name] = deployment
+        removed = ConfigError(f"deployment {spec.name!r} was removed while it was starting")
         try:
             await self._task_group.start(deployment.run)
-        except BaseException:
-            self.deployments.pop(spec.name, None)
+        except BaseException as exc:
+            if self.deployments.get(spec.name) is deployment:
+                del self.deployments[spec.name]
+            if deployment.stopping and isinstance(exc, Exception):
+                raise removed from None
             raise
+        if deployment.stopping:  # removed before its run began: it ends at once
+            raise removed
         log.info("deployment started", extra={"deployment": spec.name, "model": spec.model})
         return deployment
 

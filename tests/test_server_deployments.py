@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import types
 
 import anyio
@@ -143,3 +144,41 @@ def test_model_flags_split_into_one_model_or_named_models():
                                 (["/m/a", "/m/b"], None, "once"), (["a=/m/a", "a=/m/b"], None, "twice")):
         with pytest.raises(BadParameter, match=words):
             _split_models(values, name)
+
+
+async def test_a_deployment_removed_while_it_starts_is_a_clear_error_not_a_crash(pm, frontends):
+    loading, release, added = anyio.Event(), threading.Event(), anyio.Event()
+
+    def slow_tokenizer(spec):  # blocks in its worker thread until the removal has begun
+        anyio.from_thread.run_sync(loading.set)
+        release.wait(30)
+        return pm.get("tokenizer", "whitespace").factory(spec)
+
+    pm.register(types.SimpleNamespace(flowserve_register_tokenizers=hookimpl(
+        lambda register: register("slow", slow_tokenizer))), name="slow-tokenizer")
+    server = Server(ServerConfig(frontend="idle", deployments=[toy_spec(name="a")]), pm)
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+            outcome: list[BaseException] = []
+
+            async def add():
+                try:
+                    await server.add_deployment(toy_spec(name="b", tokenizer="slow"))
+                except ConfigError as exc:
+                    outcome.append(exc)
+                finally:
+                    added.set()
+
+            tg.start_soon(add)
+            await loading.wait()
+            async with anyio.create_task_group() as removal:
+                removal.start_soon(server.remove_deployment, "b")
+                while "b" in server.deployments:  # the removal has begun
+                    await anyio.sleep(0.01)
+                release.set()
+            await added.wait()
+            assert [str(e) for e in outcome] == ["deployment 'b' was removed while it was starting"]
+            assert list(server.deployments) == ["a"]
+            assert await _generate(server.deployments["a"], [7]) == [8, 9, 10, 11]
+            frontends[0].done.set()

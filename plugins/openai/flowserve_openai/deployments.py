@@ -76,9 +76,11 @@ async def add_deployment(request: Request) -> Response:
         with anyio.CancelScope(shield=True):
             deployment = await ctx.server.add_deployment(spec)
     except ConfigError as exc:
-        status = 409 if "already exists" in str(exc) else 400
-        raise APIError(status, str(exc), param="name" if status == 409 else None,
-                       code="deployment_exists" if status == 409 else "invalid_value") from None
+        conflict = next((code for text, code in (("already exists", "deployment_exists"),
+                                                 ("was removed while", "deployment_removed"))
+                         if text in str(exc)), None)
+        raise APIError(409 if conflict else 400, str(exc), param="name" if conflict else None,
+                       code=conflict or "invalid_value") from None
     except FlowServeError as exc:  # a component that is not installed, a tokenizer that failed…
         raise APIError(400, f"cannot start deployment {spec.name!r}: {exc}", code="deployment_failed") from None
     except Exception as exc:

@@ -38,9 +38,12 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: str = "info"
     deployments: list[DeploymentSpec] = []
     aliases: dict[str, str] = {}
+    #: deployment keys the command line set for every deployment; a deployment added at run
+    #: time (admin API) takes them too, under what its own request says
+    deployment_defaults: dict[str, Any] = {}
 
 
-_SERVER_KEYS = set(ServerConfig.__struct_fields__) - {"deployments", "aliases"}
+_SERVER_KEYS = set(ServerConfig.__struct_fields__) - {"deployments", "aliases", "deployment_defaults"}
 _DEPLOYMENT_KEYS = set(DeploymentSpec.__struct_fields__)
 
 
@@ -93,6 +96,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         elif key in _DEPLOYMENT_KEYS:
             for deployment in deployments:
                 deployment[key] = value
+            if key not in ("name", "model"):
+                raw.setdefault("deployment_defaults", {})[key] = value
         else:
             raise ConfigError(f"unknown setting {key!r}")
     try:

@@ -51,3 +51,11 @@ def test_missing_file_and_duplicate_names(tmp_path):
     path = write(tmp_path, '[[deployments]]\nmodel = "/x/m"\n[[deployments]]\nmodel = "/y/m"\n')
     with pytest.raises(ConfigError, match="two deployments are named 'm'"):
         load_config(path)
+
+
+def test_command_line_deployment_keys_are_kept_as_defaults_for_deployments_added_later():
+    config = load_config(None, {"model": "/m/a", "device": "cpu", "kv_cache_memory": "64MiB", "port": 9000,
+                                "options": {"step_delay": 0.1}})
+    assert config.deployment_defaults == {"device": "cpu", "kv_cache_memory": "64MiB",
+                                          "options": {"step_delay": 0.1}}
+    assert config.port == 9000 and config.deployments[0].device == "cpu"

@@ -18,13 +18,14 @@ import logging
 from typing import Any
 
 import anyio
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from flowserve_core.errors import ConfigError, FlowServeError, UnknownModelError
 from flowserve_core.types import DeploymentSpec
 from flowserve_openai.context import AppContext
-from flowserve_openai.errors import APIError
+from flowserve_openai.errors import APIError, invalid_body
 from flowserve_openai.protocol import (
     AliasRequest,
     AliasResponse,
@@ -65,7 +66,7 @@ async def list_deployments(request: Request) -> Response:
 async def add_deployment(request: Request) -> Response:
     """``POST /admin/deployments``: 201 with the new deployment's status."""
     ctx = _ctx(request)
-    spec = await ctx.decode(request, DeploymentSpec)
+    spec = with_server_defaults(await ctx.decode(request, dict[str, Any]), ctx.config.deployment_defaults)
     for field in ("name", "model"):
         if not getattr(spec, field):
             raise APIError(400, f"a new deployment needs a {field!r}", param=field, code="missing_field")
@@ -88,6 +89,19 @@ async def add_deployment(request: Request) -> Response:
         raise APIError(500, f"deployment {spec.name!r} failed to start: {exc}", code="deployment_failed") from None
     ctx.created(deployment.name)
     return json_response(deployment_status(ctx, deployment), 201)
+
+
+def with_server_defaults(body: dict[str, Any], defaults: dict[str, Any]) -> DeploymentSpec:
+    """The spec a ``POST /admin/deployments`` body asks for, on top of the deployment flags the
+    server was started with (``--device``, ``--kv-cache-memory``, ``-o`` options…): the body
+    wins, key by key, and inside ``options`` option by option. 400 for a bad value."""
+    merged = {**defaults, **body}
+    if isinstance(defaults.get("options"), dict) and isinstance(body.get("options"), dict):
+        merged["options"] = {**defaults["options"], **body["options"]}
+    try:
+        return msgspec.convert(merged, DeploymentSpec)
+    except msgspec.ValidationError as exc:
+        raise invalid_body(exc) from None
 
 
 async def remove_deployment(request: Request) -> Response:

@@ -62,3 +62,20 @@ def test_decoding_errors_name_the_parameter(body, param):
         msgspec.json.decode(body, type=ChatCompletionRequest)
     error = invalid_body(caught.value)
     assert (error.status, error.param) == (400, param), error.message
+
+
+def test_a_deployment_added_at_run_time_takes_the_servers_deployment_flags_under_its_own():
+    from flowserve_openai.deployments import with_server_defaults
+    from flowserve_openai.errors import APIError
+
+    defaults = load_config(None, {"model": "/m/a", "device": "cpu", "dtype": "float32",
+                                  "kv_cache_memory": "16MiB", "options": {"step_delay": 0.1, "x": 1}}
+                           ).deployment_defaults
+    spec = with_server_defaults({"name": "b", "model": "/m/b", "kv_cache_memory": "32MiB",
+                                 "options": {"x": 2}}, defaults)
+    assert (spec.name, spec.model, spec.device, spec.dtype, spec.kv_cache_memory) == \
+        ("b", "/m/b", "cpu", "float32", "32MiB")
+    assert spec.options == {"step_delay": 0.1, "x": 2}
+    with pytest.raises(APIError) as info:
+        with_server_defaults({"name": "b", "model": "/m/b", "dtype": "float8"}, defaults)
+    assert info.value.status == 400 and "dtype" in info.value.message

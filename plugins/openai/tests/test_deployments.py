@@ -242,11 +242,14 @@ def test_add_smollm2_under_load_then_remove_it_under_load(server, models):
     smol_ready = threading.Event()
     load = Load(server.url, prompts, lambda: "a", workers=20, until=smol_ready.is_set)
     load.wait_for(20)
+    # dtype, device, max_model_len… come from the server's own flags (REAL_ENGINE); the body
+    # overrides kv_cache_memory (16MiB there).
     added = admin(server, "POST", "/admin/deployments", json={
-        "name": "smol", "model": smol_model, "dtype": "float32", "device": "cpu", "min_instances": 1,
-        "max_instances": 1, "kv_cache_memory": "32MiB", "max_model_len": 256})
+        "name": "smol", "model": smol_model, "min_instances": 1, "max_instances": 1, "kv_cache_memory": "32MiB"})
     assert added.status_code == 201, added.text
     assert added.json()["name"] == "smol" and added.json()["state"] in ("warming", "ready")
+    card = httpx.get(server.url + "/v1/models/smol", timeout=BOUND).json()
+    assert card["max_model_len"] == 256  # SmolLM2's own context is 8,192: the flag was inherited
     with ThreadPoolExecutor(2) as pool:
         first = [pool.submit(complete, server.url, "smol", smol_prompts[i], i, max_tokens=SMOL_TOKENS)
                  for i in range(2)]

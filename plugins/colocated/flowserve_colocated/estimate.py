@@ -10,6 +10,8 @@ would refuse requests that meet their SLO. ``LinearFit`` learns both terms.
 
 from __future__ import annotations
 
+import math
+
 
 class Ewma:
     """An exponentially weighted moving average (None until the first sample)."""
@@ -31,14 +33,14 @@ class LinearFit:
 
     def __init__(self, decay: float = 0.95, min_samples: int = 4):
         self.decay, self.min_samples = decay, min_samples
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.n = self.sx = self.sy = self.sxx = self.sxy = self.syy = 0.0
         self.samples = 0
 
     def add(self, x: float, y: float) -> None:
         """Fold in one observation (older ones weigh ``decay`` times less each time)."""
         d = self.decay
         self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + x, d * self.sy + y
-        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
+        self.sxx, self.sxy, self.syy = d * self.sxx + x * x, d * self.sxy + x * y, d * self.syy + y * y
         self.samples += 1
 
     def terms(self) -> tuple[float, float] | None:
@@ -56,3 +58,16 @@ class LinearFit:
         """The fitted ``y`` at ``x``, or None (see ``terms``)."""
         terms = self.terms()
         return None if terms is None else terms[0] + terms[1] * x
+
+    def predict_quantile(self, x: float, z: float) -> float | None:
+        """The fitted ``y`` at ``x`` plus ``z`` standard deviations of the (decayed) residuals:
+        an upper quantile when the scatter around the line is roughly normal (``z = 1.28``:
+        p90). None like ``predict``."""
+        terms = self.terms()
+        if terms is None:
+            return None
+        a, b = terms
+        # Σ(y - a - b·x)² from the running sums, whatever a and b are (they may be clamped).
+        squares = (self.syy - 2 * a * self.sy - 2 * b * self.sxy + a * a * self.n
+                   + 2 * a * b * self.sx + b * b * self.sxx)
+        return a + b * x + z * math.sqrt(max(0.0, squares) / self.n)

@@ -9,9 +9,10 @@ Options (``DeploymentSpec.options``):
   instance (scale from zero: it waits while the scaler starts one; it is not rejected).
 
 SLO admission (when the deployment has ``slo_ttft_seconds``): a request that would queue
-behind every instance's full batch is refused early (429) when its estimated time to first
-token exceeds the SLO. The estimate is fitted online, ``overhead + seconds per task ahead ×
-tasks ahead``, from the TTFTs the admitted requests really had: it follows whatever slows the
+behind every instance's full batch is refused early (429) when its estimated p90 time to
+first token exceeds the SLO. The estimate is fitted online, ``overhead + seconds per task
+ahead × tasks ahead`` plus 1.28 standard deviations of the fit's residuals, from the TTFTs
+the admitted requests really had: it follows whatever slows the
 engine (longer prompts, a busier machine), where a fixed ``max_queue`` cannot.
 """
 
@@ -30,6 +31,9 @@ from flowserve_core.types import (
 from flowserve_colocated.estimate import LinearFit
 
 log = logging.getLogger(__name__)
+
+#: Standard normal quantile of 0.9: the TTFT SLO is a p90 bound.
+P90_Z = 1.2816
 
 
 def load_key(instance: Instance) -> tuple[int, int, int, int]:
@@ -75,10 +79,11 @@ class ColocatedJobScheduler:
         ahead = min(getattr(i, "num_tasks", 0) for i in ready)
         if ahead < self.spec.max_num_seqs:
             return None
-        estimate = self.ttft_by_tasks_ahead.predict(ahead)
+        # The SLO holds at p90: compare the fit's p90 (line + 1.28 σ of its residuals), not its mean.
+        estimate = self.ttft_by_tasks_ahead.predict_quantile(ahead, P90_Z)
         if estimate is None or estimate <= slo:
             return None
-        return Rejection(message=f"the estimated time to first token ({estimate:.1f} s) exceeds the "
+        return Rejection(message=f"the estimated p90 time to first token ({estimate:.1f} s) exceeds the "
                                  f"deployment's TTFT SLO ({slo:g} s); retry later",
                          status=429, retry_after=max(1.0, estimate - slo))
 

@@ -62,3 +62,14 @@ async def test_requests_that_would_miss_the_ttft_slo_are_refused_early():
 async def test_without_an_slo_nothing_is_refused_below_max_queue():
     admitted, refused, _ = await offer(slo=None, count=20)
     assert not refused and len(admitted) == 20
+
+
+def test_the_fit_gives_an_upper_quantile_from_its_residuals():
+    from flowserve_colocated.estimate import LinearFit
+
+    fit = LinearFit(decay=1.0)
+    for x in range(10):
+        for noise in (+1.0, -1.0):  # scatter of exactly one standard deviation around the line
+            fit.add(x, 2.0 + 0.5 * x + noise)
+    assert fit.predict(4) == pytest.approx(4.0)
+    assert fit.predict_quantile(4, 1.2816) == pytest.approx(4.0 + 1.2816)

@@ -41,12 +41,7 @@ class RayScaler(TargetScaler):
     def __init__(self, spec: DeploymentSpec):
         super().__init__(spec)
         self.options = read_options(spec)
-        defaults = ScalingPolicy()
-        self.policy = ScalingPolicy(
-            min_instances=spec.min_instances, max_instances=spec.max_instances,
-            slo_ttft_seconds=spec.slo_ttft_seconds, scale_to_zero_after=spec.scale_to_zero_after,
-            **{name: float(spec.options.get(name, getattr(defaults, name))) for name in (
-                "target_concurrency", "slo_scale_factor", "scale_up_cooldown", "scale_down_delay")})
+        self.policy = ScalingPolicy.from_spec(spec)
         self.autoscaler = Autoscaler(self.policy, now=time.monotonic())
         self.ttfts = TtftWindow()
         self.weights: SharedWeights | None = None

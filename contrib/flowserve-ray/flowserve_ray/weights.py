@@ -79,10 +79,6 @@ def _map(spec: DeploymentSpec, ref: Any, raw_index: bytes) -> None:
     import torch
 
     from flowserve_spmd_executor import preload
-    from flowserve_spmd_executor.distributed import TensorParallelGroup
-    from flowserve_spmd_executor.layers.linear import onednn_linear_available
-    from flowserve_spmd_executor.loader import build_model
-    from flowserve_spmd_executor.model_config import load_model_config
 
     key = preload.model_key(spec)
     index = msgspec.json.decode(raw_index, type=preload.ImageIndex)
@@ -90,18 +86,6 @@ def _map(spec: DeploymentSpec, ref: Any, raw_index: bytes) -> None:
     with warnings.catch_warnings():  # read-only on purpose: the weights are never written
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         storage = torch.from_numpy(image)
-    model = build_model(load_model_config(key.weights), TensorParallelGroup(), dtype=getattr(torch, key.dtype),
-                        device=torch.device("cpu"), max_positions=key.max_model_len, allocate=False)
-    params = dict(model.named_parameters())
-    for entry in index.tensors:
-        view = storage[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype))
-        torch.utils.swap_tensors(params.pop(entry.name),
-                                 torch.nn.Parameter(view.view(entry.shape), requires_grad=False))
-    left = sorted(params) + [name for name, t in model.named_buffers() if t.is_meta]
-    if left:
-        raise RuntimeError(f"the image lacks tensors {left[:4]}")
-    if key.packed_linear and onednn_linear_available():
-        model.pack_linear_weights()
+    model = preload.model_over_image(key, storage, index, where="the object-store image")
     model._flowserve_image = image  # keep the mapping alive as long as the model
-    # The spmd executor's hand-over point for pre-loaded models (see its preload module).
-    preload._preloaded[key] = model
+    preload.hand_over(key, model)

@@ -63,12 +63,7 @@ class PrewarmScaler(TargetScaler):
         self.pool_refill = _flag(options.get("pool_refill", True))
         self.autoscale = _flag(options.get("autoscale", True))
         self.interval = float(options.get("scale_interval", 0.5))
-        defaults = ScalingPolicy()
-        self.policy = ScalingPolicy(
-            min_instances=spec.min_instances, max_instances=spec.max_instances,
-            slo_ttft_seconds=spec.slo_ttft_seconds, scale_to_zero_after=spec.scale_to_zero_after,
-            **{name: float(options.get(name, getattr(defaults, name))) for name in (
-                "target_concurrency", "slo_scale_factor", "scale_up_cooldown", "scale_down_delay")})
+        self.policy = ScalingPolicy.from_spec(spec)
         self.autoscaler = Autoscaler(self.policy, now=time.monotonic())
         self.ttfts = TtftWindow()
         self.resources: Any = None

@@ -26,6 +26,8 @@ from typing import Any
 import anyio
 import msgspec
 
+from flowserve_core.types import DeploymentSpec
+
 
 class ScalingPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Settings of the autoscaler (``--option`` keys of the same names override them)."""
@@ -44,6 +46,16 @@ class ScalingPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("target_concurrency must be > 0")
         if self.max_instances < self.min_instances:
             raise ValueError("max_instances must be >= min_instances")
+
+    @classmethod
+    def from_spec(cls, spec: DeploymentSpec) -> ScalingPolicy:
+        """The policy of a deployment: its bounds and SLO, and the tuning keys of its options."""
+        defaults = cls()
+        return cls(
+            min_instances=spec.min_instances, max_instances=spec.max_instances,
+            slo_ttft_seconds=spec.slo_ttft_seconds, scale_to_zero_after=spec.scale_to_zero_after,
+            **{name: float(spec.options.get(name, getattr(defaults, name))) for name in (
+                "target_concurrency", "slo_scale_factor", "scale_up_cooldown", "scale_down_delay")})
 
 
 class LoadSample(msgspec.Struct, kw_only=True):

@@ -202,16 +202,25 @@ def map_image(key: ModelKey) -> Any:
     """Build ``key``'s model with every parameter a copy-on-write view into its image."""
     import torch
 
-    from flowserve_spmd_executor.distributed import TensorParallelGroup
-    from flowserve_spmd_executor.layers.linear import onednn_linear_available
-    from flowserve_spmd_executor.loader import build_model
-    from flowserve_spmd_executor.model_config import load_model_config
-
     data, index_path = image_paths(key)
     index = msgspec.json.decode(index_path.read_bytes(), type=ImageIndex)
     if index.format != IMAGE_FORMAT:
         raise PreloadUnsupported(f"image {data} has format {index.format}, not {IMAGE_FORMAT}")
     storage = torch.from_file(str(data), shared=False, size=index.nbytes, dtype=torch.uint8)
+    return model_over_image(key, storage, index, where=str(data))
+
+
+def model_over_image(key: ModelKey, storage: Any, index: ImageIndex, *, where: str = "the image") -> Any:
+    """Build ``key``'s model with every parameter a view into ``storage`` (a flat uint8 tensor
+    laid out as ``index`` says: a mapped image file, or an image shared another way, such as
+    Ray's object store). Raises ``PreloadUnsupported`` if the image lacks a tensor."""
+    import torch
+
+    from flowserve_spmd_executor.distributed import TensorParallelGroup
+    from flowserve_spmd_executor.layers.linear import onednn_linear_available
+    from flowserve_spmd_executor.loader import build_model
+    from flowserve_spmd_executor.model_config import load_model_config
+
     config = load_model_config(key.weights)
     # Parameters stay on "meta" (no memory) until swapped for views of the image; swapping
     # keeps each Parameter object, so tied weights stay tied.
@@ -224,13 +233,19 @@ def map_image(key: ModelKey) -> Any:
                                  torch.nn.Parameter(view.view(entry.shape), requires_grad=False))
     left = sorted(params) + [name for name, t in model.named_buffers() if t.is_meta]
     if left:
-        raise PreloadUnsupported(f"image {data} lacks tensors {left[:4]}")
+        raise PreloadUnsupported(f"{where} lacks tensors {left[:4]}")
     if key.packed_linear and onednn_linear_available():
         model.pack_linear_weights()
     return model
 
 
 _preloaded: dict[ModelKey, Any] = {}
+
+
+def hand_over(key: ModelKey, model: Any) -> None:
+    """Leave ``model`` for this process's next ``SpmdExecutor`` of ``key`` (what ``preload``
+    does with the model it maps; for hosts that build it from an image of their own)."""
+    _preloaded[key] = model
 
 
 def preload(spec: DeploymentSpec) -> str:

@@ -51,7 +51,9 @@ def deployment_status(ctx: AppContext, deployment: Any) -> DeploymentStatus:
         target=len(deployment.role_targets(getattr(deployment.scaler, "target", None))),
         min_instances=spec.min_instances, max_instances=spec.max_instances, scaler=spec.scaler,
         job_scheduler=spec.job_scheduler, instances=stats.instances, aliases=aliases,
-        num_running=stats.num_running, num_waiting=stats.num_waiting)
+        num_running=stats.num_running, num_waiting=stats.num_waiting, dtype=spec.dtype,
+        slo_ttft_seconds=spec.slo_ttft_seconds, slo_tpot_seconds=spec.slo_tpot_seconds,
+        scale_to_zero_after=spec.scale_to_zero_after)
 
 
 async def list_deployments(request: Request) -> Response:

@@ -374,6 +374,10 @@ class DeploymentStatus(Struct, kw_only=True):
     aliases: list[str]
     num_running: int
     num_waiting: int
+    dtype: str = "auto"
+    slo_ttft_seconds: float | None = None
+    slo_tpot_seconds: float | None = None
+    scale_to_zero_after: float | None = None
 
 
 class DeploymentList(Struct, kw_only=True):

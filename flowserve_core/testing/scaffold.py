@@ -28,6 +28,7 @@ class Kind(NamedTuple):
     usage: str
     dependencies: tuple[str, ...] = ()
     test_dependencies: tuple[str, ...] = ()
+    tests: str = "conformance suite, plugin registration, a deployment"  # what its tests check
 
 
 KINDS: dict[str, Kind] = {
@@ -36,12 +37,15 @@ KINDS: dict[str, Kind] = {
     "executor": Kind("executor", "Executor", "flowserve serve --executor {{name}}", ("anyio>=4.4",)),
     "kv-cache": Kind("KV cache manager", "KVCache", "flowserve serve --kv-cache {{name}}",
                      ("flowserve-paged-kv",), ("flowserve-colocated",)),
-    "scaler": Kind("scaler", "Scaler", "flowserve serve --scaler {{name}}", ("anyio>=4.4",)),
+    "scaler": Kind("scaler", "Scaler", "flowserve serve --scaler {{name}}", ("anyio>=4.4",),
+                   tests="plugin registration, a deployment served by its instances"),
     "tokenizer": Kind("tokenizer", "Tokenizer", "flowserve serve --tokenizer {{name}}",
-                      ("flowserve-hf-tokenizer",)),
+                      ("flowserve-hf-tokenizer",), tests="conformance suite, plugin registration, NFC encoding"),
     "frontend": Kind("frontend", "Frontend", "flowserve serve --frontend {{name}}",
-                     ("msgspec>=0.18", "starlette>=0.40", "uvicorn>=0.30")),
-    "command": Kind("command", "Command", "flowserve {{name}} --help", ("typer>=0.12",)),
+                     ("msgspec>=0.18", "starlette>=0.40", "uvicorn>=0.30"),
+                     tests="plugin registration, a live server answering over HTTP"),
+    "command": Kind("command", "Command", "flowserve {{name}} --help", ("typer>=0.12",),
+                    tests="the command run on a config file"),
 }
 
 
@@ -62,6 +66,10 @@ def placeholders(name: str, kind: str) -> dict[str, str]:
         "test_dependencies": quoted(("pytest>=8", *spec.test_dependencies)),
     }
     values["usage"] = fill(spec.usage, values)
+    values["tests"] = spec.tests
+    # `flowserve plugins` lists components; a command shows in `flowserve --help` instead.
+    values["listing"] = (f"flowserve --help             # lists the command '{name}'" if kind == "command" else
+                         f"flowserve plugins            # lists {values['dist']} and its {spec.title} '{name}'")
     return values
 
 
@@ -105,5 +113,6 @@ def new_project(name: str, kind: str, directory: Optional[Path]) -> None:
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"wrote {len(files)} files in {root}/. Next:\n"
-               f"  pip install -e '{root}[test]'\n  pytest {root}\n  flowserve plugins\n"
+               f"  pip install -e '{root}[test]'\n  pytest {root}\n"
+               f"  {'flowserve --help' if kind == 'command' else 'flowserve plugins'}\n"
                f"  {placeholders(name, kind)['usage']}")

@@ -161,3 +161,12 @@ async def test_hybrid_takes_the_pool_that_is_ready():
     instance(pool, "c", TaskRole.COLOCATED)
     del pool.instances["d"]
     assert hybrid.choose(request(600), pool) is TaskRole.COLOCATED  # no decode instance ready
+
+
+def test_a_request_is_a_job_of_a_prefill_task_then_a_decode_task():
+    req = request(12)
+    job = DisaggregatedJobScheduler(spec()).make_job(req)
+    assert [t.role for t in job.tasks] == [TaskRole.PREFILL, TaskRole.DECODE]
+    assert all(t.job_id == job.id and t.request is req for t in job.tasks)
+    hybrid = HybridJobScheduler(spec(job_scheduler="pd-hybrid", colocated_instances=1))
+    assert [t.role for t in hybrid.make_job(req).tasks] == [TaskRole.COLOCATED, TaskRole.PREFILL, TaskRole.DECODE]

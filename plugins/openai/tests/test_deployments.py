@@ -254,12 +254,18 @@ def test_add_smollm2_under_load_then_remove_it_under_load(server, models):
         first = [pool.submit(complete, server.url, "smol", smol_prompts[i], i, max_tokens=SMOL_TOKENS)
                  for i in range(2)]
         deadline = time.monotonic() + BOUND
-        while not [i for i in admin(server, "GET", "/admin/status", params={"deployment": "smol"}).json()["instances"]
-                   if i["state"] == "ready"]:
+        waited_while_warming = False  # a request for smol admitted (waiting) while none of its instances is ready
+        while True:
+            (smol,) = [d for d in admin(server, "GET", "/admin/deployments").json()["deployments"]
+                       if d["name"] == "smol"]
+            if smol["instances"]["ready"]:
+                break
+            waited_while_warming |= smol["num_waiting"] >= 1
             assert time.monotonic() < deadline, "SmolLM2's instance did not start"
             time.sleep(0.1)
         smol_ready.set()
         first = [future.result() for future in first]
+    assert waited_while_warming, "no request for smol was seen waiting while its instance warmed"
     prints = fingerprints(server)
     for outcome in first:
         assert_ran_on(outcome, "smol", oracle_smol, prints["smol"])

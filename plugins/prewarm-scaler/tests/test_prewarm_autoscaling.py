@@ -165,3 +165,32 @@ async def test_a_killed_instance_is_replaced_and_no_request_hangs(pm):
         await deployment.stop()
         tg.cancel_scope.cancel()
 
+
+async def test_scale_to_zero_is_per_deployment(pm):
+    """Two deployments of one server (sharing the pre-warmed pool): the one with
+    ``scale_to_zero_after`` goes to zero when idle, the other keeps its ``min_instances``;
+    the one at zero comes back for its next request."""
+    sleepy = Deployment(toy_spec(name="sleepy", scaler="prewarm", min_instances=1, max_instances=2,
+                                 scale_to_zero_after=2, options={**FAST, "step_delay": 0.01}), pm)
+    steady = Deployment(toy_spec(name="steady", scaler="prewarm", min_instances=1, max_instances=2,
+                                 options={**FAST, "step_delay": 0.01}), pm)
+    async with anyio.create_task_group() as tg:
+        await tg.start(sleepy.run)
+        await tg.start(steady.run)
+        assert sleepy.scaler.resources is steady.scaler.resources
+        # Each serves a request (sleepy may already be at zero when it comes: it has idled
+        # since it started, and warming on a busy machine can outlast scale_to_zero_after).
+        for deployment in (sleepy, steady):
+            with anyio.fail_after(60):
+                assert await generate(deployment, 3, 2) == [4, 5]
+        await wait_until(sleepy, lambda: not sleepy.pool.instances, timeout=60)
+        assert sleepy.scaler.target == 0
+        # steady idled just as long, and keeps its min_instances (target None: the bounds' floor)
+        assert len(steady.role_targets(steady.scaler.target)) == 1 and len(steady.pool.ready()) == 1
+        with anyio.fail_after(60):
+            assert await generate(steady, 7, 2) == [8, 9]
+            assert await generate(sleepy, 7, 2) == [8, 9]
+        assert len(sleepy.pool.ready()) == 1
+        await sleepy.stop()
+        await steady.stop()
+        tg.cancel_scope.cancel()

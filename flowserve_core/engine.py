@@ -7,6 +7,7 @@ computes off the loop; every step's events go out in one call of ``emit``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Awaitable, Callable
@@ -56,10 +57,6 @@ class Engine:
         self._inbox.append(task_id)
         self._wakeup.set()
 
-    @property
-    def num_live_tasks(self) -> int:
-        return len(self._live) + sum(isinstance(item, Task) for item in self._inbox)
-
     async def run(self) -> None:
         """Step until cancelled, or until the executor dies."""
         while not self.dead:
@@ -77,7 +74,9 @@ class Engine:
                 # Nothing fits this step (e.g. waiting for aborts to free blocks): yield.
                 await anyio.sleep(0.001)
             await self._send(events)
-        await self._send(self._fail_live(f"engine is dead: {self.dead}"))
+        queued = {item.id for item in self._inbox if isinstance(item, Task)}
+        self._inbox.clear()
+        await self._send(self._fail(self._live | queued, f"engine is dead: {self.dead}", instance_failed=True))
 
     async def _step(self, batch: StepBatch) -> list[TokenEvent]:
         try:
@@ -89,12 +88,7 @@ class Engine:
             return []
         except Exception as exc:  # a bad batch fails its own tasks, not the engine
             log.exception("step failed", extra={"num_seqs": len(batch.seqs)})
-            failed = {s.seq_id for s in batch.seqs}
-            for seq_id in failed:
-                self.scheduler.abort(seq_id)
-            self._live -= failed
-            return [TokenEvent(task_id=seq_id, finish_reason="error", error=f"step failed: {exc!r}")
-                    for seq_id in failed]
+            return self._fail({s.seq_id for s in batch.seqs}, f"step failed: {exc!r}")
         events = self.scheduler.update(batch, result)
         self._count(batch, len(result.token_ids))
         return events
@@ -115,16 +109,14 @@ class Engine:
                 events.append(event or TokenEvent(task_id=item, finish_reason="abort"))
         return events
 
-    def _fail_live(self, error: str) -> list[TokenEvent]:
-        live = self._live | {t.id for t in self._inbox if isinstance(t, Task)}
-        self._inbox.clear()
-        for task_id in live:
-            try:
+    def _fail(self, task_ids: set[str], error: str, instance_failed: bool = False) -> list[TokenEvent]:
+        """Drop ``task_ids`` from the scheduler; their last events carry ``error`` (``_send``
+        then forgets them)."""
+        for task_id in task_ids:
+            with contextlib.suppress(Exception):  # the scheduler may be as broken as the executor
                 self.scheduler.abort(task_id)
-            except Exception:  # the scheduler may be as broken as the executor
-                pass
-        return [TokenEvent(task_id=t, finish_reason="error", error=error, instance_failed=True)
-                for t in live]
+        return [TokenEvent(task_id=t, finish_reason="error", error=error, instance_failed=instance_failed)
+                for t in task_ids]
 
     async def _send(self, events: list[TokenEvent]) -> None:
         for event in events:

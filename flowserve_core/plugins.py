@@ -202,9 +202,3 @@ def get_plugin_manager() -> PluginManager:
     if _process_manager is None:
         _process_manager = PluginManager()
     return _process_manager
-
-
-def set_plugin_manager(pm: PluginManager | None) -> None:
-    """Replace this process's manager (tests and embedders compose their own)."""
-    global _process_manager
-    _process_manager = pm

@@ -1,66 +1,24 @@
-"""Built-in plugin: engine instances inside the server process (scaler ``inproc``).
+"""Built-in plugin: the scaler ``inproc``, and ``TargetScaler``, the base of scalers.
 
-``TargetScaler`` is also the base of process-based scalers, which override ``make_instance``.
-
-For tests, plugin authors and small setups: no worker process, the executor computes in a
-thread. Production scalers run each instance in its own process (``remote.py``).
+``TargetScaler`` keeps a deployment's instances at their target; process-based scalers
+(``static``, ``prewarm``, ``ray``) subclass it and override ``make_instance``. By itself it
+is the scaler ``inproc``: its instances run inside the server process, the executor
+computing in a thread. That is for tests, plugin authors and small setups, so the instance
+class (``LocalInstance``) lives in the plugin kit, ``flowserve_core.testing.inprocess``, and
+is imported only when such an instance starts.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from flowserve_core.engine import Engine, build_engine
 from flowserve_core.hookspecs import hookimpl
-from flowserve_core.instance import InstanceBase
-from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, Task, TaskRole, TokenEvent
+from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, TaskRole
 
 if TYPE_CHECKING:
     from flowserve_core.deployment import Deployment
-    from flowserve_core.plugins import PluginManager
-
-
-class LocalInstance(InstanceBase):
-    """An engine instance running on the server's own event loop."""
-
-    def __init__(self, spec: DeploymentSpec, pm: PluginManager, info: InstanceInfo):
-        super().__init__(info)
-        self.spec, self.pm = spec, pm
-        self.engine: Engine | None = None
-        self._scope = anyio.CancelScope()
-
-    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        started = time.monotonic()
-        self.info.start_path = self.info.start_path or "in-process"
-        try:
-            with self._scope:
-                self.engine = await build_engine(self.spec, self.pm, self._on_events)
-                self.info.start_seconds = time.monotonic() - started
-                if not self.mark_ready():
-                    return  # stopped while warming (e.g. scaled down)
-                task_status.started()
-                await self.engine.run()
-        finally:
-            dead = self.engine.dead if self.engine else "instance failed to start"
-            self.fail_all(f"instance {self.info.id} is gone: {dead or 'stopped'}")
-            self.set_state(InstanceState.GONE, error=dead)
-
-    async def _on_events(self, events: list[TokenEvent]) -> None:
-        self.stats = self.engine.stats
-        self.dispatch(events)
-
-    async def _send_task(self, task: Task) -> None:
-        self.engine.submit(task)
-
-    async def _abort_task(self, task_id: str) -> None:
-        if self.engine and not self.engine.dead:
-            self.engine.abort(task_id)
-
-    async def _shutdown(self) -> None:
-        self._scope.cancel()
 
 
 class TargetScaler:
@@ -85,6 +43,9 @@ class TargetScaler:
             self.set_target(1)
 
     def make_instance(self, deployment: Deployment, role: TaskRole) -> Any:
+        """A new instance of ``role`` (not started yet); by default one in this process."""
+        from flowserve_core.testing.inprocess import LocalInstance  # the kit's: see the module doc
+
         return LocalInstance(self.spec, deployment.pm, InstanceInfo(deployment=self.spec.name, role=role))
 
     async def run(self, deployment: Deployment) -> None:

@@ -1,7 +1,9 @@
 """The server's handle on an engine instance: per-task event streams, state, drain and stop.
 
-``LocalInstance`` (inprocess.py) and ``RemoteInstance`` (remote.py) share this base and
-differ only in how a task or an abort reaches the engine.
+The instances of the plugins' scalers share this base (flowserve-prewarm-scaler's
+``RemoteInstance``, flowserve-ray's ``RayInstance``, the plugin kit's in-process
+``LocalInstance`` of scaler ``inproc``) and differ only in how a task or an abort reaches
+the engine.
 """
 
 from __future__ import annotations

@@ -171,8 +171,8 @@ class TaskStream(Protocol):
 
 @runtime_checkable
 class Instance(Protocol):
-    """A handle on one engine instance, in this process or another. Kernel-provided
-    (``inprocess.LocalInstance``, ``remote.RemoteInstance``); scalers create them."""
+    """A handle on one engine instance, in this process or another. Scalers create them,
+    usually as subclasses of the kernel's ``instance.InstanceBase``."""
 
     info: InstanceInfo
     stats: InstanceStats

@@ -1,7 +1,9 @@
 """FlowServe's plugin test kit: what plugin authors use in their tests.
 
 For tests only (and ``flowserve plugin new``, which writes plugin projects from its
-``templates``: ``scaffold.py``); the server never imports it, and importing it imports no torch.
+``templates``: ``scaffold.py``). The server never imports it, except ``inprocess.py`` when a
+deployment with scaler ``inproc`` (instances inside the server process) starts an instance.
+Importing it imports no torch.
 
 - ``plugin_manager(*names)``: a fresh ``PluginManager`` with only the named plugins.
 - ``run_deployment(spec)``: an in-process deployment to ``generate(prompt_ids, **params)`` on.

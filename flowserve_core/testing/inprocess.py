@@ -1,0 +1,61 @@
+"""``LocalInstance``: an engine instance inside the server's own process (scaler ``inproc``).
+
+The kernel's ``TargetScaler`` makes these unless a subclass says otherwise; the built-in
+scaler ``inproc`` is that plain ``TargetScaler``. For tests, plugin authors and small setups:
+no worker process, the executor computes in a thread, and the test can reach the engine
+(``DeploymentRunner.engines()``). Production scalers run each instance in its own process
+(``flowserve-prewarm-scaler``'s ``RemoteInstance``). The kernel imports this module only
+when a deployment with scaler ``inproc`` starts an instance.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+
+from flowserve_core.engine import Engine, build_engine
+from flowserve_core.instance import InstanceBase
+from flowserve_core.plugins import PluginManager
+from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, Task, TokenEvent
+
+
+class LocalInstance(InstanceBase):
+    """An engine instance running on the server's own event loop."""
+
+    def __init__(self, spec: DeploymentSpec, pm: PluginManager, info: InstanceInfo):
+        super().__init__(info)
+        self.spec, self.pm = spec, pm
+        self.engine: Engine | None = None
+        self._scope = anyio.CancelScope()
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        started = time.monotonic()
+        self.info.start_path = self.info.start_path or "in-process"
+        try:
+            with self._scope:
+                self.engine = await build_engine(self.spec, self.pm, self._on_events)
+                self.info.start_seconds = time.monotonic() - started
+                if not self.mark_ready():
+                    return  # stopped while warming (e.g. scaled down)
+                task_status.started()
+                await self.engine.run()
+        finally:
+            dead = self.engine.dead if self.engine else "instance failed to start"
+            self.fail_all(f"instance {self.info.id} is gone: {dead or 'stopped'}")
+            self.set_state(InstanceState.GONE, error=dead)
+
+    async def _on_events(self, events: list[TokenEvent]) -> None:
+        self.stats = self.engine.stats
+        self.dispatch(events)
+
+    async def _send_task(self, task: Task) -> None:
+        self.engine.submit(task)
+
+    async def _abort_task(self, task_id: str) -> None:
+        if self.engine and not self.engine.dead:
+            self.engine.abort(task_id)
+
+    async def _shutdown(self) -> None:
+        self._scope.cancel()

@@ -28,7 +28,6 @@ from flowserve_core.types import (
 )
 
 if TYPE_CHECKING:
-    from flowserve_core.config import ServerConfig
     from flowserve_core.deployment import Deployment, InstancePool
 
 

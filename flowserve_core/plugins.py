@@ -101,18 +101,17 @@ class PluginManager:
     def load_entrypoints(self) -> None:
         """Load every ``flowserve`` entry point that the allow/block lists let through."""
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.name if ep.dist else "?"
+            dist, version = (ep.dist.name, ep.dist.version) if ep.dist else ("?", "?")
             if ep.name in self.blocked or dist in self.blocked or self.pm.get_plugin(ep.name):
                 continue
             if self.allow is not None and ep.name not in self.allow and dist not in self.allow:
                 continue
             try:
-                self.register(ep.load(), name=ep.name, distribution=dist,
-                              version=ep.dist.version if ep.dist else "?")
+                self.register(ep.load(), name=ep.name, distribution=dist, version=version)
             except Exception as exc:  # one broken plugin must not break the tool
                 if self.strict:
                     raise PluginError(f"plugin {ep.name!r} ({dist}) failed to load: {exc}") from exc
-                self.records.append(PluginRecord(ep.name, dist, ep.dist.version if ep.dist else "?",
+                self.records.append(PluginRecord(ep.name, dist, version,
                                                  error=traceback.format_exception_only(exc)[-1].strip()))
 
     def register(self, plugin: object, name: str | None = None, distribution: str = "(local)",

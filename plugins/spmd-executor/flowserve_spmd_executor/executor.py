@@ -212,7 +212,8 @@ class SpmdExecutor:
 
     def import_kv(self, block_ids: list[int], data: bytes | bytearray | memoryview, first_block: int = 0) -> None:
         """Write blocks exported by ``export_kv`` (same model and dtype) into ``block_ids``:
-        the exported blocks ``first_block`` onwards (a receiver skips blocks it has cached)."""
+        the exported blocks ``first_block`` onwards (a receiver skips blocks it has cached).
+        ``data`` may be read-only (a mapped file); only the blocks imported are read."""
         self._check_alive()
         with self._lock:
             self._check_alive()
@@ -237,8 +238,14 @@ class SpmdExecutor:
                              f"({dtype_name(self.dtype)})")
         if not block_ids:
             return
-        blocks = torch.frombuffer(bytearray(view), dtype=torch.uint8).view(self.dtype)
-        blocks = blocks.view(layers, two, exported, block_size, heads, head_dim)[:, :, first_block:first_block + len(block_ids)]
+        # Read only the blocks to import: the export layout is layer-major, so they are
+        # ``layers × 2`` byte runs of the (read-only, often mapped) data. Copying a slice of a
+        # read-only numpy view touches nothing else (and gives torch the writable memory it
+        # wants); copying the whole buffer first would read every block the cache holds.
+        raw = np.frombuffer(view, dtype=np.uint8).reshape(layers, two, exported, per_block // (layers * two))
+        wanted = raw[:, :, first_block:first_block + len(block_ids)].copy()
+        blocks = torch.from_numpy(wanted).view(self.dtype).view(layers, two, len(block_ids), block_size, heads,
+                                                                head_dim)
         self._announced(ImportBlocks(block_ids=block_ids), lambda: self.rank.import_blocks(block_ids, blocks))
 
     # ------------------------------------------------------------------ lifecycle

@@ -118,6 +118,40 @@ async def test_exported_kv_imported_elsewhere_continues_the_same_sequence(llama,
         llama.import_kv(copy.table, bytes(data)[:-4])
 
 
+async def test_an_import_reads_only_the_blocks_it_needs_from_a_read_only_mapping(llama, hf_llama, tmp_path):
+    # PD decode side: the handoff is a read-only mapping (transport shm) of every exported
+    # block; the receiver holds all but the last in its prefix cache and imports that one.
+    import mmap
+    import tracemalloc
+
+    driver = Driver(llama)
+    prompt = random_prompt(300, seed=43)  # 19 blocks, the last one partial
+    source = driver.add("source", prompt, max_tokens=8)
+    await driver.step()
+    assert source.computed == 300 and len(source.table) == 19
+    path = tmp_path / "handoff"
+    path.write_bytes(llama.export_kv(source.table))
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    copy = driver.add("copy", prompt, max_tokens=8, shared_blocks=source.table[:18])  # a prefix-cache hit
+    last = driver.allocate(1)
+    tracemalloc.start()
+    try:
+        llama.import_kv(last, view, first_block=18)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    per_block = view.nbytes // 19
+    assert peak < 3 * per_block, f"importing one block of {per_block} bytes peaked at {peak} bytes"
+    assert bytes(llama.export_kv(last)) == bytes(llama.export_kv(source.table[18:]))
+    copy.table, copy.computed, copy.output = copy.table + last, source.computed, list(source.output)
+    outputs = await driver.run()
+    assert outputs["copy"] == outputs["source"] == hf_greedy(hf_llama, prompt, 8)
+    view.release()
+    mapped.close()
+
+
 async def test_qwen2_with_qkv_bias_and_tied_embeddings_matches_hf(qwen2, hf_qwen2):
     driver = Driver(qwen2)
     prompts = {f"len{n}": random_prompt(n, seed=100 + n) for n in (1, 9, 64, 130)}

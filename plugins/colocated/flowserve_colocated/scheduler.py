@@ -8,12 +8,14 @@ chunk that reaches its end samples. When blocks run out, the latest-arrived runn
 is preempted: its blocks are freed and it waits again, to be recomputed (prompt and the tokens
 it generated) when blocks are free. See docs/scheduling.md.
 
-PD-disaggregation roles: a **prefill** task ends after its first token; the step that
-samples it also exports the prompt's KV blocks (``StepBatch.kv_exports``), which are
-published through the deployment's KV transport, and the task's last event carries the
-``KVHandoff``. A **decode** task (prompt and first token, plus that handoff) is admitted by
-fetching the blocks its prefix cache lacks and importing them (``StepBatch.kv_imports``)
-before its first decode step; if the fetch fails it recomputes the prompt instead.
+PD-disaggregation roles (the mechanics are in ``handoff.py``): a **prefill** task ends
+after its first token; the step that samples it also exports the prompt's KV blocks from the
+first one its decode instance lacks (``StepBatch.kv_exports``), which are published through
+the deployment's KV transport, and the task's last event carries the ``KVHandoff``. A
+**decode** task (prompt and first token, plus that handoff) gets its blocks through the
+prefix cache, then waits, holding them, while a worker thread fetches the handoff (the other
+sequences keep stepping); the blocks its cache lacks are imported (``StepBatch.kv_imports``)
+before its first decode step. If the fetch fails it recomputes the prompt instead.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import time
 from typing import Any
 
 from flowserve_core.types import (
-    DeploymentSpec, FinishReason, KVBlockTransfer, KVHandoff, KVUsage, SchedulerStats,
-    ScheduledSequence, StepBatch, StepResult, Task, TaskRole, TokenEvent,
+    DeploymentSpec, FinishReason, KVHandoff, KVUsage, SchedulerStats, ScheduledSequence, StepBatch,
+    StepResult, Task, TaskRole, TokenEvent,
 )
 
+from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,8 @@ class ContinuousBatchScheduler:
         self.num_preemptions = 0
         self._ended: list[str] = []  # for the next batch's finished_seq_ids
         self._order = itertools.count()
-        self._handoffs: dict[str, KVHandoff] = {}  # decode tasks whose KV is still to import
-        self._imports: list[KVBlockTransfer] = []  # for the next batch
-        self._imported: dict[str, str] = {}  # seq_id → transport locator to release
-        self._transport: Any = None
-        self.kv_transfer_bytes, self.kv_transfer_seconds = 0, 0.0
+        self._handoffs: dict[str, KVHandoff] = {}  # decode tasks not admitted yet: the KV to fetch
+        self.handoffs = KVHandoffs(spec, kv_cache)
 
     # ------------------------------------------------------------------ admission
 
@@ -107,10 +106,13 @@ class ContinuousBatchScheduler:
         seq = self.seqs.get(task_id)
         if seq is None:
             return None
+        self.handoffs.cancel(task_id)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self._release(seq)
             self._ended.append(seq.seq_id)
+        elif seq.status is SequenceStatus.FETCHING:
+            self.kv.free(seq.seq_id)  # the executor never saw it: nothing to report as ended
         else:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
@@ -120,7 +122,8 @@ class ContinuousBatchScheduler:
         return self._event(seq, [], None, "abort")
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        """Sequences to run, or fetches under way (the engine polls ``schedule`` until they end)."""
+        return bool(self.running or self.waiting or self.handoffs.busy)
 
     # ------------------------------------------------------------------ one step
 
@@ -130,6 +133,10 @@ class ContinuousBatchScheduler:
         planned: dict[str, tuple[Sequence, int]] = {}  # seq_id → (sequence, tokens this step)
         preempted: set[str] = set()
         budget = self.token_budget
+        # Decode tasks whose KV fetch ended run from now on (imported, or recomputing).
+        for seq, num_computed in self.handoffs.collect():
+            seq.status, seq.num_computed = SequenceStatus.RUNNING, num_computed
+            bisect.insort(self.running, seq)
 
         def plan(seq: Sequence, num_tokens: int) -> bool:
             """Reserve blocks (preempting later arrivals if needed) and plan ``seq``."""
@@ -159,7 +166,7 @@ class ContinuousBatchScheduler:
             if seq.status is SequenceStatus.RUNNING and seq.seq_id not in planned:
                 plan(seq, min(seq.num_remaining, budget))
         # 3. Waiting sequences start, first come first served, while blocks and slots last.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.handoffs.fetching) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.seq_id in preempted:
                 break  # it just gave its blocks up; its id is in this batch's finished list
@@ -167,10 +174,10 @@ class ContinuousBatchScheduler:
             if num_cached is None:
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.pop(0)
+            if seq.status is SequenceStatus.FETCHING:
+                continue  # it holds its blocks and runs once its KV is here; the next may start
             seq.status = SequenceStatus.RUNNING
             seq.num_computed = num_cached
-            if not seq.admitted:
-                seq.admitted, seq.num_cached_tokens = True, num_cached
             bisect.insort(self.running, seq)
             chunk = min(seq.num_remaining, budget)
             planned[seq.seq_id] = (seq, chunk)
@@ -183,12 +190,10 @@ class ContinuousBatchScheduler:
         copies = self.kv.take_block_copies() if hasattr(self.kv, "take_block_copies") else []
         # Planning order: decodes first, then prefill chunks, each first come first served.
         scheduled = [self._scheduled(seq, n) for seq, n in planned.values()]
-        exports = [KVBlockTransfer(seq_id=s.seq_id, block_ids=s.block_table[:_ceil_div(len(s.prompt_token_ids),
-                                                                                       self.block_size)])
-                   for s in scheduled if s.sample and self.seqs[s.seq_id].role is TaskRole.PREFILL]
-        imports, self._imports = self._imports, []
+        exports = [export for s in scheduled if s.sample
+                   and (export := self.handoffs.export(self.seqs[s.seq_id], s.block_table)) is not None]
         return StepBatch(seqs=scheduled, finished_seq_ids=ended, block_copies=copies,
-                         kv_imports=imports, kv_exports=exports)
+                         kv_imports=self.handoffs.take_imports(), kv_exports=exports)
 
     def _scheduled(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
         start = seq.num_computed
@@ -202,6 +207,7 @@ class ContinuousBatchScheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it again; it will be recomputed from its tokens."""
         self.running.remove(seq)
+        self.handoffs.cancel(seq.seq_id)  # an import not run yet would write blocks it no longer holds
         self.kv.free(seq.seq_id)
         seq.status = SequenceStatus.WAITING
         seq.num_computed = 0
@@ -213,9 +219,7 @@ class ContinuousBatchScheduler:
     def update(self, batch: StepBatch, result: StepResult) -> list[TokenEvent]:
         """Commit what was computed, append sampled tokens, end sequences; one event per token."""
         events: list[TokenEvent] = []
-        for transfer in batch.kv_imports:  # the step ran: the imported data is not needed any more
-            if (locator := self._imported.pop(transfer.seq_id, None)) is not None:
-                self._release_handoff(locator)
+        self.handoffs.imported(batch.kv_imports)  # the step ran: the fetched data is not needed any more
         exported = {transfer.seq_id: transfer.data for transfer in result.kv_exports}
         for scheduled in batch.seqs:
             seq = self.seqs.get(scheduled.seq_id)
@@ -262,58 +266,29 @@ class ContinuousBatchScheduler:
 
     def _admit(self, seq: Sequence) -> int | None:
         """Blocks for a waiting sequence: how many leading tokens are already computed, or
-        None if the cache cannot hold it now. A decode task imports the prompt's KV blocks
-        that its prefix cache lacks (in the next batch, before computing)."""
+        None if the cache cannot hold it now. A decode task whose prefix cache lacks blocks of
+        its handoff starts fetching it and becomes ``FETCHING``; it runs when ``schedule``
+        collects the fetch (see ``handoff.py``)."""
         num_cached = self.kv.allocate(seq.seq_id, seq.token_ids)
-        handoff = self._handoffs.pop(seq.seq_id, None) if num_cached is not None else None
-        if handoff is None or num_cached >= handoff.num_tokens:
-            if handoff is not None:
-                self._release_handoff(handoff.locator)
-            return num_cached
-        started = time.perf_counter()
-        first_block = num_cached // self.block_size
-        blocks = self.kv.block_table(seq.seq_id)[first_block:_ceil_div(handoff.num_tokens, self.block_size)]
-        try:
-            data = self.transport().fetch(handoff)
-        except Exception as exc:  # a lost handoff costs a recompute, never the request
-            log.warning("KV handoff %s could not be fetched (%s); recomputing the prompt", handoff.locator, exc,
-                        extra={"seq_id": seq.seq_id})
-            return num_cached
-        self._imports.append(KVBlockTransfer(seq_id=seq.seq_id, block_ids=blocks, data=data,
-                                             first_block=first_block))
-        self._imported[seq.seq_id] = handoff.locator
-        self.kv_transfer_bytes += handoff.nbytes * len(blocks) // max(1, _ceil_div(handoff.num_tokens,
-                                                                                    self.block_size))
-        self.kv_transfer_seconds += time.perf_counter() - started
-        self.kv.commit(seq.seq_id, seq.token_ids, handoff.num_tokens)  # hashed: later prompts share them
-        return handoff.num_tokens
+        if num_cached is None:
+            return None
+        if not seq.admitted:  # what the prefix cache held, not what a handoff brings
+            seq.admitted, seq.num_cached_tokens = True, num_cached
+        handoff = self._handoffs.pop(seq.seq_id, None)
+        if handoff is not None and self.handoffs.fetch(seq, handoff, num_cached):
+            seq.status = SequenceStatus.FETCHING
+        return num_cached
 
     def transport(self) -> Any:
         """The deployment's KV transport (``spec.kv_transport``), built on first use."""
-        if self._transport is None:
-            from flowserve_core.plugins import get_plugin_manager
-
-            self._transport = get_plugin_manager().build("kv_transport", self.spec.kv_transport, self.spec)
-        return self._transport
+        return self.handoffs.transport()
 
     def _publish(self, seq: Sequence, data: Any) -> KVHandoff | None:
         """Publish a finished prefill's KV; None (the decode side recomputes) if there is none."""
-        if data is None:
-            return None
-        try:
-            locator = self.transport().publish(data, seq.seq_id)
-        except Exception as exc:
-            log.warning("KV of %s could not be published (%s); its decode task will recompute", seq.seq_id,
-                        exc, extra={"seq_id": seq.seq_id})
-            return None
-        return KVHandoff(transport=self.spec.kv_transport, locator=locator, num_tokens=len(seq.prompt_token_ids),
-                         block_size=self.block_size, nbytes=memoryview(data).nbytes)
+        return self.handoffs.publish(seq, data)
 
     def _release_handoff(self, locator: str) -> None:
-        try:
-            self.transport().release(locator)
-        except Exception as exc:
-            log.warning("KV handoff %s could not be released: %s", locator, exc)
+        self.handoffs.release(locator)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         """Why ``seq`` ends after sampling ``token``. (A prefill task would end right here.)"""
@@ -334,14 +309,17 @@ class ContinuousBatchScheduler:
     # ------------------------------------------------------------------ load
 
     def stats(self) -> SchedulerStats:
-        """Running and waiting counts; prefill tokens not yet computed (waiting sequences'
-        tokens and the rest of prompts under way); preemptions so far."""
+        """Running (decode tasks fetching their KV included) and waiting counts; prefill
+        tokens not yet computed (waiting sequences' tokens and the rest of prompts under way);
+        preemptions so far; KV imported from handoffs (bytes written into this cache, and
+        the wall time of the transport's fetches, which run in worker threads)."""
         prefill = sum(s.num_tokens for s in self.waiting) + \
             sum(s.num_remaining for s in self.running if s.num_remaining > 1)
-        return SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
-                              waiting_prefill_tokens=prefill, num_preemptions=self.num_preemptions,
-                              kv_transfer_bytes=self.kv_transfer_bytes,
-                              kv_transfer_seconds=self.kv_transfer_seconds)
+        # A decode task fetching its KV holds its blocks and a batch slot: it counts as running.
+        return SchedulerStats(num_running=len(self.running) + len(self.handoffs.fetching),
+                              num_waiting=len(self.waiting), waiting_prefill_tokens=prefill,
+                              num_preemptions=self.num_preemptions, kv_transfer_bytes=self.handoffs.bytes,
+                              kv_transfer_seconds=self.handoffs.seconds)
 
     def kv_usage(self) -> KVUsage:
         return self.kv.usage()

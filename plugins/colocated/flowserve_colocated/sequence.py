@@ -10,6 +10,7 @@ from flowserve_core.types import SamplingParams, Task, TaskRole
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # holds no KV blocks (new, or preempted)
     RUNNING = "running"  # holds blocks for all its tokens
+    FETCHING = "fetching"  # a PD decode task: holds its blocks, waits for its KV from a transport
     FINISHED = "finished"
 
 

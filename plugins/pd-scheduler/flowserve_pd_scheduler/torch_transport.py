@@ -12,6 +12,11 @@ The publisher drops the bytes once sent; ``release`` from any process (the decod
 the job scheduler after a failure) drops them too, and unfetched bytes expire after
 ``kv_transport_ttl`` seconds.
 
+Batch schedulers call ``fetch`` and ``release`` from worker threads (a fetch blocks for the
+transfer), several at once: fetches from one publisher take turns (it serves them in order
+anyway, and two of them interleaving on one store connection could each wait on the other),
+and each fetch talks to the publisher's store on a connection of its own.
+
 Options (``DeploymentSpec.options``): ``kv_transport_backend`` (``gloo`` | ``nccl`` | ``hccl``;
 default: by ``spec.device``), ``kv_transport_host`` (default ``$FLOWSERVE_KV_HOST`` or
 127.0.0.1; set a routable address for decode instances on other hosts),
@@ -77,6 +82,7 @@ class TorchDistributedTransport:
         self._lock = threading.Lock()
         self._store: Any = None
         self._clients: dict[tuple[str, int], Any] = {}
+        self._turns: dict[tuple[str, int], threading.Lock] = {}  # one fetch at a time per publisher
         self._server: threading.Thread | None = None
         self._closing = False
 
@@ -151,12 +157,18 @@ class TorchDistributedTransport:
 
     def fetch(self, handoff: KVHandoff) -> memoryview:
         """Receive the handoff's bytes from its publisher (blocks for the transfer)."""
+        host, port, transfer = parse_locator(handoff.locator)
+        with self._lock:
+            turn = self._turns.setdefault((host, port), threading.Lock())
+        with turn:
+            return self._fetch(handoff, host, port, transfer)
+
+    def _fetch(self, handoff: KVHandoff, host: str, port: int, transfer: str) -> memoryview:
         import torch
         import torch.distributed as dist
 
-        host, port, transfer = parse_locator(handoff.locator)
         try:
-            store = self._client(host, port)
+            store = self._client(host, port).clone()  # its own connection: releases never wait on it
             number = store.add("fetches", 1)
             store.queue_push("requests", f"fetch:{number}:{transfer}")
         except Exception as exc:
@@ -189,9 +201,13 @@ class TorchDistributedTransport:
     def _client(self, host: str, port: int) -> Any:
         import torch.distributed as dist
 
-        if (host, port) not in self._clients:
-            self._clients[(host, port)] = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
-        return self._clients[(host, port)]
+        with self._lock:
+            client = self._clients.get((host, port))
+        if client is None:  # connecting may take up to the timeout: not under the lock
+            client = dist.TCPStore(host, port, is_master=False, timeout=self.timeout)
+            with self._lock:
+                client = self._clients.setdefault((host, port), client)
+        return client
 
     def close(self) -> None:
         """Stop serving (held handoffs are dropped)."""

@@ -1,10 +1,11 @@
 """KV transport ``torch-dist`` (torch.distributed send/recv, gloo on CPU): bytes move between
-real processes exactly; released, fetched and dead-publisher handoffs fail clearly and fast;
+real processes exactly, also two fetches at once from two threads; released, fetched and dead-publisher handoffs fail clearly and fast;
 and a PD deployment using it stays greedy-exact against HF."""
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 
 import anyio
@@ -34,7 +35,7 @@ def publisher(connection, payloads: list[bytes]) -> None:
 def remote():
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    payloads = [bytes(range(256)) * 1500, b"\x07" * 4096, b"never fetched"]
+    payloads = [bytes(range(256)) * 1500, b"\x07" * 4096, b"never fetched", bytes(range(255, -1, -1)) * 900]
     process = context.Process(target=publisher, args=(theirs, payloads), daemon=True)
     process.start()
     assert ours.poll(120), "the publisher process did not start"
@@ -49,8 +50,18 @@ def remote():
 def test_bytes_move_between_processes_once_and_release_works_from_anywhere(remote):
     process, _, payloads, locators = remote
     receiver = TorchDistributedTransport(DeploymentSpec(name="t", model="m", options={"kv_transport_timeout": 20}))
-    got = receiver.fetch(handoff(locators[0], len(payloads[0])))
-    assert bytes(got) == payloads[0]
+    # Batch schedulers fetch in worker threads, several at once from one publisher.
+    got: dict[int, bytes] = {}
+
+    def fetch(i: int) -> None:
+        got[i] = bytes(receiver.fetch(handoff(locators[i], len(payloads[i]))))
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in (0, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert got == {0: payloads[0], 3: payloads[3]}
     with pytest.raises(KVHandoffMissing, match="no longer held"):  # one fetch per handoff
         receiver.fetch(handoff(locators[0], len(payloads[0])))
     # A third process (here: another transport object) releases what it never fetched.

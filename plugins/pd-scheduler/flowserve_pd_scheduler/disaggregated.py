@@ -1,10 +1,19 @@
 """Job scheduler ``pd-disaggregated``: each request is a prefill task on a prefill instance,
 then a decode task on a decode instance that imports the prefill's KV.
 
-Placement: a prefill goes to the prefill instance with the least prefill work queued (tasks
-in flight, then waiting prefill tokens), preferring the one that last prefilled the same
-prompt prefix when it is not much busier (its prefix cache likely holds it); a decode goes to
-the decode instance with the fewest running sequences and the most free KV blocks.
+The decode instance is chosen first, when the request starts (as Mooncake's conductor picks
+both ends of a transfer up front): the index of what each decode instance holds
+(``prefix_index.py``) says how many leading prompt blocks it has, and the prefill task
+carries that as ``KVHandoff.first_block``, so the prefill exports and publishes only the
+blocks from there on.
+
+Placement: a prefill goes to the prefill instance with the fewest prefill tokens queued, then
+the fewest tasks, preferring the one that last prefilled the same prompt prefix (its prefix
+cache likely holds it) unless it has more than ``pd_locality_slack_tokens`` more queued. A
+decode goes to the decode instance with the fewest tasks (in flight, or reserved by prefills
+under way) and running sequences, then the most free KV blocks, preferring the one that
+holds the longest prefix of the prompt unless it has more than ``pd_locality_slack`` more
+tasks.
 
 Options (``DeploymentSpec.options``):
 
@@ -14,23 +23,30 @@ Options (``DeploymentSpec.options``):
   instance dies, run the prefill again on another one, or end the request with the error.
 - ``retry_on_instance_death`` (default 2): attempts per phase on instances that died.
 - ``instance_wait_timeout`` (seconds, default 600): how long a task waits for a ready instance.
-- ``pd_locality_slack`` (tasks, default 2): how much busier the prefix-locality choice may be.
+- ``pd_locality_slack`` (tasks, default 2): how many more tasks the decode instance holding
+  the prompt's prefix may have than the least busy one.
+- ``pd_locality_slack_tokens`` (tokens, default ``max_num_batched_tokens``): how many more
+  queued prefill tokens the prefill instance that last prefilled the prefix may have.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from typing import Any
+
+import msgspec
 
 from flowserve_colocated.router import ColocatedJobScheduler, _InstanceDied
 from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
-    DeploymentSpec, Job, KVHandoff, Rejection, Request, Task, TaskRole, TaskState, TokenEvent,
+    DeploymentSpec, InstanceState, Job, KVHandoff, Rejection, Request, Task, TaskRole, TaskState, TokenEvent,
 )
 
 from flowserve_colocated.estimate import Ewma, LinearFit
+from flowserve_pd_scheduler.prefix_index import DecodePrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +65,19 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         if self.on_failure not in ("reroute", "fail"):
             raise ValueError(f"option pd_on_failure must be 'reroute' or 'fail', got {self.on_failure!r}")
         self.locality_slack = int(options.get("pd_locality_slack", 2))
+        self.locality_slack_tokens = int(options.get("pd_locality_slack_tokens", spec.max_num_batched_tokens))
         #: Time to first token against prefill work (tokens queued ahead + new tokens).
         self.prefill_time = LinearFit()
         self._queued_at_placement: dict[str, int] = {}
         self.decode_seconds_per_token = Ewma()
         self._last_prefill_on: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
         self._transports: dict[str, Any] = {}
+        self._building = threading.Lock()
+        self.prefix_index = DecodePrefixIndex(spec.block_size)
+        #: per prefill instance: prompt tokens of the prefills placed there, not yet at their first token
+        self._prefill_tokens: collections.Counter[str] = collections.Counter()
+        #: per decode instance: requests whose prefill runs and whose decode will go there
+        self._decode_reserved: collections.Counter[str] = collections.Counter()
 
     def make_job(self, request: Request) -> Job:
         """A job of two tasks: prefill, then decode (its first token and KV come from prefill)."""
@@ -72,9 +95,22 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         job.move_to(state)
 
     async def run_disaggregated(self, prefill: Task, decode: Task, pool: Any, emit: EmitEvent) -> TokenEvent | None:
-        """The two phases of one request; returns the request's last event."""
+        """The two phases of one request; returns the request's last event. The decode
+        instance is chosen first, so that the prefill exports only the blocks it lacks."""
         request = prefill.request
         prefill.move_to(TaskState.RUNNING)
+        reservation = _Reservation(self._decode_reserved, await self._place_decode(pool, set(), request))
+        held = self.prefix_index.held(reservation.instance.info.id, self.prefix_index.hashes(request.prompt_token_ids))
+        prefill.kv_handoff = KVHandoff(transport=self.spec.kv_transport, locator="", block_size=self.spec.block_size,
+                                       num_tokens=len(request.prompt_token_ids), first_block=held)
+        try:
+            return await self._prefill_then_decode(prefill, decode, pool, emit, reservation)
+        finally:
+            reservation.end()
+
+    async def _prefill_then_decode(self, prefill: Task, decode: Task, pool: Any, emit: EmitEvent,
+                                   reservation: _Reservation) -> TokenEvent | None:
+        request = prefill.request
         started = time.monotonic()
         try:
             first = await self._phase(prefill, pool, emit, self._place_prefill, forward_last=False)
@@ -97,19 +133,27 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         decode.kv_handoff = first.kv_handoff
         decode.move_to(TaskState.RUNNING)
         try:
-            return await self._decode(decode, pool, emit)
+            return await self._decode(decode, pool, emit, reservation)
         finally:
             if first.kv_handoff is not None:  # idempotent: the decode side normally released it
                 self._release(first.kv_handoff)
 
-    async def _decode(self, decode: Task, pool: Any, emit: EmitEvent) -> TokenEvent | None:
-        """The decode phase, rerouted (recomputing from the tokens so far) if its instance dies."""
+    async def _decode(self, decode: Task, pool: Any, emit: EmitEvent,
+                      reservation: _Reservation | None = None) -> TokenEvent | None:
+        """The decode phase, on the reserved instance if it is still ready, rerouted
+        (recomputing from the tokens so far) if its instance dies."""
         produced: list[int] = []
+        attempt: dict[str, Any] = {}
 
         async def forward(event: TokenEvent) -> None:
             if event.instance_failed:
                 return  # decided below: rerouted, or emitted as the request's end
+            if not attempt["started"]:
+                attempt["started"] = True
+                self._decoding_on(attempt["instance"], attempt["task"], event)
             produced.extend(event.token_ids)
+            if event.num_cached_tokens:  # the request's cached prompt tokens are its prefill's
+                event = msgspec.structs.replace(event, num_cached_tokens=0)
             await emit(event)
 
         failed_on: set[str] = set()
@@ -117,7 +161,14 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         while True:
             attempts += 1
             started, before = time.monotonic(), len(produced)
-            instance = await self._place_decode(pool, failed_on)
+            planned = reservation.instance if reservation is not None and attempts == 1 else None
+            if planned is not None and planned.info.state is InstanceState.READY:
+                instance = planned
+            else:
+                instance = await self._place_decode(pool, failed_on, decode.request)
+            if reservation is not None:
+                reservation.end()  # from here on the instance counts the task itself
+            attempt.update(instance=instance, task=decode, started=False)
             try:
                 last = await self._run_on(instance, decode, forward)
             except _InstanceDied as died:
@@ -136,10 +187,28 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
                 continue
             if last is not None and last.instance_failed:
                 await emit(last)
+            elif last is not None and last.finish_reason != "error":
+                # Its cache now holds every token it computed (all but the last one sampled).
+                tokens = list(decode.request.prompt_token_ids) + decode.output_token_ids + produced
+                self.prefix_index.add(instance.info.id, self.prefix_index.hashes(tokens[:-1]),
+                                      instance.stats.kv.total_blocks)
             if len(produced) > before + 1:
                 self.decode_seconds_per_token.add((time.monotonic() - started) / (len(produced) - before))
             decode.move_to(_state(last))
             return last
+
+    def _decoding_on(self, instance: Instance, task: Task, first: TokenEvent) -> None:
+        """A decode task's first event: the instance holds the prompt's blocks now (imported
+        or recomputed). ``num_cached_tokens`` is what its prefix cache held on admission: less
+        than the handoff assumed means the index was wrong (the prompt was recomputed)."""
+        prompt = task.request.prompt_token_ids
+        handoff = task.kv_handoff
+        if handoff is not None and first.num_cached_tokens < handoff.first_block * handoff.block_size:
+            self.prefix_index.missed += 1
+            log.info("decode instance %s held %d prompt tokens, not the %d its handoff assumed; it recomputed",
+                     instance.info.id, first.num_cached_tokens, handoff.first_block * handoff.block_size,
+                     extra={"task_id": task.id, "instance": instance.info.id})
+        self.prefix_index.add(instance.info.id, self.prefix_index.hashes(prompt), instance.stats.kv.total_blocks)
 
     async def _phase(self, task: Task, pool: Any, emit: EmitEvent, place: Any, *, forward_last: bool) -> TokenEvent | None:
         """Run ``task`` where ``place`` says, retrying on instances that die before its token."""
@@ -148,6 +217,8 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         while True:
             attempts += 1
             instance = await place(pool, failed_on, task.request)
+            tokens = len(task.request.prompt_token_ids) if task.role is TaskRole.PREFILL else 0
+            self._prefill_tokens[instance.info.id] += tokens
             try:
                 return await self._run_on(instance, task, emit if forward_last else _ignore)
             except _InstanceDied as died:
@@ -159,6 +230,10 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
                     last = TokenEvent(task_id=task.id, finish_reason="error",
                                       error=f"{died.error} (gave up after {attempts} attempts)")
                     return last
+            finally:
+                self._prefill_tokens[instance.info.id] -= tokens
+                if self._prefill_tokens[instance.info.id] <= 0:
+                    del self._prefill_tokens[instance.info.id]
 
     def _continues(self, request: Request, first: TokenEvent) -> bool:
         """Whether the request goes on after its prefill's first token."""
@@ -171,25 +246,51 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
 
     # ------------------------------------------------------------------ placement
 
+    def queued_prefill_tokens(self, instance: Instance) -> int:
+        """Prefill tokens queued on a prefill instance: what it last reported or, when more,
+        the prompts placed there that have no first token yet (a report lags a step behind:
+        without this, a burst of arrivals would all go to the instance that last looked idle)."""
+        return max(_waiting_tokens(instance), self._prefill_tokens.get(instance.info.id, 0))
+
+    def _prefill_key(self, instance: Instance) -> tuple[int, int]:
+        return self.queued_prefill_tokens(instance), _num_tasks(instance)
+
     async def _place_prefill(self, pool: Any, avoid: set[str], request: Request) -> Instance:
         ready = [i for i in await self._ready(pool, TaskRole.PREFILL) if i.info.id not in avoid] or \
             await self._ready(pool, TaskRole.PREFILL)
-        lightest = min(ready, key=_prefill_load)
+        lightest = min(ready, key=self._prefill_key)
         key = tuple(request.prompt_token_ids[:LOCALITY_TOKENS])
         if len(key) == LOCALITY_TOKENS:
             local = next((i for i in ready if i.info.id == self._last_prefill_on.get(key)), None)
-            if local is not None and _prefill_load(local)[0] <= _prefill_load(lightest)[0] + self.locality_slack:
+            if local is not None and self.queued_prefill_tokens(local) <= \
+                    self.queued_prefill_tokens(lightest) + self.locality_slack_tokens:
                 lightest = local
             self._last_prefill_on[key] = lightest.info.id
             self._last_prefill_on.move_to_end(key)
             while len(self._last_prefill_on) > 4096:
                 self._last_prefill_on.popitem(last=False)
-        self._queued_at_placement[request.id] = _prefill_load(lightest)[1]
+        self._queued_at_placement[request.id] = self.queued_prefill_tokens(lightest)
         return lightest
+
+    def _decode_key(self, instance: Instance) -> tuple[int, int, int]:
+        stats = instance.stats
+        return (_num_tasks(instance) + self._decode_reserved.get(instance.info.id, 0), stats.scheduler.num_running,
+                -(stats.kv.free_blocks + stats.kv.cached_blocks))
 
     async def _place_decode(self, pool: Any, avoid: set[str], request: Request | None = None) -> Instance:
         ready = await self._ready(pool, TaskRole.DECODE)
-        return min([i for i in ready if i.info.id not in avoid] or ready, key=_decode_load)
+        self.prefix_index.keep(set(pool.instances))
+        candidates = [i for i in ready if i.info.id not in avoid] or ready
+        lightest = min(candidates, key=self._decode_key)
+        if request is None:
+            return lightest
+        hashes = self.prefix_index.hashes(request.prompt_token_ids)
+        held = {i.info.id: self.prefix_index.held(i.info.id, hashes) for i in candidates}
+        holder = min(candidates, key=lambda i: (-held[i.info.id], self._decode_key(i)))
+        if held[holder.info.id] > held[lightest.info.id] and \
+                self._decode_key(holder)[0] <= self._decode_key(lightest)[0] + self.locality_slack:
+            return holder
+        return lightest
 
     async def _ready(self, pool: Any, role: TaskRole) -> list[Instance]:
         try:
@@ -209,8 +310,8 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         keep the fit from ever seeing one again)."""
         spec = self.spec
         prefills = pool.ready(TaskRole.PREFILL)
-        if spec.slo_ttft_seconds and prefills and min(_prefill_load(i)[0] for i in prefills) > 0:
-            work = min(_prefill_load(i)[1] for i in prefills) + len(request.prompt_token_ids)
+        if spec.slo_ttft_seconds and prefills and min(_num_tasks(i) for i in prefills) > 0:
+            work = min(self.queued_prefill_tokens(i) for i in prefills) + len(request.prompt_token_ids)
             estimate = self.prefill_time.predict(work)
             if estimate is not None and estimate > spec.slo_ttft_seconds:
                 return Rejection(message=f"the estimated time to first token ({estimate:.1f} s) exceeds the "
@@ -226,13 +327,22 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         return None
 
     def _release(self, handoff: KVHandoff) -> None:
-        try:
-            if handoff.transport not in self._transports:
-                from flowserve_core.plugins import get_plugin_manager
+        """Drop a handoff, in a daemon thread: a transport may connect to its publisher (and
+        wait out a timeout if that one died), which must not hold up the server's loop."""
+        if handoff.locator:
+            threading.Thread(target=self._release_now, args=(handoff,), name="flowserve-kv-release",
+                             daemon=True).start()
 
-                self._transports[handoff.transport] = get_plugin_manager().build("kv_transport", handoff.transport,
-                                                                                 self.spec)
-            self._transports[handoff.transport].release(handoff.locator)
+    def _release_now(self, handoff: KVHandoff) -> None:
+        try:
+            with self._building:
+                if handoff.transport not in self._transports:
+                    from flowserve_core.plugins import get_plugin_manager
+
+                    self._transports[handoff.transport] = get_plugin_manager().build(
+                        "kv_transport", handoff.transport, self.spec)
+                transport = self._transports[handoff.transport]
+            transport.release(handoff.locator)
         except Exception as exc:
             log.warning("KV handoff %s could not be released: %s", handoff.locator, exc)
 
@@ -246,11 +356,27 @@ def _state(last: TokenEvent | None) -> TaskState:
         last.finish_reason if last else "error", TaskState.DONE)
 
 
-def _prefill_load(instance: Instance) -> tuple[int, int]:
-    return (getattr(instance, "num_tasks", 0), instance.stats.scheduler.waiting_prefill_tokens)
+def _num_tasks(instance: Instance) -> int:
+    """Tasks the server has in flight on ``instance``."""
+    return getattr(instance, "num_tasks", 0)
 
 
-def _decode_load(instance: Instance) -> tuple[int, int, int]:
-    stats = instance.stats
-    return (getattr(instance, "num_tasks", 0), stats.scheduler.num_running,
-            -(stats.kv.free_blocks + stats.kv.cached_blocks))
+def _waiting_tokens(instance: Instance) -> int:
+    """Prefill tokens ``instance`` last reported as not computed yet."""
+    return instance.stats.scheduler.waiting_prefill_tokens
+
+
+class _Reservation:
+    """A decode instance chosen for a request whose prefill is under way: one more task there
+    for placement until the decode task is submitted (then the instance counts it itself)."""
+
+    def __init__(self, counts: collections.Counter[str], instance: Instance):
+        self.counts, self.instance, self.held = counts, instance, True
+        counts[instance.info.id] += 1
+
+    def end(self) -> None:
+        if self.held:
+            self.held = False
+            self.counts[self.instance.info.id] -= 1
+            if self.counts[self.instance.info.id] <= 0:
+                del self.counts[self.instance.info.id]

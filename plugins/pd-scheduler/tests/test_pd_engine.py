@@ -1,15 +1,20 @@
 """PD-disaggregation end to end in one process (scaler ``inproc``): prefill and decode
 instances with their own executors and KV caches, KV handed off through ``shm``; greedy
-tokens must equal HF's and the colocated path's exactly."""
+tokens must equal HF's and the colocated path's exactly, and only the blocks a decode
+instance lacks are published, moved and imported."""
 
 from __future__ import annotations
 
 import random
+import types
 
 import anyio
 import pytest
 
+from flowserve_core import hookimpl
+from flowserve_core.plugins import get_plugin_manager
 from flowserve_core.types import DeploymentSpec, TaskRole
+from flowserve_pd_scheduler.shm import SharedMemoryTransport
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
@@ -77,7 +82,87 @@ async def test_disaggregated_greedy_equals_hf_and_the_kv_really_moves(tiny):
     assert again.output_token_ids == hf_greedy(model, shared, 6)
     assert imported > 0
     full = imported // sum(-(-len(p) // 16) for p, _ in jobs)  # bytes per block
-    assert 0 < second <= full  # 131 tokens = 9 blocks, 8 of them cached: one block moved
+    assert second == full  # 131 tokens = 9 blocks, 8 of them cached: one block moved
+
+
+@pytest.fixture
+def recording():
+    """Transport ``recording-shm``: ``shm`` that notes the bytes of every publish and fetch
+    (the process's plugin manager builds transports, so the test installs its own)."""
+    moved = types.SimpleNamespace(published=[], fetched=[])
+
+    class Recording(SharedMemoryTransport):
+        def publish(self, data, key):
+            moved.published.append(memoryview(data).nbytes)
+            return super().publish(data, key)
+
+        def fetch(self, handoff):
+            data = super().fetch(handoff)
+            moved.fetched.append(data.nbytes)
+            return data
+
+    pm = get_plugin_manager()
+    pm.register(types.SimpleNamespace(flowserve_register_kv_transports=hookimpl(
+        lambda register: register("recording-shm", Recording))), name="test-recording-shm")
+    try:
+        yield pm, moved
+    finally:
+        pm.unregister("test-recording-shm")
+
+
+async def test_only_the_blocks_the_decode_instance_lacks_are_published_and_imported(tiny, recording):
+    path, model = tiny
+    pm, moved = recording
+    base = prompts(1, [131], model.config.vocab_size, seed=8)[0]  # 9 blocks of 16, the last partial
+    cases = [base, base[:128] + [7, 8, 9], base[:128], prompts(1, [70], model.config.vocab_size, seed=9)[0]]
+    pd = spec(path, decode_instances=2, kv_transport="recording-shm")
+    async with run_deployment(pd, pm=pm) as runner:
+        pool = runner.deployment.pool
+        with anyio.fail_after(120):
+            while len(pool.ready()) < 3:
+                await pool.wait_changed()
+        decodes = pool.ready(TaskRole.DECODE)
+        per_block = decodes[0].engine.executor.kv_cache_spec().bytes_per_block
+
+        def imported() -> list[int]:
+            return [d.engine.scheduler.stats().kv_transfer_bytes for d in decodes]
+
+        outputs, published, fetched, bytes_in = [], [], [], []
+        for prompt in cases[:3]:
+            before, count = imported(), len(moved.published)
+            outputs.append(await runner.generate(prompt, max_tokens=6, temperature=0.0, ignore_eos=True))
+            published.append(sum(moved.published[count:]))
+            bytes_in.append([after - was for after, was in zip(imported(), before)])
+        fetched = list(moved.fetched)
+        # The index claims a decode instance holds a prefix it never saw: the prefill exports
+        # from there, the decode instance finds its cache lacks those blocks and recomputes.
+        scheduler = runner.deployment.job_scheduler
+        index = scheduler.prefix_index
+        index.add(decodes[1].info.id, index.hashes(cases[3][:64]))
+        before = imported()
+        outputs.append(await runner.generate(cases[3], max_tokens=6, temperature=0.0, ignore_eos=True))
+        missed_bytes = [after - was for after, was in zip(imported(), before)]
+    for prompt, output in zip(cases, outputs):
+        assert output.finish_reason == "length", output.error
+        assert output.output_token_ids == hf_greedy(model, prompt, 6), f"prompt of {len(prompt)} tokens"
+    # The first prompt: every block moved, to one decode instance.
+    assert published[0] == 9 * per_block and sorted(bytes_in[0]) == [0, 9 * per_block]
+    holder = bytes_in[0].index(9 * per_block)
+    # The same 128-token prefix again: its decode goes where the prefix is, and only the
+    # partial last block is published, fetched and imported.
+    assert published[1] == per_block and bytes_in[1][holder] == per_block and sum(bytes_in[1]) == per_block
+    # The prefix alone (8 full blocks, all held there): nothing to publish or import.
+    assert published[2] == 0 and bytes_in[2] == [0, 0]
+    assert fetched == [9 * per_block, per_block]
+    # What the request reports as cached is the prefill's prefix-cache hit, not the handoff.
+    assert [o.num_cached_tokens for o in outputs[:3]] == [0, 128, 112]
+    assert index.missed == 1 and missed_bytes == [0, 0]
+    # And the colocated path gives the same tokens.
+    colocated = spec(path, job_scheduler="colocated", prefill_instances=0, decode_instances=0)
+    async with run_deployment(colocated) as runner:
+        for prompt, output in zip(cases, outputs):
+            again = await runner.generate(prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
+            assert again.output_token_ids == output.output_token_ids
 
 
 async def test_stop_at_the_first_token_and_max_tokens_one_end_at_the_prefill(tiny):

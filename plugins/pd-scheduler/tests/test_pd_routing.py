@@ -1,17 +1,22 @@
 """Placement and admission of the PD job schedulers, on a real ``InstancePool`` of real
-instance handles whose load reports are set by hand: prefill by prefill work queued, with
-prefix locality; decode by running sequences, then free KV blocks; instances that died are
-avoided; TPOT admission; ``pd-hybrid``'s choice of path."""
+instance handles whose load reports are set by hand: prefill by queued prefill tokens (with
+the prefills placed but not yet reported), then tasks, with prefix locality; decode by tasks
+(reserved ones included) and running sequences, then free KV blocks, with the decode
+instance holding the prompt's prefix preferred; instances that died are avoided; TPOT
+admission; ``pd-hybrid``'s choice of path."""
 
 from __future__ import annotations
 
+import functools
+
+import anyio
 import pytest
 
 from flowserve_core.deployment import InstancePool
 from flowserve_core.instance import InstanceBase
 from flowserve_core.types import (
     DeploymentSpec, InstanceInfo, InstanceState, InstanceStats, KVUsage, Request, SamplingParams, SchedulerStats,
-    TaskRole,
+    Task, TaskRole, TokenEvent,
 )
 from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
@@ -42,38 +47,71 @@ def spec(**overrides) -> DeploymentSpec:
     return DeploymentSpec(**fields)
 
 
-async def test_prefill_goes_where_the_least_prefill_work_is_queued():
+async def test_prefill_goes_where_the_fewest_prefill_tokens_are_queued_then_the_fewest_tasks():
     pool = InstancePool()
     instance(pool, "busy", TaskRole.PREFILL, tasks=2, prefill=100)
     instance(pool, "backlog", TaskRole.PREFILL, tasks=1, prefill=1500)
-    instance(pool, "light", TaskRole.PREFILL, tasks=1, prefill=40)
+    instance(pool, "light", TaskRole.PREFILL, tasks=3, prefill=40)  # the most tasks, the least work
     instance(pool, "decode", TaskRole.DECODE)  # never a prefill target
     scheduler = DisaggregatedJobScheduler(spec())
     chosen = await scheduler._place_prefill(pool, set(), request(10))
     assert chosen.info.id == "light"
     # An instance that died under this task is avoided while another is ready.
     again = await scheduler._place_prefill(pool, {"light"}, request(10, first=50))
-    assert again.info.id == "backlog"
+    assert again.info.id == "busy"  # 100 tokens queued beat 1,500 on fewer tasks
+    instance(pool, "tie", TaskRole.PREFILL, tasks=1, prefill=100)
+    assert (await scheduler._place_prefill(pool, {"light"}, request(10, first=90))).info.id == "tie"
 
 
-async def test_prefill_prefers_the_instance_that_holds_the_prefix_unless_it_is_much_busier():
+class Quiet(InstanceBase):
+    """A ready instance handle whose tasks stay in flight until the test ends them."""
+
+    async def _send_task(self, task) -> None:
+        pass
+
+    async def _abort_task(self, task_id: str) -> None:
+        pass
+
+
+async def test_prefills_placed_but_not_yet_reported_count_as_queued_tokens():
+    pool = InstancePool()
+    first, second = (Quiet(InstanceInfo(id=name, role=TaskRole.PREFILL)) for name in ("first", "second"))
+    for handle in (first, second):
+        handle.info.move_to(InstanceState.READY)
+        pool.instances[handle.info.id] = handle
+    scheduler = DisaggregatedJobScheduler(spec())
+    long = Task(role=TaskRole.PREFILL, request=request(900))
+    async with anyio.create_task_group() as group:
+        group.start_soon(functools.partial(scheduler._phase, long, pool, None, scheduler._place_prefill,
+                                           forward_last=False))
+        while not first.num_tasks:  # placed on "first" (a tie: the first one)
+            await anyio.sleep(0.01)
+        # Neither instance has reported anything yet; "first" has 900 prompt tokens coming.
+        assert scheduler.queued_prefill_tokens(first) == 900
+        assert (await scheduler._place_prefill(pool, set(), request(10, first=400))).info.id == "second"
+        first.dispatch([TokenEvent(task_id=long.id, token_ids=[1], finish_reason="length")])
+    assert scheduler.queued_prefill_tokens(first) == 0  # its first token came: nothing counted any more
+
+
+async def test_prefill_prefers_the_instance_that_holds_the_prefix_unless_far_more_tokens_are_queued_there():
     pool = InstancePool()
     a = instance(pool, "a", TaskRole.PREFILL)
     b = instance(pool, "b", TaskRole.PREFILL, tasks=1)
-    scheduler = DisaggregatedJobScheduler(spec(options={"pd_locality_slack": 2}))
+    scheduler = DisaggregatedJobScheduler(spec(options={"pd_locality_slack_tokens": 100}))
     shared = request(LOCALITY_TOKENS + 20)
     assert (await scheduler._place_prefill(pool, set(), shared)).info.id == "a"
-    # "a" is now busier than "b", but within the slack: the same prefix goes back to "a".
-    a._streams = {f"a-{i}": None for i in range(3)}
+    # "a" has more prefill tokens queued than "b" now, but within the slack: the same prefix
+    # goes back to "a".
+    a.stats.scheduler.waiting_prefill_tokens = 80
     same_prefix = Request(prompt_token_ids=shared.prompt_token_ids[:LOCALITY_TOKENS] + [9, 9, 9],
                           params=SamplingParams(max_tokens=4))
     assert (await scheduler._place_prefill(pool, set(), same_prefix)).info.id == "a"
     # A different prefix takes the lighter instance; past the slack, so does the shared one.
     assert (await scheduler._place_prefill(pool, set(), request(LOCALITY_TOKENS + 20, first=500))).info.id == "b"
-    a._streams = {f"a-{i}": None for i in range(4)}
+    a.stats.scheduler.waiting_prefill_tokens = 101
     assert (await scheduler._place_prefill(pool, set(), same_prefix)).info.id == "b"
     # A prompt shorter than the locality key has no prefix to follow.
-    b._streams = {f"b-{i}": None for i in range(9)}
+    b.stats.scheduler.waiting_prefill_tokens = 900
     assert (await scheduler._place_prefill(pool, set(), request(LOCALITY_TOKENS - 1))).info.id == "a"
 
 
@@ -88,6 +126,32 @@ async def test_decode_goes_to_the_fewest_running_sequences_then_the_most_free_bl
     assert (await scheduler._place_decode(pool, {"roomy"})).info.id == "full"
     # Every decode instance failed this task: the least loaded of them rather than none.
     assert (await scheduler._place_decode(pool, {"crowded", "full", "roomy"})).info.id == "roomy"
+
+
+async def test_decode_prefers_the_instance_holding_the_prompt_prefix_and_counts_reserved_decodes():
+    pool = InstancePool()
+    holder = instance(pool, "holder", TaskRole.DECODE, running=1, free=10)
+    instance(pool, "idle", TaskRole.DECODE, running=0, free=500)
+    scheduler = DisaggregatedJobScheduler(spec(options={"pd_locality_slack": 2}))
+    req = request(100)  # 6 full blocks of 16
+    assert (await scheduler._place_decode(pool, set(), req)).info.id == "idle"  # nobody holds it
+    index = scheduler.prefix_index
+    index.add("holder", index.hashes(req.prompt_token_ids[:64]))
+    assert index.held("holder", index.hashes(req.prompt_token_ids)) == 4
+    assert (await scheduler._place_decode(pool, set(), req)).info.id == "holder"
+    # Busier by more than the slack: the prefix is not worth the wait.
+    holder._streams = {f"h-{i}": None for i in range(3)}
+    assert (await scheduler._place_decode(pool, set(), req)).info.id == "idle"
+    # Decodes reserved by prefills under way count as tasks (their prefill runs, so the
+    # instance does not know them yet): without the reservation every request of a burst
+    # would pick the same instance.
+    holder._streams = {}
+    scheduler._decode_reserved["holder"] = 3
+    assert (await scheduler._place_decode(pool, set(), req)).info.id == "idle"
+    # An instance that is gone is forgotten (its replacement starts with an empty cache).
+    del pool.instances["holder"]
+    await scheduler._place_decode(pool, set(), req)
+    assert index.held("holder", index.hashes(req.prompt_token_ids)) == 0
 
 
 async def test_tpot_admission_refuses_with_429_only_while_every_decode_instance_is_busy():

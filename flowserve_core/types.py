@@ -170,7 +170,9 @@ class KVHandoff(msgspec.Struct, kw_only=True):
 
     ``transport`` names the registered KV transport that can fetch it; ``locator`` is that
     transport's address for the data (e.g. a shared-memory segment name); ``block_hashes``
-    lets the receiver skip blocks it already has cached.
+    lets the receiver skip blocks it already has cached. The data holds the sequence's blocks
+    ``first_block`` onwards (``nbytes`` in all): the decode instance was expected to hold the
+    ones before. A prefill task may carry one with no locator: the blocks to export.
     """
 
     transport: str
@@ -369,7 +371,9 @@ class KVUsage(msgspec.Struct, kw_only=True):
 
 class SchedulerStats(msgspec.Struct, kw_only=True):
     """A batch scheduler's queue: what runs, what waits, and the prefill work waiting; KV
-    imported by PD decode tasks (bytes, seconds spent fetching and importing)."""
+    imported by PD decode tasks: ``kv_transfer_bytes`` of the blocks written into this
+    instance's cache, ``kv_transfer_seconds`` the KV transport's fetches took (the copy into
+    the cache, part of a step, is not counted)."""
 
     num_running: int = 0
     num_waiting: int = 0

@@ -14,8 +14,10 @@ TPOT ≤ ``--slo-tpot`` (completed requests meeting both, per second, and their 
 requests; a request refused with 429 by SLO admission counts as not good), TTFT and TPOT
 p50/p99, goodput under the issue's reference SLO (2 s, 100 ms) from the same records
 whatever ``--slo-*`` say, the KV moved between instances (bytes, seconds, from ``/metrics``) and the longest
-per-role queue seen while it ran. PD deployments get the SLOs in their DeploymentSpec, so
-their admission control is on; the colocated router has none.
+per-role queue seen while it ran. Every system gets the SLOs in its DeploymentSpec, so SLO
+admission (429 with Retry-After) is on for all three: the PD job schedulers refuse on a
+predicted TTFT and the measured TPOT, the colocated one on its p90 TTFT estimate once every
+instance's batch is full (it has no TPOT admission).
 
     .venv/bin/python benchmarks/pd_vs_colocated.py                      # the defaults above
     .venv/bin/python benchmarks/pd_vs_colocated.py --rates 0.25 0.5 1 --num-requests 24 \\

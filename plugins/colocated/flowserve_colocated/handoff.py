@@ -102,16 +102,15 @@ class KVHandoffs:
         #: seq_id → (sequence, handoff) of imports in a batch not yet run
         self._imported: dict[str, tuple[Sequence, KVHandoff]] = {}
         self._transport: Any = None
-        self._building = threading.Lock()
 
     def transport(self) -> Any:
-        """The deployment's KV transport (``spec.kv_transport``), built on first use."""
-        with self._building:  # fetch threads and the loop may both come first
-            if self._transport is None:
-                from flowserve_core.plugins import get_plugin_manager
+        """The deployment's KV transport (``spec.kv_transport``), built on first use, on the
+        event loop (a constructor may connect to a cluster; threads only call its methods)."""
+        if self._transport is None:
+            from flowserve_core.plugins import get_plugin_manager
 
-                self._transport = get_plugin_manager().build("kv_transport", self.spec.kv_transport, self.spec)
-            return self._transport
+            self._transport = get_plugin_manager().build("kv_transport", self.spec.kv_transport, self.spec)
+        return self._transport
 
     # ------------------------------------------------------------------ prefill side
 
@@ -170,12 +169,15 @@ class KVHandoffs:
                          extra={"seq_id": seq.seq_id})
             self.release(handoff.locator)
             return False
-        call = BackgroundCall(self._fetch_now, handoff, name=f"flowserve-kv-fetch-{seq.seq_id}")
+        try:
+            transport = self.transport()
+        except Exception as exc:  # a transport that cannot be built costs a recompute
+            log.warning("KV transport %r could not be built (%s); recomputing the prompt of %s",
+                        self.spec.kv_transport, exc, seq.seq_id, extra={"seq_id": seq.seq_id})
+            return False
+        call = BackgroundCall(transport.fetch, handoff, name=f"flowserve-kv-fetch-{seq.seq_id}")
         self.fetching[seq.seq_id] = _Fetch(seq, handoff, num_cached, call)
         return True
-
-    def _fetch_now(self, handoff: KVHandoff) -> Any:
-        return self.transport().fetch(handoff)
 
     def collect(self) -> list[tuple[Sequence, int]]:
         """Fetches that ended, in admission order, as ``(sequence, tokens computed)``: the
@@ -248,11 +250,18 @@ class KVHandoffs:
 
     def release(self, locator: str) -> None:
         """Drop a handoff wherever it is held, in a daemon thread (a no-op without a locator)."""
-        if locator:
-            BackgroundCall(self._release_now, locator, name="flowserve-kv-release")
-
-    def _release_now(self, locator: str) -> None:
+        if not locator:
+            return
         try:
-            self.transport().release(locator)
+            transport = self.transport()
         except Exception as exc:
             log.warning("KV handoff %s could not be released: %s", locator, exc)
+            return
+        BackgroundCall(_release_now, transport, locator, name="flowserve-kv-release")
+
+
+def _release_now(transport: Any, locator: str) -> None:
+    try:
+        transport.release(locator)
+    except Exception as exc:
+        log.warning("KV handoff %s could not be released: %s", locator, exc)

@@ -72,7 +72,6 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         self.decode_seconds_per_token = Ewma()
         self._last_prefill_on: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
         self._transports: dict[str, Any] = {}
-        self._building = threading.Lock()
         self.prefix_index = DecodePrefixIndex(spec.block_size)
         #: per prefill instance: prompt tokens of the prefills placed there, not yet at their first token
         self._prefill_tokens: collections.Counter[str] = collections.Counter()
@@ -327,28 +326,35 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         return None
 
     def _release(self, handoff: KVHandoff) -> None:
-        """Drop a handoff, in a daemon thread: a transport may connect to its publisher (and
-        wait out a timeout if that one died), which must not hold up the server's loop."""
-        if handoff.locator:
-            threading.Thread(target=self._release_now, args=(handoff,), name="flowserve-kv-release",
-                             daemon=True).start()
-
-    def _release_now(self, handoff: KVHandoff) -> None:
+        """Drop a handoff. The release runs in a daemon thread: a transport may connect to
+        its publisher (and wait out a timeout if that one died), which must not hold up the
+        server's loop; the transport is built here, on the loop (a constructor may connect
+        to a cluster)."""
+        if not handoff.locator:
+            return
         try:
-            with self._building:
-                if handoff.transport not in self._transports:
-                    from flowserve_core.plugins import get_plugin_manager
+            if handoff.transport not in self._transports:
+                from flowserve_core.plugins import get_plugin_manager
 
-                    self._transports[handoff.transport] = get_plugin_manager().build(
-                        "kv_transport", handoff.transport, self.spec)
-                transport = self._transports[handoff.transport]
-            transport.release(handoff.locator)
+                self._transports[handoff.transport] = get_plugin_manager().build("kv_transport", handoff.transport,
+                                                                                 self.spec)
+            transport = self._transports[handoff.transport]
         except Exception as exc:
             log.warning("KV handoff %s could not be released: %s", handoff.locator, exc)
+            return
+        threading.Thread(target=_release_now, args=(transport, handoff.locator), name="flowserve-kv-release",
+                         daemon=True).start()
 
 
 async def _ignore(event: TokenEvent) -> None:
     """The prefill's last event is emitted by the job scheduler itself, edited."""
+
+
+def _release_now(transport: Any, locator: str) -> None:
+    try:
+        transport.release(locator)
+    except Exception as exc:
+        log.warning("KV handoff %s could not be released: %s", locator, exc)
 
 
 def _state(last: TokenEvent | None) -> TaskState:

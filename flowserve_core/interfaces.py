@@ -216,15 +216,24 @@ class Scaler(Protocol):
 
 @runtime_checkable
 class KVTransport(Protocol):
-    """Moves exported KV bytes from a prefill instance to a decode instance."""
+    """Moves exported KV bytes from a prefill instance to a decode instance.
+
+    Threads: the decode side calls ``fetch`` and ``release`` from worker threads, several at
+    once (they may wait; the engine's event loop goes on stepping), so both must be
+    thread-safe. ``publish`` runs on the prefill instance's event loop, inside its step: it
+    should return quickly (``shm`` writes a file; ``ray`` puts the bytes in the object store)."""
 
     def publish(self, data: bytes | memoryview, key: str) -> str:
         """Make ``data`` fetchable; return the locator to put in a ``KVHandoff``."""
         ...
 
-    def fetch(self, handoff: KVHandoff) -> memoryview: ...
+    def fetch(self, handoff: KVHandoff) -> memoryview:
+        """The bytes ``handoff.locator`` names (a worker thread; may block until they are there)."""
+        ...
 
-    def release(self, locator: str) -> None: ...
+    def release(self, locator: str) -> None:
+        """The decode side is done with ``locator``'s bytes: free them (a worker thread)."""
+        ...
 
 
 @runtime_checkable

@@ -234,7 +234,7 @@ def model_over_image(key: ModelKey, storage: Any, index: ImageIndex, *, where: s
     left = sorted(params) + [name for name, t in model.named_buffers() if t.is_meta]
     if left:
         raise PreloadUnsupported(f"{where} lacks tensors {left[:4]}")
-    if key.packed_linear and onednn_linear_available():
+    if key.packed_linear and onednn_linear_available(getattr(torch, key.dtype)):
         model.pack_linear_weights()
     return model
 

@@ -83,7 +83,7 @@ class Rank:
             self.weights_path = "loaded"
             self.model = load_model(setup.weights, self.config, self.group, dtype=self.dtype, device=self.device,
                                     max_positions=setup.max_model_len, show_progress=show_progress)
-            if setup.packed_linear and setup.device_type == "cpu" and onednn_linear_available():
+            if setup.packed_linear and setup.device_type == "cpu" and onednn_linear_available(self.dtype):
                 self.model.pack_linear_weights()
         self.kv_cache = KVCache(self.config, num_blocks=setup.num_blocks, block_size=setup.spec.block_size,
                                 kv_heads=self.shard.kv_heads, dtype=self.dtype, device=self.device)

@@ -20,12 +20,14 @@ from flowserve_spmd_executor.distributed import TensorParallelGroup
 
 
 @functools.cache
-def onednn_linear_available() -> bool:
-    """True when this torch build can pre-pack linear weights for oneDNN's CPU matmul."""
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch build and this CPU can pre-pack linear weights of ``dtype`` for
+    oneDNN's matmul (bfloat16 needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT: an AVX2-only CPU
+    refuses it, and its layers keep the plain weights)."""
     try:
-        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4), None)
-        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4), weight, None, "none", [], "")
-        return bool(torch.allclose(out, torch.full((2, 4), 4.0)))
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 4, dtype=dtype), None)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4, dtype=dtype), weight, None, "none", [], "")
+        return bool(torch.allclose(out.float(), torch.full((2, 4), 4.0)))
     except (AttributeError, RuntimeError):
         return False
 

@@ -38,9 +38,30 @@ def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
 PACKED_MIN_TOKENS = 3
 
 
+def padded_rows(rows: int) -> int:
+    """The row count a packed matmul of ``rows`` rows runs at: exact up to 16, then rounded
+    up to a multiple of 16 (of 64 past 512).
+
+    oneDNN builds and caches a primitive per input shape (up to 1,024 by default). A server's
+    steps have every token count from 1 to ``max_num_batched_tokens``, times each layer's
+    weight shape: the cache filled with thousands of shapes, grew the instance's memory by
+    hundreds of MiB under load, and kept evicting and rebuilding primitives. Rounding bounds
+    the shapes to about 50 per weight. The padding rows are zeros and cost at most 15 rows in
+    17 or more; each output row depends only on its own input row."""
+    if rows <= 16:
+        return rows
+    step = 16 if rows <= 512 else 64
+    return -(-rows // step) * step
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ W.T + bias`` with ``W`` pre-packed by ``pack_weight``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """``x @ W.T + bias`` with ``W`` pre-packed by ``pack_weight`` (``x`` 2-D)."""
+    rows = x.shape[0]
+    padded = padded_rows(rows)
+    if padded != rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
+    out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out[:rows] if padded != rows else out
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -100,20 +100,6 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
             overrides["options"] = dict(parse_option(o) for o in options)
         run_server_command(pm, config, overrides)
 
-    plugin_app = typer.Typer(no_args_is_help=True, help="Write FlowServe plugins.")
-
-    @plugin_app.command("new")
-    def plugin_new(
-        name: str = typer.Argument(..., help="The plugin's name, e.g. fair-share (distribution flowserve-fair-share)."),
-        kind: str = typer.Option(..., "--kind", help="scheduler|executor|kv-cache|scaler|tokenizer|frontend|command."),
-        directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Where (default ./flowserve-NAME)."),
-    ) -> None:
-        """Write a plugin project (pyproject, hook implementation, tests) ready to test."""
-        from flowserve_core.testing.scaffold import new_project  # the plugin kit: only this command needs it
-
-        new_project(name, kind, directory)
-
-    app.add_typer(plugin_app, name="plugin")
     pm.hook.flowserve_register_commands(app=app)
     return app
 

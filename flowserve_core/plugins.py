@@ -48,12 +48,13 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("scaler", "static"): "flowserve-prewarm-scaler",
     ("scaler", "prewarm"): "flowserve-prewarm-scaler",
     ("scaler", "ray"): "flowserve-ray",
+    ("scaler", "inproc"): "flowserve-testing",
     ("kv_transport", "ray"): "flowserve-ray",
     ("frontend", "openai"): "flowserve-openai",
 }
 
 #: Modules registered in every manager, as ordinary plugins.
-BUILTIN_PLUGINS = ("flowserve_core.inprocess",)
+BUILTIN_PLUGINS = ()
 
 
 class Component(msgspec.Struct, frozen=True):

@@ -14,7 +14,7 @@ def _modules_after(code: str) -> set[str]:
 
 def test_importing_the_kernel_imports_no_heavy_library():
     loaded = _modules_after("import flowserve_core, flowserve_core.cli, flowserve_core.server, "
-                            "flowserve_core.inprocess, flowserve_core.deployment, flowserve_core.engine")
+                            "flowserve_core.plugins, flowserve_core.deployment, flowserve_core.engine")
     assert not HEAVY & loaded
 
 

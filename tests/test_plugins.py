@@ -14,7 +14,14 @@ def test_entry_point_plugins_are_found_with_their_distribution(pm):
     executor = pm.get("executor", "counter")
     assert executor.distribution == "flowserve-test-fixtures"
     assert executor.plugin == "test_fixtures"
-    assert pm.get("scaler", "inproc").distribution == "flowserve-core"
+    assert pm.get("scaler", "inproc").distribution == "flowserve-testing"
+
+
+def test_the_kernel_has_no_scaler_of_its_own_and_a_missing_inproc_names_the_test_kit():
+    bare = PluginManager(load_entrypoints=False)
+    assert bare.components("scaler") == {}
+    with pytest.raises(ComponentNotFoundError, match="no scaler named 'inproc'.* pip install flowserve-testing"):
+        PluginManager(blocked=["testing"]).get("scaler", "inproc")
 
 
 def test_missing_component_lists_installed_names_and_the_pip_command(pm):

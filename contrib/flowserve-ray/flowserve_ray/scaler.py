@@ -23,9 +23,9 @@ from typing import Any
 
 import anyio
 
-from flowserve_core.inprocess import TargetScaler
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
+from flowserve_prewarm_scaler.target import TargetScaler
 
 from flowserve_ray.cluster import connect, read_options
 from flowserve_ray.instance import RayInstance

@@ -9,10 +9,10 @@ from typing import Any
 import anyio
 
 from flowserve_core import hookimpl
-from flowserve_core.inprocess import TargetScaler
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 
 from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
+from flowserve_prewarm_scaler.target import TargetScaler
 from flowserve_prewarm_scaler.worker import RemoteInstance, spawn_instance_process
 
 log = logging.getLogger(__name__)

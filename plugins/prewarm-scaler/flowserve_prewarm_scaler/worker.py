@@ -30,7 +30,6 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flowserve_core.engine import build_engine
 from flowserve_core.errors import EngineDeadError
-from flowserve_core.instance import InstanceBase
 from flowserve_core.plugins import get_plugin_manager
 from flowserve_core.types import (
     DeploymentSpec,
@@ -42,6 +41,7 @@ from flowserve_core.types import (
     TokenEvent,
 )
 
+from flowserve_prewarm_scaler.instance import InstanceBase
 from flowserve_prewarm_scaler.startup import attach_weights, preload_model, warm_executors, weights_path
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from flowserve_core.testing.engines import TinyEngine, find_tiny_engine, write_tiny_llama
-from flowserve_core.testing.live import LiveServer
+from flowserve_testing.engines import TinyEngine, find_tiny_engine, write_tiny_llama
+from flowserve_testing.live import LiveServer
 
 
 @pytest.fixture

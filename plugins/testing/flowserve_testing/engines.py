@@ -14,6 +14,8 @@ import msgspec
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec
 
+from flowserve_testing.plugin import with_kit_plugin
+
 
 def write_tiny_llama(directory: str | os.PathLike, *, seed: int = 0, num_hidden_layers: int = 2,
                      hidden_size: int = 64, max_position_embeddings: int = 512,
@@ -109,7 +111,7 @@ def find_tiny_engine(model_directory: Callable[[], Path], pm: PluginManager | No
     """The real tiny engine if its plugins are installed, else the toy one if installed, else
     None. ``FLOWSERVE_TEST_ENGINE=toy|real`` forces one. ``model_directory()`` is called only
     for the real engine (it should return ``write_tiny_llama``'s directory)."""
-    pm = pm or PluginManager()
+    pm = pm or with_kit_plugin(PluginManager())
     wanted = os.environ.get("FLOWSERVE_TEST_ENGINE")
     for kind, fields in (("real", REAL_ENGINE), ("toy", TOY_ENGINE)):
         if wanted in (None, "", kind) and all(

@@ -2,7 +2,7 @@
 
 The project is a distribution ``flowserve-NAME`` with a package ``flowserve_NAME``, a
 ``flowserve`` entry point, one hook implementation and tests written with
-``flowserve_core.testing``. Its files come from ``flowserve_core/testing/templates``
+``flowserve_core.testing`` (this kit). Its files come from this package's ``templates``
 (``common/`` plus the kind's folder), with ``{{placeholders}}`` in names and text filled in.
 """
 
@@ -37,7 +37,7 @@ KINDS: dict[str, Kind] = {
     "executor": Kind("executor", "Executor", "flowserve serve --executor {{name}}", ("anyio>=4.4",)),
     "kv-cache": Kind("KV cache manager", "KVCache", "flowserve serve --kv-cache {{name}}",
                      ("flowserve-paged-kv",), ("flowserve-colocated",)),
-    "scaler": Kind("scaler", "Scaler", "flowserve serve --scaler {{name}}", ("anyio>=4.4",),
+    "scaler": Kind("scaler", "Scaler", "flowserve serve --scaler {{name}}", ("flowserve-testing", "anyio>=4.4"),
                    tests="plugin registration, a deployment served by its instances"),
     "tokenizer": Kind("tokenizer", "Tokenizer", "flowserve serve --tokenizer {{name}}",
                       ("flowserve-hf-tokenizer",), tests="conformance suite, plugin registration, NFC encoding"),
@@ -63,7 +63,7 @@ def placeholders(name: str, kind: str) -> dict[str, str]:
         "Class": words if words.endswith(spec.class_suffix) else words + spec.class_suffix,
         "title": spec.title,
         "dependencies": quoted((f"flowserve-core>={'.'.join(__version__.split('.')[:2])}", *spec.dependencies)),
-        "test_dependencies": quoted(("pytest>=8", *spec.test_dependencies)),
+        "test_dependencies": quoted(("pytest>=8", "flowserve-testing", *spec.test_dependencies)),
     }
     values["usage"] = fill(spec.usage, values)
     values["tests"] = spec.tests

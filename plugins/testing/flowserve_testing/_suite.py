@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 from flowserve_core.plugins import PluginManager
 
+from flowserve_testing.plugin import with_kit_plugin
+
 
 class ConformanceError(AssertionError):
     """A component broke a rule of its Protocol; the message states the rule and what happened."""
@@ -20,5 +22,5 @@ def require(ok: Any, rule: str, detail: str = "") -> None:
 def resolve(component: str | Callable[..., Any], kind: str, pm: PluginManager | None) -> Callable[..., Any]:
     """A component's factory: itself, or the one registered under that name."""
     if isinstance(component, str):
-        return (pm or PluginManager()).get(kind, component).factory
+        return (pm or with_kit_plugin(PluginManager())).get(kind, component).factory
     return component

@@ -1,11 +1,9 @@
-"""Built-in plugin: the scaler ``inproc``, and ``TargetScaler``, the base of scalers.
+"""``TargetScaler``: the base of scalers, keeping a deployment's instances at their target.
 
-``TargetScaler`` keeps a deployment's instances at their target; process-based scalers
-(``static``, ``prewarm``, ``ray``) subclass it and override ``make_instance``. By itself it
-is the scaler ``inproc``: its instances run inside the server process, the executor
-computing in a thread. That is for tests, plugin authors and small setups, so the instance
-class (``LocalInstance``) lives in the plugin kit, ``flowserve_core.testing.inprocess``, and
-is imported only when such an instance starts.
+Subclasses say how an instance is made (``make_instance``): ``static`` and ``prewarm`` (this
+distribution) start instance processes, ``ray`` (flowserve-ray) Ray actors, and ``inproc``
+(flowserve-testing) instances inside the server process. It lives with the scalers, not in
+the kernel, which needs only the ``Scaler`` and ``Instance`` Protocols.
 """
 
 from __future__ import annotations
@@ -14,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from flowserve_core.hookspecs import hookimpl
-from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, TaskRole
+from flowserve_core.types import DeploymentSpec, InstanceState, TaskRole
 
 if TYPE_CHECKING:
     from flowserve_core.deployment import Deployment
@@ -43,10 +40,8 @@ class TargetScaler:
             self.set_target(1)
 
     def make_instance(self, deployment: Deployment, role: TaskRole) -> Any:
-        """A new instance of ``role`` (not started yet); by default one in this process."""
-        from flowserve_core.testing.inprocess import LocalInstance  # the kit's: see the module doc
-
-        return LocalInstance(self.spec, deployment.pm, InstanceInfo(deployment=self.spec.name, role=role))
+        """A new instance of ``role`` (not started yet), run by ``run`` in the deployment's pool."""
+        raise NotImplementedError(f"{type(self).__name__} must say how an instance is made (make_instance)")
 
     async def run(self, deployment: Deployment) -> None:
         self.deployment = deployment
@@ -62,8 +57,3 @@ class TargetScaler:
                     for instance in have[wanted.count(role):]:
                         tg.start_soon(instance.stop, self.drain_timeout)
                 await deployment.pool.wait_changed()
-
-
-@hookimpl
-def flowserve_register_scalers(register: Any) -> None:
-    register("inproc", TargetScaler)

@@ -12,7 +12,7 @@ import random
 from typing import Any, Callable
 
 from flowserve_core.plugins import PluginManager
-from flowserve_core.testing._suite import require, resolve
+from flowserve_testing._suite import require, resolve
 from flowserve_core.types import (
     DeploymentSpec, KVCacheSpec, KVUsage, Request, SamplingParams, StepBatch, StepResult, Task, TokenEvent,
 )

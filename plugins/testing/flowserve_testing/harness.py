@@ -14,6 +14,8 @@ from flowserve_core.deployment import Deployment
 from flowserve_core.plugins import ENTRY_POINT_GROUP, PluginManager
 from flowserve_core.types import DeploymentSpec, InstanceState, Request, RequestOutput, SamplingParams
 
+from flowserve_testing.plugin import with_kit_plugin
+
 
 def plugin_manager(*names: str, plugins: Sequence[object] = ()) -> PluginManager:
     """A fresh ``PluginManager`` with only the named installed plugins, plus ``plugins``.
@@ -21,9 +23,9 @@ def plugin_manager(*names: str, plugins: Sequence[object] = ()) -> PluginManager
     :param names: entry-point names or distribution names (``"flowserve-paged-kv"``); each
         must be installed and load, else ``LookupError`` / ``PluginError`` says which.
     :param plugins: modules or objects with hook implementations, registered as ``(local)``.
-    The built-in plugins (scaler ``inproc``) are always there.
+    The kit's own plugin (scaler ``inproc``) is always there.
     """
-    pm = PluginManager(allow=names, blocked=(), strict=True)
+    pm = with_kit_plugin(PluginManager(allow=names, blocked=(), strict=True))
     loaded = {r.name for r in pm.records} | {r.distribution for r in pm.records}
     missing = [name for name in names if name not in loaded]
     if missing:
@@ -82,7 +84,7 @@ async def run_deployment(spec: DeploymentSpec, *, pm: PluginManager | None = Non
     the ``with`` block (not wrapped in an exception group).
     """
     spec = resolve_deployment(msgspec.structs.replace(spec))
-    deployment = Deployment(spec, pm or PluginManager())
+    deployment = Deployment(spec, pm or with_kit_plugin(PluginManager()))
     try:
         async with anyio.create_task_group() as tg:
             with anyio.fail_after(timeout):

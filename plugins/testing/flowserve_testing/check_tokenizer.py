@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from flowserve_core.interfaces import ChatMessage, IncrementalDetokenizer, Tokenizer
-from flowserve_core.testing._suite import require
+from flowserve_testing._suite import require
 from flowserve_core.types import SamplingParams
 
 DEFAULT_TEXTS = (

@@ -1,11 +1,11 @@
-"""``LocalInstance``: an engine instance inside the server's own process (scaler ``inproc``).
+"""Scaler ``inproc``: engine instances inside the server's own process (``LocalInstance``).
 
-The kernel's ``TargetScaler`` makes these unless a subclass says otherwise; the built-in
-scaler ``inproc`` is that plain ``TargetScaler``. For tests, plugin authors and small setups:
+``InprocScaler`` is flowserve-prewarm-scaler's ``TargetScaler`` (instances kept at the
+deployment's target) making ``LocalInstance``s. For tests, plugin authors and small setups:
 no worker process, the executor computes in a thread, and the test can reach the engine
 (``DeploymentRunner.engines()``). Production scalers run each instance in its own process
-(``flowserve-prewarm-scaler``'s ``RemoteInstance``). The kernel imports this module only
-when a deployment with scaler ``inproc`` starts an instance.
+(flowserve-prewarm-scaler's ``RemoteInstance``). The kit's plugin imports this module only
+when a deployment with scaler ``inproc`` is made.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any
 import anyio
 
 from flowserve_core.engine import Engine, build_engine
-from flowserve_core.instance import InstanceBase
 from flowserve_core.plugins import PluginManager
-from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, Task, TokenEvent
+from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, Task, TaskRole, TokenEvent
+from flowserve_prewarm_scaler.instance import InstanceBase
+from flowserve_prewarm_scaler.target import TargetScaler
 
 
 class LocalInstance(InstanceBase):
@@ -59,3 +60,10 @@ class LocalInstance(InstanceBase):
 
     async def _shutdown(self) -> None:
         self._scope.cancel()
+
+
+class InprocScaler(TargetScaler):
+    """Scaler ``inproc``: keeps the deployment's target of ``LocalInstance``s in this process."""
+
+    def make_instance(self, deployment: Any, role: TaskRole) -> LocalInstance:
+        return LocalInstance(self.spec, deployment.pm, InstanceInfo(deployment=self.spec.name, role=role))

@@ -1,9 +1,10 @@
-"""The server's handle on an engine instance: per-task event streams, state, drain and stop.
+"""``InstanceBase``: the server's handle on an engine instance (the kernel's ``Instance``
+Protocol): per-task event streams, state, drain and stop.
 
-The instances of the plugins' scalers share this base (flowserve-prewarm-scaler's
-``RemoteInstance``, flowserve-ray's ``RayInstance``, the plugin kit's in-process
-``LocalInstance`` of scaler ``inproc``) and differ only in how a task or an abort reaches
-the engine.
+The instances of the scalers share this base (this distribution's ``RemoteInstance``,
+flowserve-ray's ``RayInstance``, flowserve-testing's in-process ``LocalInstance`` of scaler
+``inproc``) and differ only in how a task or an abort reaches the engine. It lives with the
+scalers, not in the kernel, because only scalers make instances.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from flowserve_core.config import default_model_path
-from flowserve_core.testing import run_deployment
 from flowserve_core.types import DeploymentSpec
+from flowserve_testing import run_deployment
 
 PROMPTS = [
     "Explain how a paged KV cache lets a server batch many requests at once.",

@@ -51,7 +51,7 @@ def engine_args(engine: str, workdir: Path) -> list[str]:
     """``flowserve serve`` flags for the ``real`` engine (a tiny random Llama) or the ``toy`` one."""
     if engine == "toy":
         return list(TOY)
-    from flowserve_core.testing import write_tiny_llama
+    from flowserve_testing import write_tiny_llama
 
     model = write_tiny_llama(workdir / "tiny-llama")
     return ["--model", str(model), "--tokenizer", "hf", "--executor", "spmd", "--kv-cache", "paged",

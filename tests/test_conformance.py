@@ -1,4 +1,4 @@
-"""FlowServe's own plugins pass the conformance suites of ``flowserve_core.testing``.
+"""FlowServe's own plugins pass the conformance suites of the plugin test kit (``flowserve_testing``).
 
 Each test skips when the distribution it checks is not installed.
 """
@@ -11,9 +11,9 @@ import urllib.request
 
 import pytest
 
-from flowserve_core.testing import check_batch_scheduler, check_executor, check_kv_cache_manager, check_tokenizer
-from flowserve_core.testing.fixtures import live_server, tiny_engine, tiny_model  # noqa: F401
 from flowserve_core.types import DeploymentSpec
+from flowserve_testing import check_batch_scheduler, check_executor, check_kv_cache_manager, check_tokenizer
+from flowserve_testing.fixtures import live_server, tiny_engine, tiny_model  # noqa: F401
 
 
 def test_paged_kv_cache_manager(pm):

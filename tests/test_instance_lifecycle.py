@@ -10,8 +10,8 @@ import pytest
 
 from flowserve_core import hookimpl
 from flowserve_core.deployment import InstancePool
-from flowserve_core.testing.inprocess import LocalInstance
 from flowserve_core.types import InstanceInfo, InstanceState
+from flowserve_testing.inprocess import LocalInstance
 
 from flowserve_test_fixtures import CounterExecutor, toy_spec
 

@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flowserve_core.cli import build_cli
-from flowserve_core.testing.scaffold import KINDS, write_project
-from flowserve_core.testing import LiveServer, plugin_manager, run_deployment
-from flowserve_core.testing.fixtures import live_server, tiny_engine  # noqa: F401
+from flowserve_testing import LiveServer, plugin_manager, run_deployment
+from flowserve_testing.fixtures import live_server, tiny_engine  # noqa: F401
+from flowserve_testing.scaffold import KINDS, write_project
 
 ROOT = Path(__file__).parents[1]
 TEMPLATE = ROOT / "contrib" / "plugin-template"

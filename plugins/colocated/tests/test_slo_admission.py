@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 from flowserve_core.errors import RejectedError
-from flowserve_core.testing import run_deployment
 from flowserve_core.types import Request, SamplingParams
+from flowserve_testing import run_deployment
 from flowserve_test_fixtures import toy_spec
 
 pytestmark = pytest.mark.anyio

@@ -28,7 +28,7 @@ import openai
 import psutil
 import pytest
 
-from flowserve_core.testing import write_tiny_llama
+from flowserve_testing import write_tiny_llama
 from openai_live import LiveServer
 
 MAX_TOKENS = 12

@@ -18,7 +18,7 @@ import psutil
 import pytest
 from openai_live import MODEL, serve_command, toy_only, write_config
 
-from flowserve_core.testing import write_tiny_llama
+from flowserve_testing import write_tiny_llama
 
 #: Seconds within which a fault must surface as an error event (generous: a busy 2-core CI).
 BOUND = 60

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai_live import MODEL, TOY_ENGINE, serve_command, write_config
 
-from flowserve_core.testing import write_tiny_llama
+from flowserve_testing import write_tiny_llama
 
 FUZZ_CASES = int(os.environ.get("FLOWSERVE_FUZZ_CASES", "150"))
 FUZZ_REPORT = os.environ.get("FLOWSERVE_FUZZ_REPORT")

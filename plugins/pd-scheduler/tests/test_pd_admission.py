@@ -13,7 +13,7 @@ from flowserve_colocated.estimate import LinearFit
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_testing import run_deployment, write_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 

@@ -106,7 +106,7 @@ def test_nccl_backend_moves_bytes_on_a_cuda_device():
 @pytest.mark.anyio
 async def test_pd_deployment_over_torch_dist_is_greedy_exact(tmp_path):
     pytest.importorskip("flowserve_spmd_executor")
-    from flowserve_core.testing import run_deployment, write_tiny_llama
+    from flowserve_testing import run_deployment, write_tiny_llama
     from transformers import AutoModelForCausalLM
 
     path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=11)

@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 
 from flowserve_core.deployment import Deployment  # noqa: E402
 from flowserve_core.plugins import PluginManager  # noqa: E402
-from flowserve_core.testing import hf_greedy, write_tiny_llama  # noqa: E402
 from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402
+from flowserve_testing import hf_greedy, write_tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 

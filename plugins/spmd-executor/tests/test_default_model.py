@@ -49,7 +49,7 @@ def test_serve_with_no_model_argument_serves_smollm2_exactly(tmp_path):
     import openai
 
     from flowserve_core.config import default_model_path
-    from flowserve_core.testing.live import serve
+    from flowserve_testing.live import serve
 
     gguf = Path(default_model_path())
     # Only on a machine where ``auto`` would not be float32 (a CUDA device, a CPU with native

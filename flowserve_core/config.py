@@ -61,9 +61,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """Read ``path`` (TOML), apply ``overrides`` (flags; None values are ignored), validate.
 
     Server keys in ``overrides`` set the server; deployment keys apply to every deployment
-    (creating one when the file has none). ``overrides["models"]``, ``{name: path}`` from
-    repeated ``--model NAME=PATH``, sets the model of the deployment of that name, adding one
-    when the file has none of that name.
+    (creating one if there is none); ``overrides["models"]`` (``--model NAME=PATH``) sets the
+    model of the deployment NAME, adding it if missing.
     """
     raw: dict[str, Any] = {}
     source = "flags"

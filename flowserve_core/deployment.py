@@ -20,17 +20,8 @@ from flowserve_core import telemetry
 from flowserve_core.errors import EngineDeadError, RejectedError
 from flowserve_core.interfaces import Instance
 from flowserve_core.plugins import PluginManager
-from flowserve_core.types import (
-    DeploymentSpec,
-    InstanceState,
-    Rejection,
-    Request,
-    RequestMetrics,
-    RequestOutput,
-    RequestState,
-    TaskRole,
-    TokenEvent,
-)
+from flowserve_core.types import (DeploymentSpec, InstanceState, Rejection, Request, RequestMetrics, RequestOutput,
+                                  RequestState, TaskRole, TokenEvent)
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +32,7 @@ class InstancePool:
     def __init__(self, on_demand: Callable[[TaskRole], None] = lambda role: None):
         self.instances: dict[str, Instance] = {}
         self.on_demand = on_demand
-        #: Set when the deployment stops: no instance will come, so waiters give up.
-        self.closed = False
+        self.closed = False  # the deployment stopped: no instance will come, so waiters give up
         self._changed = anyio.Event()
 
     def notify(self) -> None:
@@ -65,7 +55,7 @@ class InstancePool:
 
     async def wait_ready(self, role: TaskRole, timeout: float = math.inf) -> list[Instance]:
         """Ready instances of ``role``; if none, ask the scaler for one and wait (scale from zero).
-        Raises ``EngineDeadError`` once the pool is closed (its deployment was removed)."""
+        ``EngineDeadError`` once the pool is closed."""
         with anyio.fail_after(timeout):
             while not (found := self.ready(role)):
                 if self.closed:
@@ -112,9 +102,9 @@ class Deployment:
         self.ready = anyio.Event()
         self.stopping = False
         self._scope = anyio.CancelScope()
-        self._observe = {name: bool(getattr(pm.hook, name).get_hookimpls()) for name in
-                         ("flowserve_admit_request", "flowserve_request_admitted",
-                          "flowserve_request_finished")}
+        # observer hooks that no plugin implements are not called at all
+        self._observe = {name: bool(getattr(pm.hook, name).get_hookimpls())
+                         for name in ("flowserve_admit_request", "flowserve_request_admitted")}
 
     @property
     def name(self) -> str:
@@ -160,8 +150,7 @@ class Deployment:
                     tg.cancel_scope.cancel()
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
-        """Drain every instance for up to ``drain_timeout`` s, then stop the deployment.
-        Scalers start no instance once ``stopping`` is set."""
+        """Drain every instance for up to ``drain_timeout`` s, then stop (scalers then start none)."""
         self.stopping = True
         self.pool.closed = True
         self.pool.notify()
@@ -180,8 +169,7 @@ class Deployment:
             raise RejectedError(rejection)
 
     def queue_rejection(self) -> Rejection | None:
-        """The 429 when the queue is full, else None: frontends ask before they parse and
-        tokenize a request, so shedding excess load costs little."""
+        """The 429 when the queue is full, else None (frontends ask before parsing a request)."""
         if len(self.requests) < self.spec.max_queue:
             return None
         return Rejection(message=f"the queue of {self.name!r} is full ({self.spec.max_queue} requests); "
@@ -267,10 +255,7 @@ class RequestHandle:
             request.move_to(RequestState.RUNNING)
         if request.state in (RequestState.WAITING, RequestState.RUNNING):
             request.move_to(state)
-        telemetry.record_request(request, output, self.deployment.name)
-        if self.deployment._observe["flowserve_request_finished"]:
-            self.deployment.pm.hook.flowserve_request_finished(
-                request=request, output=output, deployment=self.deployment)
+        self.deployment.pm.hook.flowserve_request_finished(request=request, output=output, deployment=self.deployment)
 
 
 async def _await_all(results: list[Any]) -> None:

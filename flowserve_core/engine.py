@@ -25,12 +25,10 @@ EmitEvents = Callable[[list[TokenEvent]], Awaitable[None]]
 
 
 class Engine:
-    """One instance's scheduler and executor, driven step by step.
+    """One instance's scheduler and executor, driven step by step; ``emit`` gets each step's events.
 
-    ``emit`` receives every step's events; a task's last event has a ``finish_reason``.
-    If the executor dies (``EngineDeadError``) or a step outlives ``step_timeout``, every
-    live task fails with an error event and ``dead`` tells why; an ordinary exception fails
-    only the tasks of that step.
+    If the executor dies (``EngineDeadError``) or a step outlives ``step_timeout``, every live
+    task fails with an error event and ``dead`` tells why; other exceptions fail that step's tasks.
     """
 
     def __init__(self, executor: Executor, scheduler: BatchScheduler, emit: EmitEvents, *,
@@ -110,8 +108,7 @@ class Engine:
         return events
 
     def _fail(self, task_ids: set[str], error: str, instance_failed: bool = False) -> list[TokenEvent]:
-        """Drop ``task_ids`` from the scheduler; their last events carry ``error`` (``_send``
-        then forgets them)."""
+        """Drop ``task_ids`` from the scheduler; their last events carry ``error``."""
         for task_id in task_ids:
             with contextlib.suppress(Exception):  # the scheduler may be as broken as the executor
                 self.scheduler.abort(task_id)
@@ -136,10 +133,8 @@ class Engine:
 
 
 async def build_engine(spec: DeploymentSpec, pm: PluginManager, emit: EmitEvents) -> Engine:
-    """Build an instance's executor, KV cache manager and batch scheduler by name.
-
-    Loading the executor (weights) blocks, so it runs in a worker thread.
-    """
+    """Build an instance's executor (in a worker thread: loading weights blocks), KV cache
+    manager and batch scheduler by name."""
     executor = await anyio.to_thread.run_sync(pm.build, "executor", spec.executor, spec)
     kv_cache = pm.build("kv_cache", spec.kv_cache, spec, executor.kv_cache_spec())
     scheduler = pm.build("batch_scheduler", spec.batch_scheduler, spec, kv_cache)

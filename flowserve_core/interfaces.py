@@ -11,21 +11,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Proto
 
 import msgspec
 
-from flowserve_core.types import (
-    InstanceInfo,
-    InstanceStats,
-    Job,
-    KVCacheSpec,
-    KVHandoff,
-    KVUsage,
-    Request,
-    SamplingParams,
-    SchedulerStats,
-    StepBatch,
-    StepResult,
-    Task,
-    TokenEvent,
-)
+from flowserve_core.types import (InstanceInfo, InstanceStats, Job, KVCacheSpec, KVHandoff, KVUsage, Request,
+                                  SamplingParams, SchedulerStats, StepBatch, StepResult, Task, TokenEvent)
 
 if TYPE_CHECKING:
     from flowserve_core.deployment import Deployment, InstancePool
@@ -75,11 +62,9 @@ class Tokenizer(Protocol):
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Token ids of ``messages`` rendered with the model's template, ready for a reply."""
-        ...
 
     def token_text(self, token_id: int) -> str:
         """The text of one token as OpenAI's logprobs show it."""
-        ...
 
     def detokenizer(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> IncrementalDetokenizer: ...
 
@@ -113,15 +98,12 @@ class KVCacheManager(Protocol):
     def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int | None:
         """Give ``seq_id`` blocks for ``token_ids``; the number of leading tokens already
         cached, or None (nothing allocated) when there are not enough free blocks."""
-        ...
 
     def append_slots(self, seq_id: str, num_tokens: int) -> bool:
         """Make room for ``seq_id`` to hold ``num_tokens`` tokens in all; False if out of blocks."""
-        ...
 
     def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """The first ``num_computed`` tokens are now in the cache: register full blocks' hashes."""
-        ...
 
     def free(self, seq_id: str) -> None: ...
 
@@ -131,7 +113,6 @@ class KVCacheManager(Protocol):
 
     def num_cached_tokens(self, token_ids: Sequence[int]) -> int:
         """How many leading tokens of ``token_ids`` are cached here (routing; no side effect)."""
-        ...
 
     def usage(self) -> KVUsage: ...
 
@@ -170,8 +151,8 @@ class TaskStream(Protocol):
 
 @runtime_checkable
 class Instance(Protocol):
-    """A handle on one engine instance, in this process or another. Scalers create them,
-    usually as subclasses of the kernel's ``instance.InstanceBase``."""
+    """A handle on one engine instance, in this process or another. Scalers create them
+    (flowserve-prewarm-scaler's ``InstanceBase`` is a ready base class)."""
 
     info: InstanceInfo
     stats: InstanceStats
@@ -225,15 +206,12 @@ class KVTransport(Protocol):
 
     def publish(self, data: bytes | memoryview, key: str) -> str:
         """Make ``data`` fetchable; return the locator to put in a ``KVHandoff``."""
-        ...
 
     def fetch(self, handoff: KVHandoff) -> memoryview:
         """The bytes ``handoff.locator`` names (a worker thread; may block until they are there)."""
-        ...
 
     def release(self, locator: str) -> None:
         """The decode side is done with ``locator``'s bytes: free them (a worker thread)."""
-        ...
 
 
 @runtime_checkable
@@ -242,9 +220,3 @@ class Frontend(Protocol):
 
     async def serve(self, server: Any) -> None: ...
 
-
-__all__ = [
-    "BatchScheduler", "ChatMessage", "EmitEvent", "Executor", "Frontend", "IncrementalDetokenizer",
-    "Instance", "InstanceStats", "JobScheduler", "KVCacheManager", "KVTransport", "Scaler",
-    "TaskStream", "TextDelta", "Tokenizer",
-]

@@ -1,10 +1,9 @@
 """The plugin manager: loads ``flowserve`` entry points, registers built-ins, resolves components.
 
-Each entry point loads in its own try/except, so one broken plugin cannot break the tool;
-``FLOWSERVE_STRICT_PLUGINS=1`` makes a broken plugin fatal, ``FLOWSERVE_LOAD_PLUGINS=a,b``
-is an allow-list (set and empty: load none), and ``blocked`` or ``FLOWSERVE_BLOCK_PLUGINS=a,b``
-names plugins to skip (``--plugin no:NAME`` on the CLI). Worker processes read the same
-variables, so they load the same plugins as the server.
+One broken plugin cannot break the tool (each entry point loads in its own try/except) unless
+``FLOWSERVE_STRICT_PLUGINS=1``. ``FLOWSERVE_LOAD_PLUGINS=a,b`` is an allow-list (set and empty:
+none); ``blocked`` / ``FLOWSERVE_BLOCK_PLUGINS=a,b`` / ``--plugin no:NAME`` skip plugins. Worker
+processes read the same variables, so they load the same plugins as the server.
 """
 
 from __future__ import annotations
@@ -34,27 +33,24 @@ KINDS: dict[str, str] = {
     "frontend": "flowserve_register_frontends",
 }
 
-#: Our own distributions, so that a missing component names the ``pip install`` that fixes it.
-KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
-    ("tokenizer", "hf"): "flowserve-hf-tokenizer",
-    ("executor", "spmd"): "flowserve-spmd-executor",
-    ("kv_cache", "paged"): "flowserve-paged-kv",
-    ("batch_scheduler", "continuous"): "flowserve-colocated",
-    ("job_scheduler", "colocated"): "flowserve-colocated",
-    ("job_scheduler", "pd-disaggregated"): "flowserve-pd-scheduler",
-    ("job_scheduler", "pd-hybrid"): "flowserve-pd-scheduler",
-    ("kv_transport", "shm"): "flowserve-pd-scheduler",
-    ("kv_transport", "torch-dist"): "flowserve-pd-scheduler",
-    ("scaler", "static"): "flowserve-prewarm-scaler",
-    ("scaler", "prewarm"): "flowserve-prewarm-scaler",
-    ("scaler", "ray"): "flowserve-ray",
-    ("scaler", "inproc"): "flowserve-testing",
-    ("kv_transport", "ray"): "flowserve-ray",
-    ("frontend", "openai"): "flowserve-openai",
+#: Our own distributions and the components (``kind:name``) they provide, so that a missing
+#: component names the ``pip install`` that fixes it.
+KNOWN_PROVIDERS: dict[str, tuple[str, ...]] = {
+    "flowserve-hf-tokenizer": ("tokenizer:hf",),
+    "flowserve-spmd-executor": ("executor:spmd",),
+    "flowserve-paged-kv": ("kv_cache:paged",),
+    "flowserve-colocated": ("batch_scheduler:continuous", "job_scheduler:colocated"),
+    "flowserve-pd-scheduler": ("job_scheduler:pd-disaggregated", "job_scheduler:pd-hybrid",
+                               "kv_transport:shm", "kv_transport:torch-dist"),
+    "flowserve-prewarm-scaler": ("scaler:static", "scaler:prewarm"),
+    "flowserve-ray": ("scaler:ray", "kv_transport:ray"),
+    "flowserve-testing": ("scaler:inproc",),
+    "flowserve-openai": ("frontend:openai",),
 }
 
-#: Modules registered in every manager, as ordinary plugins.
-BUILTIN_PLUGINS = ()
+#: Modules registered in every manager, as ordinary plugins: the kernel's OpenTelemetry metrics
+#: are an observer of finished requests.
+BUILTIN_PLUGINS = ("flowserve_core.telemetry",)
 
 
 class Component(msgspec.Struct, frozen=True):
@@ -166,7 +162,7 @@ class PluginManager:
             return found[name]
         message = f"no {kind.replace('_', ' ')} named {name!r} is installed."
         message += f" Installed: {', '.join(sorted(found)) or 'none'}."
-        provider = KNOWN_PROVIDERS.get((kind, name))
+        provider = next((d for d, names in KNOWN_PROVIDERS.items() if f"{kind}:{name}" in names), None)
         if provider:
             message += f" Install it with: pip install {provider}"
         broken = [r for r in self.records if r.error]

@@ -20,10 +20,8 @@ STOP_WAIT = 30.0
 
 
 class Server:
-    """Owns the deployments of one ``flowserve serve``; frontends look models up here.
-
-    Deployments can be added and removed while it runs; ``resolve`` follows aliases.
-    """
+    """The deployments of one ``flowserve serve``, added and removed while it runs; frontends
+    look models up here (``resolve`` follows aliases)."""
 
     def __init__(self, config: ServerConfig, pm: PluginManager):
         self.config = config
@@ -74,13 +72,11 @@ class Server:
         return deployment
 
     async def remove_deployment(self, name: str, drain_timeout: float | None = None) -> None:
-        """Stop routing to ``name`` at once (new requests for it are unknown), let the requests
-        it admitted finish for up to ``drain_timeout`` s, then stop its instances; aliases
-        that pointed at it go too. Raises ``UnknownModelError`` if no deployment has that name."""
+        """Stop routing to ``name`` (and its aliases) at once, let its admitted requests finish
+        for up to ``drain_timeout`` s, then stop its instances. ``UnknownModelError`` if none."""
         deployment = self.deployments.pop(name, None)
         if deployment is None:
-            raise UnknownModelError(f"no deployment is named {name!r}; deployments: "
-                                    f"{', '.join(sorted(self.deployments)) or 'none'}")
+            raise self._no_deployment(name)
         self.aliases = {a: d for a, d in self.aliases.items() if d != name}
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         log.info("removing deployment", extra={"deployment": name, "in_flight": len(deployment.requests)})
@@ -94,16 +90,18 @@ class Server:
         log.info("deployment removed", extra={"deployment": name})
 
     def set_alias(self, alias: str, deployment: str) -> None:
-        """Point the served name ``alias`` at the deployment ``deployment`` (a new alias, or
-        a switch: one assignment, so every later request sees either the old or the new
-        target; requests already running stay where they are)."""
+        """Point the served name ``alias`` at ``deployment`` in one assignment: later requests see
+        the old or the new target, running ones stay where they are."""
         if alias in self.deployments:
             raise ConfigError(f"{alias!r} is a deployment's name; an alias needs a name of its own")
         if deployment not in self.deployments:
-            raise UnknownModelError(f"no deployment is named {deployment!r}; deployments: "
-                                    f"{', '.join(sorted(self.deployments)) or 'none'}")
+            raise self._no_deployment(deployment)
         self.aliases = {**self.aliases, alias: deployment}
         log.info("alias set", extra={"alias": alias, "deployment": deployment})
+
+    def _no_deployment(self, name: str) -> UnknownModelError:
+        return UnknownModelError(f"no deployment is named {name!r}; deployments: "
+                                 f"{', '.join(sorted(self.deployments)) or 'none'}")
 
     def remove_alias(self, alias: str) -> None:
         """Stop serving the name ``alias`` (its deployment stays). ``UnknownModelError`` if none."""

@@ -2,13 +2,14 @@
 
 Off by default, and then it costs nothing: the OpenTelemetry API's no-op providers stay in
 place. ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` set to ``console`` or ``otlp``
-(the standard variables; OTLP needs ``opentelemetry-exporter-otlp``) turn them on.
+(the standard variables; ``otlp`` needs ``opentelemetry-exporter-otlp``) turn them on.
 ``FLOWSERVE_LOG_FORMAT=json`` makes logs one JSON object per line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -18,41 +19,34 @@ from typing import Any, Iterator
 
 from opentelemetry import metrics, trace
 
+from flowserve_core.hookspecs import hookimpl
 from flowserve_core.types import Request, RequestOutput
 
 tracer = trace.get_tracer("flowserve")
 meter = metrics.get_meter("flowserve")
 _instruments: dict[str, Any] = {}
+_metering = False  # True once setup_telemetry installed a meter provider
 
 
-def _exporter(kind: str, variable: str) -> Any:
-    choice = os.environ.get(variable, "none").lower()
-    if choice == "console":
-        if kind == "traces":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-            return ConsoleSpanExporter()
-        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
-        return ConsoleMetricExporter()
-    if choice == "otlp":
-        try:
-            if kind == "traces":
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-                return OTLPSpanExporter()
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-            return OTLPMetricExporter()
-        except ImportError:
-            logging.getLogger(__name__).warning(
-                "%s=otlp needs: pip install opentelemetry-exporter-otlp", variable)
-    return None
+def _exporter(signal: str) -> Any:
+    """The exporter ``OTEL_{SIGNAL}_EXPORTER`` names, found as the OpenTelemetry SDK finds it:
+    by entry point (``console`` ships with the SDK, ``otlp`` with opentelemetry-exporter-otlp)."""
+    variable = f"OTEL_{signal.upper()}_EXPORTER"
+    name = os.environ.get(variable, "none").lower()
+    found = importlib.metadata.entry_points(group=f"opentelemetry_{signal}_exporter", name=name)
+    if name != "none" and not found:
+        logging.getLogger(__name__).warning("%s=%s: no such exporter is installed (otlp: pip install "
+                                            "opentelemetry-exporter-otlp)", variable, name)
+    return next(iter(found)).load()() if found else None
 
 
 def setup_telemetry(service_name: str = "flowserve") -> None:
     """Install SDK providers for whichever exporters the OTEL_* variables ask for."""
-    global tracer, meter
+    global tracer, meter, _metering
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    if span_exporter := _exporter("traces", "OTEL_TRACES_EXPORTER"):
+    if span_exporter := _exporter("traces"):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -60,7 +54,7 @@ def setup_telemetry(service_name: str = "flowserve") -> None:
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
         trace.set_tracer_provider(provider)
         tracer = trace.get_tracer("flowserve")
-    if metric_exporter := _exporter("metrics", "OTEL_METRICS_EXPORTER"):
+    if metric_exporter := _exporter("metrics"):
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
@@ -68,6 +62,7 @@ def setup_telemetry(service_name: str = "flowserve") -> None:
             resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]))
         meter = metrics.get_meter("flowserve")
         _instruments.clear()
+        _metering = True
 
 
 def _instrument(name: str, kind: str, unit: str, description: str) -> Any:
@@ -93,11 +88,12 @@ def tracer_enabled() -> bool:
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
-def record_request(request: Request, output: RequestOutput, deployment: str) -> None:
+@hookimpl
+def flowserve_request_finished(request: Request, output: RequestOutput, deployment: Any) -> None:
     """Record a finished request's latencies and token counts as OpenTelemetry metrics."""
-    if not _instruments and isinstance(metrics.get_meter_provider(), metrics.NoOpMeterProvider):
+    if not _metering:
         return
-    attrs = {"deployment": deployment, "finish_reason": output.finish_reason or "abort"}
+    attrs = {"deployment": deployment.name, "finish_reason": output.finish_reason or "abort"}
     m = output.metrics
     if m and m.ttft is not None:
         _instrument("flowserve.time_to_first_token", "histogram", "s", "TTFT").record(m.ttft, attrs)

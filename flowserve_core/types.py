@@ -1,10 +1,8 @@
 """The records that cross FlowServe's boundaries (process, plugin, HTTP), as msgspec Structs.
 
-A user's **Request** becomes a **Job** (its plan, made by the deployment's job scheduler),
-which runs as one or more **Tasks** (one colocated task; or a prefill task then a decode
-task), each executed on an engine **Instance** of a **Deployment**. See docs/concepts.md.
-
-These Structs are public API: fields are only ever added, with defaults.
+A **Request** becomes a **Job** (its plan), which runs as **Tasks** (colocated; or prefill then
+decode) on the engine **Instances** of a **Deployment** (docs/concepts.md). Public API: fields
+are only ever added, with defaults.
 """
 
 from __future__ import annotations
@@ -47,11 +45,9 @@ def new_id(prefix: str) -> str:
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
-    """How to pick each next token, and when to stop. Validated on construction and decode.
-
-    ``max_tokens=None`` means "until the context is full". ``top_k`` 0 or -1 disables
-    top-k; ``logprobs`` is how many alternatives to return per token (0 = only the chosen one).
-    """
+    """How to pick each next token and when to stop; validated on construction and decode.
+    ``max_tokens=None``: until the context is full; ``top_k`` 0 or -1: off; ``logprobs``:
+    alternatives per token (0: the chosen one only)."""
 
     max_tokens: int | None = 16
     temperature: float = 1.0
@@ -71,8 +67,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "presence_penalty",
-                     "frequency_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number")
         checks = [
@@ -82,8 +77,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("top_k", self.top_k >= -1, "must be -1, 0 (disabled) or a positive number"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
-            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
-             "must not exceed max_tokens"),
+            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens, "must not exceed max_tokens"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
@@ -126,12 +120,9 @@ class RequestState(enum.Enum):
     FAILED = "failed"
 
 
-
 class Request(_StateMachine, kw_only=True):
-    """One user call: prompt tokens, sampling parameters and deadline.
-
-    States: waiting → running → finished | aborted | failed (waiting may also end directly).
-    """
+    """One user call: prompt tokens, sampling parameters and deadline. States: waiting →
+    running → finished | aborted | failed (waiting may also end directly)."""
 
     _transitions: ClassVar[dict] = {
         RequestState.WAITING: {RequestState.RUNNING, RequestState.ABORTED, RequestState.FAILED},
@@ -166,14 +157,10 @@ class TaskState(enum.Enum):
 
 
 class KVHandoff(msgspec.Struct, kw_only=True):
-    """Where a prefill task left the KV of a sequence for a decode instance to import.
-
-    ``transport`` names the registered KV transport that can fetch it; ``locator`` is that
-    transport's address for the data (e.g. a shared-memory segment name); ``block_hashes``
-    lets the receiver skip blocks it already has cached. The data holds the sequence's blocks
-    ``first_block`` onwards (``nbytes`` in all): the decode instance was expected to hold the
-    ones before. A prefill task may carry one with no locator: the blocks to export.
-    """
+    """Where a prefill task left a sequence's KV for a decode instance: the KV ``transport``
+    that fetches it and its ``locator`` there (e.g. a shared-memory segment name). The data
+    holds blocks ``first_block`` onwards (``nbytes``); ``block_hashes`` let the receiver skip
+    blocks it has cached. On a prefill task (no locator yet): the blocks to export."""
 
     transport: str
     locator: str
@@ -185,11 +172,8 @@ class KVHandoff(msgspec.Struct, kw_only=True):
 
 
 class Task(_StateMachine, kw_only=True):
-    """One step of a job, executed by one engine instance.
-
-    A decode task carries the prefill's ``kv_handoff`` and the ``output_token_ids`` the
-    prefill already produced. States: pending → running → done | failed | aborted.
-    """
+    """One step of a job, run by one engine instance; a decode task carries the prefill's
+    ``kv_handoff`` and output. States: pending → running → done | failed | aborted."""
 
     _transitions: ClassVar[dict] = {
         TaskState.PENDING: {TaskState.RUNNING, TaskState.ABORTED, TaskState.FAILED},
@@ -219,12 +203,8 @@ class Job(_StateMachine, kw_only=True):
 
 
 class TokenEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """What a task produced in one engine step: new tokens and, at the end, why it stopped.
-
-    ``finish_reason`` is set on a task's last event; ``error`` explains ``"error"``, and
-    ``instance_failed`` says the instance itself failed (the task may be retried elsewhere).
-    A prefill task's last event carries the ``kv_handoff`` for its decode task.
-    """
+    """A task's new tokens from one engine step. Its last event has the ``finish_reason`` (and
+    ``error``; ``instance_failed``: retry elsewhere) and, for prefill, the ``kv_handoff``."""
 
     task_id: str
     token_ids: list[int] = []
@@ -274,11 +254,8 @@ class Rejection(msgspec.Struct, kw_only=True):
 
 
 class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A served model with its policies: which components, how many instances, which SLOs.
-
-    Component names are those plugins registered (see ``flowserve plugins``); ``options``
-    carries plugin-specific settings as flat ``key = value`` pairs.
-    """
+    """A served model: its components by registered name (``flowserve plugins``), instance
+    counts and SLOs; ``options`` holds plugin settings as flat ``key = value`` pairs."""
 
     name: str = ""
     model: str = ""
@@ -313,13 +290,11 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("tensor_parallel", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("min_instances", "max_queue", "colocated_instances",
-                     "prefill_instances", "decode_instances"):
+        for name in ("min_instances", "max_queue", "colocated_instances", "prefill_instances", "decode_instances"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_instances < self.min_instances:
-            raise ValueError(f"max_instances ({self.max_instances}) must be >= "
-                             f"min_instances ({self.min_instances})")
+            raise ValueError(f"max_instances ({self.max_instances}) must be >= min_instances ({self.min_instances})")
 
 
 class InstanceState(enum.Enum):
@@ -330,11 +305,8 @@ class InstanceState(enum.Enum):
 
 
 class InstanceInfo(_StateMachine, kw_only=True):
-    """One engine instance of a deployment, as the server sees it.
-
-    ``start_path`` says how it started (``naive``, ``prewarmed``, ``preloaded``, ``forked``,
-    ``in-process``…). States: warming → ready → draining → gone (any state may end in gone).
-    """
+    """An engine instance as the server sees it; ``start_path`` says how it started (``naive``,
+    ``forked``, ``in-process``…). States: warming → ready → draining → gone (or gone at once)."""
 
     _transitions: ClassVar[dict] = {
         InstanceState.WARMING: {InstanceState.READY, InstanceState.GONE, InstanceState.DRAINING},
@@ -370,10 +342,8 @@ class KVUsage(msgspec.Struct, kw_only=True):
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):
-    """A batch scheduler's queue: what runs, what waits, and the prefill work waiting; KV
-    imported by PD decode tasks: ``kv_transfer_bytes`` of the blocks written into this
-    instance's cache, ``kv_transfer_seconds`` the KV transport's fetches took (the copy into
-    the cache, part of a step, is not counted)."""
+    """A batch scheduler's queue (running, waiting, prefill tokens waiting) and the KV its PD
+    decode tasks imported: bytes written into the cache, seconds the transport's fetches took."""
 
     num_running: int = 0
     num_waiting: int = 0
@@ -406,12 +376,9 @@ class KVCacheSpec(msgspec.Struct, kw_only=True):
 
 
 class ScheduledSequence(msgspec.Struct, kw_only=True):
-    """One sequence's share of a step: compute ``token_ids`` at ``start_pos`` onwards.
-
-    ``sample`` is false for a prefill chunk that does not reach the prompt's end. The
-    executor samples with ``params``; penalties read ``prompt_token_ids`` and
-    ``output_token_ids``; ``eos_token_ids`` are masked while ``min_tokens`` is not reached.
-    """
+    """One sequence's share of a step: compute ``token_ids`` from ``start_pos``; sample with
+    ``params`` unless ``sample`` is false (a prefill chunk short of the prompt's end); penalties
+    read prompt and output ids; ``eos_token_ids`` are masked until ``min_tokens``."""
 
     seq_id: str
     token_ids: list[int]
@@ -425,12 +392,8 @@ class ScheduledSequence(msgspec.Struct, kw_only=True):
 
 
 class KVBlockTransfer(msgspec.Struct, kw_only=True):
-    """Raw KV of whole blocks moving out of or into an executor (PD-disaggregation).
-
-    ``data`` (bytes, or a zero-copy memoryview of them) holds blocks in the executor's export
-    layout; an import writes its blocks ``first_block`` onwards into ``block_ids`` (the
-    receiver skips the blocks it has cached).
-    """
+    """Raw KV of whole blocks leaving or entering an executor, in its export layout (PD); an
+    import writes blocks ``first_block`` onwards of ``data`` into ``block_ids``."""
 
     seq_id: str
     block_ids: list[int]
@@ -439,13 +402,9 @@ class KVBlockTransfer(msgspec.Struct, kw_only=True):
 
 
 class StepBatch(msgspec.Struct, kw_only=True):
-    """What the batch scheduler asks the executor to run in one step.
-
-    ``finished_seq_ids`` lets the executor drop per-sequence state (e.g. seeded generators);
-    ``block_copies`` are ``(source, destination)`` KV blocks to copy before computing
-    (copy-on-write of a block shared after a fork); ``kv_imports`` are written before
-    computing and ``kv_exports`` read after it (their data comes back in the result).
-    """
+    """One engine step for the executor: first copy ``block_copies`` (source, destination) and
+    write ``kv_imports``, then compute ``seqs``, then read ``kv_exports`` into the result;
+    ``finished_seq_ids`` may drop per-sequence state (e.g. seeded generators)."""
 
     seqs: list[ScheduledSequence] = []
     finished_seq_ids: list[str] = []
@@ -459,8 +418,7 @@ class StepBatch(msgspec.Struct, kw_only=True):
 
 
 class StepResult(msgspec.Struct, kw_only=True):
-    """The executor's answer: one sampled token per sequence that had ``sample`` set, and
-    the data of the batch's ``kv_exports``."""
+    """One sampled token per sequence with ``sample`` set, and the ``kv_exports``' data."""
 
     token_ids: dict[str, int] = {}
     logprobs: dict[str, TokenLogprob] = {}

@@ -1,8 +1,5 @@
-"""The Protocols that plugin components implement. Public API, like the hookspecs.
-
-Structural typing: a component need not inherit from these; it must have the members.
-Methods marked optional in their docstring may be absent; callers check with ``hasattr``.
-"""
+"""The Protocols that plugin components implement (public API, like the hookspecs). A component
+need not inherit from them; it must have the members. docs/reference/protocols.md has the rules."""
 
 from __future__ import annotations
 
@@ -34,11 +31,8 @@ class TextDelta(msgspec.Struct, kw_only=True):
 
 @runtime_checkable
 class IncrementalDetokenizer(Protocol):
-    """Turns a stream of token ids into text deltas for one output sequence.
-
-    Never emits half a UTF-8 character or a text that a stop string may still swallow:
-    ambiguous text is held back until it is decided, and flushed by ``finish``.
-    """
+    """Token ids → text deltas for one output sequence; holds back half characters and text a
+    stop string may still swallow until decided (``finish`` flushes)."""
 
     def push(self, token_ids: Sequence[int]) -> TextDelta: ...
 
@@ -47,11 +41,8 @@ class IncrementalDetokenizer(Protocol):
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Text ↔ token ids for one model, its chat template and its end-of-sequence ids.
-
-    Optional attribute ``max_model_len``: the model's context length, which the server uses
-    to refuse prompts that cannot fit before any instance is running.
-    """
+    """Text ↔ token ids for one model, its chat template and end-of-sequence ids (optional:
+    ``max_model_len``, the context length)."""
 
     eos_token_ids: list[int]
     vocab_size: int
@@ -71,13 +62,8 @@ class Tokenizer(Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
-    """Runs the model: one ``StepBatch`` in, one sampled token per sampling sequence out.
-
-    Blocking compute happens off the event loop (a thread or worker processes). Raising
-    ``EngineDeadError`` means the executor can run nothing more (a worker process died).
-    Optional: ``export_kv(block_ids) -> bytes`` and ``import_kv(block_ids, data)`` for
-    moving KV blocks between instances, and ``close()``.
-    """
+    """Runs the model, off the event loop: one ``StepBatch`` in, one sampled token per sampling
+    sequence out; ``EngineDeadError``: it can run nothing more."""
 
     def kv_cache_spec(self) -> KVCacheSpec: ...
 
@@ -86,18 +72,14 @@ class Executor(Protocol):
 
 @runtime_checkable
 class KVCacheManager(Protocol):
-    """Bookkeeping of the executor's KV blocks: which sequence owns which, what is cached.
-
-    A block is shared (ref count > 1) only while no one writes it; full blocks are
-    registered under a hash chained over every token before them, so a new sequence with
-    the same prefix reuses them (``allocate`` returns how many prompt tokens it found).
-    """
+    """Bookkeeping of the executor's KV blocks: which sequence owns which, and which full
+    blocks are cached under a hash of their whole prefix (for reuse)."""
 
     block_size: int
 
     def allocate(self, seq_id: str, token_ids: Sequence[int]) -> int | None:
-        """Give ``seq_id`` blocks for ``token_ids``; the number of leading tokens already
-        cached, or None (nothing allocated) when there are not enough free blocks."""
+        """Give ``seq_id`` blocks for ``token_ids``: how many leading tokens were cached, or None
+        (nothing allocated) when blocks are short."""
 
     def append_slots(self, seq_id: str, num_tokens: int) -> bool:
         """Make room for ``seq_id`` to hold ``num_tokens`` tokens in all; False if out of blocks."""
@@ -119,14 +101,9 @@ class KVCacheManager(Protocol):
 
 @runtime_checkable
 class BatchScheduler(Protocol):
-    """Decides what each engine step runs; owns the sequences and the KV cache manager.
-
-    ``add``/``abort`` are called between steps; ``add`` raises ``ValueError`` for a task that
-    can never run here (e.g. longer than the whole KV cache), which fails that task.
-    ``schedule`` must make progress whenever ``has_work()`` (preempt rather than deadlock);
-    ``update`` turns the executor's result into one ``TokenEvent`` per sequence that produced a
-    token or ended; ``abort`` returns the aborted task's last event (None if unknown).
-    """
+    """Decides what each engine step runs; owns the sequences and the KV cache manager. ``add``
+    raises ``ValueError`` for a task that can never run here; ``schedule`` makes progress
+    whenever ``has_work()``; ``update`` gives one ``TokenEvent`` per sequence that moved."""
 
     def add(self, task: Task) -> None: ...
 
@@ -167,12 +144,8 @@ EmitEvent = Callable[[TokenEvent], Awaitable[None]]
 
 @runtime_checkable
 class JobScheduler(Protocol):
-    """Turns a request into a job of tasks and runs them on the deployment's instances.
-
-    ``run_job`` places each task (``pool.wait_ready(role)`` gives candidates), submits it,
-    forwards every event to ``emit`` and retries or fails tasks whose instance died. It is
-    cancelled when the client goes away; leaving a task stream aborts that task.
-    """
+    """Turns a request into a job of tasks; ``run_job`` places them on ready instances, forwards
+    every event to ``emit`` and retries or fails tasks whose instance died."""
 
     def make_job(self, request: Request) -> Job: ...
 
@@ -181,12 +154,8 @@ class JobScheduler(Protocol):
 
 @runtime_checkable
 class Scaler(Protocol):
-    """Starts and stops a deployment's instances. ``run`` lives as long as the deployment.
-
-    ``set_target`` is the manual override (admin API); ``on_demand`` tells that a request is
-    waiting for an instance of ``role`` (scale from zero). ``run`` must stop every instance it
-    started when cancelled, and start none once ``deployment.stopping`` is set.
-    """
+    """Starts and stops a deployment's instances while ``run`` runs; ``set_target`` is the manual
+    override, ``on_demand`` says a request waits for an instance of ``role``."""
 
     async def run(self, deployment: Deployment) -> None: ...
 
@@ -197,21 +166,17 @@ class Scaler(Protocol):
 
 @runtime_checkable
 class KVTransport(Protocol):
-    """Moves exported KV bytes from a prefill instance to a decode instance.
-
-    Threads: the decode side calls ``fetch`` and ``release`` from worker threads, several at
-    once (they may wait; the engine's event loop goes on stepping), so both must be
-    thread-safe. ``publish`` runs on the prefill instance's event loop, inside its step: it
-    should return quickly (``shm`` writes a file; ``ray`` puts the bytes in the object store)."""
+    """Moves exported KV bytes from a prefill instance to a decode instance. ``fetch`` and
+    ``release`` run in worker threads, several at once; ``publish`` inside a step."""
 
     def publish(self, data: bytes | memoryview, key: str) -> str:
         """Make ``data`` fetchable; return the locator to put in a ``KVHandoff``."""
 
     def fetch(self, handoff: KVHandoff) -> memoryview:
-        """The bytes ``handoff.locator`` names (a worker thread; may block until they are there)."""
+        """The bytes ``handoff.locator`` names (may block until they are there)."""
 
     def release(self, locator: str) -> None:
-        """The decode side is done with ``locator``'s bytes: free them (a worker thread)."""
+        """The decode side is done with ``locator``'s bytes: free them."""
 
 
 @runtime_checkable

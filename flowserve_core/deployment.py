@@ -2,8 +2,7 @@
 
 ``Deployment.open(request)`` admits a request, lets the job scheduler turn it into a job of
 tasks placed on instances, and streams the request's events; leaving the ``async with``
-early (the client went away) cancels the job, which aborts its tasks.
-"""
+early (the client went away) cancels the job, which aborts its tasks."""
 
 from __future__ import annotations
 

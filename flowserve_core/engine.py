@@ -2,8 +2,7 @@
 
 The loop runs on anyio in whichever process hosts the instance. Tasks and aborts arrive
 between steps (so a batch in flight never sees its blocks freed under it); the executor
-computes off the loop; every step's events go out in one call of ``emit``.
-"""
+computes off the loop; every step's events go out in one call of ``emit``."""
 
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ class Engine:
     """One instance's scheduler and executor, driven step by step; ``emit`` gets each step's events.
 
     If the executor dies (``EngineDeadError``) or a step outlives ``step_timeout``, every live
-    task fails with an error event and ``dead`` tells why; other exceptions fail that step's tasks.
-    """
+    task fails with an error event and ``dead`` tells why; other exceptions fail that step's tasks."""
 
     def __init__(self, executor: Executor, scheduler: BatchScheduler, emit: EmitEvents, *,
                  step_timeout: float | None = None):

@@ -1,14 +1,9 @@
-"""FlowServe's hook specifications: the public plugin API.
+"""FlowServe's hook specifications: the public plugin API (docs/reference/hooks.md).
 
-A plugin is a module (or object) with functions marked ``@flowserve_core.hookimpl`` whose
-names match the specifications below, registered through the ``flowserve`` entry-point
-group. Implementations may take fewer arguments than a specification lists, so
-specifications grow new optional arguments without breaking plugins.
-
-Components are registered **by name** with ``register(name, factory)`` and chosen by name
-from the configuration; a name registered twice for one kind is an error naming both
-plugins. Once built, components are called directly: hooks never sit in the per-token loop.
-"""
+A plugin is a module with functions marked ``@flowserve_core.hookimpl`` named as below, found
+through the ``flowserve`` entry-point group; it may take fewer arguments than a specification.
+Components are registered by name, ``register(name, factory)``, and chosen by name; once built
+they are called directly: hooks never sit in the per-token loop."""
 
 from __future__ import annotations
 
@@ -39,8 +34,7 @@ def flowserve_register_tokenizers(register: Register) -> None:
     """Register tokenizers: ``register("hf", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec: DeploymentSpec)`` returns an
-        ``interfaces.Tokenizer``. Called in any process that builds a tokenizer (the server).
-    """
+        ``interfaces.Tokenizer``. Called in any process that builds a tokenizer (the server)."""
 
 
 @hookspec
@@ -48,8 +42,7 @@ def flowserve_register_executors(register: Register) -> None:
     """Register executors (model runners): ``register("spmd", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.Executor``. Called in the process that hosts an engine instance.
-    """
+        ``interfaces.Executor``. Called in the process that hosts an engine instance."""
 
 
 @hookspec
@@ -58,8 +51,7 @@ def flowserve_register_kv_cache_managers(register: Register) -> None:
 
     :param register: ``register(name, factory)``; ``factory(spec, kv: KVCacheSpec)`` returns an
         ``interfaces.KVCacheManager`` over the blocks the executor reserved. Called in the
-        process that hosts an engine instance.
-    """
+        process that hosts an engine instance."""
 
 
 @hookspec
@@ -67,8 +59,7 @@ def flowserve_register_batch_schedulers(register: Register) -> None:
     """Register batch schedulers (what runs in each engine step). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec, kv_cache)`` returns an
-        ``interfaces.BatchScheduler``. Called in the process that hosts an engine instance.
-    """
+        ``interfaces.BatchScheduler``. Called in the process that hosts an engine instance."""
 
 
 @hookspec
@@ -76,8 +67,7 @@ def flowserve_register_job_schedulers(register: Register) -> None:
     """Register job schedulers (request → job → tasks → instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.JobScheduler``. Called in the server process, once per deployment.
-    """
+        ``interfaces.JobScheduler``. Called in the server process, once per deployment."""
 
 
 @hookspec
@@ -85,8 +75,7 @@ def flowserve_register_scalers(register: Register) -> None:
     """Register scalers (they start, stop and count instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.Scaler``. Called in the server process, once per deployment.
-    """
+        ``interfaces.Scaler``. Called in the server process, once per deployment."""
 
 
 @hookspec
@@ -94,8 +83,7 @@ def flowserve_register_kv_transports(register: Register) -> None:
     """Register KV transports (move KV blocks between instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.KVTransport``. Called in every process that sends or receives KV blocks.
-    """
+        ``interfaces.KVTransport``. Called in every process that sends or receives KV blocks."""
 
 
 @hookspec
@@ -103,8 +91,7 @@ def flowserve_register_frontends(register: Register) -> None:
     """Register frontends (the API a server speaks): ``register("openai", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(config: ServerConfig)`` returns an
-        ``interfaces.Frontend``. Called in the server process by ``flowserve serve``.
-    """
+        ``interfaces.Frontend``. Called in the server process by ``flowserve serve``."""
 
 
 @hookspec
@@ -112,8 +99,7 @@ def flowserve_register_commands(app: typer.Typer) -> None:
     """Add subcommands to the ``flowserve`` CLI: ``@app.command() def bench(...)``. Not firstresult.
 
     :param app: the root ``typer.Typer`` that ``build_cli`` is building. Called once, in the CLI
-        process; keep heavy imports inside the commands so ``flowserve --help`` stays fast.
-    """
+        process; keep heavy imports inside the commands so ``flowserve --help`` stays fast."""
 
 
 @hookspec
@@ -122,8 +108,7 @@ def flowserve_serve_flags() -> list[str]:
 
     No arguments (no :param entries). Returns option names, e.g. ``["ray_address"]``: then
     ``--ray-address VALUE`` means ``--option ray_address=VALUE`` and ``serve --help`` lists it.
-    Not firstresult (the lists are joined). Called once, in the CLI process, by ``build_cli``.
-    """
+    Not firstresult (the lists are joined). Called once, in the CLI process, by ``build_cli``."""
 
 
 # ------------------------------------------------------------------ lifecycle
@@ -135,8 +120,7 @@ def flowserve_startup(deployment: Deployment) -> Any:
     """A deployment has started (its scaler runs; instances may still be warming).
 
     :param deployment: the ``Deployment``. Returns ``None`` or an awaitable (awaited).
-        Not firstresult. Server process.
-    """
+        Not firstresult. Server process."""
 
 
 @hookspec
@@ -144,8 +128,7 @@ def flowserve_shutdown(deployment: Deployment) -> Any:
     """A deployment is stopping; its instances are being drained and stopped.
 
     :param deployment: the ``Deployment``. Returns ``None`` or an awaitable (awaited).
-        Not firstresult. Server process.
-    """
+        Not firstresult. Server process."""
 
 
 # ------------------------------------------------------------------ admission and observers
@@ -160,8 +143,7 @@ def flowserve_admit_request(request: Request, deployment: Deployment) -> Rejecti
 
     :param request: the ``Request`` about to be admitted (tokenized, parameters validated).
     :param deployment: its ``Deployment``; ``deployment.stats()`` tells its load.
-    Returns a ``Rejection`` (its ``status`` and ``message`` reach the client). Server process.
-    """
+    Returns a ``Rejection`` (its ``status`` and ``message`` reach the client). Server process."""
 
 
 @hookspec
@@ -169,8 +151,7 @@ def flowserve_request_admitted(request: Request, deployment: Deployment) -> None
     """Observe a request that was admitted and is about to be scheduled. Not firstresult.
 
     :param request: the admitted ``Request``.
-    :param deployment: its ``Deployment``. Returns nothing. Server process.
-    """
+    :param deployment: its ``Deployment``. Returns nothing. Server process."""
 
 
 @hookspec
@@ -179,5 +160,4 @@ def flowserve_request_finished(request: Request, output: RequestOutput, deployme
 
     :param request: the ``Request``, its ``state`` final.
     :param output: the ``RequestOutput``: tokens, finish reason, error, timings.
-    :param deployment: its ``Deployment``. Returns nothing. Server process.
-    """
+    :param deployment: its ``Deployment``. Returns nothing. Server process."""

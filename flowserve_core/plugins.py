@@ -3,8 +3,7 @@
 One broken plugin cannot break the tool (each entry point loads in its own try/except) unless
 ``FLOWSERVE_STRICT_PLUGINS=1``. ``FLOWSERVE_LOAD_PLUGINS=a,b`` is an allow-list (set and empty:
 none); ``blocked`` / ``FLOWSERVE_BLOCK_PLUGINS=a,b`` / ``--plugin no:NAME`` skip plugins. Worker
-processes read the same variables, so they load the same plugins as the server.
-"""
+processes read the same variables, so they load the same plugins as the server."""
 
 from __future__ import annotations
 

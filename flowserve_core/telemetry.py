@@ -3,8 +3,7 @@
 Off by default, and then it costs nothing: the OpenTelemetry API's no-op providers stay in
 place. ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` set to ``console`` or ``otlp``
 (the standard variables; ``otlp`` needs ``opentelemetry-exporter-otlp``) turn them on.
-``FLOWSERVE_LOG_FORMAT=json`` makes logs one JSON object per line.
-"""
+``FLOWSERVE_LOG_FORMAT=json`` makes logs one JSON object per line."""
 
 from __future__ import annotations
 

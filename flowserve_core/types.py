@@ -2,8 +2,7 @@
 
 A **Request** becomes a **Job** (its plan), which runs as **Tasks** (colocated; or prefill then
 decode) on the engine **Instances** of a **Deployment** (docs/concepts.md). Public API: fields
-are only ever added, with defaults.
-"""
+are only ever added, with defaults."""
 
 from __future__ import annotations
 
@@ -29,10 +28,8 @@ class _StateMachine(msgspec.Struct, kw_only=True):
 
     def move_to(self, new_state: enum.Enum) -> None:
         if new_state not in self._transitions.get(self.state, ()):
-            raise IllegalTransition(
-                f"{type(self).__name__} {getattr(self, 'id', '')!s}: "
-                f"{self.state.value} -> {new_state.value} is not allowed"
-            )
+            raise IllegalTransition(f"{type(self).__name__} {getattr(self, 'id', '')!s}: "
+                                    f"{self.state.value} -> {new_state.value} is not allowed")
         self.state = new_state
 
 

@@ -1,7 +1,5 @@
-"""FlowServe's microkernel: hook specifications, plugin manager, engine loop, deployments, CLI.
-
-Plugin authors need ``hookimpl`` (the marker for hook implementations), the Structs in
-``flowserve_core.types`` and the Protocols in ``flowserve_core.interfaces``."""
+"""FlowServe's microkernel. Plugin authors need ``hookimpl`` (the marker for hook implementations),
+the Structs in ``flowserve_core.types`` and the Protocols in ``flowserve_core.interfaces``."""
 
 from flowserve_core.hookspecs import hookimpl
 

@@ -37,9 +37,7 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
     @app.command()
     def plugins() -> None:
         """List installed plugins, their distributions and the components they provide."""
-        table = Table(title="FlowServe plugins")
-        for column in ("distribution", "version", "plugin", "kind", "components"):
-            table.add_column(column)
+        table = Table("distribution", "version", "plugin", "kind", "components", title="FlowServe plugins")
         for kind in KINDS:
             by_plugin: dict[str, list[str]] = {}
             for component in pm.components(kind).values():
@@ -47,10 +45,8 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
             for plugin_name, names in sorted(by_plugin.items()):
                 record = next(r for r in pm.records if r.name == plugin_name)
                 table.add_row(record.distribution, record.version, plugin_name, kind, ", ".join(sorted(names)))
-        for record in pm.records:
-            if record.error:
-                table.add_row(record.distribution, record.version, record.name, "[red]failed",
-                              f"[red]{record.error}")
+        for record in (r for r in pm.records if r.error):
+            table.add_row(record.distribution, record.version, record.name, "[red]failed", f"[red]{record.error}")
         Console().print(table)
 
     flags = {f"--{name.replace('_', '-')}": name for names in pm.hook.flowserve_serve_flags() for name in names}

@@ -59,9 +59,8 @@ def default_model_path() -> str:
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
     """Read ``path`` (TOML), apply ``overrides`` (flags; None values are ignored), validate.
 
-    Server keys in ``overrides`` set the server; deployment keys apply to every deployment
-    (creating one if there is none); ``overrides["models"]`` (``--model NAME=PATH``) sets the
-    model of the deployment NAME, adding it if missing."""
+    Deployment keys in ``overrides`` apply to every deployment (making one if there is none);
+    ``overrides["models"]`` (``--model NAME=PATH``) sets or adds the deployment NAME's model."""
     raw: dict[str, Any] = {}
     source = "flags"
     if path is not None:

@@ -1,8 +1,6 @@
 """A deployment: one served model, its instances, its job scheduler and its scaler.
-
-``Deployment.open(request)`` admits a request, lets the job scheduler turn it into a job of
-tasks placed on instances, and streams the request's events; leaving the ``async with``
-early (the client went away) cancels the job, which aborts its tasks."""
+``Deployment.open(request)`` admits a request and streams its events; leaving the ``async with``
+early (the client went away) cancels its job, which aborts its tasks."""
 
 from __future__ import annotations
 
@@ -126,15 +124,13 @@ class Deployment:
         running = sum(r.state is RequestState.RUNNING for r in self.requests.values())
         instances = list(self.pool.instances.values())
         return DeploymentStats(
-            num_running=running, num_waiting=len(self.requests) - running,
-            instances=self.pool.by_state(),
+            num_running=running, num_waiting=len(self.requests) - running, instances=self.pool.by_state(),
             kv_used_blocks=sum(i.stats.kv.used_blocks for i in instances),
             kv_total_blocks=sum(i.stats.kv.total_blocks for i in instances))
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Build the tokenizer, start the scaler and the startup hooks; run until stopped."""
-        self.tokenizer = await anyio.to_thread.run_sync(
-            self.pm.build, "tokenizer", self.spec.tokenizer, self.spec)
+        self.tokenizer = await anyio.to_thread.run_sync(self.pm.build, "tokenizer", self.spec.tokenizer, self.spec)
         with self._scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.scaler.run, self)
@@ -150,8 +146,7 @@ class Deployment:
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         """Drain every instance for up to ``drain_timeout`` s, then stop (scalers then start none)."""
-        self.stopping = True
-        self.pool.closed = True
+        self.stopping = self.pool.closed = True
         self.pool.notify()
         async with anyio.create_task_group() as tg:
             for instance in list(self.pool.instances.values()):
@@ -160,11 +155,9 @@ class Deployment:
 
     def admit(self, request: Request) -> None:
         """Raise ``RejectedError`` if the request may not be queued now."""
-        rejection = None
-        if self._observe["flowserve_admit_request"]:
-            rejection = self.pm.hook.flowserve_admit_request(request=request, deployment=self)
-        rejection = rejection or self.queue_rejection()
-        if rejection is not None:
+        hooked = self._observe["flowserve_admit_request"] and self.pm.hook.flowserve_admit_request(
+            request=request, deployment=self)
+        if rejection := hooked or self.queue_rejection():
             raise RejectedError(rejection)
 
     def queue_rejection(self) -> Rejection | None:

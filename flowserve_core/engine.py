@@ -1,8 +1,7 @@
-"""The event loop of one engine instance: admit → schedule → execute → update → emit.
+"""The event loop of one engine instance, on anyio: admit → schedule → execute → update → emit.
 
-The loop runs on anyio in whichever process hosts the instance. Tasks and aborts arrive
-between steps (so a batch in flight never sees its blocks freed under it); the executor
-computes off the loop; every step's events go out in one call of ``emit``."""
+Tasks and aborts arrive between steps (a batch in flight never sees its blocks freed under it);
+the executor computes off the loop; each step's events go out in one call of ``emit``."""
 
 from __future__ import annotations
 

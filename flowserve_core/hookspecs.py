@@ -104,11 +104,9 @@ def flowserve_register_commands(app: typer.Typer) -> None:
 
 @hookspec
 def flowserve_serve_flags() -> list[str]:
-    """Name plugin options that ``flowserve serve`` also takes as flags of their own.
-
-    No arguments (no :param entries). Returns option names, e.g. ``["ray_address"]``: then
-    ``--ray-address VALUE`` means ``--option ray_address=VALUE`` and ``serve --help`` lists it.
-    Not firstresult (the lists are joined). Called once, in the CLI process, by ``build_cli``."""
+    """Name plugin options that ``flowserve serve`` also takes as flags (no :param entries): with
+    ``["ray_address"]``, ``--ray-address VALUE`` means ``--option ray_address=VALUE``. Not
+    firstresult (the lists are joined). Called once, in the CLI process, by ``build_cli``."""
 
 
 # ------------------------------------------------------------------ lifecycle
@@ -138,12 +136,11 @@ def flowserve_shutdown(deployment: Deployment) -> Any:
 
 @hookspec(firstresult=True)
 def flowserve_admit_request(request: Request, deployment: Deployment) -> Rejection | None:
-    """Refuse a request before it is queued, or let it pass. **firstresult**: the first
-    non-None answer wins; ``None`` lets other plugins and the kernel's own checks decide.
+    """Refuse a request before it is queued (return a ``Rejection``: its ``status`` and ``message``
+    reach the client), or return ``None`` to let others decide. **firstresult**. Server process.
 
     :param request: the ``Request`` about to be admitted (tokenized, parameters validated).
-    :param deployment: its ``Deployment``; ``deployment.stats()`` tells its load.
-    Returns a ``Rejection`` (its ``status`` and ``message`` reach the client). Server process."""
+    :param deployment: its ``Deployment``; ``deployment.stats()`` tells its load."""
 
 
 @hookspec

@@ -120,12 +120,6 @@ class BatchScheduler(Protocol):
     def kv_usage(self) -> KVUsage: ...
 
 
-class TaskStream(Protocol):
-    """The events of one task on one instance. Leaving the ``async with`` early aborts it."""
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
-
-
 @runtime_checkable
 class Instance(Protocol):
     """A handle on one engine instance, in this process or another. Scalers create them
@@ -134,7 +128,8 @@ class Instance(Protocol):
     info: InstanceInfo
     stats: InstanceStats
 
-    def submit(self, task: Task) -> AbstractAsyncContextManager[TaskStream]: ...
+    def submit(self, task: Task) -> AbstractAsyncContextManager[AsyncIterator[TokenEvent]]:
+        """Run ``task`` here; iterate the stream for its events. Leaving early aborts it."""
 
     async def stop(self) -> None: ...
 

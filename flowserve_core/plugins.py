@@ -7,6 +7,7 @@ processes read the same variables, so they load the same plugins as the server."
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import traceback
@@ -85,8 +86,7 @@ class PluginManager:
         self.records: list[PluginRecord] = []
         self._components: dict[str, dict[str, Component]] = {}
         for module_name in BUILTIN_PLUGINS:
-            self.register(importlib.import_module(module_name), name=module_name,
-                          distribution="flowserve-core")
+            self.register(importlib.import_module(module_name), name=module_name, distribution="flowserve-core")
         if load_entrypoints:
             self.load_entrypoints()
 
@@ -107,8 +107,8 @@ class PluginManager:
             except Exception as exc:  # one broken plugin must not break the tool
                 if self.strict:
                     raise PluginError(f"plugin {ep.name!r} ({dist}) failed to load: {exc}") from exc
-                self.records.append(PluginRecord(ep.name, dist, version,
-                                                 error=traceback.format_exception_only(exc)[-1].strip()))
+                error = traceback.format_exception_only(exc)[-1].strip()
+                self.records.append(PluginRecord(ep.name, dist, version, error=error))
 
     def register(self, plugin: object, name: str | None = None, distribution: str = "(local)",
                  version: str = "") -> None:
@@ -120,7 +120,8 @@ class PluginManager:
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(plugin)
             raise PluginError(f"plugin {name!r} ({distribution}): {exc}") from exc
-        self.records.append(PluginRecord(name, distribution, version or _dist_version(distribution)))
+        version = version or next((d.version for d in importlib.metadata.distributions(name=distribution)), "")
+        self.records.append(PluginRecord(name, distribution, version))
         self._components.clear()
 
     def unregister(self, name: str) -> None:
@@ -159,15 +160,13 @@ class PluginManager:
         found = self.components(kind)
         if name in found:
             return found[name]
-        message = f"no {kind.replace('_', ' ')} named {name!r} is installed."
-        message += f" Installed: {', '.join(sorted(found)) or 'none'}."
+        message = (f"no {kind.replace('_', ' ')} named {name!r} is installed. "
+                   f"Installed: {', '.join(sorted(found)) or 'none'}.")
         provider = next((d for d, names in KNOWN_PROVIDERS.items() if f"{kind}:{name}" in names), None)
         if provider:
             message += f" Install it with: pip install {provider}"
-        broken = [r for r in self.records if r.error]
-        if broken:
-            message += " (Plugins that failed to load: " + "; ".join(
-                f"{r.name}: {r.error}" for r in broken) + ")"
+        if broken := "; ".join(f"{r.name}: {r.error}" for r in self.records if r.error):
+            message += f" (Plugins that failed to load: {broken})"
         raise ComponentNotFoundError(message)
 
     def build(self, kind: str, name: str, *args: Any) -> Any:
@@ -181,19 +180,7 @@ def _env_list(variable: str) -> list[str] | None:
     return [item.strip() for item in os.environ[variable].split(",") if item.strip()]
 
 
-def _dist_version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return ""
-
-
-_process_manager: PluginManager | None = None
-
-
+@functools.cache
 def get_plugin_manager() -> PluginManager:
     """This process's manager, loaded once (worker processes call this too)."""
-    global _process_manager
-    if _process_manager is None:
-        _process_manager = PluginManager()
-    return _process_manager
+    return PluginManager()

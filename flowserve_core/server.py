@@ -21,7 +21,8 @@ STOP_WAIT = 30.0
 
 class Server:
     """The deployments of one ``flowserve serve``, added and removed while it runs; frontends
-    look models up here (``resolve`` follows aliases)."""
+    look models up here. ``resolve`` follows ``aliases``, which the admin API switches by
+    replacing the dict in one assignment (a request sees the old or the new target)."""
 
     def __init__(self, config: ServerConfig, pm: PluginManager):
         self.config = config
@@ -76,7 +77,8 @@ class Server:
         for up to ``drain_timeout`` s, then stop its instances. ``UnknownModelError`` if none."""
         deployment = self.deployments.pop(name, None)
         if deployment is None:
-            raise self._no_deployment(name)
+            raise UnknownModelError(f"no deployment is named {name!r}; deployments: "
+                                    f"{', '.join(sorted(self.deployments)) or 'none'}")
         self.aliases = {a: d for a, d in self.aliases.items() if d != name}
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         log.info("removing deployment", extra={"deployment": name, "in_flight": len(deployment.requests)})
@@ -88,27 +90,6 @@ class Server:
             while deployment.pool.instances:
                 await deployment.pool.wait_changed()
         log.info("deployment removed", extra={"deployment": name})
-
-    def set_alias(self, alias: str, deployment: str) -> None:
-        """Point the served name ``alias`` at ``deployment`` in one assignment: later requests see
-        the old or the new target, running ones stay where they are."""
-        if alias in self.deployments:
-            raise ConfigError(f"{alias!r} is a deployment's name; an alias needs a name of its own")
-        if deployment not in self.deployments:
-            raise self._no_deployment(deployment)
-        self.aliases = {**self.aliases, alias: deployment}
-        log.info("alias set", extra={"alias": alias, "deployment": deployment})
-
-    def _no_deployment(self, name: str) -> UnknownModelError:
-        return UnknownModelError(f"no deployment is named {name!r}; deployments: "
-                                 f"{', '.join(sorted(self.deployments)) or 'none'}")
-
-    def remove_alias(self, alias: str) -> None:
-        """Stop serving the name ``alias`` (its deployment stays). ``UnknownModelError`` if none."""
-        if alias not in self.aliases:
-            raise UnknownModelError(f"no alias is named {alias!r}; aliases: "
-                                    f"{', '.join(sorted(self.aliases)) or 'none'}")
-        self.aliases = {a: d for a, d in self.aliases.items() if a != alias}
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every configured deployment, then serve the frontend until it returns."""

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from opentelemetry import metrics, trace
 
@@ -23,8 +23,7 @@ from flowserve_core.types import Request, RequestOutput
 
 tracer = trace.get_tracer("flowserve")
 meter = metrics.get_meter("flowserve")
-_instruments: dict[str, Any] = {}
-_metering = False  # True once setup_telemetry installed a meter provider
+_instruments: dict[str, Any] = {}  # made once setup_telemetry installed a meter provider
 
 
 def _exporter(signal: str) -> Any:
@@ -41,7 +40,7 @@ def _exporter(signal: str) -> Any:
 
 def setup_telemetry(service_name: str = "flowserve") -> None:
     """Install SDK providers for whichever exporters the OTEL_* variables ask for."""
-    global tracer, meter, _metering
+    global tracer, meter
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
@@ -60,27 +59,20 @@ def setup_telemetry(service_name: str = "flowserve") -> None:
         metrics.set_meter_provider(MeterProvider(
             resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]))
         meter = metrics.get_meter("flowserve")
-        _instruments.clear()
-        _metering = True
+        _instruments.update(
+            ttft=meter.create_histogram("flowserve.time_to_first_token", unit="s", description="TTFT"),
+            e2e=meter.create_histogram("flowserve.e2e_request_latency", unit="s", description="end to end"),
+            generation=meter.create_counter("flowserve.generation_tokens", unit="{token}", description="generated"),
+            prompt=meter.create_counter("flowserve.prompt_tokens", unit="{token}", description="prompt"))
 
 
-def _instrument(name: str, kind: str, unit: str, description: str) -> Any:
-    if name not in _instruments:
-        make = meter.create_histogram if kind == "histogram" else meter.create_counter
-        _instruments[name] = make(name, unit=unit, description=description)
-    return _instruments[name]
-
-
-@contextlib.contextmanager
-def request_span(request: Request, deployment: str) -> Iterator[Any]:
-    """A span covering one request from admission to its last event."""
+def request_span(request: Request, deployment: str) -> contextlib.AbstractContextManager:
+    """A span covering one request from admission to its last event (none while tracing is off)."""
     if not tracer_enabled():
-        yield None
-        return
-    with tracer.start_as_current_span("flowserve.request", attributes={
-            "flowserve.request_id": request.id, "flowserve.deployment": deployment,
-            "flowserve.prompt_tokens": len(request.prompt_token_ids)}) as span:
-        yield span
+        return contextlib.nullcontext()
+    return tracer.start_as_current_span("flowserve.request", attributes={
+        "flowserve.request_id": request.id, "flowserve.deployment": deployment,
+        "flowserve.prompt_tokens": len(request.prompt_token_ids)})
 
 
 def tracer_enabled() -> bool:
@@ -90,19 +82,16 @@ def tracer_enabled() -> bool:
 @hookimpl
 def flowserve_request_finished(request: Request, output: RequestOutput, deployment: Any) -> None:
     """Record a finished request's latencies and token counts as OpenTelemetry metrics."""
-    if not _metering:
+    if not _instruments:
         return
     attrs = {"deployment": deployment.name, "finish_reason": output.finish_reason or "abort"}
     m = output.metrics
     if m and m.ttft is not None:
-        _instrument("flowserve.time_to_first_token", "histogram", "s", "TTFT").record(m.ttft, attrs)
+        _instruments["ttft"].record(m.ttft, attrs)
     if m and m.finished_time:
-        _instrument("flowserve.e2e_request_latency", "histogram", "s", "end to end").record(
-            m.finished_time - m.arrival_time, attrs)
-    _instrument("flowserve.generation_tokens", "counter", "{token}", "generated").add(
-        len(output.output_token_ids), attrs)
-    _instrument("flowserve.prompt_tokens", "counter", "{token}", "prompt").add(
-        output.num_prompt_tokens, attrs)
+        _instruments["e2e"].record(m.finished_time - m.arrival_time, attrs)
+    _instruments["generation"].add(len(output.output_token_ids), attrs)
+    _instruments["prompt"].add(output.num_prompt_tokens, attrs)
 
 
 class JsonFormatter(logging.Formatter):

@@ -43,8 +43,7 @@ def new_id(prefix: str) -> str:
 
 class SamplingParams(msgspec.Struct, kw_only=True):
     """How to pick each next token and when to stop; validated on construction and decode.
-    ``max_tokens=None``: until the context is full; ``top_k`` 0 or -1: off; ``logprobs``:
-    alternatives per token (0: the chosen one only)."""
+    ``max_tokens=None``: until the context is full; ``top_k`` 0 or -1: off."""
 
     max_tokens: int | None = 16
     temperature: float = 1.0
@@ -154,10 +153,9 @@ class TaskState(enum.Enum):
 
 
 class KVHandoff(msgspec.Struct, kw_only=True):
-    """Where a prefill task left a sequence's KV for a decode instance: the KV ``transport``
-    that fetches it and its ``locator`` there (e.g. a shared-memory segment name). The data
-    holds blocks ``first_block`` onwards (``nbytes``); ``block_hashes`` let the receiver skip
-    blocks it has cached. On a prefill task (no locator yet): the blocks to export."""
+    """Where a prefill task left a sequence's KV: the ``transport`` that fetches it, its ``locator``
+    there; blocks ``first_block`` onwards (``nbytes``), ``block_hashes`` to skip cached ones. On a
+    prefill task (no locator yet): the blocks to export."""
 
     transport: str
     locator: str
@@ -399,9 +397,8 @@ class KVBlockTransfer(msgspec.Struct, kw_only=True):
 
 
 class StepBatch(msgspec.Struct, kw_only=True):
-    """One engine step for the executor: first copy ``block_copies`` (source, destination) and
-    write ``kv_imports``, then compute ``seqs``, then read ``kv_exports`` into the result;
-    ``finished_seq_ids`` may drop per-sequence state (e.g. seeded generators)."""
+    """One engine step: copy ``block_copies`` (source, destination), write ``kv_imports``, compute
+    ``seqs``, read ``kv_exports``; ``finished_seq_ids``' state may go (e.g. seeded generators)."""
 
     seqs: list[ScheduledSequence] = []
     finished_seq_ids: list[str] = []

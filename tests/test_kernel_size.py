@@ -1,45 +1,24 @@
-"""The kernel stays small (issue 2: under 1,500 lines), measured as cloc counts Python code.
+"""The kernel stays small (issue 2: ``flowserve_core/`` under 1,500 lines).
 
-A line counts when it holds code: blank lines, comment-only lines and the docstrings of
-modules, classes and functions do not. The kernel is ``flowserve_core/`` without the plugin
-authors' test kit, ``flowserve_core/testing/``.
+Measured strictly: every line of every ``.py`` file under ``flowserve_core/`` counts unless it
+is blank or holds only a comment. Docstrings count, and so does ``flowserve_core/testing/``, the
+public path of the plugin test kit (the kit itself is the distribution flowserve-testing).
 """
 
 from __future__ import annotations
 
-import ast
-import io
-import tokenize
 from pathlib import Path
 
 KERNEL = Path(__file__).resolve().parent.parent / "flowserve_core"
 BUDGET = 1500
-NOT_CODE = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-            tokenize.ENDMARKER}
-HAS_DOCSTRING = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-def code_lines(source: str) -> int:
-    """Lines of ``source`` holding a token that is not a comment, other than docstring lines."""
-    docstrings: set[int] = set()
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, HAS_DOCSTRING) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
-                    and isinstance(first.value.value, str):
-                docstrings.update(range(first.lineno, first.end_lineno + 1))
-    code: set[int] = set()
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type not in NOT_CODE:
-            code.update(range(token.start[0], token.end[0] + 1))
-    return len(code - docstrings)
+def counted_lines(source: str) -> int:
+    """Lines that are neither blank nor comment-only (docstring lines count)."""
+    return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
 
 
-def kernel_files() -> list[Path]:
-    return sorted(p for p in KERNEL.rglob("*.py") if "testing" not in p.relative_to(KERNEL).parts)
-
-
-def test_the_measure_counts_code_only():
+def test_the_measure_counts_every_line_but_blanks_and_comments():
     source = '''"""Module doc,
 on two lines."""
 # a comment
@@ -50,22 +29,17 @@ import os  # a comment after code
 class A:
     """Class doc."""
 
-    x = """not a docstring:
-    data"""
-
-    def f(self):
-        """Function doc."""
-        return (1,
-                2)
+    x = """data
+    on two lines"""
 '''
-    # import, class, x = (2 lines), def, return (2 lines)
-    assert code_lines(source) == 7
+    # docstring (2), import, class, class doc, x = (2 lines)
+    assert counted_lines(source) == 7
 
 
 def test_the_kernel_stays_under_its_budget():
-    counts = {str(p.relative_to(KERNEL.parent)): code_lines(p.read_text()) for p in kernel_files()}
-    assert "flowserve_core/engine.py" in counts and not any("testing" in name for name in counts)
+    counts = {str(p.relative_to(KERNEL.parent)): counted_lines(p.read_text()) for p in sorted(KERNEL.rglob("*.py"))}
+    assert "flowserve_core/engine.py" in counts and "flowserve_core/testing/__init__.py" in counts
     total = sum(counts.values())
     table = "\n".join(f"{n:6d}  {name}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    assert total < BUDGET, (f"the kernel has {total} code lines, over issue 2's budget of {BUDGET}; "
+    assert total < BUDGET, (f"the kernel has {total} lines, over issue 2's budget of {BUDGET}; "
                             f"move what only plugins or tests need out of it:\n{table}")

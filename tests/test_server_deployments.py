@@ -66,14 +66,10 @@ async def test_add_alias_switch_and_remove_at_run_time(pm, frontends):
             with pytest.raises(ConfigError, match="'b' already exists"):
                 await server.add_deployment(toy_spec(name="b"))
 
-            server.set_alias("chat", "a")
+            server.aliases = {"chat": "a"}  # what the admin API does (its checks: the openai tests)
             assert server.resolve("chat") is server.deployments["a"]
-            server.set_alias("chat", "b")  # the switch: one assignment
+            server.aliases = {"chat": "b"}  # the switch: one assignment
             assert server.resolve("chat") is b
-            with pytest.raises(ConfigError, match="'a' is a deployment's name"):
-                server.set_alias("a", "b")
-            with pytest.raises(UnknownModelError, match="no deployment is named 'nope'"):
-                server.set_alias("chat", "nope")
 
             # A request admitted before the removal finishes; afterwards the name is unknown.
             result: list[list[int]] = []

@@ -72,8 +72,7 @@ def test_console_exporters_get_a_span_per_request_and_the_request_metrics():
                       OTEL_SERVICE_NAME="flowserve-test")
     assert result["tracing"] is True and result["tracer_provider"] == "TracerProvider"
     assert result["meter_provider"] == "MeterProvider"
-    assert result["instruments"] == ["flowserve.e2e_request_latency", "flowserve.generation_tokens",
-                                     "flowserve.prompt_tokens", "flowserve.time_to_first_token"]
+    assert result["instruments"] == ["e2e", "generation", "prompt", "ttft"]
     spans = [json.loads(block) for block in _json_blocks(out) if '"name": "flowserve.request"' in block]
     assert len(spans) == 3
     assert {s["attributes"]["flowserve.prompt_tokens"] for s in spans} == {2}

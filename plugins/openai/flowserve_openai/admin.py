@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
-from flowserve_openai.protocol import InstanceStatus, ScaleRequest, ScaleResponse, StatusResponse
+from flowserve_openai.ops_protocol import InstanceStatus, ScaleRequest, ScaleResponse, StatusResponse
 from flowserve_openai.responses import json_response
 
 

@@ -26,7 +26,7 @@ from flowserve_core.errors import ConfigError, FlowServeError, UnknownModelError
 from flowserve_core.types import DeploymentSpec
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError, invalid_body
-from flowserve_openai.protocol import (
+from flowserve_openai.ops_protocol import (
     AliasRequest,
     AliasResponse,
     DeploymentList,

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from flowserve_core.types import InstanceInfo, InstanceState
-from flowserve_openai.protocol import DeploymentHealth
+from flowserve_openai.ops_protocol import DeploymentHealth
 
 #: Failures in a row, without a ready instance between them, that make a crash loop.
 CRASH_LOOP = 2

@@ -10,13 +10,14 @@ import msgspec
 from flowserve_core import __version__
 from flowserve_core.config import ServerConfig
 from flowserve_core.types import DeploymentSpec
+from flowserve_openai import ops_protocol as ops
 from flowserve_openai import protocol as p
 
 REF = "#/components/schemas/{name}"
 SCHEMAS = [p.CompletionRequest, p.Completion, p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
-           p.ModelList, p.ModelCard, p.ErrorResponse, p.HealthResponse, p.ScaleRequest, p.ScaleResponse,
-           p.StatusResponse, DeploymentSpec, p.DeploymentStatus, p.DeploymentList, p.RemovedDeployment,
-           p.AliasRequest, p.AliasResponse]
+           p.ModelList, p.ModelCard, p.ErrorResponse, ops.HealthResponse, ops.ScaleRequest, ops.ScaleResponse,
+           ops.StatusResponse, DeploymentSpec, ops.DeploymentStatus, ops.DeploymentList, ops.RemovedDeployment,
+           ops.AliasRequest, ops.AliasResponse]
 
 
 def _ref(struct: type) -> dict[str, str]:
@@ -108,37 +109,37 @@ def openapi_schema(config: ServerConfig, max_instances: int | None = None,
         "/v1/chat/completions": _generation(p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
                                             "Answer a conversation."),
         "/health": {"get": {"summary": "Liveness: 503 when a deployment's engine is dead.", "responses": {
-            "200": _json(p.HealthResponse, "Alive."), "503": _json(p.HealthResponse, "A deployment is dead.")}}},
+            "200": _json(ops.HealthResponse, "Alive."), "503": _json(ops.HealthResponse, "A deployment is dead.")}}},
         "/ready": {"get": {"summary": "Readiness: every deployment has a ready instance.", "responses": {
-            "200": _json(p.HealthResponse, "Ready."), "503": _json(p.HealthResponse, "Not ready yet.")}}},
+            "200": _json(ops.HealthResponse, "Ready."), "503": _json(ops.HealthResponse, "Not ready yet.")}}},
         "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {"200": {
             "description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/admin/scale": {"post": {
             "summary": "Set a deployment's instance count.",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(p.ScaleRequest)}}},
-            "responses": {"200": _json(p.ScaleResponse, "The new target."), **_errors(400, 401, 404, 413)}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ops.ScaleRequest)}}},
+            "responses": {"200": _json(ops.ScaleResponse, "The new target."), **_errors(400, 401, 404, 413)}}},
         "/admin/status": {"get": {
             "summary": "A deployment's instances and target.", "parameters": [deployment_param],
-            "responses": {"200": _json(p.StatusResponse, "The deployment's instances."), **_errors(401, 404)}}},
+            "responses": {"200": _json(ops.StatusResponse, "The deployment's instances."), **_errors(401, 404)}}},
         "/admin/deployments": {
             "get": {"summary": "Every deployment with its instances by state, and the aliases.",
-                    "responses": {"200": _json(p.DeploymentList, "The deployments."), **_errors(401)}},
+                    "responses": {"200": _json(ops.DeploymentList, "The deployments."), **_errors(401)}},
             "post": {"summary": "Add a deployment; requests for it wait while its first instance warms.",
                      "requestBody": {"required": True, "content": {"application/json": {
                          "schema": _ref(DeploymentSpec)}}},
-                     "responses": {"201": _json(p.DeploymentStatus, "The deployment runs."),
+                     "responses": {"201": _json(ops.DeploymentStatus, "The deployment runs."),
                                    **_errors(400, 401, 409, 413, 500, 503)}}},
         "/admin/deployments/{name}": {"delete": {
             "summary": "Drain a deployment (its requests finish, new ones get 404), then stop it.",
             "parameters": [{**name_param, "name": "name"}],
-            "responses": {"200": _json(p.RemovedDeployment, "Removed."), **_errors(401, 404)}}},
+            "responses": {"200": _json(ops.RemovedDeployment, "Removed."), **_errors(401, 404)}}},
         "/admin/aliases": {"post": {
             "summary": "Point an alias at a deployment (atomically; running requests stay where they are).",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(p.AliasRequest)}}},
-            "responses": {"200": _json(p.AliasResponse, "The alias."), **_errors(400, 401, 404, 409, 413)}}},
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(ops.AliasRequest)}}},
+            "responses": {"200": _json(ops.AliasResponse, "The alias."), **_errors(400, 401, 404, 409, 413)}}},
         "/admin/aliases/{alias}": {"delete": {
             "summary": "Stop serving an alias.", "parameters": [{**name_param, "name": "alias"}],
-            "responses": {"200": _json(p.AliasResponse, "Removed."), **_errors(401, 404)}}},
+            "responses": {"200": _json(ops.AliasResponse, "Removed."), **_errors(401, 404)}}},
     }
     for path, item in paths.items():
         security = admin_security if path.startswith("/admin") else api_security

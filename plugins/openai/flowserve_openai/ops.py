@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from flowserve_openai.context import AppContext
-from flowserve_openai.protocol import HealthResponse
+from flowserve_openai.ops_protocol import HealthResponse
 from flowserve_openai.responses import json_response
 
 SERVING = ("ready", "scaled-to-zero")

@@ -10,9 +10,10 @@ it sheds the excess instead of drowning in it.
    request streams, so its TTFT is measured at the client.
 
 The deployment has a queue limit (``max_queue``) sized so that a full queue drains within the
-TTFT SLO (``slo_ttft_seconds``). Checks (exit status 1 when one fails): the excess gets 429
-with ``Retry-After``; nothing else fails or is lost; the TTFT p90 of admitted requests meets
-the SLO; running plus waiting requests never exceed ``max_queue`` (sampled each second); RSS after the run is within
+TTFT SLO (``slo_ttft_seconds``). Checks (exit status 1 when one fails): the load generator
+really sent at 95 % or more of the rate asked for; the excess gets 429 with ``Retry-After``;
+nothing else fails or is lost; the TTFT p90 of admitted requests meets the SLO; running plus
+waiting requests never exceed ``max_queue`` (sampled each second); RSS after the run is within
 ``--rss-slack`` of RSS halfway through the overload (memory stays flat once the engine's
 shape-keyed native caches are warm; RSS after the capacity probe is reported too).
 """

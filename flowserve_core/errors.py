@@ -1,7 +1,5 @@
 """The errors FlowServe raises on purpose, each meant to be read by a person."""
 
-from __future__ import annotations
-
 from flowserve_core.types import Rejection
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
-import httpx
 import msgspec
 
 from flowserve_bench.errors import BenchError
@@ -57,8 +58,8 @@ _encoder = msgspec.json.Encoder()
 
 def api_base(url: str) -> str:
     """The base URL without a trailing slash; a bare ``http://host:port`` gets ``/v1``."""
-    parsed = httpx.URL(url)
-    if not parsed.scheme or not parsed.host:
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise BenchError(f"--url {url!r} is not an http(s) URL like http://127.0.0.1:8000/v1")
     base = url.rstrip("/")
     return base + "/v1" if parsed.path in ("", "/") else base
@@ -98,7 +99,21 @@ def error_message(body: bytes) -> str:
     return str(data)[:500]
 
 
-async def send_request(client: httpx.AsyncClient, url: str, config: BenchConfig, model: str,
+def client_session(config: BenchConfig) -> aiohttp.ClientSession:
+    """The load generator's HTTP client: aiohttp, as vLLM's ``benchmark_serving`` uses. It needs
+    a fraction of httpx's CPU per request, and a generator short of CPU puts its own lag into
+    every latency it measures (docs/reliability.md shows it happening at a few hundred
+    requests per second). Connections are bounded by the concurrency, when there is one."""
+    bound = config.concurrency or config.max_concurrency
+    if bound is None and config.request_rate is None:
+        bound = 1
+    headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=None, connect=min(config.timeout, 30.0), sock_read=config.timeout)
+    return aiohttp.ClientSession(headers=headers, timeout=timeout,
+                                 connector=aiohttp.TCPConnector(limit=bound or 0, limit_per_host=0))
+
+
+async def send_request(session: aiohttp.ClientSession, url: str, config: BenchConfig, model: str,
                        planned: PlannedRequest, run_start: float) -> RequestRecord:
     """Send ``planned`` to ``url`` (the full endpoint URL), stream the answer, time it."""
     content = _encoder.encode(build_payload(config, model, planned))
@@ -110,40 +125,38 @@ async def send_request(client: httpx.AsyncClient, url: str, config: BenchConfig,
         record.prompt_tokens = len(planned.prompt)
     try:
         with anyio.fail_after(config.timeout):
-            async with client.stream("POST", url, content=content,
-                                     headers={"content-type": "application/json"}) as response:
-                if response.status_code != 200:
-                    message = error_message(await response.aread())
-                    record.error = RequestError(str(response.status_code), message)
+            async with session.post(url, data=content, headers={"content-type": "application/json"}) as response:
+                if response.status != 200:
+                    message = error_message(await response.read())
+                    record.error = RequestError(str(response.status), message)
                     return record
                 await _read_stream(response, record, start)
-    except TimeoutError:
+    except TimeoutError:  # anyio's bound on the whole request, or aiohttp's connect or read timeout
         record.error = RequestError("timeout", f"no complete answer within --timeout {config.timeout:g} s")
-    except httpx.ConnectError as exc:
+    except aiohttp.ClientConnectorError as exc:
         record.error = RequestError("connect", f"cannot connect to {url}: {exc}")
-    except httpx.TimeoutException as exc:
-        record.error = RequestError("timeout", f"{type(exc).__name__} from {url}: {exc}")
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, ValueError) as exc:  # ValueError: an SSE line past aiohttp's line limit
         record.error = RequestError("protocol", f"{type(exc).__name__} from {url}: {exc}")
     return record
 
 
-async def _read_stream(response: httpx.Response, record: RequestRecord, start: float) -> None:
+async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord, start: float) -> None:
     """Read SSE events until ``[DONE]`` (or the end), filling ``record``'s timings."""
     last_chunk_at: float | None = None
     chunks_with_text = 0
     usage: _Usage | None = None
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+    async for line in response.content:  # one line at a time, its newline included
+        if not line.startswith(b"data:"):
             continue  # blank separators, comments, event names
         data = line[5:].strip()
-        if data == "[DONE]":
+        if data == b"[DONE]":
             break
         now = time.perf_counter()
         try:
             chunk = _chunk_decoder.decode(data)
         except msgspec.DecodeError as exc:
-            record.error = RequestError("stream", f"undecodable event {data[:200]!r}: {exc}")
+            text = data[:200].decode("utf-8", "replace")
+            record.error = RequestError("stream", f"undecodable event {text!r}: {exc}")
             return
         if chunk.error is not None:
             message = chunk.error.get("message", chunk.error) if isinstance(chunk.error, dict) else chunk.error
@@ -173,18 +186,19 @@ async def _read_stream(response: httpx.Response, record: RequestRecord, start: f
         record.tpot = (record.e2e - record.ttft) / (record.output_tokens - 1)
 
 
-async def first_model(client: httpx.AsyncClient, base: str) -> str:
+async def first_model(session: aiohttp.ClientSession, base: str) -> str:
     """The first model id of ``GET {base}/models``; a clear error when there is none."""
     url = f"{base}/models"
     try:
-        response = await client.get(url)
-    except httpx.HTTPError as exc:
+        async with session.get(url) as response:
+            status, body = response.status, await response.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
         raise BenchError(f"cannot list the models at {url} ({type(exc).__name__}: {exc}); "
                          "is the server running? (or pass --model)") from None
-    if response.status_code != 200:
-        raise BenchError(f"GET {url} answered {response.status_code}: {error_message(response.content)} "
-                         "(pass --model to skip it)")
+    if status != 200:
+        raise BenchError(f"GET {url} answered {status}: {error_message(body)} (pass --model to skip it)")
     try:
-        return str(msgspec.json.decode(response.content)["data"][0]["id"])
+        return str(msgspec.json.decode(body)["data"][0]["id"])
     except (msgspec.DecodeError, KeyError, IndexError, TypeError):
-        raise BenchError(f"GET {url} listed no model: {response.text[:200]!r} (pass --model)") from None
+        raise BenchError(f"GET {url} listed no model: {body[:200].decode('utf-8', 'replace')!r} "
+                         "(pass --model)") from None

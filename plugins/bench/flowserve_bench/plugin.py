@@ -1,6 +1,6 @@
 """Hook implementations: the ``flowserve bench`` command.
 
-Only typer is imported here; httpx and the load generator load when the command runs, so
+Only typer is imported here; aiohttp and the load generator load when the command runs, so
 ``flowserve --help`` stays light.
 """
 

@@ -1,6 +1,6 @@
 """The load generator: ``run_benchmark(config)`` drives a server and returns a ``BenchResult``.
 
-It is an ordinary async function (anyio + httpx), so a script can run it in-process::
+It is an ordinary async function (anyio on asyncio, aiohttp), so a script can run it in-process::
 
     import anyio
     from flowserve_bench import BenchConfig, run_benchmark
@@ -21,10 +21,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
-import httpx
 import msgspec
 
-from flowserve_bench.client import PlannedRequest, api_base, first_model, send_request
+from flowserve_bench.client import PlannedRequest, api_base, client_session, first_model, send_request
 from flowserve_bench.errors import BenchError
 from flowserve_bench.lengths import LengthDistribution, parse_length
 from flowserve_bench.metrics import summarize
@@ -104,13 +103,6 @@ async def open_loop(planned: Sequence[PlannedRequest], rate: float, max_concurre
             tg.start_soon(arrive, request)
 
 
-def _client_limits(config: BenchConfig) -> httpx.Limits:
-    bound = config.concurrency or config.max_concurrency
-    if bound is None and config.request_rate is None:
-        bound = 1
-    return httpx.Limits(max_connections=bound, max_keepalive_connections=bound)
-
-
 async def run_benchmark(config: BenchConfig, *, on_request_done: OnRequestDone | None = None,
                         show_progress: bool = False) -> BenchResult:
     """Run ``config`` against its server and return the results.
@@ -124,9 +116,7 @@ async def run_benchmark(config: BenchConfig, *, on_request_done: OnRequestDone |
     """
     prompt_len, output_len = validate(config)
     base = api_base(config.url)
-    headers = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, 30.0))
-    async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=_client_limits(config)) as client:
+    async with client_session(config) as client:
         model = config.model or await first_model(client, base)
         vocabulary = await anyio.to_thread.run_sync(find_vocabulary, config.tokenizer, model)
         prompts = PromptFactory(vocabulary, config.endpoint)

@@ -101,9 +101,9 @@ def error_message(body: bytes) -> str:
 
 def client_session(config: BenchConfig) -> aiohttp.ClientSession:
     """The load generator's HTTP client: aiohttp, as vLLM's ``benchmark_serving`` uses. It needs
-    a fraction of httpx's CPU per request, and a generator short of CPU puts its own lag into
-    every latency it measures (docs/reliability.md shows it happening at a few hundred
-    requests per second). Connections are bounded by the concurrency, when there is one."""
+    about half of httpx's CPU per request, and a generator short of CPU puts its own lag into
+    every latency it measures (docs/bench.md and docs/reliability.md show both). Connections
+    are bounded by the concurrency, when there is one."""
     bound = config.concurrency or config.max_concurrency
     if bound is None and config.request_rate is None:
         bound = 1

@@ -36,7 +36,7 @@ from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
 from flowserve_spmd_executor.gang import WorkerGang
 from flowserve_spmd_executor.kv_cache import bytes_per_block, plan_num_blocks
 from flowserve_spmd_executor.layers.linear import HeadShard
-from flowserve_spmd_executor.layers.sampler import Sampler
+from flowserve_sampler import Sampler
 from flowserve_spmd_executor.loader import resolve_weights
 from flowserve_spmd_executor.model_config import load_model_config
 from flowserve_spmd_executor.options import (

@@ -14,7 +14,7 @@ from spmd_helpers import Driver, hf_greedy, random_prompt
 from flowserve_core.types import DeploymentSpec, SamplingParams, ScheduledSequence
 
 from flowserve_spmd_executor.executor import SpmdExecutor
-from flowserve_spmd_executor.layers.sampler import Sampler
+from flowserve_sampler import Sampler
 
 pytestmark = pytest.mark.anyio
 
@@ -137,7 +137,7 @@ def test_sampling_follows_the_filtered_distribution():
 
 
 def test_a_nucleus_wider_than_the_candidates_is_still_exact():
-    from flowserve_spmd_executor.layers.sampler import TOP_P_CANDIDATES
+    from flowserve_sampler import TOP_P_CANDIDATES
 
     vocab, rows = 2000, 600
     sampler = Sampler(vocab, torch.device("cpu"))

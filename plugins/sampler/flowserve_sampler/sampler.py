@@ -1,4 +1,4 @@
-"""Sampling on the device, per sequence, vectorised over the batch (rank 0 only).
+"""Sampling, per sequence, vectorised over the batch, on the device the logits are on.
 
 Order, as in HF and vLLM: repetition penalty (prompt + output, HF semantics: positive
 logits divided, negative multiplied), frequency and presence penalties (output tokens,

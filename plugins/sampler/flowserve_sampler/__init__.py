@@ -1,0 +1,10 @@
+"""FlowServe's sampler: logits → tokens, the same for every executor.
+
+Executors compute logits their own way (``spmd`` with torch, ``llamacpp`` with ggml) and hand
+them to ``Sampler``, so seeds, penalties, ``min_tokens``, top-k/top-p/min-p and logprobs behave
+identically whichever executor runs a deployment.
+"""
+
+from flowserve_sampler.sampler import TOP_P_CANDIDATES, Sampler
+
+__all__ = ["Sampler", "TOP_P_CANDIDATES"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,33 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 _SERVER_KEYS = set(ServerConfig.__struct_fields__) - {"deployments", "aliases", "deployment_defaults"}
 _DEPLOYMENT_KEYS = set(DeploymentSpec.__struct_fields__)
+
+
+_MEMORY_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}
+_MEMORY_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_memory_size(text: str | int, what: str = "kv_cache_memory") -> int:
+    """Bytes in ``text`` (e.g. ``DeploymentSpec.kv_cache_memory``, which every executor reads):
+    ``"1GiB"``, ``"512MiB"``, ``"1.5GB"``, ``"4096"`` (K/M/G are binary)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = _MEMORY_SIZE.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _MEMORY_UNITS:
+            raise ConfigError(f"{what} {text!r} is not a memory size; write e.g. '1GiB', '512MiB' "
+                              "or a number of bytes")
+        size = int(float(match.group(1)) * _MEMORY_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{what} must be positive, got {text!r}")
+    return size
 
 
 def default_model_path() -> str:

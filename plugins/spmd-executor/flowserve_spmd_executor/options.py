@@ -9,38 +9,14 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from flowserve_core.config import parse_memory_size  # re-exported: this module's callers and tests use it
 from flowserve_core.errors import ConfigError
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_memory_size(text: str | int, what: str = "kv_cache_memory") -> int:
-    """Bytes in ``text``: ``"1GiB"``, ``"512MiB"``, ``"1.5GB"``, ``"4096"`` (K/M/G are binary)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        size = text
-    else:
-        match = _SIZE.match(str(text))
-        unit = match.group(2).lower() if match else None
-        if match is None or unit not in _UNITS:
-            raise ConfigError(f"{what} {text!r} is not a memory size; write e.g. '1GiB', '512MiB' "
-                              "or a number of bytes")
-        size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ConfigError(f"{what} must be positive, got {text!r}")
-    return size
 
 
 def npu_available() -> bool:

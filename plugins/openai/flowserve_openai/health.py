@@ -1,10 +1,15 @@
 """Whether each deployment can serve: starting, warming, ready, scaled to zero, or dead.
 
-A deployment is **dead** when it has no ready instance and its instances keep failing:
-the last one died (went away without being drained, with an error) and none is warming to
-replace it, or two died in a row without any becoming ready (a crash loop). Instances
-leave the pool when they end, so a watcher follows each pool's changes and keeps the
-``InstanceInfo`` of every instance it saw until it sees how that instance ended.
+A deployment is **dead** when its instances fail to *start*: the last one failed before it
+became ready and none is warming to replace it, or two failed to start in a row without any
+becoming ready (a crash loop: a model that cannot load, a device that is missing). An
+instance that crashes after it was ready (killed, out of memory, a lost device) is not a
+sign of that: the scaler replaces it, and new requests wait for the replacement (up to
+their timeout) while the tasks that were running on it fail with its error.
+
+Instances leave the pool when they end, so a watcher follows each pool's changes and keeps
+the ``InstanceInfo`` of every instance it saw until it sees how that instance ended; each
+ending is counted once, however long the ended instance stays in the pool.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import anyio
 from flowserve_core.types import InstanceInfo, InstanceState
 from flowserve_openai.ops_protocol import DeploymentHealth
 
-#: Failures in a row, without a ready instance between them, that make a crash loop.
+#: Start failures in a row, without a ready instance between them, that make a crash loop.
 CRASH_LOOP = 2
 
 
@@ -26,6 +31,10 @@ class _History:
     deployment: Any
     infos: dict[str, InstanceInfo] = field(default_factory=dict)
     last_state: dict[str, InstanceState] = field(default_factory=dict)
+    #: instances seen ready (their crash is replaced, not a start failure)
+    were_ready: set[str] = field(default_factory=set)
+    #: instances whose end was counted, until they leave the pool (count each end once)
+    ended: set[str] = field(default_factory=set)
     failures: int = 0
     last_error: str | None = None
 
@@ -38,23 +47,31 @@ class HealthMonitor:
         self._history: dict[str, _History] = {}
 
     def observe(self, deployment: Any) -> _History:
-        """Take note of ``deployment``'s instances now; count those that died."""
+        """Take note of ``deployment``'s instances now; count those that failed to start."""
         history = self._history.get(deployment.name)
         if history is None or history.deployment is not deployment:
             history = self._history[deployment.name] = _History(deployment)
-        for instance_id, instance in list(deployment.pool.instances.items()):
-            history.infos.setdefault(instance_id, instance.info)
+        in_pool = dict(deployment.pool.instances)
+        history.ended &= in_pool.keys()
+        for instance_id, instance in in_pool.items():
+            if instance_id not in history.ended:
+                history.infos.setdefault(instance_id, instance.info)
         for instance_id, info in list(history.infos.items()):
             state = info.state
             if state is InstanceState.READY:
                 history.failures, history.last_error = 0, None
+                history.were_ready.add(instance_id)
             if state is InstanceState.GONE:
                 drained = history.last_state.get(instance_id) is InstanceState.DRAINING
-                if info.error and not drained:
+                crashed_after_ready = instance_id in history.were_ready or info.start_seconds > 0
+                if info.error and not drained and not crashed_after_ready:
                     history.failures += 1
                     history.last_error = info.error
                 del history.infos[instance_id]
                 history.last_state.pop(instance_id, None)
+                history.were_ready.discard(instance_id)
+                if instance_id in in_pool:
+                    history.ended.add(instance_id)
             else:
                 history.last_state[instance_id] = state
         return history
@@ -75,8 +92,8 @@ class HealthMonitor:
             return DeploymentHealth(state="scaled-to-zero", instances=counts)
         if history.failures and (not warming or history.failures >= CRASH_LOOP):
             return DeploymentHealth(state="dead", instances=counts, error=(
-                f"{history.failures} instance(s) of {deployment.name!r} failed in a row and none is "
-                f"ready; the last error: {history.last_error}"))
+                f"{history.failures} instance(s) of {deployment.name!r} failed to start in a row and "
+                f"none is ready; the last error: {history.last_error}"))
         return DeploymentHealth(state="warming", instances=counts)
 
     async def watch(self) -> None:

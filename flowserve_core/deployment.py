@@ -14,7 +14,7 @@ import anyio
 import msgspec
 
 from flowserve_core import telemetry
-from flowserve_core.errors import EngineDeadError, RejectedError
+from flowserve_core.errors import ConfigError, EngineDeadError, RejectedError
 from flowserve_core.interfaces import Instance
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (DeploymentSpec, InstanceState, Rejection, Request, RequestMetrics, RequestOutput,
@@ -129,7 +129,11 @@ class Deployment:
             kv_total_blocks=sum(i.stats.kv.total_blocks for i in instances))
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        """Build the tokenizer, start the scaler and the startup hooks; run until stopped."""
+        """Check the spec, build the tokenizer, start the scaler and the startup hooks; run until stopped."""
+        try:  # a spec that can never run fails here, once, not in every instance it would start
+            await anyio.to_thread.run_sync(lambda: self.pm.hook.flowserve_check_deployment(spec=self.spec))
+        except ValueError as exc:
+            raise ConfigError(f"deployment {self.name!r}: {exc}") from None
         self.tokenizer = await anyio.to_thread.run_sync(self.pm.build, "tokenizer", self.spec.tokenizer, self.spec)
         with self._scope:
             async with anyio.create_task_group() as tg:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import typer
 
     from flowserve_core.deployment import Deployment
-    from flowserve_core.types import Rejection, Request, RequestOutput
+    from flowserve_core.types import DeploymentSpec, Rejection, Request, RequestOutput
 
 PROJECT_NAME = "flowserve"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -111,6 +111,18 @@ def flowserve_serve_flags() -> list[str]:
 
 # ------------------------------------------------------------------ lifecycle
 # These may return an awaitable, which the kernel awaits: plugins may be sync or async.
+
+
+@hookspec
+def flowserve_check_deployment(spec: DeploymentSpec) -> None:
+    """Raise ``ConfigError`` (or ``ValueError``) saying why ``spec`` can never run, e.g. an
+    executor whose model, dtype or tensor parallelism cannot work; return to let it start.
+    Read config files or headers only, never weights: a failure stops ``flowserve serve``
+    (exit 1) or answers ``POST /admin/deployments`` with 400, instead of instances failing
+    to start forever.
+
+    :param spec: the deployment about to start (check only what your components read).
+        Not firstresult. Server process, in a worker thread, before the tokenizer loads."""
 
 
 @hookspec

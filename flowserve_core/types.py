@@ -204,7 +204,7 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None
     min_instances: int = 1
-    max_instances: int = 1
+    max_instances: int | None = None  # unset: min_instances (at least 1)
     colocated_instances: int = 0
     prefill_instances: int = 0
     decode_instances: int = 0
@@ -222,6 +222,8 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("min_instances", "max_queue", "colocated_instances", "prefill_instances", "decode_instances"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_instances is None:
+            self.max_instances = max(self.min_instances, 1)
         if self.max_instances < self.min_instances:
             raise ValueError(f"max_instances ({self.max_instances}) must be >= min_instances ({self.min_instances})")
 

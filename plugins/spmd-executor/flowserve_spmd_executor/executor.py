@@ -29,18 +29,17 @@ import anyio
 import numpy as np
 import torch
 
-from flowserve_core.errors import ConfigError, EngineDeadError
+from flowserve_core.errors import EngineDeadError
 from flowserve_core.types import KVBlockTransfer, DeploymentSpec, KVCacheSpec, StepBatch, StepResult
 
+from flowserve_spmd_executor.checks import plan_kv_cache
 from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
 from flowserve_spmd_executor.gang import WorkerGang
-from flowserve_spmd_executor.kv_cache import bytes_per_block, plan_num_blocks
-from flowserve_spmd_executor.layers.linear import HeadShard
 from flowserve_sampler import Sampler
 from flowserve_spmd_executor.loader import resolve_weights
 from flowserve_spmd_executor.model_config import load_model_config
 from flowserve_spmd_executor.options import (
-    device_base_index, dtype_name, parse_memory_size, resolve_device_type, resolve_dtype,
+    device_base_index, dtype_name, resolve_device_type, resolve_dtype,
 )
 from flowserve_spmd_executor.plan import build_step_plan
 from flowserve_spmd_executor.protocol import ExportBlocks, ImportBlocks, RunStep
@@ -66,17 +65,9 @@ class SpmdExecutor:
         self.dtype = resolve_dtype(spec.dtype, self.device_type)
         self.weights = resolve_weights(spec.model)
         self.config = load_model_config(self.weights.directory)
-        self.max_model_len = spec.max_model_len or self.config.max_position_embeddings
-        try:
-            shard = HeadShard(self.config.num_heads, self.config.num_kv_heads, 0, self.world_size)
-            if self.config.intermediate_size % self.world_size:
-                raise ValueError(f"tensor_parallel={self.world_size} does not divide the model's MLP "
-                                 f"size {self.config.intermediate_size}")
-        except ValueError as exc:
-            raise ConfigError(f"model {spec.model!r}: {exc}") from None
-        memory = parse_memory_size(spec.kv_cache_memory)
-        self.bytes_per_block = bytes_per_block(self.config, shard.kv_heads, spec.block_size, self.dtype)
-        self.num_blocks = plan_num_blocks(memory, self.bytes_per_block, what=repr(spec.kv_cache_memory))
+        # the same checks as a deployment's start (``flowserve_check_deployment``)
+        kv = plan_kv_cache(spec, self.config, self.dtype)
+        self.max_model_len, self.bytes_per_block, self.num_blocks = kv.max_model_len, kv.bytes_per_block, kv.num_blocks
         self._dead: str | None = None
         self._lock = threading.Lock()
         self._gang: WorkerGang | None = None

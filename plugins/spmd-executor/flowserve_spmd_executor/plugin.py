@@ -52,6 +52,16 @@ build_executor.attach = _attach  # type: ignore[attr-defined]
 
 
 @hookimpl
+def flowserve_check_deployment(spec: DeploymentSpec) -> None:
+    """For a deployment of executor ``spmd``: the checks of an instance start, from the model's
+    config.json or GGUF header only (``flowserve_spmd_executor.checks``)."""
+    if spec.executor == "spmd":
+        from flowserve_spmd_executor.checks import check_deployment
+
+        check_deployment(spec)
+
+
+@hookimpl
 def flowserve_register_executors(register: Any) -> None:
     """Register ``spmd``: a torch runner for Llama, Qwen2, Mistral and SmolLM2 checkpoints."""
     register("spmd", build_executor)

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import msgspec
 
 from flowserve_core.config import default_model_path
+from flowserve_core.errors import ConfigError
 from flowserve_core.interfaces import ChatMessage
 from flowserve_core.types import DeploymentSpec, SamplingParams
 
@@ -28,7 +29,9 @@ class HFTokenizer:
 
     Built from ``load_tokenizer`` (a model directory, a GGUF file or a local Hub snapshot).
     Deployment options: ``chat_template`` = a Jinja template file (or the template text) to
-    use instead of the model's own.
+    use instead of the model's own; ``special_tokens_in_messages`` = true lets control tokens
+    written in message content (``<|im_start|>``…) act as control tokens again, the old
+    behaviour, with which any client can forge turns (off by default).
     """
 
     def __init__(self, loaded: LoadedTokenizer, spec: DeploymentSpec | None = None):
@@ -44,6 +47,9 @@ class HFTokenizer:
         self.vocab_size: int = len(hf)
         self.max_model_len: int | None = spec.max_model_len or loaded.facts.context_length
         self.chat_template: str | None = _chat_template_option(spec) or getattr(hf, "chat_template", None)
+        #: Whether control tokens inside message content stay control tokens (issue 20: off,
+        #: so that only the chat template's own markup yields them).
+        self.special_tokens_in_messages = _bool_option(spec, "special_tokens_in_messages")
         backend = getattr(hf, "backend_tokenizer", None)
         # The Rust tokenizer's own decode: what transformers' decode calls, minus its
         # ``clean_up_tokenization_spaces`` pass, which is not stable under streaming.
@@ -77,6 +83,12 @@ class HFTokenizer:
         """Token ids of ``messages`` rendered with the model's chat template; with
         ``add_generation_prompt`` they end where the assistant's reply begins.
 
+        Text inside the messages is tokenized as text: a control token written in a message
+        (``<|im_end|>``) becomes the tokens of its characters, never the control token, so a
+        client cannot forge a turn; only the template's own markup yields control tokens
+        (transformers' ``sanitize_control_tokens``). The deployment option
+        ``special_tokens_in_messages`` turns that off.
+
         Raises ``ValueError`` when the model has no chat template or the template refuses
         the conversation (e.g. roles that do not alternate).
         """
@@ -93,7 +105,7 @@ class HFTokenizer:
         try:
             rendered = self.hf_tokenizer.apply_chat_template(
                 conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, return_dict=False)
+                tokenize=True, return_dict=False, sanitize_control_tokens=not self.special_tokens_in_messages)
         except TemplateError as exc:
             raise ValueError(f"the chat template of {self.model} refused the messages: {exc}") from exc
         return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
@@ -151,6 +163,15 @@ def _message_dict(message: ChatMessage | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(message, Mapping):
         return dict(message)
     raise TypeError(f"a chat message must be a ChatMessage or a mapping, got {type(message).__name__}")
+
+
+def _bool_option(spec: DeploymentSpec, name: str) -> bool:
+    value = spec.options.get(name, False)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"deployment option {name}={value!r}: give true or false")
 
 
 def _chat_template_option(spec: DeploymentSpec) -> str | None:

@@ -72,9 +72,10 @@ def test_chat_template_matches_transformers_for_smollm2(smollm2, smollm2_cold, c
     messages = ([ChatMessage(role="system", content=system)] if with_system else []) + \
         [ChatMessage(role=role, content=content) for role, content in turns]
     ours = smollm2.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    # Contents may hold <|im_end|>: transformers' sanitized rendering encodes it as text (issue 20)
     theirs = smollm2_cold.hf_tokenizer.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in messages],
-        add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
+        add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False, sanitize_control_tokens=True)
     assert ours == list(theirs)
 
 

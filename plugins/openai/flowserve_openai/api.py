@@ -73,7 +73,7 @@ async def create_completion(request: Request) -> Any:
     check_request(body, ctx.config)
     deployment = await ctx.deployment(body.model)
     tokenizer = deployment.tokenizer
-    prompts = await completion_prompts(body, tokenizer)
+    prompts = await completion_prompts(body, tokenizer, deployment.max_model_len, ctx.tokenizing)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     for ids, _ in prompts:
         check_context(len(ids), max_tokens, deployment.max_model_len, "prompt")
@@ -95,7 +95,7 @@ async def create_chat_completion(request: Request) -> Any:
                        code="invalid_value")
     deployment = await ctx.deployment(body.model)
     tokenizer = deployment.tokenizer
-    prompt_ids = await chat_prompt(chat_messages(body), tokenizer)
+    prompt_ids = await chat_prompt(chat_messages(body), tokenizer, deployment.max_model_len, ctx.tokenizing)
     if body.max_completion_tokens is not None:
         requested, name = body.max_completion_tokens, "max_completion_tokens"
     else:

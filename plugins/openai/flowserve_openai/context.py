@@ -17,6 +17,7 @@ from flowserve_openai.errors import APIError, invalid_body
 from flowserve_openai.health import HealthMonitor
 from flowserve_openai.metrics import ServerMetrics
 from flowserve_openai.openapi import openapi_schema
+from flowserve_openai.prompts import TokenizingLanes
 from flowserve_openai.protocol import encoder
 
 T = TypeVar("T")
@@ -33,6 +34,7 @@ class AppContext:
         self.config = server.config
         self.health = HealthMonitor(server)
         self.metrics = ServerMetrics(server)
+        self.tokenizing = TokenizingLanes()
         deployments = list(server.deployments.values())
         self.openapi = encoder.encode(openapi_schema(
             self.config, max((d.spec.max_instances for d in deployments), default=None),

@@ -42,7 +42,7 @@ def test_an_impossible_deployment_is_a_400_with_the_reason(two_instance_server, 
     assert "tensor_parallel=3 does not divide the model's 4 attention heads" in error["message"], error
     names = [d["name"] for d in httpx.get(server.url + "/admin/deployments", timeout=10).json()["deployments"]]
     assert names == [MODEL]
-    too_small = {**body, "name": "tiny-small-kv", "tensor_parallel": 1, "kv_cache_memory": "16KiB"}
+    too_small = {**body, "name": "tiny-small-kv", "tensor_parallel": 1, "kv_cache_memory": "16KiB", "max_model_len": 512}
     answer = httpx.post(server.url + "/admin/deployments", json=too_small, timeout=60)
     assert answer.status_code == 400 and "fewer than one sequence" in answer.json()["error"]["message"], answer.text
     assert httpx.post(server.base_url + "/completions", json={"model": MODEL, "prompt": "t1", "max_tokens": 2},

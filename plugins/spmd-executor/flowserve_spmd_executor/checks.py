@@ -5,7 +5,8 @@ same checks once when a deployment starts (the ``flowserve_check_deployment`` ho
 ``config.json`` or a GGUF file's header alone, so a configuration that can never work fails
 at once with its reason instead of respawning instances forever: the device and dtype
 exist, the model exists and parses, ``tensor_parallel`` divides its heads and MLP, and the KV
-cache holds one sequence of ``max_model_len`` tokens.
+cache holds one sequence of ``max_model_len`` tokens (when it is set; unset, it becomes the
+model's context or what the cache holds, whichever is less).
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ def plan_kv_cache(spec: DeploymentSpec, config: ModelConfig, dtype: torch.dtype)
     per_block = bytes_per_block(config, shard.kv_heads, spec.block_size, dtype)
     memory = parse_memory_size(spec.kv_cache_memory)
     num_blocks = plan_num_blocks(memory, per_block, what=repr(spec.kv_cache_memory))
-    max_model_len = spec.max_model_len or config.max_position_embeddings
-    if num_blocks * spec.block_size < max_model_len:
-        needed = -(-max_model_len // spec.block_size) * per_block
+    capacity = num_blocks * spec.block_size
+    if spec.max_model_len and capacity < spec.max_model_len:
+        needed = -(-spec.max_model_len // spec.block_size) * per_block
         raise ConfigError(
-            f"kv_cache_memory {spec.kv_cache_memory!r} holds {num_blocks * spec.block_size} tokens of "
-            f"model {spec.model!r} ({str(dtype).removeprefix('torch.')}), fewer than one sequence of "
-            f"max_model_len {max_model_len}: give at least {needed / 2**20:.1f}MiB, or a smaller "
-            f"max_model_len")
+            f"kv_cache_memory {spec.kv_cache_memory!r} holds {capacity} tokens of model {spec.model!r} "
+            f"({str(dtype).removeprefix('torch.')}), fewer than one sequence of max_model_len "
+            f"{spec.max_model_len}: give at least {needed / 2**20:.1f}MiB, or a smaller max_model_len")
+    # Unset, max_model_len is the model's context, capped to what the cache holds (vLLM refuses
+    # such a cache; a small one still serves shorter requests, which tests and laptops rely on).
+    max_model_len = spec.max_model_len or min(config.max_position_embeddings, capacity)
     return KVPlan(shard.kv_heads, per_block, num_blocks, max_model_len)
 
 

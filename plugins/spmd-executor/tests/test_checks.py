@@ -36,7 +36,7 @@ def test_a_working_spec_passes_and_the_instance_start_agrees(tiny_llama):
 
 @pytest.mark.parametrize("fields, message", [
     (dict(tensor_parallel=3), "does not divide the model's 4 attention heads"),
-    (dict(kv_cache_memory="64KiB"), "fewer than one sequence of max_model_len 1024"),
+    (dict(kv_cache_memory="64KiB", max_model_len=1024), "fewer than one sequence of max_model_len 1024"),
     (dict(device="npu"), "torch_npu is not installed"),
 ])
 def test_what_can_never_run_is_refused_with_its_reason_at_check_and_at_instance_start(tiny_llama, fields, message):
@@ -46,8 +46,11 @@ def test_what_can_never_run_is_refused_with_its_reason_at_check_and_at_instance_
         SpmdExecutor(spec(tiny_llama, **fields))
 
 
-def test_the_kv_check_takes_max_model_len_into_account(tiny_llama):
+def test_an_unset_max_model_len_is_capped_to_what_the_kv_cache_holds(tiny_llama):
     check_deployment(spec(tiny_llama, kv_cache_memory="64KiB", max_model_len=64))
+    check_deployment(spec(tiny_llama, kv_cache_memory="64KiB"))
+    executor = SpmdExecutor(spec(tiny_llama, kv_cache_memory="64KiB"))  # 1024 positions, 80 tokens of cache
+    assert executor.kv_cache_spec().max_model_len == executor.kv_cache_spec().num_blocks * 16 == 80
 
 
 def test_a_missing_or_unreadable_model_is_refused(tmp_path):

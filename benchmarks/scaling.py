@@ -14,6 +14,11 @@ starts: that is what those paths buy, once, ahead of demand.
 
     .venv/bin/python benchmarks/scaling.py                      # SmolLM2, N = 1, 8, 64
     .venv/bin/python benchmarks/scaling.py --counts 1,8 --paths forked,preloaded
+    .venv/bin/python benchmarks/scaling.py --executor llamacpp  # the same paths, another executor
+
+``--executor`` picks the executor plugin (default ``spmd``). The DRAM image and the
+empty-cache naive start are the spmd executor's (its safetensors cache and image); with
+another executor they are skipped, and its own ``preload`` (if it has one) does the rest.
 
 Writes a JSON result file and an SVG plot; prints a Markdown table.
 """
@@ -43,7 +48,8 @@ PATHS = {"naive": "naive", "prewarmed": "prewarm", "preloaded": "preload", "fork
 
 def spec_for(args: argparse.Namespace, path: str, count: int, **options: Any) -> DeploymentSpec:
     return DeploymentSpec(
-        name="bench", model=args.model, scaler="prewarm", min_instances=0, max_instances=max(count, 1),
+        name="bench", model=args.model, executor=args.executor, scaler="prewarm", min_instances=0,
+        max_instances=max(count, 1),
         kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len, dtype=args.dtype,
         options={"start_path": PATHS[path], "pool_size": count if path in ("prewarmed", "preloaded") else 0,
                  "pool_refill": False, "autoscale": False, **options})
@@ -187,9 +193,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "model": args.model,
         "machine": f"{os.cpu_count()} CPUs, {_total_gib():.0f} GiB, {platform.processor() or platform.machine()}",
-        "dtype": args.dtype, "kv_cache_memory": args.kv_cache_memory, "scale": [], "cold": []}
-    report["image_build_seconds"] = prepare_image(args)
-    print(f"DRAM image ready in {report['image_build_seconds']:.1f} s", flush=True)
+        "executor": args.executor, "dtype": args.dtype, "kv_cache_memory": args.kv_cache_memory,
+        "scale": [], "cold": []}
+    spmd = args.executor == "spmd"
+    report["image_build_seconds"] = prepare_image(args) if spmd else None
+    if spmd:
+        print(f"DRAM image ready in {report['image_build_seconds']:.1f} s", flush=True)
     for count in counts:
         for path in paths:
             skip = fits_in_memory(report["scale"], path, count)
@@ -207,7 +216,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result = await cold_request(args, path)
         report["cold"].append(result)
         print(f"{path:>10} cold request: first token after {result['first_token_seconds']:.2f} s", flush=True)
-    if not args.skip_uncached:
+    if not args.skip_uncached and spmd:
         result = await uncached_naive(args)
         report["scale"].append(result)
         print(f"naive-uncached N=1 ready in {result['seconds']:.2f} s", flush=True)
@@ -282,6 +291,7 @@ def svg_plot(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="GGUF file or model directory (default: SmolLM2)")
+    parser.add_argument("--executor", default="spmd", help="executor plugin (flowserve plugins lists them)")
     parser.add_argument("--counts", default="1,8,64")
     parser.add_argument("--paths", default="naive,prewarmed,preloaded,forked")
     parser.add_argument("--max-slow", type=int, default=8,
@@ -291,9 +301,14 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--skip-uncached", action="store_true")
-    parser.add_argument("--out", default="benchmarks/results/scaling.json")
-    parser.add_argument("--plot", default="docs/benchmarks-scaling.svg")
+    parser.add_argument("--out", default=None,
+                        help="JSON results (default benchmarks/results/scaling.json; scaling-EXECUTOR.json for others)")
+    parser.add_argument("--plot", default=None,
+                        help="SVG plot (default docs/benchmarks-scaling.svg; benchmarks-scaling-EXECUTOR.svg for others)")
     args = parser.parse_args()
+    suffix = "" if args.executor == "spmd" else f"-{args.executor}"
+    args.out = args.out or f"benchmarks/results/scaling{suffix}.json"
+    args.plot = args.plot or f"docs/benchmarks-scaling{suffix}.svg"
     args.model = args.model or default_model_path()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)

@@ -1,5 +1,8 @@
 """Whether each deployment can serve: starting, warming, ready, scaled to zero, or dead.
 
+A deployment is **ready** when every role it runs instances of (colocated; or prefill and
+decode under PD) has a ready instance.
+
 A deployment is **dead** when its instances fail to *start*: the last one failed before it
 became ready and none is warming to replace it, or two failed to start in a row without any
 becoming ready (a crash loop: a model that cannot load, a device that is missing). An
@@ -58,8 +61,8 @@ class HealthMonitor:
                 history.infos.setdefault(instance_id, instance.info)
         for instance_id, info in list(history.infos.items()):
             state = info.state
-            if state is InstanceState.READY:
-                history.failures, history.last_error = 0, None
+            if state is InstanceState.READY and instance_id not in history.were_ready:
+                history.failures, history.last_error = 0, None  # a start that worked ends the run
                 history.were_ready.add(instance_id)
             if state is InstanceState.GONE:
                 drained = history.last_state.get(instance_id) is InstanceState.DRAINING
@@ -82,10 +85,13 @@ class HealthMonitor:
             return DeploymentHealth(state="starting", instances=deployment.pool.by_state())
         history = self.observe(deployment)
         counts = deployment.pool.by_state()
-        if counts[InstanceState.READY.value]:
+        wanted = deployment.role_targets(getattr(deployment.scaler, "target", None))
+        # Ready when every role the deployment runs has a ready instance: under PD a prefill
+        # instance alone cannot answer anything.
+        ready_roles = {instance.info.role for instance in deployment.pool.ready()}
+        if ready_roles and ready_roles >= set(wanted):
             return DeploymentHealth(state="ready", instances=counts)
         warming = counts[InstanceState.WARMING.value]
-        wanted = deployment.role_targets(getattr(deployment.scaler, "target", None))
         if not warming and not wanted:
             # Scaled to zero by choice: the next request starts an instance, whatever the last
             # one's end looked like (a drain the watcher saw only once it was over looks like a death).

@@ -23,6 +23,9 @@ INT32_MAX = 2**31 - 1
 TokenId = Annotated[int, Meta(ge=0, le=INT32_MAX, description="A token id of the model's vocabulary.")]
 TokenCount = Annotated[int, Meta(ge=1, le=INT32_MAX)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+#: vLLM takes any repetition_penalty > 0, but logits divided by 1e-300 overflow to inf: keep
+#: it where it still means "discourage" or "encourage" repeats (1.0: off)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 #: Stop strings are matched against every token's text on the event loop: keep them bounded.
 MAX_STOP_STRINGS, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_PROMPTS = 16, 256, 256, 1024
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_LENGTH)]
@@ -69,7 +72,7 @@ class SamplingFields(Struct, kw_only=True):
     # vLLM's extensions
     top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
     min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None = None
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False

@@ -5,6 +5,6 @@ them to ``Sampler``, so seeds, penalties, ``min_tokens``, top-k/top-p/min-p and 
 identically whichever executor runs a deployment.
 """
 
-from flowserve_sampler.sampler import TOP_P_CANDIDATES, Sampler
+from flowserve_sampler.sampler import GREEDY_TEMPERATURE, TOP_P_CANDIDATES, Sampler
 
-__all__ = ["Sampler", "TOP_P_CANDIDATES"]
+__all__ = ["GREEDY_TEMPERATURE", "Sampler", "TOP_P_CANDIDATES"]

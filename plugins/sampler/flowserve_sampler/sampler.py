@@ -3,8 +3,12 @@
 Order, as in HF and vLLM: repetition penalty (prompt + output, HF semantics: positive
 logits divided, negative multiplied), frequency and presence penalties (output tokens,
 OpenAI semantics), ``min_tokens`` (end-of-sequence and stop token ids masked until
-reached), then greedy (temperature 0 or top-k 1) or temperature → top-k → top-p → min-p →
-one draw. Logprobs are the log-softmax of the raw logits.
+reached), then greedy (temperature below ``GREEDY_TEMPERATURE`` or top-k 1) or temperature →
+top-k → top-p → min-p → one draw. Logprobs are the log-softmax of the raw logits.
+
+Degenerate values never reach a draw: a row whose scores hold NaN or +inf (a model that
+overflowed, a penalty that divided by almost nothing) has NaN read as -inf and +inf as a huge
+finite score, and is picked greedily; a draw never sees a NaN probability.
 
 Cost matters at a 49k vocabulary on a CPU: penalties touch only the history's token ids,
 top-k and top-p work on a ``topk`` of candidates instead of sorting the vocabulary (a row
@@ -16,6 +20,7 @@ what else is in the batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +28,10 @@ import torch
 from flowserve_core.types import SamplingParams, ScheduledSequence, StepResult, TokenLogprob, TopLogprob
 
 _NEG_INF = float("-inf")
+#: Temperatures below this are greedy: dividing logits by less overflows to inf, then NaN.
+GREEDY_TEMPERATURE = 1e-5
+#: What +inf scores become: finite, and still finite after division by GREEDY_TEMPERATURE.
+_HUGE = 1e30
 #: Candidates examined for top-p when a row sets no top-k (enough for any usual nucleus).
 TOP_P_CANDIDATES = 1024
 
@@ -44,8 +53,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> StepResult:
         """Sample one token for each row of ``logits [len(seqs), vocab]``."""
         raw = logits.float()
-        scores = self._apply_penalties(raw, seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+        scores, broken = _finite(self._apply_penalties(raw, seqs))
+        greedy = [i for i, s in enumerate(seqs) if _is_greedy(s.params) or i in broken]
         if len(greedy) == len(seqs):
             tokens = scores.argmax(dim=-1)
         else:
@@ -53,7 +62,8 @@ class Sampler:
             if greedy:
                 rows = self._index(greedy)
                 tokens[rows] = scores.index_select(0, rows).argmax(dim=-1)
-            sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+            chosen = set(greedy)
+            sampled = [i for i in range(len(seqs)) if i not in chosen]
             rows = self._index(sampled)
             tokens[rows] = self._draw(scores.index_select(0, rows), [seqs[i] for i in sampled])
         token_list = tokens.tolist()
@@ -125,7 +135,7 @@ class Sampler:
         params = [s.params for s in seqs]
         vocab = scores.shape[-1]
         temperature = torch.tensor([p.temperature for p in params], device=scores.device).unsqueeze(1)
-        probs = torch.softmax(scores / temperature, dim=-1)
+        probs = torch.softmax(scores / temperature, dim=-1).nan_to_num_(nan=0.0)  # a row of -inf only
         uniforms = self._uniforms(seqs)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=scores.device)
         filtered = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1.0]
@@ -210,6 +220,20 @@ class Sampler:
             top = [TopLogprob(token_id=t, logprob=v) for t, v in zip(top_ids[j][:n], top_values[j][:n])]
             out[seqs[i].seq_id] = TokenLogprob(token_id=token, logprob=chosen[j], top=top)
         return out
+
+
+def _is_greedy(params: SamplingParams) -> bool:
+    return params.greedy or params.temperature < GREEDY_TEMPERATURE
+
+
+def _finite(scores: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
+    """``scores`` with NaN as -inf and +inf as ``_HUGE``, and the rows that held either."""
+    total = float(scores.sum())  # one reduction per step: NaN or +inf only if a score may be
+    if not (math.isnan(total) or total == math.inf):
+        return scores, set()
+    bad = torch.isnan(scores) | torch.isposinf(scores)
+    rows = set(bad.any(dim=-1).nonzero().squeeze(1).tolist())
+    return torch.nan_to_num(scores, nan=_NEG_INF, posinf=_HUGE, neginf=_NEG_INF), rows
 
 
 def _min_p(weights: torch.Tensor, params: list[SamplingParams], best: torch.Tensor) -> None:

@@ -1,0 +1,49 @@
+"""Issue 20, item 8: degenerate values never make the sampler draw from NaN. Temperatures
+below ``GREEDY_TEMPERATURE`` are greedy; rows whose scores hold NaN or +inf (a model that
+overflowed, a repetition penalty of almost nothing) are picked greedily from what is finite."""
+
+from __future__ import annotations
+
+import torch
+
+from flowserve_core.types import SamplingParams, ScheduledSequence
+
+from flowserve_sampler import GREEDY_TEMPERATURE, Sampler
+
+
+def _seq(name: str, params: SamplingParams, prompt: list[int] = (0,)) -> ScheduledSequence:
+    return ScheduledSequence(seq_id=name, token_ids=[1], start_pos=0, block_table=[0], params=params,
+                             prompt_token_ids=list(prompt))
+
+
+def _tokens(logits: torch.Tensor, seqs: list[ScheduledSequence]) -> list[int]:
+    result = Sampler(logits.shape[-1], torch.device("cpu"))(logits, seqs)
+    return [result.token_ids[s.seq_id] for s in seqs]
+
+
+def test_a_temperature_below_the_epsilon_is_greedy():
+    # A draw from NaN weights (logits / 1e-300) lands on the last index; the likeliest is the second
+    logits = torch.tensor([[1.0, 7.5, -3.0, 4.0, 0.5, 2.0]] * 3)
+    seqs = [_seq(f"t{t}", SamplingParams(temperature=t)) for t in (1e-300, 1e-30, GREEDY_TEMPERATURE / 2)]
+    for _ in range(20):
+        assert _tokens(logits, seqs) == [1, 1, 1]
+
+
+def test_rows_with_nan_or_inf_are_picked_from_their_finite_scores():
+    logits = torch.tensor([
+        [float("nan"), 1.0, 3.0, 2.0],            # NaN: the best finite score
+        [0.5, float("inf"), 3.0, float("nan")],  # +inf: the token it favours
+        [0.1, 0.2, 0.3, 9.0],                    # a healthy row in the same batch still samples
+    ])
+    seqs = [_seq("nan", SamplingParams(temperature=1.0)), _seq("inf", SamplingParams(temperature=0.8, top_p=0.9)),
+            _seq("ok", SamplingParams(temperature=0.01, seed=3))]
+    assert _tokens(logits, seqs) == [2, 1, 3]
+
+
+def test_a_repetition_penalty_of_almost_nothing_samples_a_real_token():
+    # 2.0 / 1e-300 overflows to +inf and -1.0 * 1e-300 to -0.0: the penalised token wins
+    # greedily instead of a NaN draw picking an arbitrary index
+    logits = torch.tensor([[2.0, 5.0, -1.0, 3.0]] * 2)
+    seqs = [_seq("sampled", SamplingParams(temperature=1.0, repetition_penalty=1e-300), prompt=[0, 2]),
+            _seq("greedy", SamplingParams(temperature=0.0, repetition_penalty=1e-300), prompt=[0, 2])]
+    assert _tokens(logits, seqs) == [0, 0]

@@ -113,10 +113,10 @@ def assert_serves(server) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_instances(start_server, tmp_path_factory):
-    """Two instance processes (scaler ``static``), a step timeout of 3 s."""
-    config = write_config(tmp_path_factory.mktemp("faults"), "step_timeout_seconds = 3\n")
-    return start_server(serve_command("--config", config, "--min-instances", "2", "--max-instances", "2",
+def two_instances(start_server):
+    """Two instance processes (scaler ``static``), the default step timeout (120 s) and
+    heartbeat timeout (5 s)."""
+    return start_server(serve_command("--min-instances", "2", "--max-instances", "2",
                                       "-o", "step_delay=0.02", scaler="static"))
 
 
@@ -159,17 +159,21 @@ def test_a_killed_instance_process_fails_its_streams_only_and_is_replaced(two_in
 
 
 @toy_only
-def test_a_frozen_instance_process_is_detected_by_the_step_timeout_and_replaced(two_instances):
+def test_a_frozen_instance_process_is_detected_by_its_heartbeat_and_replaced(two_instances):
+    """Frozen is told apart from a long step by the heartbeat, which the instance's event loop
+    sends while a step computes: it takes seconds, not the 120 s step timeout (issue 20.12)."""
     server = two_instances
     before = wait_ready(server, 2)
     streams = start_streams(server, 2)
     victim = min(before)
     os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
     try:
         outcomes = [stream.outcome() for stream in streams]
         assert sorted(outcomes) == ["error", "ok"], outcomes
         frozen = streams[outcomes.index("error")]
-        assert "sent nothing for 3 s" in frozen.error["message"], frozen.error
+        assert "not even a heartbeat, for 5 s (heartbeat_timeout_seconds)" in frozen.error["message"], frozen.error
+        assert time.monotonic() - stopped < BOUND  # far below the step timeout: 120 s
         wait_replaced(server, victim, 2)
         assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
     finally:
@@ -177,6 +181,18 @@ def test_a_frozen_instance_process_is_detected_by_the_step_timeout_and_replaced(
             os.kill(victim, signal.SIGCONT)
     assert_serves(server)
     assert server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
+
+
+@toy_only
+def test_a_step_longer_than_the_heartbeat_timeout_is_not_taken_for_a_freeze(start_server):
+    """A step of 7 s (over the 5 s heartbeat timeout, under the 120 s step timeout) completes:
+    the instance's event loop keeps beating while the step computes in a thread."""
+    server = start_server(serve_command("-o", "step_delay=7", scaler="static"))
+    answer = httpx.post(server.url + "/v1/completions", timeout=BOUND,
+                        json={"model": MODEL, "prompt": "t40", "max_tokens": 2})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == counter_text(40, 2)
+    assert "frozen" not in server.log()
 
 
 @pytest.fixture(scope="module")

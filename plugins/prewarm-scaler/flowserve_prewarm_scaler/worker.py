@@ -6,9 +6,12 @@ msgpack messages. The instance says ``Hello``, waits for an ``Assign`` (a pre-wa
 process may wait a long time), builds its engine, says ``Ready``, then takes ``Submit`` and
 ``Abort`` and sends one ``Events`` frame per engine step. When the server's end closes, the
 instance exits; when the instance dies, the server fails its tasks. A ready instance also
-sends an empty ``Events`` frame (a heartbeat) every ``heartbeat_interval(spec)`` seconds:
-a process that sends nothing for ``step_timeout_seconds`` is frozen (SIGSTOP, a stuck
-interpreter), and the server kills it and fails its tasks, as if it had died.
+sends an empty ``Events`` frame (a heartbeat) every ``heartbeat_interval(spec)`` seconds,
+from its event loop, which keeps running while a step computes in a thread: so silence
+means the process is frozen (SIGSTOP, a stuck interpreter), not that a step is long. A
+process that sends nothing for ``heartbeat_timeout(spec)`` seconds (option
+``heartbeat_timeout_seconds``, default 5) is killed and its tasks fail, as if it had died.
+A step that is merely long is the engine's business: it dies after ``step_timeout_seconds``.
 
 Run an instance process with ``python -m flowserve_prewarm_scaler.worker FD``.
 """
@@ -96,9 +99,20 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
+#: Seconds of silence after which a ready instance process is taken for frozen.
+HEARTBEAT_TIMEOUT = 5.0
+
+
+def heartbeat_timeout(spec: DeploymentSpec) -> float:
+    """Seconds of silence that make a ready instance process frozen: option
+    ``heartbeat_timeout_seconds`` (default 5), at most ``step_timeout_seconds``."""
+    return min(float(spec.options.get("heartbeat_timeout_seconds", HEARTBEAT_TIMEOUT)), spec.step_timeout_seconds)
+
+
 def heartbeat_interval(spec: DeploymentSpec) -> float:
-    """Seconds between a ready instance's heartbeats: a quarter of the step timeout, at most 1 s."""
-    return max(0.05, min(1.0, spec.step_timeout_seconds / 4))
+    """Seconds between a ready instance's heartbeats: a tenth of the heartbeat timeout (ten
+    may be late on a busy machine before it counts), at most 0.5 s."""
+    return max(0.05, min(0.5, heartbeat_timeout(spec) / 10))
 
 
 Message = Hello | Assign | Ready | Submit | Abort | Events | Failed | Shutdown
@@ -253,12 +267,13 @@ class RemoteInstance(InstanceBase):
                 await self._shutdown()  # stopped while warming
                 return
             task_status.started()
+            quiet = heartbeat_timeout(self.spec)
             while True:
-                with anyio.move_on_after(self.spec.step_timeout_seconds) as silent:
+                with anyio.move_on_after(quiet) as silent:
                     message = await self.channel.receive()
                 if silent.cancelled_caught:
-                    error = (f"the instance process sent nothing for {self.spec.step_timeout_seconds:g} s "
-                             f"(step_timeout_seconds): it is frozen or hung, so it was killed")
+                    error = (f"the instance process sent nothing, not even a heartbeat, for {quiet:g} s "
+                             f"(heartbeat_timeout_seconds): it is frozen or hung, so it was killed")
                     log.error("instance %s: %s", self.info.id, error, extra={"instance": self.info.id})
                     if self.process is not None:
                         self.process.kill()  # SIGKILL also ends a stopped process

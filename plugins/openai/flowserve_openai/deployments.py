@@ -1,6 +1,9 @@
 """Admin endpoints for the server's models at run time: add, list and remove deployments,
 and point aliases at them (blue/green rollouts). Guarded like every ``/admin`` path.
 
+Names of deployments and aliases follow ``names.py`` (1 to 128 characters of
+``A-Za-z0-9._:/-``); any other is a 400.
+
 - ``POST /admin/deployments`` with a ``DeploymentSpec`` (``name`` and ``model`` required):
   starts the deployment and answers 201 once it runs; its first instance warms through its
   scaler, and requests for it wait meanwhile (they are not refused).
@@ -26,6 +29,7 @@ from flowserve_core.errors import ConfigError, FlowServeError, UnknownModelError
 from flowserve_core.types import DeploymentSpec
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError, invalid_body
+from flowserve_openai.names import name_problem
 from flowserve_openai.ops_protocol import (
     AliasRequest,
     AliasResponse,
@@ -72,6 +76,8 @@ async def add_deployment(request: Request) -> Response:
     for field in ("name", "model"):
         if not getattr(spec, field):
             raise APIError(400, f"a new deployment needs a {field!r}", param=field, code="missing_field")
+    if problem := name_problem(spec.name, "deployment"):
+        raise APIError(400, problem, param="name", code="invalid_value")
     if ctx.server.stopping:
         raise APIError(503, "The server is shutting down.", code="shutting_down")
     try:
@@ -125,6 +131,8 @@ async def set_alias(request: Request) -> Response:
     ctx = _ctx(request)
     body = await ctx.decode(request, AliasRequest)
     server, alias, target = ctx.server, body.alias, body.deployment
+    if problem := name_problem(alias, "alias"):
+        raise APIError(400, problem, param="alias", code="invalid_value")
     if alias in server.deployments:
         raise APIError(409, f"{alias!r} is a deployment's name; an alias needs a name of its own",
                        param="alias", code="alias_conflict")

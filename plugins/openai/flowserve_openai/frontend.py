@@ -20,6 +20,7 @@ import uvicorn
 from flowserve_core.config import ServerConfig
 from flowserve_core.errors import FlowServeError
 from flowserve_openai.app import build_app
+from flowserve_openai.names import check_server_names
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class OpenAIFrontend:
     """Serves a ``Server``'s deployments with the OpenAI API on ``config.host:config.port``."""
 
     def __init__(self, config: ServerConfig):
+        check_server_names(config.deployments, config.aliases)  # before any deployment starts
         self.config = config
 
     async def serve(self, server: Any) -> None:

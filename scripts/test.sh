@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up everything (scripts/install.sh), run the whole test suite, build the docs strictly.
+# Set up everything (scripts/install.sh, with the llama.cpp executor), run the whole test
+# suite, build the docs strictly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/install.sh
+./scripts/install.sh --llamacpp
 .venv/bin/python -m pytest "$@"
 .venv/bin/mkdocs build --strict --quiet --site-dir /tmp/flowserve-site

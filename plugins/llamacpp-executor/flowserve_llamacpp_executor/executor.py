@@ -1,0 +1,307 @@
+"""``LlamaCppExecutor``: FlowServe's ``Executor`` on llama.cpp's kernels.
+
+Each step (in a worker thread; the event loop never blocks):
+1. sequences that ended give up their llama.cpp sequence (or keep it for prefix reuse,
+   ``slots.py``), PD imports are written (``llama_state_seq_set_data``);
+2. every scheduled sequence's tokens go into one ``llama_batch`` under its own llama.cpp
+   sequence id (prefill chunks and decode tokens together), with logits asked for only on
+   the last token of the sequences that sample; a batch longer than ``n_batch`` is decoded
+   in parts;
+3. the logits rows are read with ``llama_get_logits_ith`` and go to FlowServe's ``Sampler``;
+4. PD exports are read (``llama_state_seq_get_data``).
+
+KV capacity: the context holds ``kv_cache_memory / bytes per token`` cells, all sequences in
+one unified cache; FlowServe's KV manager admits work against ``kv_cache_spec()`` (those
+cells as blocks of ``block_size``), so running sequences always fit. Retained prefix slots
+are extra: when llama.cpp finds no room (``llama_decode`` returns 1 before computing
+anything), the least recently used one is removed and the batch retried.
+
+Options (``spec.options``): ``num_threads`` (default: the CPUs this process may run on),
+``n_batch`` (tokens per ``llama_decode``, default 512), ``prefix_slots`` (finished sequences
+kept for prefix reuse, default ``max_num_seqs``; 0 turns prefix reuse off),
+``flash_attn`` (default true).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+
+from flowserve_core.config import parse_memory_size
+from flowserve_core.errors import ConfigError, EngineDeadError
+from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
+from flowserve_sampler import Sampler
+
+from flowserve_llamacpp_executor.model import LlamaModel, load_model
+from flowserve_llamacpp_executor.slots import Slot, SlotTable
+
+log = logging.getLogger(__name__)
+
+#: llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may have.
+MAX_SEQUENCES = 256
+#: A token id no vocabulary has: a slot's imported KV whose tokens are not known yet.
+_UNKNOWN = -1
+
+
+def instance_threads() -> int:
+    """The CPUs this process may run on (its affinity: what a scaler gave the instance)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _Row:
+    """One sequence's part of a step: its slot, the tokens to decode from ``first_pos``, and
+    whether its last token's logits are sampled."""
+
+    __slots__ = ("seq_id", "slot", "tokens", "first_pos", "sample", "scheduled")
+
+    def __init__(self, scheduled: Any, slot: Slot, tokens: list[int], first_pos: int):
+        self.seq_id = scheduled.seq_id
+        self.slot = slot
+        self.tokens = tokens
+        self.first_pos = first_pos
+        self.sample = scheduled.sample
+        self.scheduled = scheduled
+
+
+class LlamaCppExecutor:
+    """Runs a GGUF model with llama.cpp in this process: one context, one unified KV cache.
+
+    Construction loads the model (or takes the one ``preload`` left) and makes the context
+    (blocking). ``execute`` computes in a worker thread; ``close`` frees the context.
+    """
+
+    def __init__(self, spec: DeploymentSpec):
+        import llama_cpp
+
+        if spec.tensor_parallel != 1:
+            raise ConfigError(f"executor 'llamacpp' runs a model in one process; tensor_parallel="
+                              f"{spec.tensor_parallel} needs executor 'spmd'")
+        self.spec = spec
+        self.model: LlamaModel = load_model(spec)
+        options = spec.options
+        self.bytes_per_token = self.model.kv_bytes_per_token()
+        memory = parse_memory_size(spec.kv_cache_memory)
+        cells = memory // self.bytes_per_token // spec.block_size * spec.block_size
+        if cells < spec.block_size:
+            raise ConfigError(f"kv_cache_memory {spec.kv_cache_memory!r} holds {cells} tokens of this model "
+                              f"({self.bytes_per_token} bytes each); give it more")
+        self.threads = int(options.get("num_threads", 0)) or instance_threads()
+        self.n_batch = int(options.get("n_batch", 512))
+        prefix_slots = int(options.get("prefix_slots", spec.max_num_seqs))
+        self.n_slots = min(MAX_SEQUENCES, spec.max_num_seqs + max(0, prefix_slots))
+        self.retain = prefix_slots > 0
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = cells
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = self.n_slots
+        params.n_threads = params.n_threads_batch = self.threads
+        # One pool of cells for every sequence, as FlowServe's KV manager counts them (a
+        # split cache would cap each sequence at n_ctx / n_seq_max).
+        params.kv_unified = True
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if _flag(options.get("flash_attn", True))
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model.pointer, params)
+        if not self.ctx:
+            raise ConfigError(f"llama.cpp could not make a context of {cells} tokens for {self.model.path.name} "
+                              f"(its log says why; a smaller kv_cache_memory may fit)")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        self.max_model_len = min(spec.max_model_len or self.model.n_ctx_train or self.n_ctx, self.n_ctx)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.slots = SlotTable(self.n_slots)
+        self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"))
+        self._lock = threading.Lock()
+        self._dead: str | None = None
+        log.info("llamacpp executor ready: %s (%s), %d threads, KV cache %d tokens × %d bytes = %.1f MiB, "
+                 "%d sequence ids, max_model_len %d", self.model.path.name, self.model.architecture, self.threads,
+                 self.n_ctx, self.bytes_per_token, self.n_ctx * self.bytes_per_token / 2**20, self.n_slots,
+                 self.max_model_len, extra={"n_ctx": self.n_ctx, "threads": self.threads, "n_seq_max": self.n_slots})
+
+    # ------------------------------------------------------------------ Executor protocol
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """The context's cells as blocks of ``block_size`` tokens."""
+        return KVCacheSpec(num_blocks=self.n_ctx // self.spec.block_size, block_size=self.spec.block_size,
+                           bytes_per_block=self.bytes_per_token * self.spec.block_size,
+                           max_model_len=self.max_model_len)
+
+    async def execute(self, batch: StepBatch) -> StepResult:
+        """Run one step in a worker thread; ``EngineDeadError`` once llama.cpp failed."""
+        self._check_alive()
+        return await anyio.to_thread.run_sync(self._step, batch)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"llamacpp executor is dead: {self._dead}")
+
+    def _step(self, batch: StepBatch) -> StepResult:
+        with self._lock:
+            self._check_alive()
+            self.sampler.forget(batch.finished_seq_ids)
+            for seq_id in batch.finished_seq_ids:
+                self._remove(self.slots.close(seq_id, retain=self.retain))
+            for transfer in batch.kv_imports:  # PD decode: the prefill's KV, before computing
+                self._import(transfer)
+            rows = [self._row(scheduled) for scheduled in batch.seqs]
+            logits = self._decode(rows)
+            sampled = [row.scheduled for row in rows if row.sample]
+            result = self.sampler(torch.from_numpy(logits), sampled) if sampled else StepResult()
+            result.kv_exports = [KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids, first_block=t.first_block,
+                                                 data=self._export(t.seq_id)) for t in batch.kv_exports]
+            return result
+
+    def _row(self, scheduled: Any) -> _Row:
+        """Give ``scheduled`` its slot, holding exactly its first ``start_pos`` tokens' KV
+        (shared from another slot or recomputed in this step where it did not)."""
+        import llama_cpp
+
+        start = scheduled.start_pos
+        slot = self.slots.get(scheduled.seq_id)
+        if slot is None:
+            slot, evicted = self.slots.open(scheduled.seq_id)
+            for seq_id in evicted:
+                self._remove(seq_id)
+            if start:
+                known = _tokens_before(scheduled, start)
+                source, n = self.slots.best_prefix(known, exclude=slot)
+                if source is not None:
+                    llama_cpp.llama_memory_seq_cp(self.memory, source.seq_id, slot.seq_id, 0, n)
+                    slot.tokens = known[:n]
+        elif len(slot.tokens) > start:  # recomputing from an earlier position
+            llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, start, -1)
+            del slot.tokens[start:]
+        elif slot.tokens and slot.tokens[0] == _UNKNOWN:  # imported KV: its tokens are known now
+            slot.tokens = _tokens_before(scheduled, len(slot.tokens))
+        held = len(slot.tokens)
+        missing = _tokens_before(scheduled, start)[held:] if held < start else []
+        return _Row(scheduled, slot, missing + list(scheduled.token_ids), held)
+
+    def _decode(self, rows: list[_Row]) -> np.ndarray:
+        """Decode every row's tokens (in parts of ``n_batch``); the sampled rows' logits."""
+        import llama_cpp
+
+        logits = np.empty((sum(1 for row in rows if row.sample), self.model.n_vocab), dtype=np.float32)
+        batch = self.batch
+        n = 0
+        pending: list[tuple[int, int]] = []  # (index in this part, logits row) to read after it
+        out = 0
+        for row in rows:
+            last = len(row.tokens) - 1
+            for i, token in enumerate(row.tokens):
+                batch.token[n] = token
+                batch.pos[n] = row.first_pos + i
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = row.slot.seq_id
+                wants = row.sample and i == last
+                batch.logits[n] = wants
+                if wants:
+                    pending.append((n, out))
+                    out += 1
+                n += 1
+                if n == self.n_batch:
+                    self._run_part(n, pending, logits)
+                    n, pending = 0, []
+            row.slot.tokens.extend(row.tokens)
+        if n:
+            self._run_part(n, pending, logits)
+        return logits
+
+    def _run_part(self, n: int, pending: list[tuple[int, int]], logits: np.ndarray) -> None:
+        import llama_cpp
+
+        self.batch.n_tokens = n
+        while True:
+            code = llama_cpp.llama_decode(self.ctx, self.batch)
+            if code != 1:
+                break
+            # No room: prefix slots kept for reuse hold cells the running sequences need.
+            victim = self.slots.evict()
+            if victim is None:
+                raise RuntimeError(f"llama.cpp found no room for a batch of {n} tokens in its {self.n_ctx}-token "
+                                   f"KV cache")
+            self._remove(victim)
+        if code != 0:
+            self._dead = f"llama_decode failed with code {code}"
+            raise EngineDeadError(f"llamacpp executor is dead: {self._dead}")
+        vocab = self.model.n_vocab
+        for index, row in pending:
+            pointer = llama_cpp.llama_get_logits_ith(self.ctx, index)
+            logits[row] = np.ctypeslib.as_array(pointer, shape=(vocab,))
+
+    def _remove(self, seq_id: int | None) -> None:
+        import llama_cpp
+
+        if seq_id is not None:
+            llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    # ------------------------------------------------------------------ PD: per-sequence state
+
+    def _export(self, seq_id: str) -> memoryview:
+        """The whole KV of ``seq_id``'s slot (llama.cpp's per-sequence state format); an
+        importer takes it whole, whichever blocks it already had."""
+        import llama_cpp
+
+        slot = self.slots.get(seq_id)
+        if slot is None:
+            raise RuntimeError(f"cannot export the KV of {seq_id}: it is not on this executor")
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, buffer, size, slot.seq_id)
+        return memoryview(buffer).cast("B")[:written]
+
+    def _import(self, transfer: KVBlockTransfer) -> None:
+        """Write an exported sequence state into ``transfer.seq_id``'s (new) slot. Its tokens
+        are learnt when the sequence is scheduled (its position says how many there are)."""
+        import llama_cpp
+
+        slot = self.slots.get(transfer.seq_id)
+        if slot is None:
+            slot, evicted = self.slots.open(transfer.seq_id)
+            for seq_id in evicted:
+                self._remove(seq_id)
+        self._remove(slot.seq_id)
+        data = bytes(memoryview(transfer.data).cast("B"))
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buffer, len(data), slot.seq_id) == 0:
+            raise RuntimeError(f"llama.cpp refused the KV state imported for {transfer.seq_id} "
+                               f"({len(data)} bytes; another model or llama.cpp version?)")
+        length = int(llama_cpp.llama_memory_seq_pos_max(self.memory, slot.seq_id)) + 1
+        slot.tokens = [_UNKNOWN] * length  # held, not yet known: never matched as a prefix
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Free the context (the model stays loaded for the process's next executor)."""
+        import llama_cpp
+
+        with self._lock:
+            self._dead = self._dead or "the executor was closed"
+            if self.ctx:
+                llama_cpp.llama_batch_free(self.batch)
+                llama_cpp.llama_free(self.ctx)
+                self.ctx = None
+
+
+def _tokens_before(scheduled: Any, start: int) -> list[int]:
+    """The sequence's first ``start`` tokens (prompt, then output)."""
+    prompt = scheduled.prompt_token_ids
+    if start <= len(prompt):
+        return list(prompt[:start])
+    return list(prompt) + list(scheduled.output_token_ids[:start - len(prompt)])
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)

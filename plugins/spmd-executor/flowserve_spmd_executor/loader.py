@@ -142,8 +142,9 @@ def convert_gguf(gguf: Path, target: Path) -> None:
             try:
                 hf_model = AutoModelForCausalLM.from_pretrained(
                     str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True)
-            except (OSError, ValueError, KeyError, ImportError) as exc:
-                raise ConfigError(f"cannot read model weights from the GGUF file {gguf}: {exc}") from exc
+            except Exception as exc:  # transformers' GGUF reader raises many kinds (struct.error…)
+                raise ConfigError(f"cannot read model weights from the GGUF file {gguf}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
             progress.update(task, description=f"Writing {target.name}/model.safetensors")
             config = hf_model.config.to_dict()
             config.pop("quantization_config", None)

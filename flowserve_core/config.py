@@ -31,10 +31,16 @@ class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     frontend: str = "openai"
     api_key: str | None = None
     admin_key: str | None = None
+    #: serve ``/admin`` with neither key on an address other than loopback (refused otherwise)
+    insecure_admin: bool = False
     cors_origins: list[str] = []
     max_body_bytes: int = 4 * 1024 * 1024
     max_n: int = 16
     drain_timeout: float = 30.0
+    #: seconds a connection has to send a request's headers (0: no limit)
+    header_timeout: float = 10.0
+    #: open connections kept; past them a new one gets a 503 and is closed
+    max_connections: int = 1024
     log_level: str = "info"
     deployments: list[DeploymentSpec] = []
     aliases: dict[str, str] = {}

@@ -1,5 +1,9 @@
 """The ``openai`` frontend: ``build_app(server)`` served by uvicorn inside the server's event loop.
 
+It refuses to start with ``/admin`` open to the network (no key, a non-loopback address)
+unless ``insecure_admin`` says so, and guards connections with a header deadline and a cap
+(``connections.py``).
+
 On SIGTERM or SIGINT uvicorn stops accepting connections and lets in-flight requests finish
 (for up to ``drain_timeout`` seconds); then ``serve`` returns and the kernel drains the
 deployments. Unlike plain uvicorn, the signal is not raised again afterwards, so the
@@ -9,6 +13,7 @@ process ends with status 0 once the shutdown is done.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -18,8 +23,9 @@ from typing import Any, Iterator
 import uvicorn
 
 from flowserve_core.config import ServerConfig
-from flowserve_core.errors import FlowServeError
+from flowserve_core.errors import ConfigError, FlowServeError
 from flowserve_openai.app import build_app
+from flowserve_openai.connections import guarded_protocol
 from flowserve_openai.names import check_server_names
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,28 @@ class _Uvicorn(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def check_admin_exposure(config: ServerConfig) -> None:
+    """``ConfigError`` when ``/admin`` (which loads any local file as a model) would be open to
+    the network: no ``api_key`` or ``admin_key``, an address other than loopback, and no
+    ``insecure_admin``. Loopback stays open, as before."""
+    if config.api_key or config.admin_key or config.insecure_admin or _is_loopback(config.host):
+        return
+    raise ConfigError(
+        f"refusing to serve on {config.host} with no API or admin key: anyone who can reach it could "
+        "call /admin (add and remove models, which loads any file this server can read, and scale "
+        "them). Set --api-key (or api_key / admin_key in the config file), bind to 127.0.0.1, or "
+        "pass --insecure-admin if the network is trusted")
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether every address ``host`` stands for is a loopback one (unresolvable: left to bind)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return True  # bind() reports it, with the reason
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -78,7 +106,9 @@ class OpenAIFrontend:
     """Serves a ``Server``'s deployments with the OpenAI API on ``config.host:config.port``."""
 
     def __init__(self, config: ServerConfig):
-        check_server_names(config.deployments, config.aliases)  # before any deployment starts
+        # Both before any deployment starts: the server stops with the reason instead
+        check_server_names(config.deployments, config.aliases)
+        check_admin_exposure(config)
         self.config = config
 
     async def serve(self, server: Any) -> None:
@@ -87,6 +117,7 @@ class OpenAIFrontend:
         sockets = bind(config.host, config.port)
         uv = _Uvicorn(uvicorn.Config(
             build_app(server), log_config=None, lifespan="on", access_log=True,
+            http=guarded_protocol(config.header_timeout, config.max_connections),
             timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=max(0.0, config.drain_timeout)))
         for sock in sockets:
             host, port = sock.getsockname()[:2]

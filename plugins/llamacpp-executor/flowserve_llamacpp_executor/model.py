@@ -45,12 +45,39 @@ def resolve_gguf(model: str) -> Path:
 
 
 def _init_backend() -> None:
-    global _backend_ready
+    global _backend_ready, _log_callback
     if not _backend_ready:
         import llama_cpp
 
+        # llama.cpp's own log goes through Python logging (the server's structured log), its
+        # chatty information lines at DEBUG; llama-cpp-python would print them all to stderr.
+        _log_callback = llama_cpp.llama_log_callback(_forward_log)
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _backend_ready = True
+
+
+_llama_log = logging.getLogger("flowserve_llamacpp_executor.llama_cpp")
+#: ggml_log_level → logging level (1 info, 2 warn, 3 error, 4 debug; 5 continues a line).
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+_log_callback = None  # kept referenced: llama.cpp holds only the C pointer
+_partial: list[str] = []
+_partial_level = logging.DEBUG
+
+
+def _forward_log(level: int, text: bytes, user_data: object) -> None:
+    """One piece of a llama.cpp log line; whole lines go to ``_llama_log``."""
+    global _partial_level
+    if level != 5:
+        _partial_level = _LOG_LEVELS.get(level, logging.DEBUG)
+    if not _llama_log.isEnabledFor(_partial_level):
+        return
+    _partial.append(text.decode("utf-8", errors="replace"))
+    if _partial[-1].endswith("\n"):
+        line = "".join(_partial).rstrip()
+        _partial.clear()
+        if line:
+            _llama_log.log(_partial_level, "llama.cpp: %s", line)
 
 
 class LlamaModel:

@@ -115,3 +115,33 @@ def test_eight_huge_prompts_in_flight_do_not_slow_a_normal_request(smol_server):
     print(f"normal request: {alone * 1000:.0f} ms alone, {under_load * 1000:.0f} ms sent with 8 prompts of 4 MB")
     assert refusals == [400] * 40
     assert under_load <= 1.5 * alone, (alone, loaded)
+
+
+def test_long_prompts_are_tokenized_one_at_a_time_beside_short_ones():
+    """The bulk lane: long prompts queue behind each other, a short one does not wait for them."""
+    import anyio
+
+    from flowserve_openai.prompts import BULK_PROMPT_CHARS, TokenizingLanes
+
+    running = {"long": 0, "most long": 0}
+    release = threading.Event()
+    short_done = threading.Event()
+
+    def long_work() -> None:
+        running["long"] += 1
+        running["most long"] = max(running["most long"], running["long"])
+        release.wait(30)
+        running["long"] -= 1
+
+    async def main() -> None:
+        lanes = TokenizingLanes()
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(lanes.run, BULK_PROMPT_CHARS + 1, long_work)
+            await anyio.sleep(0.2)
+            with anyio.fail_after(10):  # the long ones hold their lane, not the short prompt's
+                await lanes.run(100, short_done.set)
+            release.set()
+
+    anyio.run(main)
+    assert short_done.is_set() and running == {"long": 0, "most long": 1}

@@ -88,6 +88,8 @@ class LlamaCppExecutor:
                               f"{spec.tensor_parallel} needs executor 'spmd'")
         self.spec = spec
         self.model: LlamaModel = load_model(spec)
+        #: how the weights came: what the prewarm scaler reports as the start path
+        self.weights_path = "preloaded" if self.model.preloaded else "loaded"
         options = spec.options
         self.bytes_per_token = self.model.kv_bytes_per_token()
         memory = parse_memory_size(spec.kv_cache_memory)

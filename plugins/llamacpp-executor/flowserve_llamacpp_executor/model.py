@@ -58,8 +58,8 @@ def _init_backend() -> None:
 
 
 _llama_log = logging.getLogger("flowserve_llamacpp_executor.llama_cpp")
-#: ggml_log_level → logging level (1 info, 2 warn, 3 error, 4 debug; 5 continues a line).
-_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.WARNING, 3: logging.ERROR, 4: logging.DEBUG}
+#: ggml_log_level → logging level (1 debug, 2 info, 3 warn, 4 error; 5 continues a line).
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _log_callback = None  # kept referenced: llama.cpp holds only the C pointer
 _partial: list[str] = []
 _partial_level = logging.DEBUG
@@ -95,6 +95,8 @@ class LlamaModel:
                               f"this llama.cpp build does not know, or a damaged file")
         self.path = path
         self.pointer = pointer
+        #: loaded ahead of its executor (``preload``: a zygote or a pre-warmed process)
+        self.preloaded = False
         self.vocab = llama_cpp.llama_model_get_vocab(pointer)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(pointer))
@@ -133,6 +135,14 @@ class LlamaModel:
         if self.pointer:
             llama_cpp.llama_model_free(self.pointer)
             self.pointer = None
+
+
+def preload_model(spec: DeploymentSpec) -> LlamaModel:
+    """Load ``spec.model``'s GGUF now, for this process's next executor (computes nothing, so
+    the process may fork afterwards)."""
+    model = load_model(spec)
+    model.preloaded = True
+    return model
 
 
 def load_model(spec: DeploymentSpec) -> LlamaModel:

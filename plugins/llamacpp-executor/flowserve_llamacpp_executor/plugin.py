@@ -26,10 +26,9 @@ def _prewarm(device: str = "auto") -> None:
 def _preload(spec: DeploymentSpec) -> str:
     """Load ``spec``'s GGUF (mmapped) in this process for its next executor: a zygote does this
     and its forked children share the pages; each makes its own context after the fork."""
-    from flowserve_llamacpp_executor.model import load_model
+    from flowserve_llamacpp_executor.model import preload_model
 
-    load_model(spec)
-    return "mmap"
+    return str(preload_model(spec).path)
 
 
 # The fast-start API scalers look for on an executor factory (see flowserve-prewarm-scaler).

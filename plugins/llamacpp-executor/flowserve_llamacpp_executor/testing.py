@@ -6,6 +6,9 @@ float32 GGUF with the ``gguf`` library: tensor names mapped by ``gguf``'s own ta
 q/k rows permuted to llama.cpp's rotary layout (as llama.cpp's converter does), and SmolLM2's
 tokenizer and chat template copied from its GGUF (so FlowServe's ``hf`` tokenizer reads it).
 The weights are scaled up so greedy decoding has clear winners.
+
+``llama_cpp_greedy(path, prompt, n)`` is the greedy oracle: llama.cpp's own high-level API
+(``llama_cpp.Llama``), one sequence, on the same file, with the executor's attention settings.
 """
 
 from __future__ import annotations
@@ -93,3 +96,20 @@ def write_tiny_gguf(path: Path, architecture: str = "llama", *, seed: int = 0, t
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama_cpp_greedy(path: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    """The oracle: ``max_tokens`` greedy tokens after ``prompt`` from ``llama_cpp.Llama`` alone
+    on ``path`` (flash attention on, as the executor's default)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, flash_attn=True, verbose=False, seed=0)
+    try:
+        tokens: list[int] = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+            tokens.append(token)
+            if len(tokens) == max_tokens:
+                break
+        return tokens
+    finally:
+        llm.close()

@@ -17,24 +17,9 @@ from flowserve_core.types import DeploymentSpec
 from flowserve_testing import run_deployment
 
 from flowserve_llamacpp_executor.executor import LlamaCppExecutor
+from flowserve_llamacpp_executor.testing import llama_cpp_greedy
 
 pytestmark = pytest.mark.anyio
-
-
-def llama_cpp_greedy(path: Path, prompt: list[int], max_tokens: int) -> list[int]:
-    """The oracle: llama.cpp's own high-level API, one sequence, greedy, on the same file."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, flash_attn=True, verbose=False, seed=0)
-    try:
-        tokens = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-            tokens.append(token)
-            if len(tokens) == max_tokens:
-                break
-        return tokens
-    finally:
-        llm.close()
 
 
 def deployment_spec(path: Path, **overrides: object) -> DeploymentSpec:

@@ -63,8 +63,7 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
         api_key: Optional[str] = typer.Option(None, envvar="FLOWSERVE_API_KEY", show_envvar=True,
                                               help="Require this bearer key."),
-        insecure_admin: Optional[bool] = typer.Option(None, "--insecure-admin", help="Allow /admin with no key "
-                                                      "on a non-loopback --host (refused otherwise)."),
+        insecure_admin: Optional[bool] = typer.Option(None, "--insecure-admin", help="Allow a keyless public /admin."),
         header_timeout: Optional[float] = typer.Option(None, help="Seconds to send request headers (default 10)."),
         max_connections: Optional[int] = typer.Option(None, help="Open connections before a 503 (default 1024)."),
         frontend: Optional[str] = typer.Option(None, help="Frontend plugin (default openai)."),

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 from flowserve_core.config import default_model_path
 from flowserve_core.errors import ConfigError
@@ -42,6 +43,26 @@ def resolve_gguf(model: str) -> Path:
             raise ConfigError(f"model {str(path)!r} is not a GGUF file (executor 'llamacpp' serves GGUF "
                               f"files; use executor 'spmd' for Hugging Face checkpoints)")
     return path.resolve()
+
+
+def kv_bytes_per_token(metadata: Callable[[str], Any]) -> int:
+    """Bytes of f16 K and V one token takes in every layer, from a GGUF's metadata
+    (``metadata(key)``: the value or None), as llama.cpp sizes its cache."""
+    arch = metadata("general.architecture")
+
+    def number(key: str) -> int | None:
+        value = metadata(f"{arch}.{key}")
+        return None if value is None else int(value)
+
+    layers, heads = number("block_count"), number("attention.head_count")
+    embedding = number("embedding_length")
+    if not (layers and heads and embedding):
+        raise ConfigError(f"the GGUF metadata lacks {arch}.block_count, .attention.head_count or "
+                          f".embedding_length: not a model llama.cpp can run")
+    kv_heads = number("attention.head_count_kv") or heads
+    head_k = number("attention.key_length") or embedding // heads
+    head_v = number("attention.value_length") or head_k
+    return layers * kv_heads * (head_k + head_v) * 2
 
 
 def _init_backend() -> None:
@@ -125,9 +146,7 @@ class LlamaModel:
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of f16 K and V one token takes in every layer (the context's cache type)."""
-        head_k = int(self.metadata(f"{self.architecture}.attention.key_length") or self.n_embd // self.n_head)
-        head_v = int(self.metadata(f"{self.architecture}.attention.value_length") or head_k)
-        return self.n_layer * self.n_head_kv * (head_k + head_v) * 2
+        return kv_bytes_per_token(self.metadata)
 
     def close(self) -> None:
         import llama_cpp

@@ -37,6 +37,16 @@ build_executor.preload = _preload  # type: ignore[attr-defined]  # the prewarm s
 
 
 @hookimpl
+def flowserve_check_deployment(spec: DeploymentSpec) -> None:
+    """For a deployment of executor ``llamacpp``: what an instance start would refuse (tensor
+    parallelism, a missing or damaged GGUF, a KV cache too small), from the header only."""
+    if spec.executor == "llamacpp":
+        from flowserve_llamacpp_executor.checks import check_deployment
+
+        check_deployment(spec)
+
+
+@hookimpl
 def flowserve_register_executors(register: Any) -> None:
     """Register ``llamacpp``: GGUF models on llama.cpp's quantized CPU kernels."""
     register("llamacpp", build_executor)

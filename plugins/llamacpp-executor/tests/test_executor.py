@@ -119,3 +119,30 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
         LlamaCppExecutor(DeploymentSpec(model=str(fake)))
     with pytest.raises(ConfigError, match="no such GGUF file"):
         LlamaCppExecutor(DeploymentSpec(model=str(tmp_path / "missing.gguf")))
+
+
+def test_a_deployment_that_can_never_run_is_refused_before_it_starts(tiny_llama_gguf, tmp_path):
+    """The start-time check (hook ``flowserve_check_deployment``) reads the GGUF header only."""
+    from flowserve_llamacpp_executor.checks import check_deployment
+
+    check_deployment(DeploymentSpec(executor="llamacpp", model=str(tiny_llama_gguf), kv_cache_memory="16MiB"))
+    with pytest.raises(ConfigError, match="tensor_parallel=2 needs executor 'spmd'"):
+        check_deployment(DeploymentSpec(executor="llamacpp", model=str(tiny_llama_gguf), tensor_parallel=2))
+    with pytest.raises(ConfigError, match="max_model_len 4096 does not fit the KV cache"):
+        check_deployment(DeploymentSpec(executor="llamacpp", model=str(tiny_llama_gguf), kv_cache_memory="512KiB",
+                                        max_model_len=4096))
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(tiny_llama_gguf.read_bytes()[:4096])  # the header cut short
+    with pytest.raises(ConfigError, match="not a readable GGUF file"):
+        check_deployment(DeploymentSpec(executor="llamacpp", model=str(damaged)))
+
+
+def test_flowserve_serve_exits_with_the_reason_for_tensor_parallel(tiny_llama_gguf):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "flowserve_core.cli", "serve", "--model", str(tiny_llama_gguf),
+                           "--executor", "llamacpp", "--tensor-parallel", "2", "--port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "tensor_parallel=2 needs executor 'spmd'" in done.stdout + done.stderr

@@ -62,6 +62,17 @@ def flowserve_check_deployment(spec: DeploymentSpec) -> None:
 
 
 @hookimpl
+def flowserve_startup(deployment: Any) -> None:
+    """Open this server's private session for DRAM images before the deployment's scaler starts
+    processes (they inherit it), and remove the images of servers that died; the session and
+    its images go when the server exits cleanly (``flowserve_spmd_executor.image_store``)."""
+    if deployment.spec.executor == "spmd":
+        from flowserve_spmd_executor.image_store import open_session
+
+        open_session()
+
+
+@hookimpl
 def flowserve_register_executors(register: Any) -> None:
     """Register ``spmd``: a torch runner for Llama, Qwen2, Mistral and SmolLM2 checkpoints."""
     register("spmd", build_executor)

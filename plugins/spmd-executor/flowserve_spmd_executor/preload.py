@@ -7,10 +7,13 @@ package by name):
 - ``prewarm(device)`` — import torch and the executor's modules and open the device, so a
   pre-warmed process pays none of it when a model is assigned.
 - ``ensure_image(spec)`` — the model's weights as this executor holds them (fused, in the
-  run dtype) written once into a DRAM image: one flat file under ``/dev/shm/flowserve``
-  (``$FLOWSERVE_SHM_DIR``) plus a JSON index. Built by a separate process
-  (``python -m flowserve_spmd_executor.preload``) so the caller never computes; one builder
-  at a time (a file lock), atomically renamed into place.
+  run dtype) written once into a DRAM image: one flat file in this server's private session
+  directory under ``/dev/shm/flowserve-<uid>`` (``$FLOWSERVE_SHM_DIR``; see ``image_store``
+  for who may read it and when it is removed) plus a JSON index recording its size and
+  SHA-256. Built by a separate process (``python -m flowserve_spmd_executor.preload``) so
+  the caller never computes; one builder at a time (a file lock), atomically renamed into
+  place. An existing image is checked against its index before it is mapped, and built
+  again if it does not match.
 - ``preload(spec)`` — build the model in this process with every parameter a view into the
   image, memory-mapped copy-on-write (``torch.from_file(shared=False)``): nothing is read,
   parsed or converted, and every process mapping the image shares one copy of its pages.
@@ -48,10 +51,13 @@ import msgspec
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
 
+from flowserve_spmd_executor import image_store
+from flowserve_spmd_executor.image_store import image_dir  # noqa: F401  (callers find it here)
+
 log = logging.getLogger(__name__)
 
 #: Bump when what an image holds changes, so old images are ignored.
-IMAGE_FORMAT = 1
+IMAGE_FORMAT = 2
 _ALIGN = 64
 
 
@@ -77,6 +83,8 @@ class ImageIndex(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str
     nbytes: int
     tensors: list[ImageEntry]
+    #: of the data file, recorded when it was built and checked before it is mapped
+    sha256: str = ""
 
 
 class ModelKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,16 +109,6 @@ def prewarm(device: str = "auto") -> None:
         torch.cuda.init()
     elif kind == "npu":
         torch.npu.init()
-
-
-def image_dir() -> Path:
-    """Where images live: ``$FLOWSERVE_SHM_DIR``, else ``/dev/shm/flowserve`` when there is a
-    ``/dev/shm``, else the cache directory (a page-cached file is mapped all the same)."""
-    from flowserve_spmd_executor.options import cache_root
-
-    if os.environ.get("FLOWSERVE_SHM_DIR"):
-        return Path(os.environ["FLOWSERVE_SHM_DIR"])
-    return Path("/dev/shm/flowserve") if Path("/dev/shm").is_dir() else cache_root() / "images"
 
 
 def model_key(spec: DeploymentSpec, *, devices: tuple[str, ...] = ("cpu",)) -> ModelKey:
@@ -148,11 +146,13 @@ def ensure_image(spec: DeploymentSpec, timeout: float = 1800.0) -> Path:
     """The image of ``spec``'s weights, built first (in a child process) if absent."""
     key = model_key(spec)
     data, index = image_paths(key)
-    if index.exists() and data.exists():
-        return data
-    data.parent.mkdir(parents=True, exist_ok=True)
-    with open(data.parent / f".{data.stem}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with os.fdopen(image_store.create_private(data.parent / f".{data.stem}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # not while a builder writes it
+        if index.exists() and (why := _mismatch(data, index)):
+            log.warning("the DRAM image %s is refused (%s); building it again", data, why,
+                        extra={"image": str(data)})
+            index.unlink(missing_ok=True)
+            data.unlink(missing_ok=True)
         if not index.exists():
             started = time.perf_counter()
             process = subprocess.run([sys.executable, "-m", "flowserve_spmd_executor.preload"],
@@ -163,6 +163,17 @@ def ensure_image(spec: DeploymentSpec, timeout: float = 1800.0) -> Path:
             log.info("built the DRAM image of %s in %.1f s: %s", spec.model, time.perf_counter() - started,
                      data, extra={"image": str(data)})
     return data
+
+
+def _mismatch(data: Path, index_path: Path) -> str:
+    """'' if the image matches its index (format, size, SHA-256), else why not."""
+    try:
+        index = msgspec.json.decode(index_path.read_bytes(), type=ImageIndex)
+    except (OSError, msgspec.DecodeError) as exc:
+        return f"its index cannot be read: {exc}"
+    if index.format != IMAGE_FORMAT:
+        return f"format {index.format}, not {IMAGE_FORMAT}"
+    return image_store.verify(data, index.nbytes, index.sha256)
 
 
 def write_image(key: ModelKey) -> None:
@@ -181,20 +192,25 @@ def write_image(key: ModelKey) -> None:
     data, index = image_paths(key)
     tensors, offset = [], 0
     staging = data.with_name(f".{data.name}.{os.getpid()}")
-    with open(staging, "wb") as out:
+    sha256 = hashlib.sha256()
+    with os.fdopen(image_store.create_private(staging), "wb") as out:
         for name, param in model.named_parameters():  # tied weights appear once
             raw = param.detach().contiguous().view(-1).view(torch.uint8).numpy()
             pad = -offset % _ALIGN
             out.write(b"\0" * pad)
+            sha256.update(b"\0" * pad)
             offset += pad
             out.write(memoryview(raw))
+            sha256.update(memoryview(raw))
             tensors.append(ImageEntry(name=name, dtype=str(param.dtype).removeprefix("torch."),
                                       shape=list(param.shape), offset=offset, nbytes=raw.nbytes))
             offset += raw.nbytes
     os.rename(staging, data)
-    entry = ImageIndex(format=IMAGE_FORMAT, source=weights.source, dtype=key.dtype, nbytes=offset, tensors=tensors)
+    entry = ImageIndex(format=IMAGE_FORMAT, source=weights.source, dtype=key.dtype, nbytes=offset, tensors=tensors,
+                       sha256=sha256.hexdigest())
     index_staging = index.with_name(f".{index.name}.{os.getpid()}")
-    index_staging.write_bytes(msgspec.json.encode(entry))
+    with os.fdopen(image_store.create_private(index_staging), "wb") as out:
+        out.write(msgspec.json.encode(entry))
     os.rename(index_staging, index)  # last: the index existing means the image is complete
 
 

@@ -125,7 +125,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, config: BenchCo
         record.prompt_tokens = len(planned.prompt)
     try:
         with anyio.fail_after(config.timeout):
-            async with session.post(url, data=content, headers={"content-type": "application/json"}) as response:
+            async with await _post(session, url, content) as response:
                 if response.status != 200:
                     message = error_message(await response.read())
                     record.error = RequestError(str(response.status), message)
@@ -138,6 +138,26 @@ async def send_request(session: aiohttp.ClientSession, url: str, config: BenchCo
     except (aiohttp.ClientError, ValueError) as exc:  # ValueError: an SSE line past aiohttp's line limit
         record.error = RequestError("protocol", f"{type(exc).__name__} from {url}: {exc}")
     return record
+
+
+STALE_CONNECTION_RETRIES = 3
+
+
+async def _post(session: aiohttp.ClientSession, url: str, content: bytes) -> aiohttp.ClientResponse:
+    """POST ``content``; again, up to ``STALE_CONNECTION_RETRIES`` times, when the pooled
+    connection it went out on turns out closed before any answer. llama.cpp's llama-server
+    closes its connection after each streamed answer although it announces keep-alive, and
+    aiohttp can hand that connection out again before the close arrives: the request then
+    fails to be written ("Can not write request body") or the server disconnects without a
+    status. The server never read that request, so sending it again is safe."""
+    for _ in range(STALE_CONNECTION_RETRIES):
+        try:
+            return await session.post(url, data=content, headers={"content-type": "application/json"})
+        except aiohttp.ClientConnectorError:
+            raise  # could not connect at all: not a stale connection
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            continue
+    return await session.post(url, data=content, headers={"content-type": "application/json"})
 
 
 async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord, start: float) -> None:

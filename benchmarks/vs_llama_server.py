@@ -253,6 +253,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()  # others' work on the CPU skews every figure: keep it on record
     for name in servers:
         server = (start_llama_server(args, model, out) if name == "llama-server"
                   else start_flowserve(args, name, model, out))
@@ -269,12 +270,14 @@ def main() -> None:
     title = (f"{Path(model).name} ({gguf_mib:.0f} MiB), prompts {args.prompt_len}, {args.output_len} output tokens, "
              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
     markdown = report(rows, title)
+    console.print(f"load average (1/5/15 min) before: {load_before}, after: {os.getloadavg()}")
     print(markdown)
     summary = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "model": model,
                "gguf_mib": gguf_mib, "cpus": os.cpu_count(), "llama_server": args.llama_server,
                "llama_server_args": {"threads": args.threads, "parallel": args.parallel, "ctx_size": args.ctx_size,
                                      "extra": args.llama_args},
-               "flowserve_args": args.flowserve_args, "rows": rows, "markdown": markdown}
+               "flowserve_args": args.flowserve_args, "load_average_before": load_before,
+               "load_average_after": os.getloadavg(), "rows": rows, "markdown": markdown}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(f"results in {out}/")
 

@@ -3,11 +3,12 @@
 Histograms and counters are recorded by the frontend when a request ends; gauges (running
 and waiting requests, KV cache usage, instances by state) and the prefix-cache counters are
 read from the deployments when Prometheus scrapes. Every series has a ``model`` label (the
-deployment's name).
+deployment's name). The series of a removed deployment go at the next scrape.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -44,7 +45,11 @@ class ServerMetrics:
         self.generation_tokens = Counter("flowserve:generation_tokens", "Generated tokens.", ["model"], registry=r)
         self.success = Counter("flowserve:request_success", "Finished requests by finish reason.",
                                ["model", "finish_reason"], registry=r)
-        r.register(_DeploymentCollector(server))
+        self.server = server
+        #: the models (and their finish reasons) that have series in the instruments above
+        self._recorded: dict[str, set[str]] = {}
+        self._collector = _DeploymentCollector(server)
+        r.register(self._collector)
 
     def request_finished(self, model: str, handle: Any, inter_token_latencies: list[float]) -> None:
         """Record one ended request (``handle`` is its ``RequestHandle``)."""
@@ -63,10 +68,25 @@ class ServerMetrics:
         self.prompt_tokens.labels(model).inc(len(request.prompt_token_ids))
         self.generation_tokens.labels(model).inc(len(output.output_token_ids))
         self.success.labels(model, output.finish_reason or "abort").inc()
+        self._recorded.setdefault(model, set()).add(output.finish_reason or "abort")
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format."""
+        self._forget_removed()
         return generate_latest(self.registry)
+
+    def _forget_removed(self) -> None:
+        """Drop the series of deployments that were removed (their children would otherwise
+        stay in the registry for ever, one set per name ever served)."""
+        served = set(self.server.deployments)
+        for model in [m for m in self._recorded if m not in served]:
+            for instrument in (self.ttft, self.itl, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens):
+                with contextlib.suppress(KeyError):
+                    instrument.remove(model)
+            for reason in self._recorded.pop(model):
+                with contextlib.suppress(KeyError):
+                    self.success.remove(model, reason)
+        self._collector.forget(served)
 
 
 class _DeploymentCollector:
@@ -82,6 +102,13 @@ class _DeploymentCollector:
     def describe(self) -> Iterable[Metric]:
         """Nothing up front: the registry must not read the deployments at registration."""
         return []
+
+    def forget(self, served: set[str]) -> None:
+        """Drop what is kept of deployments no longer ``served``."""
+        for table in (self._retired, self._last):
+            for name in [n for n in table if n not in served]:
+                del table[name]
+        self._cold_starts.forget(served)
 
     def collect(self) -> Iterable[Metric]:
         """The gauges and prefix-cache counters, read now."""
@@ -170,6 +197,13 @@ class _ColdStarts:
             counts[index] += 1
             self._sums[key] = self._sums.get(key, 0.0) + info.start_seconds
         seen &= live  # ids of instances that are gone never come back
+
+    def forget(self, served: set[str]) -> None:
+        """Drop the start times of deployments no longer ``served``."""
+        for name in [n for n in self._seen if n not in served]:
+            del self._seen[name]
+        for key in [k for k in self._buckets if k[0] not in served]:
+            del self._buckets[key], self._sums[key]
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily("flowserve:instance_cold_start_seconds",

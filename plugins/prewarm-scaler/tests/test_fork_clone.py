@@ -54,7 +54,7 @@ def spec(path: Path, **overrides) -> DeploymentSpec:
     options = {"pool_size": 0, "autoscale": False, **overrides.pop("options", {})}
     fields = dict(name="tiny", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
                   batch_scheduler="continuous", job_scheduler="colocated", scaler="prewarm",
-                  dtype="float32", device="cpu", kv_cache_memory="2MiB", max_model_len=512,
+                  dtype="float32", device="cpu", kv_cache_memory="8MiB", max_model_len=512,
                   min_instances=2, max_instances=64, options=options)
     fields.update(overrides)
     return DeploymentSpec(**fields)

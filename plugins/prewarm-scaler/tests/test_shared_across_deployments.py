@@ -72,7 +72,7 @@ def spec(name: str, path: Path, **options) -> DeploymentSpec:
     return DeploymentSpec(
         name=name, model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
         batch_scheduler="continuous", job_scheduler="colocated", scaler="prewarm", dtype="float32",
-        device="cpu", kv_cache_memory="2MiB", max_model_len=256, min_instances=1, max_instances=1,
+        device="cpu", kv_cache_memory="4MiB", max_model_len=256, min_instances=1, max_instances=1,
         options={"autoscale": False, "pool_size": 1, **options})
 
 

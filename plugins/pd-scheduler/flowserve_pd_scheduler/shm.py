@@ -2,7 +2,8 @@
 
 The prefill instance writes one file per handoff; the decode instance maps it (no copy, no
 pickling: raw bytes whose layout the ``KVHandoff`` and the executor describe) and removes it
-once imported. Both sides must be on one host. ``FLOWSERVE_KV_SHM_DIR`` overrides the folder.
+once imported. Both sides must be on one host, as the same user: files are 0600.
+``FLOWSERVE_KV_SHM_DIR`` overrides the folder.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class SharedMemoryTransport:
         """Write ``data`` to a new file; its name is the locator (``key`` is only for logs)."""
         locator = f"flowserve-kv-{uuid.uuid4().hex}"
         path = self.directory / locator
-        with open(path, "wb") as file:
+        # 0600: /dev/shm is listable by every user, and KV bytes hold what the prompt said.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as file:
             file.write(memoryview(data).cast("B"))
         return locator
 

@@ -65,3 +65,15 @@ def test_size_mismatch_bad_locators_and_release_are_clear(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError):
         transport.fetch(handoff(locator, 6))
+
+
+def test_a_handoff_file_is_readable_by_its_user_only(tmp_path, monkeypatch):
+    """/dev/shm is listable by every user; KV bytes say what the prompt said."""
+    import os
+    import stat
+
+    monkeypatch.setenv("FLOWSERVE_KV_SHM_DIR", str(tmp_path))
+    transport = SharedMemoryTransport()
+    locator = transport.publish(b"\x01" * 64, "seq-1")
+    assert stat.S_IMODE((tmp_path / locator).stat().st_mode) == 0o600
+    transport.release(locator)

@@ -80,7 +80,7 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         max_queue: Optional[int] = typer.Option(None, help="Requests queued per deployment before 429."),
         max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
         min_instances: Optional[int] = typer.Option(None, help="Instances kept running."),
-        max_instances: Optional[int] = typer.Option(None, help="Upper bound for autoscaling."),
+        max_instances: Optional[int] = typer.Option(None, help="Upper bound for autoscaling (default: --min-instances)."),
         prefill_instances: Optional[int] = typer.Option(None, help="PD: prefill instances (pd-disaggregated, pd-hybrid)."),
         decode_instances: Optional[int] = typer.Option(None, help="PD: decode instances (pd-disaggregated, pd-hybrid)."),
         colocated_instances: Optional[int] = typer.Option(None, help="PD: colocated instances (pd-hybrid)."),

@@ -13,8 +13,8 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402
-from flowserve_core.types import DeploymentSpec, InstanceState, Request, SamplingParams, Task  # noqa: E402
+from flowserve_core.testing import generate_on, run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_core.types import DeploymentSpec, InstanceState  # noqa: E402
 from kv_peers import peer_on  # noqa: E402
 from ray_nodes import ray_cluster  # noqa: E402
 
@@ -27,15 +27,6 @@ def two_nodes():
         yield address
 
 
-async def generate_on(instance, prompt: list[int], new_tokens: int) -> list[int]:
-    task = Task(request=Request(prompt_token_ids=prompt, params=SamplingParams(
-        max_tokens=new_tokens, temperature=0.0, ignore_eos=True)))
-    tokens: list[int] = []
-    async with instance.submit(task) as events:
-        async for event in events:
-            assert event.finish_reason in (None, "length"), event.error
-            tokens += event.token_ids
-    return tokens
 
 
 async def test_one_actor_per_node_both_serve_hf_greedy_tokens(two_nodes, tmp_path):

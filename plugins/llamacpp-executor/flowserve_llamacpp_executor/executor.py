@@ -31,6 +31,7 @@ import threading
 from typing import Any
 
 import anyio
+import llama_cpp
 import numpy as np
 import torch
 
@@ -81,8 +82,6 @@ class LlamaCppExecutor:
     """
 
     def __init__(self, spec: DeploymentSpec):
-        import llama_cpp
-
         if spec.tensor_parallel != 1:
             raise ConfigError(f"executor 'llamacpp' runs a model in one process; tensor_parallel="
                               f"{spec.tensor_parallel} needs executor 'spmd'")
@@ -166,8 +165,6 @@ class LlamaCppExecutor:
     def _row(self, scheduled: Any) -> _Row:
         """Give ``scheduled`` its slot, holding exactly its first ``start_pos`` tokens' KV
         (shared from another slot or recomputed in this step where it did not)."""
-        import llama_cpp
-
         start = scheduled.start_pos
         slot = self.slots.get(scheduled.seq_id)
         if slot is None:
@@ -191,8 +188,6 @@ class LlamaCppExecutor:
 
     def _decode(self, rows: list[_Row]) -> np.ndarray:
         """Decode every row's tokens (in parts of ``n_batch``); the sampled rows' logits."""
-        import llama_cpp
-
         logits = np.empty((sum(1 for row in rows if row.sample), self.model.n_vocab), dtype=np.float32)
         batch = self.batch
         n = 0
@@ -220,8 +215,6 @@ class LlamaCppExecutor:
         return logits
 
     def _run_part(self, n: int, pending: list[tuple[int, int]], logits: np.ndarray) -> None:
-        import llama_cpp
-
         self.batch.n_tokens = n
         while True:
             code = llama_cpp.llama_decode(self.ctx, self.batch)
@@ -242,8 +235,6 @@ class LlamaCppExecutor:
             logits[row] = np.ctypeslib.as_array(pointer, shape=(vocab,))
 
     def _remove(self, seq_id: int | None) -> None:
-        import llama_cpp
-
         if seq_id is not None:
             llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
 
@@ -252,8 +243,6 @@ class LlamaCppExecutor:
     def _export(self, seq_id: str) -> memoryview:
         """The whole KV of ``seq_id``'s slot (llama.cpp's per-sequence state format); an
         importer takes it whole, whichever blocks it already had."""
-        import llama_cpp
-
         slot = self.slots.get(seq_id)
         if slot is None:
             raise RuntimeError(f"cannot export the KV of {seq_id}: it is not on this executor")
@@ -265,8 +254,6 @@ class LlamaCppExecutor:
     def _import(self, transfer: KVBlockTransfer) -> None:
         """Write an exported sequence state into ``transfer.seq_id``'s (new) slot. Its tokens
         are learnt when the sequence is scheduled (its position says how many there are)."""
-        import llama_cpp
-
         slot = self.slots.get(transfer.seq_id)
         if slot is None:
             slot, evicted = self.slots.open(transfer.seq_id)
@@ -285,8 +272,6 @@ class LlamaCppExecutor:
 
     def close(self) -> None:
         """Free the context (the model stays loaded for the process's next executor)."""
-        import llama_cpp
-
         with self._lock:
             self._dead = self._dead or "the executor was closed"
             if self.ctx:

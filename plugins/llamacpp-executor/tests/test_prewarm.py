@@ -13,23 +13,14 @@ pytest.importorskip("flowserve_prewarm_scaler")
 
 from flowserve_core.deployment import Deployment  # noqa: E402
 from flowserve_core.plugins import PluginManager  # noqa: E402
-from flowserve_core.types import DeploymentSpec, Request, SamplingParams, Task  # noqa: E402
+from flowserve_core.types import DeploymentSpec  # noqa: E402
+from flowserve_testing import generate_on  # noqa: E402
 
 from flowserve_llamacpp_executor.testing import llama_cpp_greedy  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
 
-async def generate_on(instance, prompt: list[int], new_tokens: int) -> list[int]:
-    """Run one task on ``instance`` itself (not through the router), to reach every instance."""
-    task = Task(request=Request(prompt_token_ids=prompt, params=SamplingParams(
-        max_tokens=new_tokens, temperature=0.0, ignore_eos=True)))
-    tokens: list[int] = []
-    async with instance.submit(task) as stream:
-        async for event in stream:
-            assert event.error is None, event.error
-            tokens += event.token_ids
-    return tokens
 
 
 @pytest.mark.parametrize("start_path, reported", [("fork", "forked"), ("preload", "preloaded")])

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from flowserve_core.deployment import Deployment  # noqa: E402
 from flowserve_core.plugins import PluginManager  # noqa: E402
 from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402
-from flowserve_testing import hf_greedy, write_tiny_llama  # noqa: E402
+from flowserve_testing import generate_on, hf_greedy, write_tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -62,18 +62,6 @@ def spec(path: Path, **overrides) -> DeploymentSpec:
 
 
 
-async def generate_on(instance, prompt: list[int], new_tokens: int) -> list[int]:
-    """Run one task on ``instance`` itself (not through the router), to reach every instance."""
-    from flowserve_core.types import Task
-
-    task = Task(request=Request(prompt_token_ids=prompt, params=SamplingParams(
-        max_tokens=new_tokens, temperature=0.0, ignore_eos=True)))
-    tokens: list[int] = []
-    async with instance.submit(task) as stream:
-        async for event in stream:
-            tokens += event.token_ids
-            assert event.finish_reason in (None, "length"), event.error
-    return tokens
 
 
 async def run_with_ready(deployment: Deployment, count: int, timeout: float = 240):

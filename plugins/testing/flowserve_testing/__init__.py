@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and the API docs
     from flowserve_testing.check_scheduler import check_batch_scheduler
     from flowserve_testing.check_tokenizer import check_tokenizer
     from flowserve_testing.engines import TinyEngine, find_tiny_engine, hf_greedy, write_tiny_llama
-    from flowserve_testing.harness import DeploymentRunner, InstanceStartError, plugin_manager, run_deployment
+    from flowserve_testing.harness import (DeploymentRunner, InstanceStartError, generate_on, plugin_manager,
+                                           run_deployment)
     from flowserve_testing.live import LiveServer, free_port, serve
 
 #: name → the submodule that defines it, imported on first use
@@ -41,7 +42,7 @@ _LAZY = {
     "ConformanceError": "_suite", "check_executor": "check_executor", "check_kv_cache_manager": "check_kv_cache",
     "check_batch_scheduler": "check_scheduler", "check_tokenizer": "check_tokenizer", "TinyEngine": "engines",
     "find_tiny_engine": "engines", "hf_greedy": "engines", "write_tiny_llama": "engines",
-    "DeploymentRunner": "harness", "InstanceStartError": "harness", "plugin_manager": "harness",
+    "DeploymentRunner": "harness", "InstanceStartError": "harness", "generate_on": "harness", "plugin_manager": "harness",
     "run_deployment": "harness", "LiveServer": "live", "free_port": "live", "serve": "live",
 }
 __all__ = sorted(_LAZY)

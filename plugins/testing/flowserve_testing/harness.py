@@ -12,7 +12,7 @@ import msgspec
 from flowserve_core.config import resolve_deployment
 from flowserve_core.deployment import Deployment
 from flowserve_core.plugins import ENTRY_POINT_GROUP, PluginManager
-from flowserve_core.types import DeploymentSpec, InstanceState, Request, RequestOutput, SamplingParams
+from flowserve_core.types import DeploymentSpec, InstanceState, Request, RequestOutput, SamplingParams, Task
 
 from flowserve_testing.plugin import with_kit_plugin
 
@@ -131,3 +131,17 @@ async def _wait_for_an_instance(deployment: Deployment) -> None:
             raise InstanceStartError(f"instance {failed[0].id} of deployment {deployment.name!r} "
                                      f"failed to start: {failed[0].error}")
         await deployment.pool.wait_changed()
+
+
+async def generate_on(instance: Any, prompt: Sequence[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of one task run on ``instance`` itself, not through a job scheduler (to
+    reach every instance of a pool); ``max_tokens`` exactly (``ignore_eos``). A task that
+    ends in error raises ``AssertionError`` with its message."""
+    task = Task(request=Request(prompt_token_ids=list(prompt), params=SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
+    tokens: list[int] = []
+    async with instance.submit(task) as events:
+        async for event in events:
+            assert event.finish_reason in (None, "length"), event.error
+            tokens += event.token_ids
+    return tokens

@@ -41,7 +41,14 @@ import msgspec  # noqa: E402
 # The bodies and the streaming response live beside this script (run as a script, its
 # directory is on sys.path).
 from naive_http import (  # noqa: E402
-    ApiError, ChatBody, ChatMessage, CompletionBody, GenerationJob, GenerationResponse, Usage, _GenerationParams,
+    ApiError,
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    GenerationJob,
+    GenerationResponse,
+    Usage,
+    _GenerationParams,
 )
 
 log = logging.getLogger("naive_server")

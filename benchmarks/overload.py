@@ -34,7 +34,6 @@ from pathlib import Path
 import aiohttp
 import anyio
 import msgspec
-
 from soak import MODEL, LiveServer, engine_args
 
 JSON_BODY = {"content-type": "application/json"}

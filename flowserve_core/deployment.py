@@ -17,8 +17,17 @@ from flowserve_core import telemetry
 from flowserve_core.errors import ConfigError, EngineDeadError, RejectedError
 from flowserve_core.interfaces import Instance
 from flowserve_core.plugins import PluginManager
-from flowserve_core.types import (DeploymentSpec, InstanceState, Rejection, Request, RequestMetrics, RequestOutput,
-                                  RequestState, TaskRole, TokenEvent)
+from flowserve_core.types import (
+    DeploymentSpec,
+    InstanceState,
+    Rejection,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    RequestState,
+    TaskRole,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,21 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Proto
 
 import msgspec
 
-from flowserve_core.types import (InstanceInfo, InstanceStats, Job, KVCacheSpec, KVHandoff, KVUsage, Request,
-                                  SamplingParams, SchedulerStats, StepBatch, StepResult, Task, TokenEvent)
+from flowserve_core.types import (
+    InstanceInfo,
+    InstanceStats,
+    Job,
+    KVCacheSpec,
+    KVHandoff,
+    KVUsage,
+    Request,
+    SamplingParams,
+    SchedulerStats,
+    StepBatch,
+    StepResult,
+    Task,
+    TokenEvent,
+)
 
 if TYPE_CHECKING:
     from flowserve_core.deployment import Deployment, InstancePool

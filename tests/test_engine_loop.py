@@ -12,7 +12,6 @@ from flowserve_core import hookimpl
 from flowserve_core.deployment import Deployment
 from flowserve_core.errors import RejectedError
 from flowserve_core.types import Rejection, Request, SamplingParams
-
 from flowserve_test_fixtures import toy_spec
 
 pytestmark = pytest.mark.anyio

@@ -11,9 +11,8 @@ import pytest
 from flowserve_core import hookimpl
 from flowserve_core.deployment import InstancePool
 from flowserve_core.types import InstanceInfo, InstanceState
-from flowserve_testing.inprocess import LocalInstance
-
 from flowserve_test_fixtures import CounterExecutor, toy_spec
+from flowserve_testing.inprocess import LocalInstance
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,6 @@ from flowserve_core.config import ServerConfig, load_config
 from flowserve_core.errors import ConfigError, UnknownModelError
 from flowserve_core.server import Server
 from flowserve_core.types import InstanceState, Request, SamplingParams
-
 from flowserve_test_fixtures import toy_spec
 
 pytestmark = pytest.mark.anyio

@@ -4,8 +4,18 @@ import msgspec
 import pytest
 
 from flowserve_core.types import (
-    DeploymentSpec, IllegalTransition, InstanceInfo, InstanceState, Job, Request, RequestState,
-    SamplingParams, Task, TaskRole, TaskState, TokenEvent,
+    DeploymentSpec,
+    IllegalTransition,
+    InstanceInfo,
+    InstanceState,
+    Job,
+    Request,
+    RequestState,
+    SamplingParams,
+    Task,
+    TaskRole,
+    TaskState,
+    TokenEvent,
 )
 
 

@@ -28,7 +28,6 @@ import anyio
 import msgspec
 
 from flowserve_core.types import Task, TokenEvent
-
 from flowserve_ray.protocol import ActorReady, EventBatch, decode_setup, encode
 
 log = logging.getLogger(__name__)
@@ -96,10 +95,9 @@ class EngineActor:
         """Build the engine with the ``spmd`` executor's worker ranks as ``RankActor``s."""
         from flowserve_core.engine import build_engine
         from flowserve_core.plugins import get_plugin_manager
-        from flowserve_spmd_executor.launch import use_rank_launcher
-
         from flowserve_ray.cluster import read_options
         from flowserve_ray.ranks import RayRankLauncher
+        from flowserve_spmd_executor.launch import use_rank_launcher
 
         options = read_options(self.spec)
         self.ranks = await anyio.to_thread.run_sync(lambda: RayRankLauncher(

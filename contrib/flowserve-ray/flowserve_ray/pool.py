@@ -15,7 +15,6 @@ from typing import Any
 import anyio
 
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_ray.cluster import RayOptions
 
 log = logging.getLogger(__name__)

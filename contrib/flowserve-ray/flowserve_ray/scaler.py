@@ -26,7 +26,6 @@ import anyio
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
 from flowserve_prewarm_scaler.target import TargetScaler
-
 from flowserve_ray.cluster import connect, read_options
 from flowserve_ray.instance import RayInstance
 from flowserve_ray.pool import ActorPool

@@ -20,7 +20,6 @@ from typing import Any
 
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec, KVHandoff
-
 from flowserve_ray.cluster import NAMESPACE
 
 EXCHANGE_NAME = "flowserve-kv-exchange"

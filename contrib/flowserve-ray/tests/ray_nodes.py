@@ -67,7 +67,10 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1, timeout: float = 90.0) -
     # Token authentication with Ray's default token file, which every process here reads
     # (a driver caches the token it first saw, so all must agree on that one file).
     from ray._private.authentication.authentication_token_setup import (
-        _enable_token_auth, _get_default_token_path, generate_and_save_token)
+        _enable_token_auth,
+        _get_default_token_path,
+        generate_and_save_token,
+    )
 
     if not _get_default_token_path().exists():
         generate_and_save_token()

@@ -13,10 +13,11 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_core.testing import generate_on, run_deployment, write_tiny_llama  # noqa: E402
-from flowserve_core.types import DeploymentSpec, InstanceState  # noqa: E402
 from kv_peers import peer_on  # noqa: E402
 from ray_nodes import ray_cluster  # noqa: E402
+
+from flowserve_core.testing import generate_on, run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_core.types import DeploymentSpec, InstanceState  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -67,9 +68,10 @@ def test_kv_bytes_cross_nodes_through_ray_objects(two_nodes):
 
 async def test_pd_disaggregated_across_nodes_hands_kv_through_ray_objects(two_nodes, tmp_path):
     pytest.importorskip("flowserve_pd_scheduler")
+    from transformers import AutoModelForCausalLM
+
     from flowserve_core.testing import hf_greedy
     from flowserve_core.types import TaskRole
-    from transformers import AutoModelForCausalLM
 
     path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=13)
     spec = DeploymentSpec(name="pd", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
@@ -94,8 +96,9 @@ async def test_pd_disaggregated_across_nodes_hands_kv_through_ray_objects(two_no
 
 
 async def test_a_tensor_parallel_gang_spread_over_both_nodes_gives_hf_tokens(two_nodes, tmp_path):
-    from flowserve_core.testing import hf_greedy
     from transformers import AutoModelForCausalLM
+
+    from flowserve_core.testing import hf_greedy
 
     path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=17)
     spec = DeploymentSpec(name="tp", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",

@@ -5,7 +5,6 @@ import pytest
 from flowserve_core.testing import check_batch_scheduler, plugin_manager, run_deployment
 from flowserve_core.types import DeploymentSpec, KVCacheSpec, Request, SamplingParams, StepResult, Task
 from flowserve_paged_kv.manager import PagedKVCacheManager
-
 from flowserve_shortest_prompt_first.plugin import ShortestPromptFirstScheduler
 
 

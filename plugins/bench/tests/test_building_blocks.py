@@ -132,9 +132,8 @@ def test_goodput_counts_requests_within_every_slo():
 
 
 def test_smollm2s_served_name_finds_its_gguf_vocabulary():
-    from flowserve_core.config import default_model_path
-
     from flowserve_bench.prompts import find_vocabulary
+    from flowserve_core.config import default_model_path
 
     pytest.importorskip("gguf")
     vocabulary = find_vocabulary(None, "SmolLM2-135M-Instruct.Q4_1.gguf")  # FlowServe's default model id

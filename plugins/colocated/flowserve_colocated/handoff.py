@@ -31,9 +31,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVHandoff, TaskRole
-
 from flowserve_colocated.sequence import Sequence
+from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVHandoff, TaskRole
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowserve_core import hookimpl
-
 from flowserve_colocated.router import ColocatedJobScheduler
 from flowserve_colocated.scheduler import ContinuousBatchScheduler
+from flowserve_core import hookimpl
 
 
 @hookimpl

@@ -22,13 +22,19 @@ import logging
 import time
 from typing import Any
 
+from flowserve_colocated.estimate import LinearFit
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
-    DeploymentSpec, Job, Rejection, Request, Task, TaskRole, TaskState, TokenEvent,
+    DeploymentSpec,
+    Job,
+    Rejection,
+    Request,
+    Task,
+    TaskRole,
+    TaskState,
+    TokenEvent,
 )
-
-from flowserve_colocated.estimate import LinearFit
 
 log = logging.getLogger(__name__)
 

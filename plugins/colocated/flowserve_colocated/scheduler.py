@@ -25,13 +25,21 @@ import itertools
 import logging
 from typing import Any
 
-from flowserve_core.types import (
-    DeploymentSpec, FinishReason, KVHandoff, KVUsage, SchedulerStats, ScheduledSequence, StepBatch,
-    StepResult, Task, TaskRole, TokenEvent,
-)
-
 from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
+from flowserve_core.types import (
+    DeploymentSpec,
+    FinishReason,
+    KVHandoff,
+    KVUsage,
+    ScheduledSequence,
+    SchedulerStats,
+    StepBatch,
+    StepResult,
+    Task,
+    TaskRole,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 

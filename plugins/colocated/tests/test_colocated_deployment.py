@@ -226,10 +226,9 @@ async def test_instance_processes_that_die_are_retried_then_given_up(pm):
 
 
 def test_load_order_is_tasks_then_prefill_backlog_then_running_then_free_blocks():
+    from flowserve_colocated import load_key
     from flowserve_core.types import InstanceInfo, InstanceStats, KVUsage, SchedulerStats
     from flowserve_prewarm_scaler.instance import InstanceBase
-
-    from flowserve_colocated import load_key
 
     def instance(name, tasks=0, prefill=0, running=0, free=0):
         handle = InstanceBase(InstanceInfo(id=name))

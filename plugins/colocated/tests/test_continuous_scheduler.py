@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import pytest
 
+from flowserve_colocated import ContinuousBatchScheduler
 from flowserve_core.types import (
-    KVCacheSpec, Request, SamplingParams, StepBatch, Task, TaskRole, TokenEvent,
+    KVCacheSpec,
+    Request,
+    SamplingParams,
+    StepBatch,
+    Task,
+    TaskRole,
+    TokenEvent,
 )
 from flowserve_paged_kv import PagedKVCacheManager
 from flowserve_test_fixtures import CounterExecutor, toy_spec
-
-from flowserve_colocated import ContinuousBatchScheduler
 
 pytestmark = pytest.mark.anyio
 

@@ -17,14 +17,13 @@ import types
 import anyio
 import pytest
 
+from flowserve_colocated import ContinuousBatchScheduler
 from flowserve_core import hookimpl
 from flowserve_core.engine import Engine
 from flowserve_core.plugins import get_plugin_manager
 from flowserve_core.types import KVCacheSpec, KVHandoff, Request, SamplingParams, Task, TaskRole
 from flowserve_paged_kv import PagedKVCacheManager
 from flowserve_test_fixtures import CounterExecutor, toy_spec
-
-from flowserve_colocated import ContinuousBatchScheduler
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ import pytest
 
 from flowserve_core.errors import RejectedError
 from flowserve_core.types import Request, SamplingParams
-from flowserve_testing import run_deployment
 from flowserve_test_fixtures import toy_spec
+from flowserve_testing import run_deployment
 
 pytestmark = pytest.mark.anyio
 SLOTS, STEP, TOKENS = 2, 0.02, 10  # each request holds a slot for TOKENS steps of STEP s

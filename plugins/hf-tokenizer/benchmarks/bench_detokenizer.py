@@ -13,7 +13,6 @@ import argparse
 import time
 
 from flowserve_core.types import DeploymentSpec, SamplingParams
-
 from flowserve_hf_tokenizer.tokenizer import build_hf_tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Streaming text arrives one token at a time; "

@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 
 from flowserve_core.interfaces import TextDelta
 from flowserve_core.types import SamplingParams
-
 from flowserve_hf_tokenizer.stop_strings import StopStringMatcher
 
 #: ``decode(token_ids, skip_special_tokens) -> str``

@@ -21,7 +21,6 @@ from typing import Any
 import msgspec
 
 from flowserve_core.errors import ConfigError
-
 from flowserve_hf_tokenizer.gguf_metadata import gguf_model_facts, read_gguf_scalars
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from flowserve_core.config import default_model_path
 from flowserve_core.errors import ConfigError
 from flowserve_core.interfaces import ChatMessage
 from flowserve_core.types import DeploymentSpec, SamplingParams
-
 from flowserve_hf_tokenizer.detokenizer import REPLACEMENT_CHARACTER, DecodeFn, HFDetokenizer
 from flowserve_hf_tokenizer.loading import LoadedTokenizer, load_tokenizer
 

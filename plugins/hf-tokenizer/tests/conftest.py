@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_hf_tokenizer.testing import build_llama_style_tokenizer
+
 
 @pytest.fixture(scope="session")
 def tokenizer_cache_dir(tmp_path_factory) -> Path:

@@ -7,7 +7,6 @@ import pytest
 
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_hf_tokenizer.loading import LoadedTokenizer, ModelFacts
 from flowserve_hf_tokenizer.tokenizer import HFTokenizer
 

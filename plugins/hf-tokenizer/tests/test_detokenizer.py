@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from flowserve_core.interfaces import ChatMessage, IncrementalDetokenizer, TextDelta
 from flowserve_core.types import SamplingParams
-
 from flowserve_hf_tokenizer.detokenizer import HFDetokenizer
 from flowserve_hf_tokenizer.testing import WIDE_CHARACTERS as WIDE
 

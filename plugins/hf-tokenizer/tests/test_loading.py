@@ -13,7 +13,6 @@ from flowserve_core.config import default_model_path
 from flowserve_core.errors import ConfigError
 from flowserve_core.interfaces import ChatMessage
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_hf_tokenizer import loading
 from flowserve_hf_tokenizer.gguf_metadata import GGUFFormatError, gguf_model_facts, read_gguf_scalars
 from flowserve_hf_tokenizer.testing import build_llama_style_tokenizer, write_tiny_gguf

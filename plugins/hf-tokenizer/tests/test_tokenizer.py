@@ -4,17 +4,13 @@ transformers' own tokenizer for SmolLM2's GGUF and a SentencePiece-style tokeniz
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from flowserve_core.interfaces import ChatMessage, Tokenizer
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_hf_tokenizer.loading import LoadedTokenizer, ModelFacts
+from flowserve_hf_tokenizer.testing import WIDE_CHARACTERS as WIDE, build_llama_style_tokenizer
 from flowserve_hf_tokenizer.tokenizer import HFTokenizer, build_hf_tokenizer
-
-from flowserve_hf_tokenizer.testing import WIDE_CHARACTERS as WIDE
-from flowserve_hf_tokenizer.testing import build_llama_style_tokenizer
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 contents = st.lists(st.sampled_from(list("ab ,\n{}%'\"") + ["Hello", "<|im_end|>", "{{ x }}"] + WIDE),

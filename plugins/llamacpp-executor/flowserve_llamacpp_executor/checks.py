@@ -6,7 +6,6 @@ from __future__ import annotations
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_llamacpp_executor.model import kv_bytes_per_token, resolve_gguf
 
 

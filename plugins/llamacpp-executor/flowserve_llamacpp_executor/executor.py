@@ -38,10 +38,9 @@ import torch
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError, EngineDeadError
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
-from flowserve_sampler import Sampler
-
 from flowserve_llamacpp_executor.model import LlamaModel, load_model
 from flowserve_llamacpp_executor.slots import Slot, SlotTable
+from flowserve_sampler import Sampler
 
 log = logging.getLogger(__name__)
 

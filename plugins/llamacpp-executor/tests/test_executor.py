@@ -14,10 +14,9 @@ import pytest
 
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
-from flowserve_testing import run_deployment
-
 from flowserve_llamacpp_executor.executor import LlamaCppExecutor
 from flowserve_llamacpp_executor.testing import llama_cpp_greedy
+from flowserve_testing import run_deployment
 
 pytestmark = pytest.mark.anyio
 

@@ -10,8 +10,7 @@ import msgspec
 from flowserve_core import __version__
 from flowserve_core.config import ServerConfig
 from flowserve_core.types import DeploymentSpec
-from flowserve_openai import ops_protocol as ops
-from flowserve_openai import protocol as p
+from flowserve_openai import ops_protocol as ops, protocol as p
 
 REF = "#/components/schemas/{name}"
 SCHEMAS = [p.CompletionRequest, p.Completion, p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,

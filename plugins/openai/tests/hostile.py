@@ -11,7 +11,6 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-
 #: Field names the two generation endpoints know, and a few they do not.
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options",
           "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "logprobs", "top_logprobs",

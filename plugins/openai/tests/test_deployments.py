@@ -27,9 +27,9 @@ import httpx
 import openai
 import psutil
 import pytest
+from openai_live import LiveServer
 
 from flowserve_testing import write_tiny_llama
-from openai_live import LiveServer
 
 MAX_TOKENS = 12
 #: SmolLM2's answers are longer, so that some are still running when it is removed.
@@ -52,8 +52,8 @@ class Oracle:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from flowserve_hf_tokenizer.tokenizer import build_hf_tokenizer
         from flowserve_core.types import DeploymentSpec
+        from flowserve_hf_tokenizer.tokenizer import build_hf_tokenizer
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # a busy 2-core machine: spinning OpenMP threads only slow everyone

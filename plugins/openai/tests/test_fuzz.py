@@ -26,9 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from hostile import Target, encode, hostile_requests
+from hypothesis import HealthCheck, given, settings, strategies as st
 from openai_live import MODEL, TOY_ENGINE, serve_command, write_config
 
 from flowserve_testing import write_tiny_llama
@@ -176,7 +175,10 @@ def run_schemathesis(target: Target, cases: int, name: str) -> Tally:
     from schemathesis.checks import not_a_server_error
     from schemathesis.generation import GenerationMode
     from schemathesis.specs.openapi.checks import (
-        content_type_conformance, negative_data_rejection, response_schema_conformance, status_code_conformance,
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
     )
 
     schema = schemathesis.openapi.from_url(target.url + "/openapi.json")

@@ -201,9 +201,9 @@ def test_no_code_or_pickle_is_loaded_from_data():
 def test_kv_imports_are_checked_against_the_layout(tmp_path):
     """KV blocks travel as raw bytes of a declared shape and dtype; a payload of another size
     or for blocks outside the cache is refused, never reinterpreted."""
-    from flowserve_testing import write_tiny_llama
     from flowserve_core.types import DeploymentSpec
     from flowserve_spmd_executor.executor import SpmdExecutor
+    from flowserve_testing import write_tiny_llama
 
     model = write_tiny_llama(tmp_path / "tiny")
     executor = SpmdExecutor(DeploymentSpec(model=str(model), dtype="float32", device="cpu",

@@ -13,7 +13,6 @@ import logging
 from typing import Sequence
 
 from flowserve_core.types import DeploymentSpec, KVCacheSpec, KVUsage
-
 from flowserve_paged_kv.block_pool import BlockPool
 from flowserve_paged_kv.hashing import chain_hash, full_block_hashes
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-
 from flowserve_paged_kv.manager import PagedKVCacheManager
 
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from flowserve_core.types import DeploymentSpec, KVCacheSpec
-
 from flowserve_paged_kv import PagedKVCacheManager, chain_hash
 
 BS = 4

@@ -9,12 +9,10 @@ block written while shared, a wrong prefix hit, a lost copy or a block handed ou
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from flowserve_core.types import KVCacheSpec
-
 from flowserve_paged_kv import PagedKVCacheManager
 
 # A tiny alphabet makes shared prefixes (and so prefix hits) common.

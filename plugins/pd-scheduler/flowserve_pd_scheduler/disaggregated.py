@@ -39,13 +39,21 @@ from typing import Any
 
 import msgspec
 
+from flowserve_colocated.estimate import Ewma, LinearFit
 from flowserve_colocated.router import ColocatedJobScheduler, _InstanceDied
 from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
-    DeploymentSpec, InstanceState, Job, KVHandoff, Rejection, Request, Task, TaskRole, TaskState, TokenEvent,
+    DeploymentSpec,
+    InstanceState,
+    Job,
+    KVHandoff,
+    Rejection,
+    Request,
+    Task,
+    TaskRole,
+    TaskState,
+    TokenEvent,
 )
-
-from flowserve_colocated.estimate import Ewma, LinearFit
 from flowserve_pd_scheduler.prefix_index import DecodePrefixIndex
 
 log = logging.getLogger(__name__)

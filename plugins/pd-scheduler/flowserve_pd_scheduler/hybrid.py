@@ -18,7 +18,6 @@ from typing import Any
 from flowserve_colocated.router import ColocatedJobScheduler
 from flowserve_core.interfaces import EmitEvent
 from flowserve_core.types import DeploymentSpec, Job, Rejection, Request, Task, TaskRole, TaskState
-
 from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler, _waiting_tokens
 
 

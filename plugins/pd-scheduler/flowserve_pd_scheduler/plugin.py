@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-
 from flowserve_pd_scheduler.disaggregated import DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
 from flowserve_pd_scheduler.shm import SharedMemoryTransport

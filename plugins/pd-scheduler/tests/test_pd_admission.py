@@ -6,9 +6,9 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from flowserve_colocated.estimate import LinearFit
 from flowserve_core.errors import RejectedError
 from flowserve_core.types import DeploymentSpec, TaskRole
-from flowserve_colocated.estimate import LinearFit
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")

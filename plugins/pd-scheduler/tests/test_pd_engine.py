@@ -193,8 +193,9 @@ async def test_hybrid_sends_long_prompts_to_prefill_and_short_ones_colocated(tin
 async def test_smollm2_disaggregated_greedy_equals_hf():
     from pathlib import Path
 
-    from flowserve_core.config import default_model_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flowserve_core.config import default_model_path
 
     gguf = Path(default_model_path())
     if not gguf.exists():

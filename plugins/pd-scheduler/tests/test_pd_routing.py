@@ -14,13 +14,21 @@ import pytest
 
 from flowserve_core.deployment import InstancePool
 from flowserve_core.types import (
-    DeploymentSpec, InstanceInfo, InstanceState, InstanceStats, KVUsage, Request, SamplingParams, SchedulerStats,
-    Task, TaskRole, TokenEvent,
+    DeploymentSpec,
+    InstanceInfo,
+    InstanceState,
+    InstanceStats,
+    KVUsage,
+    Request,
+    SamplingParams,
+    SchedulerStats,
+    Task,
+    TaskRole,
+    TokenEvent,
 )
-from flowserve_prewarm_scaler.instance import InstanceBase
-
 from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
+from flowserve_prewarm_scaler.instance import InstanceBase
 
 pytestmark = pytest.mark.anyio
 

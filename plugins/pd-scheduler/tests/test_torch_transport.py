@@ -15,7 +15,10 @@ torch = pytest.importorskip("torch")
 
 from flowserve_core.types import DeploymentSpec, KVHandoff  # noqa: E402
 from flowserve_pd_scheduler.torch_transport import (  # noqa: E402
-    KVHandoffMissing, TorchDistributedTransport, default_backend, parse_locator,
+    KVHandoffMissing,
+    TorchDistributedTransport,
+    default_backend,
+    parse_locator,
 )
 
 
@@ -106,8 +109,9 @@ def test_nccl_backend_moves_bytes_on_a_cuda_device():
 @pytest.mark.anyio
 async def test_pd_deployment_over_torch_dist_is_greedy_exact(tmp_path):
     pytest.importorskip("flowserve_spmd_executor")
-    from flowserve_testing import run_deployment, write_tiny_llama
     from transformers import AutoModelForCausalLM
+
+    from flowserve_testing import run_deployment, write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "tiny", num_hidden_layers=2, seed=11)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

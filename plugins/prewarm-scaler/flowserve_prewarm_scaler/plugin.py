@@ -10,7 +10,6 @@ import anyio
 
 from flowserve_core import hookimpl
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
-
 from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
 from flowserve_prewarm_scaler.target import TargetScaler
 from flowserve_prewarm_scaler.worker import RemoteInstance, spawn_instance_process

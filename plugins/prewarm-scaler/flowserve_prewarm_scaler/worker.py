@@ -43,7 +43,6 @@ from flowserve_core.types import (
     Task,
     TokenEvent,
 )
-
 from flowserve_prewarm_scaler.instance import InstanceBase
 from flowserve_prewarm_scaler.startup import attach_weights, preload_model, warm_executors, weights_path
 

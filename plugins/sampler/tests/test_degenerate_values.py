@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from flowserve_core.types import SamplingParams, ScheduledSequence
-
 from flowserve_sampler import GREEDY_TEMPERATURE, Sampler
 
 

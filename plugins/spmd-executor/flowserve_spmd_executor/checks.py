@@ -18,7 +18,6 @@ import torch
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_spmd_executor.kv_cache import bytes_per_block, plan_num_blocks
 from flowserve_spmd_executor.layers.linear import HeadShard
 from flowserve_spmd_executor.loader import _DONE_MARKER, gguf_cache_dir, resolve_weights

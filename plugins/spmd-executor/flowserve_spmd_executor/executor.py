@@ -30,16 +30,18 @@ import numpy as np
 import torch
 
 from flowserve_core.errors import EngineDeadError
-from flowserve_core.types import KVBlockTransfer, DeploymentSpec, KVCacheSpec, StepBatch, StepResult
-
+from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
+from flowserve_sampler import Sampler
 from flowserve_spmd_executor.checks import plan_kv_cache
 from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
 from flowserve_spmd_executor.gang import WorkerGang
-from flowserve_sampler import Sampler
 from flowserve_spmd_executor.loader import resolve_weights
 from flowserve_spmd_executor.model_config import load_model_config
 from flowserve_spmd_executor.options import (
-    device_base_index, dtype_name, resolve_device_type, resolve_dtype,
+    device_base_index,
+    dtype_name,
+    resolve_device_type,
+    resolve_dtype,
 )
 from flowserve_spmd_executor.plan import build_step_plan
 from flowserve_spmd_executor.protocol import ExportBlocks, ImportBlocks, RunStep

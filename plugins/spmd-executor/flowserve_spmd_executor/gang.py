@@ -20,7 +20,14 @@ import msgspec
 
 from flowserve_spmd_executor.launch import ControlAddress, RankHandle, RankLauncher, rank_launcher
 from flowserve_spmd_executor.protocol import (
-    Channel, Failed, Init, Message, Ready, Shutdown, read_hello, token_matches,
+    Channel,
+    Failed,
+    Init,
+    Message,
+    Ready,
+    Shutdown,
+    read_hello,
+    token_matches,
 )
 from flowserve_spmd_executor.rank import RankSetup
 

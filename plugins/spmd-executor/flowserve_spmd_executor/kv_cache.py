@@ -19,7 +19,6 @@ import mmap
 import torch
 
 from flowserve_core.errors import ConfigError
-
 from flowserve_spmd_executor.model_config import ModelConfig
 
 log = logging.getLogger(__name__)

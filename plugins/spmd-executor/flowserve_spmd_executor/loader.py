@@ -31,7 +31,6 @@ import torch
 from safetensors import safe_open
 
 from flowserve_core.errors import ConfigError
-
 from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.model_config import ModelConfig
 from flowserve_spmd_executor.models import model_class

@@ -50,7 +50,6 @@ import msgspec
 
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_spmd_executor import image_store
 from flowserve_spmd_executor.image_store import image_dir  # noqa: F401  (callers find it here)
 
@@ -182,7 +181,7 @@ def write_image(key: ModelKey) -> None:
     import torch
 
     from flowserve_spmd_executor.distributed import TensorParallelGroup
-    from flowserve_spmd_executor.loader import resolve_weights, load_model
+    from flowserve_spmd_executor.loader import load_model, resolve_weights
     from flowserve_spmd_executor.model_config import load_model_config
 
     weights = resolve_weights(key.weights)

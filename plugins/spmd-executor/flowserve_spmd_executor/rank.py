@@ -14,7 +14,6 @@ import msgspec
 import torch
 
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_spmd_executor.distributed import Rendezvous, TensorParallelGroup
 from flowserve_spmd_executor.kv_cache import KVCache
 from flowserve_spmd_executor.layers.linear import HeadShard, onednn_linear_available

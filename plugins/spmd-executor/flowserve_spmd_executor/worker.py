@@ -20,7 +20,16 @@ import time
 
 from flowserve_spmd_executor.launch import ControlAddress
 from flowserve_spmd_executor.protocol import (
-    Channel, ExportBlocks, Failed, Hello, ImportBlocks, Init, Ready, RunStep, Shutdown, send_hello,
+    Channel,
+    ExportBlocks,
+    Failed,
+    Hello,
+    ImportBlocks,
+    Init,
+    Ready,
+    RunStep,
+    Shutdown,
+    send_hello,
 )
 
 log = logging.getLogger("flowserve_spmd_executor.worker")

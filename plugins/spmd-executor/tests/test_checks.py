@@ -17,7 +17,6 @@ from flowserve_core.config import default_model_path
 from flowserve_core.errors import ConfigError
 from flowserve_core.plugins import get_plugin_manager
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_spmd_executor.checks import check_deployment, model_config_of
 from flowserve_spmd_executor.executor import SpmdExecutor
 from flowserve_spmd_executor.gguf_header import config_from_gguf

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from flowserve_core.errors import ConfigError
-
 from flowserve_spmd_executor.layers.rotary import inverse_frequencies
 from flowserve_spmd_executor.model_config import model_config_from_dict
 from flowserve_spmd_executor.options import (
-    cpu_has_native_bf16, parse_memory_size, resolve_device_type, resolve_dtype,
+    cpu_has_native_bf16,
+    parse_memory_size,
+    resolve_device_type,
+    resolve_dtype,
 )
 
 BASE = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

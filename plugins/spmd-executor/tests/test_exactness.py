@@ -8,7 +8,6 @@ import pytest
 from spmd_helpers import Driver, hf_greedy, random_prompt
 
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_spmd_executor.executor import SpmdExecutor
 
 pytestmark = pytest.mark.anyio

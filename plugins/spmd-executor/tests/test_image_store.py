@@ -19,10 +19,9 @@ import pytest
 
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
-from flowserve_testing import LiveServer, write_tiny_llama
-
 from flowserve_spmd_executor import image_store
 from flowserve_spmd_executor.preload import ImageIndex, ensure_image, image_paths, map_image, model_key
+from flowserve_testing import LiveServer, write_tiny_llama
 
 
 def mode(path: Path) -> int:

@@ -10,7 +10,6 @@ import torch
 from spmd_helpers import Driver, hf_greedy, load_hf, random_prompt
 
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_spmd_executor.executor import SpmdExecutor
 from flowserve_spmd_executor.loader import gguf_cache_dir, resolve_weights
 

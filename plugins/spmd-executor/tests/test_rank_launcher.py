@@ -16,7 +16,6 @@ import pytest
 from spmd_helpers import Driver, hf_greedy, random_prompt
 
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_spmd_executor.distributed import Rendezvous
 from flowserve_spmd_executor.executor import SpmdExecutor
 from flowserve_spmd_executor.launch import ControlAddress, SubprocessHandle, SubprocessLauncher, use_rank_launcher

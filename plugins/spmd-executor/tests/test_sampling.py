@@ -12,9 +12,8 @@ import torch
 from spmd_helpers import Driver, hf_greedy, random_prompt
 
 from flowserve_core.types import DeploymentSpec, SamplingParams, ScheduledSequence
-
-from flowserve_spmd_executor.executor import SpmdExecutor
 from flowserve_sampler import Sampler
+from flowserve_spmd_executor.executor import SpmdExecutor
 
 pytestmark = pytest.mark.anyio
 

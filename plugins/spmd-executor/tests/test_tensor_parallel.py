@@ -14,7 +14,6 @@ from spmd_helpers import Driver, hf_greedy, random_prompt
 
 from flowserve_core.errors import ConfigError, EngineDeadError
 from flowserve_core.types import DeploymentSpec, StepBatch
-
 from flowserve_spmd_executor.executor import SpmdExecutor
 
 pytestmark = pytest.mark.anyio

@@ -33,8 +33,13 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and the API docs
     from flowserve_testing.check_scheduler import check_batch_scheduler
     from flowserve_testing.check_tokenizer import check_tokenizer
     from flowserve_testing.engines import TinyEngine, find_tiny_engine, hf_greedy, write_tiny_llama
-    from flowserve_testing.harness import (DeploymentRunner, InstanceStartError, generate_on, plugin_manager,
-                                           run_deployment)
+    from flowserve_testing.harness import (
+        DeploymentRunner,
+        InstanceStartError,
+        generate_on,
+        plugin_manager,
+        run_deployment,
+    )
     from flowserve_testing.live import LiveServer, free_port, serve
 
 #: name → the submodule that defines it, imported on first use

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from flowserve_core.plugins import PluginManager
-
 from flowserve_testing.plugin import with_kit_plugin
 
 

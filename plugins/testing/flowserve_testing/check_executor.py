@@ -12,8 +12,8 @@ import math
 from typing import Any
 
 from flowserve_core.interfaces import Executor
-from flowserve_testing._suite import require
 from flowserve_core.types import SamplingParams, ScheduledSequence, StepBatch, StepResult
+from flowserve_testing._suite import require
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 

@@ -13,8 +13,8 @@ import random
 from typing import Any, Callable
 
 from flowserve_core.plugins import PluginManager
-from flowserve_testing._suite import require, resolve
 from flowserve_core.types import DeploymentSpec, KVCacheSpec
+from flowserve_testing._suite import require, resolve
 
 
 def check_kv_cache_manager(kv_cache: str | Callable[..., Any], *, pm: PluginManager | None = None,

@@ -12,10 +12,18 @@ import random
 from typing import Any, Callable
 
 from flowserve_core.plugins import PluginManager
-from flowserve_testing._suite import require, resolve
 from flowserve_core.types import (
-    DeploymentSpec, KVCacheSpec, KVUsage, Request, SamplingParams, StepBatch, StepResult, Task, TokenEvent,
+    DeploymentSpec,
+    KVCacheSpec,
+    KVUsage,
+    Request,
+    SamplingParams,
+    StepBatch,
+    StepResult,
+    Task,
+    TokenEvent,
 )
+from flowserve_testing._suite import require, resolve
 
 VOCAB = 1000
 _MAX_EMPTY_BATCHES = 3

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from flowserve_core.interfaces import ChatMessage, IncrementalDetokenizer, Tokenizer
-from flowserve_testing._suite import require
 from flowserve_core.types import SamplingParams
+from flowserve_testing._suite import require
 
 DEFAULT_TEXTS = (
     "Hello world, this is a tiny corpus for a tiny tokenizer.",

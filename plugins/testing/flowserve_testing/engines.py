@@ -13,7 +13,6 @@ import msgspec
 
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec
-
 from flowserve_testing.plugin import with_kit_plugin
 
 

@@ -13,7 +13,6 @@ from flowserve_core.config import resolve_deployment
 from flowserve_core.deployment import Deployment
 from flowserve_core.plugins import ENTRY_POINT_GROUP, PluginManager
 from flowserve_core.types import DeploymentSpec, InstanceState, Request, RequestOutput, SamplingParams, Task
-
 from flowserve_testing.plugin import with_kit_plugin
 
 

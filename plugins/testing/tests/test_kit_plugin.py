@@ -12,10 +12,9 @@ from typer.testing import CliRunner
 import flowserve_testing
 from flowserve_core.cli import build_cli
 from flowserve_core.plugins import PluginManager
+from flowserve_test_fixtures import toy_spec
 from flowserve_testing import plugin_manager, run_deployment
 from flowserve_testing.inprocess import InprocScaler, LocalInstance
-
-from flowserve_test_fixtures import toy_spec
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

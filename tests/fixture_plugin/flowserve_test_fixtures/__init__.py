@@ -31,8 +31,19 @@ from flowserve_core import hookimpl
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import TextDelta
 from flowserve_core.types import (
-    DeploymentSpec, Job, KVCacheSpec, KVUsage, SchedulerStats, ScheduledSequence, StepBatch,
-    StepResult, Task, TaskRole, TokenEvent, TokenLogprob, TopLogprob,
+    DeploymentSpec,
+    Job,
+    KVCacheSpec,
+    KVUsage,
+    ScheduledSequence,
+    SchedulerStats,
+    StepBatch,
+    StepResult,
+    Task,
+    TaskRole,
+    TokenEvent,
+    TokenLogprob,
+    TopLogprob,
 )
 
 VOCAB = 1000

@@ -15,7 +15,10 @@ from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.layers.attention import AttentionMetadata, PagedAttention
 from flowserve_spmd_executor.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from flowserve_spmd_executor.layers.linear import (
-    MergedColumnParallelLinear, ParallelLinear, QKVParallelLinear, RowParallelLinear,
+    MergedColumnParallelLinear,
+    ParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
 )
 from flowserve_spmd_executor.layers.norm import RMSNorm
 from flowserve_spmd_executor.layers.rotary import RotaryEmbedding, apply_rotary

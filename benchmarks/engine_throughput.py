@@ -22,13 +22,14 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import msgspec
 import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import Progress, TaskID
 from rich.table import Table
 
 from flowserve_core.config import default_model_path
@@ -107,7 +108,7 @@ async def bench_engine(spec: DeploymentSpec, prompts: list[list[int]], new_token
             queue = iter(range(total))
             produced = 0
 
-            async def client() -> None:
+            async def client(queue: Iterator[int], task: TaskID) -> None:
                 nonlocal produced, first
                 for i in queue:
                     out = await runner.generate(prompts[i % len(prompts)], max_tokens=new_tokens,
@@ -122,7 +123,7 @@ async def bench_engine(spec: DeploymentSpec, prompts: list[list[int]], new_token
             start = time.perf_counter()
             async with anyio.create_task_group() as tg:
                 for _ in range(concurrency):
-                    tg.start_soon(client)
+                    tg.start_soon(client, queue, task)
             seconds = time.perf_counter() - start
             results.append(Measurement("FlowServe engine", concurrency, total, produced, seconds, produced / seconds))
     return results, first

@@ -217,10 +217,10 @@ def svg_plot(rows: list[dict[str, Any]], title: str) -> str:
         top = max(values, default=1.0) * 1.1 or 1.0
         span = (max(rates) - min(rates)) or 1.0
 
-        def x(rate: float) -> float:
+        def x(rate: float, x0: float = x0, span: float = span, w: float = w) -> float:
             return x0 + (rate - min(rates)) / span * w
 
-        def y(value: float) -> float:
+        def y(value: float, y0: float = y0, h: float = h, top: float = top) -> float:
             return y0 + h - value / top * h
 
         out.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#888"/>')

@@ -13,7 +13,6 @@ import pytest
 
 from flowserve_core.types import DeploymentSpec
 from flowserve_testing import check_batch_scheduler, check_executor, check_kv_cache_manager, check_tokenizer
-from flowserve_testing.fixtures import live_server, tiny_engine, tiny_model  # noqa: F401
 
 
 def test_paged_kv_cache_manager(pm):

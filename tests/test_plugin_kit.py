@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from flowserve_core.cli import build_cli
 from flowserve_testing import LiveServer, plugin_manager, run_deployment
-from flowserve_testing.fixtures import live_server, tiny_engine  # noqa: F401
 from flowserve_testing.scaffold import KINDS, write_project
 
 ROOT = Path(__file__).parents[1]

@@ -94,9 +94,10 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1, timeout: float = 90.0) -
             try:
                 ray.init(address=address, namespace="flowserve", log_to_driver=False)
                 break
-            except (ConnectionError, RuntimeError):
+            except (ConnectionError, RuntimeError) as error:
                 if time.monotonic() > deadline or started[0].poll() is not None:
-                    raise RuntimeError(f"the Ray head did not start: {Path(temp_dir, 'nodes.log').read_text()[-2000:]}")
+                    raise RuntimeError(f"the Ray head did not start: {Path(temp_dir, 'nodes.log').read_text()[-2000:]}") \
+                        from error
                 time.sleep(0.5)
         for _ in range(nodes - 1):
             node("--address", address)

@@ -3,6 +3,7 @@
 import pytest
 
 from flowserve_core.testing import check_batch_scheduler, plugin_manager, run_deployment
+
 from flowserve_my_scheduler.plugin import MyScheduler
 
 

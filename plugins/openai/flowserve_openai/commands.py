@@ -8,6 +8,9 @@ from typing import Any, Optional
 
 import typer
 
+from flowserve_core.cli import fields_as_flags, parse_option
+from flowserve_core.types import DeploymentSpec
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 KEY_HELP = "Admin key (default: $FLOWSERVE_ADMIN_KEY, else $FLOWSERVE_API_KEY)."
 
@@ -55,35 +58,23 @@ def add_deployment_commands(app: typer.Typer) -> None:
     """Add ``deploy``, ``undeploy``, ``deployments`` and ``alias`` to the ``flowserve`` CLI."""
 
     @app.command()
+    @fields_as_flags(DeploymentSpec, skip={"name", "model", "options"})
     def deploy(
         name: str = typer.Argument(..., help="The model id clients will send."),
         model: str = typer.Option(..., "--model", help="Model directory or GGUF file, as the server sees it."),
         url: str = typer.Option(DEFAULT_URL, help="The FlowServe server."),
-        min_instances: Optional[int] = typer.Option(None, help="Instances kept running (default 1)."),
-        max_instances: Optional[int] = typer.Option(None, help="Upper bound for autoscaling (default 1)."),
-        scaler: Optional[str] = typer.Option(None, help="Scaler (default static)."),
-        job_scheduler: Optional[str] = typer.Option(None, help="Job scheduler (default colocated)."),
-        dtype: Optional[str] = typer.Option(None, help="auto|float32|bfloat16|float16."),
-        device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|npu."),
-        kv_cache_memory: Optional[str] = typer.Option(None, help="KV cache size per instance, e.g. 1GiB."),
-        max_model_len: Optional[int] = typer.Option(None, help="Context length (default: the model's)."),
-        scale_to_zero_after: Optional[float] = typer.Option(None, help="Idle seconds before scaling to zero."),
         option: list[str] = typer.Option([], "--option", "-o", help="Deployment setting KEY=VALUE: any "
                                          "DeploymentSpec field, else a plugin option (repeatable)."),
         admin_key: Optional[str] = typer.Option(None, envvar=["FLOWSERVE_ADMIN_KEY", "FLOWSERVE_API_KEY"],
                                                 show_envvar=False, help=KEY_HELP),
+        **fields: Any,
     ) -> None:
-        """Add a deployment to a running server (POST /admin/deployments)."""
-        from flowserve_core.cli import parse_option
-        from flowserve_core.types import DeploymentSpec
-
+        """Add a deployment to a running server (POST /admin/deployments). It takes the deployment
+        flags of flowserve serve; a flag left out takes the server's default."""
         body: dict[str, Any] = {"name": name, "model": model}
-        for key in ("min_instances", "max_instances", "scaler", "job_scheduler", "dtype", "device",
-                    "kv_cache_memory", "max_model_len", "scale_to_zero_after"):
-            if locals()[key] is not None:
-                body[key] = locals()[key]
-        if min_instances is not None and max_instances is None:
-            body["max_instances"] = max(min_instances, 1)
+        body.update((key, value) for key, value in fields.items() if value is not None)
+        if fields["min_instances"] is not None and fields["max_instances"] is None:
+            body["max_instances"] = max(fields["min_instances"], 1)
         for text in option:
             key, value = parse_option(text)
             if key in DeploymentSpec.__struct_fields__:

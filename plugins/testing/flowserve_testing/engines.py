@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal
 
 import msgspec
 
+from flowserve_core.cli import field_flag
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec
 from flowserve_testing.plugin import with_kit_plugin
@@ -25,7 +26,7 @@ def write_tiny_llama(directory: str | os.PathLike, *, seed: int = 0, num_hidden_
     top logits stand well apart: greedy comparisons against HF then never hinge on a tie.
 
     The tokenizer is flowserve-hf-tokenizer's small Llama-style BPE (EOS ``</s>`` = 2), so
-    ``--tokenizer hf`` and HF transformers both load the directory. Takes about a second.
+    ``--tokenizer-plugin hf`` and HF transformers both load the directory. Takes about a second.
     :returns: ``directory``, ready for ``DeploymentSpec(model=str(directory))``.
     """
     try:
@@ -94,16 +95,9 @@ class TinyEngine(msgspec.Struct, kw_only=True):
             value = getattr(spec, field)
             if field == "options":
                 args += [a for key, v in value.items() for a in ("-o", f"{key}={v}")]
-            elif value is not None and value != getattr(DeploymentSpec(), field) and field in _FLAGS:
-                args += [_FLAGS[field], str(value)]
+            elif value is not None and value != getattr(DeploymentSpec(), field):
+                args += [field_flag(field), str(value)]
         return args
-
-
-#: DeploymentSpec fields that ``flowserve serve`` takes as flags, and their flags.
-_FLAGS = {f: "--" + f.replace("_", "-") for f in (
-    "model", "tokenizer", "executor", "kv_cache", "batch_scheduler", "job_scheduler", "scaler",
-    "dtype", "device", "kv_cache_memory", "max_queue", "max_model_len", "min_instances",
-    "max_instances")} | {"name": "--served-model-name", "tensor_parallel": "--tensor-parallel"}
 
 
 def find_tiny_engine(model_directory: Callable[[], Path], pm: PluginManager | None = None) -> TinyEngine | None:

@@ -39,7 +39,7 @@ KINDS: dict[str, Kind] = {
                      ("flowserve-paged-kv",), ("flowserve-colocated",)),
     "scaler": Kind("scaler", "Scaler", "flowserve serve --scaler {{name}}", ("flowserve-testing", "anyio>=4.4"),
                    tests="plugin registration, a deployment served by its instances"),
-    "tokenizer": Kind("tokenizer", "Tokenizer", "flowserve serve --tokenizer {{name}}",
+    "tokenizer": Kind("tokenizer", "Tokenizer", "flowserve serve --tokenizer-plugin {{name}}",
                       ("flowserve-hf-tokenizer",), tests="conformance suite, plugin registration, NFC encoding"),
     "frontend": Kind("frontend", "Frontend", "flowserve serve --frontend {{name}}",
                      ("msgspec>=0.18", "starlette>=0.40", "uvicorn>=0.30"),

@@ -313,7 +313,10 @@ def test_add_smollm2_under_load_then_remove_it_under_load(server, models):
 def test_an_alias_switches_under_load_and_each_request_stays_on_one_model(server, models):
     oracles, prompts = models["oracles"], models["prompts"]
     prints = fingerprints(server)
-    set_alias = lambda target: admin(server, "POST", "/admin/aliases", json={"alias": "chat", "deployment": target})
+
+    def set_alias(target):
+        return admin(server, "POST", "/admin/aliases", json={"alias": "chat", "deployment": target})
+
     assert set_alias("a").status_code == 200
     load = Load(server.url, prompts, lambda: "chat", workers=6)
     load.wait_for(6)

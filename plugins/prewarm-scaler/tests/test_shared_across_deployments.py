@@ -179,6 +179,6 @@ async def test_deployments_share_the_warm_pool_and_one_zygote_per_model_file(mod
         await b_ended.wait()
         assert shared_resources() is not resources  # the last deployment closed the pool
         for pid in pooled - {first_b.info.pid}:
-            await until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+            await until(lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                         "pooled processes to stop")
         tg.cancel_scope.cancel()

@@ -11,7 +11,8 @@ Images hold a model's weights, so they are private to the user who runs the serv
   its ``.alive`` file while it runs, and removes the whole directory when it exits cleanly;
 - a session whose ``.alive`` lock can be taken belongs to a server that died (SIGKILL, a
   crash): the next session opened in the same root removes it. A session without an
-  ``.alive`` file is removed once it is an hour old.
+  ``.alive`` file is removed once it is a minute old. Children never make a session: an
+  image built after its server exited would stay behind.
 
 Files are created 0600. An image's index records its size and SHA-256, checked before every
 mapping (``verify``): an image that does not match is removed and built again.
@@ -34,8 +35,9 @@ from flowserve_core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SESSION_VARIABLE = "FLOWSERVE_IMAGE_SESSION"
-#: Seconds after which a session directory without an ``.alive`` file is taken for abandoned.
-ORPHAN_AGE = 3600.0
+#: Seconds after which a session directory without an ``.alive`` file is taken for abandoned
+#: (only one being made right now lacks it).
+ORPHAN_AGE = 60.0
 _ALIVE = ".alive"
 _held: dict[Path, int] = {}  # session directory → the fd of its locked .alive file
 
@@ -73,12 +75,17 @@ def private_dir(path: Path) -> Path:
 
 
 def image_dir() -> Path:
-    """This server's session directory, where its images are built and mapped."""
+    """This server's session directory, where its images are built and mapped. A child never
+    makes its server's session: once the server has removed it (it exited), an image built
+    after it would stay behind, so that is an error."""
     root = image_root()
     name = os.environ.get(SESSION_VARIABLE)
-    if not name:
+    if not name or name == f"server-{os.getpid()}":
         return open_session(root)
-    return private_dir(root / name)
+    session = root / name
+    if not session.is_dir():
+        raise ConfigError(f"the DRAM image session {session} is gone (its server exited)")
+    return private_dir(session)
 
 
 def open_session(root: Path | None = None) -> Path:

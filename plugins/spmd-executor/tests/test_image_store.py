@@ -108,6 +108,18 @@ def test_sessions_of_dead_servers_are_collected_and_live_ones_kept(root):
     assert image_store.collect(root) == [live]  # its server is gone now
 
 
+def test_a_child_never_makes_its_servers_session(root, monkeypatch):
+    """An image finished after its server exited (and removed its session) must not bring the
+    session back: it would hold hundreds of MB in /dev/shm that no server owns."""
+    image_store.private_dir(root)
+    monkeypatch.setenv(image_store.SESSION_VARIABLE, "server-424242")
+    with pytest.raises(ConfigError, match="is gone"):
+        image_store.image_dir()
+    assert not (root / "server-424242").exists()
+    (root / "server-424242").mkdir(mode=0o700)  # while it exists, a child uses it
+    assert image_store.image_dir() == root / "server-424242"
+
+
 def session_images(root: Path) -> list[Path]:
     return sorted(root.glob("server-*/*.weights"))
 

@@ -35,12 +35,12 @@ from typing import Any
 # Never reach for the Hub: models are local directories or GGUF files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import anyio  # noqa: E402
-import msgspec  # noqa: E402
+import anyio  # noqa: E402  (after HF_HUB_OFFLINE is set)
+import msgspec  # noqa: E402  (after HF_HUB_OFFLINE is set)
 
 # The bodies and the streaming response live beside this script (run as a script, its
 # directory is on sys.path).
-from naive_http import (  # noqa: E402
+from naive_http import (  # noqa: E402  (after HF_HUB_OFFLINE is set)
     ApiError,
     ChatBody,
     ChatMessage,

@@ -38,10 +38,10 @@ import anyio
 sys.path.insert(0, str(Path(__file__).parent))
 import scaling  # noqa: E402  (the prewarm side, measured by the same code as docs/benchmarks.md)
 
-from flowserve_core.config import default_model_path  # noqa: E402
-from flowserve_core.deployment import Deployment  # noqa: E402
-from flowserve_core.plugins import PluginManager  # noqa: E402
-from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402
+from flowserve_core.config import default_model_path  # noqa: E402  (after the sys.path entry above)
+from flowserve_core.deployment import Deployment  # noqa: E402  (after the sys.path entry above)
+from flowserve_core.plugins import PluginManager  # noqa: E402  (after the sys.path entry above)
+from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402  (after the sys.path entry above)
 
 
 def ray_spec(args: argparse.Namespace, count: int, object_store: bool, pool: int = 0) -> DeploymentSpec:

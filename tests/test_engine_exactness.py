@@ -17,7 +17,7 @@ pytest.importorskip("flowserve_paged_kv")
 pytest.importorskip("flowserve_hf_tokenizer")
 torch = pytest.importorskip("torch")
 
-from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the helper modules kv_peers an
 
 ray = pytest.importorskip("ray")
 
-from ray_nodes import LOCAL  # noqa: E402
+from ray_nodes import LOCAL  # noqa: E402  (after the importorskip above)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from flowserve_core.types import InstanceState
 ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
-from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402
-from flowserve_test_fixtures import toy_spec  # noqa: E402
+from flowserve_core.testing import run_deployment, write_tiny_llama  # noqa: E402  (after the importorskip above)
+from flowserve_test_fixtures import toy_spec  # noqa: E402  (after the importorskip above)
 
 pytestmark = pytest.mark.anyio
 TIMEOUT = 120

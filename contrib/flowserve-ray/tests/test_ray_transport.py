@@ -10,7 +10,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from kv_peers import peer_on  # noqa: E402
+from kv_peers import peer_on  # noqa: E402  (after the importorskip above)
 
 
 def test_kv_published_by_one_actor_is_fetched_by_another(local_ray):

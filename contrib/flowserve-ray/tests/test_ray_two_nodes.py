@@ -13,11 +13,11 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from kv_peers import peer_on  # noqa: E402
-from ray_nodes import ray_cluster  # noqa: E402
+from kv_peers import peer_on  # noqa: E402  (after the importorskip above)
+from ray_nodes import ray_cluster  # noqa: E402  (after the importorskip above)
 
-from flowserve_core.testing import generate_on, run_deployment, write_tiny_llama  # noqa: E402
-from flowserve_core.types import DeploymentSpec, InstanceState  # noqa: E402
+from flowserve_core.testing import generate_on, run_deployment, write_tiny_llama  # noqa: E402  (after the importorskip above)
+from flowserve_core.types import DeploymentSpec, InstanceState  # noqa: E402  (after the importorskip above)
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("llama_cpp")
 
-from flowserve_llamacpp_executor.testing import write_tiny_gguf  # noqa: E402
+from flowserve_llamacpp_executor.testing import write_tiny_gguf  # noqa: E402  (after the importorskip above)
 from flowserve_testing.fixtures import anyio_backend  # noqa: E402,F401  (the kit's fixture, used by anyio tests)
 
 

@@ -11,11 +11,11 @@ import pytest
 
 pytest.importorskip("flowserve_prewarm_scaler")
 
-from flowserve_core.deployment import Deployment  # noqa: E402
-from flowserve_core.plugins import PluginManager  # noqa: E402
-from flowserve_core.types import DeploymentSpec  # noqa: E402
-from flowserve_llamacpp_executor.testing import llama_cpp_greedy  # noqa: E402
-from flowserve_testing import generate_on  # noqa: E402
+from flowserve_core.deployment import Deployment  # noqa: E402  (after the importorskip above)
+from flowserve_core.plugins import PluginManager  # noqa: E402  (after the importorskip above)
+from flowserve_core.types import DeploymentSpec  # noqa: E402  (after the importorskip above)
+from flowserve_llamacpp_executor.testing import llama_cpp_greedy  # noqa: E402  (after the importorskip above)
+from flowserve_testing import generate_on  # noqa: E402  (after the importorskip above)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helper module openai_live, for the test modules
 
-from openai_live import LiveServer, serve_command as build_serve_command  # noqa: E402
+from openai_live import LiveServer, serve_command as build_serve_command  # noqa: E402  (after the sys.path entry above)
 
 
 @pytest.fixture(scope="session")

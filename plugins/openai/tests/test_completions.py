@@ -26,7 +26,10 @@ def test_completion_text_usage_and_openai_fields(toy_server):
 @toy_only
 def test_prompt_as_strings_token_ids_and_lists_of_token_ids(toy_server):
     client = toy_server.client()
-    texts = lambda c: [choice.text for choice in sorted(c.choices, key=lambda ch: ch.index)]  # noqa: E731
+
+    def texts(completion):
+        return [choice.text for choice in sorted(completion.choices, key=lambda ch: ch.index)]
+
     assert texts(client.completions.create(model=MODEL, prompt=["t5", "t20 t21"], max_tokens=2)) == \
         [" t6 t7", " t22 t23"]
     assert texts(client.completions.create(model=MODEL, prompt=[5, 6], max_tokens=2)) == [" t7 t8"]

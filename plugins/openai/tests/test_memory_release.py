@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("flowserve_hf_tokenizer")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_core.config import default_model_path  # noqa: E402
-from flowserve_testing import LiveServer  # noqa: E402
+from flowserve_core.config import default_model_path  # noqa: E402  (after the importorskip above)
+from flowserve_testing import LiveServer  # noqa: E402  (after the importorskip above)
 
 COUNT = 12
 

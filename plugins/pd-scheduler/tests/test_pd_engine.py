@@ -19,7 +19,7 @@ from flowserve_pd_scheduler.shm import SharedMemoryTransport
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 pytestmark = pytest.mark.anyio
 

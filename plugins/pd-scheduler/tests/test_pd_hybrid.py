@@ -12,7 +12,7 @@ from flowserve_core.types import DeploymentSpec, TaskRole
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402
+from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 pytestmark = pytest.mark.anyio
 NEW = 150

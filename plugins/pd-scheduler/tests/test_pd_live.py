@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 openai = pytest.importorskip("openai")
 
-from flowserve_testing import hf_greedy, serve, write_tiny_llama  # noqa: E402
+from flowserve_testing import hf_greedy, serve, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 ENGINE = ["--tokenizer", "hf", "--executor", "spmd", "--kv-cache", "paged", "--batch-scheduler", "continuous",
           "--scaler", "static", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB"]

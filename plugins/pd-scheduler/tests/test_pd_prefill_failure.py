@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 openai = pytest.importorskip("openai")
 
-from flowserve_testing import serve, write_tiny_llama  # noqa: E402
+from flowserve_testing import serve, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 BOUND = 120
 

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_testing import serve, write_tiny_llama  # noqa: E402
+from flowserve_testing import serve, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 ENGINE = ["--tokenizer", "hf", "--executor", "spmd", "--kv-cache", "paged", "--batch-scheduler", "continuous",
           "--scaler", "static", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB",

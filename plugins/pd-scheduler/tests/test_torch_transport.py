@@ -13,8 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flowserve_core.types import DeploymentSpec, KVHandoff  # noqa: E402
-from flowserve_pd_scheduler.torch_transport import (  # noqa: E402
+from flowserve_core.types import DeploymentSpec, KVHandoff  # noqa: E402  (after the importorskip above)
+from flowserve_pd_scheduler.torch_transport import (  # noqa: E402  (after the importorskip above)
     KVHandoffMissing,
     TorchDistributedTransport,
     default_backend,

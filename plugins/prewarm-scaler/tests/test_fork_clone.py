@@ -17,10 +17,10 @@ pytest.importorskip("flowserve_colocated")
 pytest.importorskip("flowserve_paged_kv")
 torch = pytest.importorskip("torch")
 
-from flowserve_core.deployment import Deployment  # noqa: E402
-from flowserve_core.plugins import PluginManager  # noqa: E402
-from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402
-from flowserve_testing import generate_on, hf_greedy, write_tiny_llama  # noqa: E402
+from flowserve_core.deployment import Deployment  # noqa: E402  (after the importorskip above)
+from flowserve_core.plugins import PluginManager  # noqa: E402  (after the importorskip above)
+from flowserve_core.types import DeploymentSpec, Request, SamplingParams  # noqa: E402  (after the importorskip above)
+from flowserve_testing import generate_on, hf_greedy, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 

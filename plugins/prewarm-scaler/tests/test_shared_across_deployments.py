@@ -25,11 +25,11 @@ pytest.importorskip("flowserve_paged_kv")
 torch = pytest.importorskip("torch")
 psutil = pytest.importorskip("psutil")
 
-from flowserve_core.deployment import Deployment  # noqa: E402
-from flowserve_core.plugins import PluginManager  # noqa: E402
-from flowserve_core.types import DeploymentSpec, Request, SamplingParams, Task  # noqa: E402
-from flowserve_prewarm_scaler.pool import shared_resources, zygote_key  # noqa: E402
-from flowserve_testing import hf_greedy, write_tiny_llama  # noqa: E402
+from flowserve_core.deployment import Deployment  # noqa: E402  (after the importorskip above)
+from flowserve_core.plugins import PluginManager  # noqa: E402  (after the importorskip above)
+from flowserve_core.types import DeploymentSpec, Request, SamplingParams, Task  # noqa: E402  (after the importorskip above)
+from flowserve_prewarm_scaler.pool import shared_resources, zygote_key  # noqa: E402  (after the importorskip above)
+from flowserve_testing import hf_greedy, write_tiny_llama  # noqa: E402  (after the importorskip above)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(420)]
 

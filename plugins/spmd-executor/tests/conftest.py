@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helper module spmd_helpers, for the test modules
 
-from spmd_helpers import load_hf, save_tiny  # noqa: E402
+from spmd_helpers import load_hf, save_tiny  # noqa: E402  (after the sys.path entry above)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """pytest fixtures for plugin tests. In your ``tests/conftest.py``::
 
-    from flowserve_core.testing.fixtures import anyio_backend, live_server, tiny_engine, tiny_model  # noqa: F401
+    from flowserve_core.testing.fixtures import anyio_backend, live_server, tiny_engine, tiny_model  # noqa: F401  (pytest fixtures)
 
 - ``tiny_model``: path of a tiny random Llama checkpoint with its tokenizer (session).
 - ``tiny_engine``: the smallest installed engine as a ``TinyEngine`` (session); skips the

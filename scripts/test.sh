@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up everything (scripts/install.sh, with the llama.cpp executor), run the whole test
-# suite, build the docs strictly.
+# Set up everything (scripts/install.sh, with the llama.cpp executor), lint (ruff), run the
+# whole test suite, build the docs strictly. Configured in pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh --llamacpp
+.venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"
 .venv/bin/mkdocs build --strict --quiet --site-dir /tmp/flowserve-site

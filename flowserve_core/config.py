@@ -93,7 +93,7 @@ def default_model_path() -> str:
     return str(Path(list(found.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE)
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
     """Read ``path`` (TOML), apply ``overrides`` (flags; None values are ignored), validate.
 
     Deployment keys in ``overrides`` apply to every deployment (making one if there is none);
@@ -151,7 +151,9 @@ def _explain(exc: msgspec.ValidationError) -> str:
     message = str(exc).replace("$.", "")
     if message.startswith("Invalid enum value"):
         field = message.rsplit(".", 1)[-1].strip("`")
-        for info in msgspec.inspect.type_info(DeploymentSpec).fields:
+        spec_info = msgspec.inspect.type_info(DeploymentSpec)
+        assert isinstance(spec_info, msgspec.inspect.StructType)
+        for info in spec_info.fields:
             kind = info.type.type if isinstance(info.type, msgspec.inspect.Metadata) else info.type
             if info.name == field and isinstance(kind, msgspec.inspect.LiteralType):
                 message += f" (one of: {', '.join(map(str, kind.values))})"

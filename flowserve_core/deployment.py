@@ -19,6 +19,7 @@ from flowserve_core.interfaces import Instance
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (
     DeploymentSpec,
+    FinishReason,
     InstanceState,
     Rejection,
     Request,
@@ -208,13 +209,13 @@ class RequestHandle:
     def __init__(self, deployment: Deployment, request: Request):
         self.deployment, self.request = deployment, request
         self.send, self.receive = anyio.create_memory_object_stream[TokenEvent](math.inf)
-        self.output = RequestOutput(request_id=request.id,
-                                    metrics=RequestMetrics(arrival_time=request.arrival_time))
+        self.metrics = RequestMetrics(arrival_time=request.arrival_time)
+        self.output = RequestOutput(request_id=request.id, metrics=self.metrics)
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self.receive.__aiter__()
 
-    def finished_early(self, reason: str = "stop") -> None:
+    def finished_early(self, reason: FinishReason = "stop") -> None:
         """The caller ended the request itself (e.g. a stop string matched in the text)."""
         self.output.finish_reason = reason
 
@@ -236,7 +237,7 @@ class RequestHandle:
             await self.emit(TokenEvent(task_id=self.request.id, finish_reason="error", error=error))
 
     async def emit(self, event: TokenEvent) -> None:
-        metrics, output = self.output.metrics, self.output
+        metrics, output = self.metrics, self.output
         if self.request.state is RequestState.WAITING:
             self.request.move_to(RequestState.RUNNING)
             metrics.scheduled_time = time.time()
@@ -252,7 +253,7 @@ class RequestHandle:
     def finish(self) -> None:
         """Close the books: final state, metrics, observers."""
         output, request = self.output, self.request
-        output.metrics.finished_time = time.time()
+        self.metrics.finished_time = time.time()
         reason = output.finish_reason
         state = {None: RequestState.ABORTED, "abort": RequestState.ABORTED,
                  "error": RequestState.FAILED}.get(reason, RequestState.FINISHED)

@@ -144,7 +144,7 @@ class Instance(Protocol):
     def submit(self, task: Task) -> AbstractAsyncContextManager[AsyncIterator[TokenEvent]]:
         """Run ``task`` here; iterate the stream for its events. Leaving early aborts it."""
 
-    async def stop(self) -> None: ...
+    async def stop(self, drain_timeout: float = 0.0) -> None: ...
 
 
 EmitEvent = Callable[[TokenEvent], Awaitable[None]]

@@ -66,7 +66,7 @@ def setup_telemetry(service_name: str = "flowserve") -> None:
             prompt=meter.create_counter("flowserve.prompt_tokens", unit="{token}", description="prompt"))
 
 
-def request_span(request: Request, deployment: str) -> contextlib.AbstractContextManager:
+def request_span(request: Request, deployment: str) -> contextlib.AbstractContextManager[object]:
     """A span covering one request from admission to its last event (none while tracing is off)."""
     if not tracer_enabled():
         return contextlib.nullcontext()

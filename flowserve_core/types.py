@@ -9,12 +9,17 @@ from __future__ import annotations
 import enum
 import time
 import uuid
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
 
-from flowserve_core.sampling import SamplingParams, TokenLogprob, TopLogprob  # noqa: F401 (public path)
+# re-exported: this module is their public path
+from flowserve_core.sampling import (
+    SamplingParams as SamplingParams,
+    TokenLogprob as TokenLogprob,
+    TopLogprob as TopLogprob,
+)
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -26,7 +31,9 @@ class IllegalTransition(RuntimeError):
 class _StateMachine(msgspec.Struct, kw_only=True):
     """Mixin: a ``state`` field that only moves along ``_transitions``."""
 
-    _transitions: ClassVar[dict] = {}
+    _transitions: ClassVar[dict[enum.Enum, set[enum.Enum]]] = {}
+    if TYPE_CHECKING:  # each subclass declares its own field; this is what move_to reads
+        state: enum.Enum
 
     def move_to(self, new_state: enum.Enum) -> None:
         if new_state not in self._transitions.get(self.state, ()):
@@ -55,7 +62,7 @@ class Request(_StateMachine, kw_only=True):
     """One user call: prompt tokens, sampling parameters and deadline. States: waiting →
     running → finished | aborted | failed (waiting may also end directly)."""
 
-    _transitions: ClassVar[dict] = {
+    _transitions: ClassVar[dict[enum.Enum, set[enum.Enum]]] = {
         RequestState.WAITING: {RequestState.RUNNING, RequestState.ABORTED, RequestState.FAILED},
         RequestState.RUNNING: {RequestState.FINISHED, RequestState.ABORTED, RequestState.FAILED},
     }
@@ -105,7 +112,7 @@ class Task(_StateMachine, kw_only=True):
     """One step of a job, run by one engine instance; a decode task carries the prefill's
     ``kv_handoff`` and output. States: pending → running → done | failed | aborted."""
 
-    _transitions: ClassVar[dict] = {
+    _transitions: ClassVar[dict[enum.Enum, set[enum.Enum]]] = {
         TaskState.PENDING: {TaskState.RUNNING, TaskState.ABORTED, TaskState.FAILED},
         TaskState.RUNNING: {TaskState.DONE, TaskState.ABORTED, TaskState.FAILED},
     }
@@ -123,7 +130,7 @@ class Task(_StateMachine, kw_only=True):
 class Job(_StateMachine, kw_only=True):
     """What a request becomes inside: its ordered tasks and how many attempts it had."""
 
-    _transitions: ClassVar[dict] = Task._transitions
+    _transitions: ClassVar[dict[enum.Enum, set[enum.Enum]]] = Task._transitions
 
     id: str = msgspec.field(default_factory=lambda: new_id("job"))
     request: Request
@@ -253,7 +260,7 @@ class InstanceInfo(_StateMachine, kw_only=True):
     """An engine instance as the server sees it; ``start_path`` says how it started (``naive``,
     ``forked``, ``in-process``…). States: warming → ready → draining → gone (or gone at once)."""
 
-    _transitions: ClassVar[dict] = {
+    _transitions: ClassVar[dict[enum.Enum, set[enum.Enum]]] = {
         InstanceState.WARMING: {InstanceState.READY, InstanceState.GONE, InstanceState.DRAINING},
         InstanceState.READY: {InstanceState.DRAINING, InstanceState.GONE},
         InstanceState.DRAINING: {InstanceState.GONE},

@@ -10,25 +10,18 @@ blocks run out the running sequence with the longest prompt is preempted first.
 
 from __future__ import annotations
 
-import bisect
 from typing import Any
 
-from flowserve_colocated.scheduler import ContinuousBatchScheduler
+from flowserve_colocated import ContinuousBatchScheduler, Sequence
 from flowserve_core import hookimpl
-from flowserve_core.types import Task
 
 
 class ShortestPromptFirstScheduler(ContinuousBatchScheduler):
     """Continuous batching whose queue (and preemption) order is prompt length, then arrival."""
 
-    def add(self, task: Task) -> None:
-        """Queue ``task`` by its prompt length (``ValueError`` if it can never run here)."""
-        super().add(task)
-        sequence = self.seqs[task.id]
-        # ``continuous`` orders its queues by ``Sequence.key`` (arrival time, admission order).
-        self.waiting.remove(sequence)
-        sequence.key = (len(sequence.prompt_token_ids), *sequence.key)
-        bisect.insort(self.waiting, sequence)
+    def queue_key(self, seq: Sequence) -> tuple[Any, ...]:
+        """Prompt length first, then ``continuous``'s order (arrival time, admission order)."""
+        return (len(seq.prompt_token_ids), *super().queue_key(seq))
 
 
 @hookimpl

@@ -3,8 +3,9 @@
 ``continuous`` (from flowserve-colocated) does the mechanics: decodes first, chunked prefill
 within ``max_num_batched_tokens``, prefix caching through the KV cache manager, preemption
 when blocks run out. This subclass logs and counts every task it queues, so you can see it
-at work; change ``add`` (admission and order), ``_finish_reason`` (when a sequence ends) or
-``schedule`` to make it yours. Its tests hold it to the ``BatchScheduler`` Protocol.
+at work. Make it yours through ``continuous``'s public methods: ``queue_key`` (the order in
+which tasks start and are preempted), ``finish_reason`` (when a sequence ends) and ``add``
+(admission). Its tests hold it to the ``BatchScheduler`` Protocol.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flowserve_colocated.scheduler import ContinuousBatchScheduler
+from flowserve_colocated import ContinuousBatchScheduler, Sequence
 from flowserve_core import hookimpl
 from flowserve_core.types import DeploymentSpec, Task
 
@@ -32,6 +33,12 @@ class MyScheduler(ContinuousBatchScheduler):
         self.num_queued += 1
         log.info("my-scheduler queued task %s (%d prompt tokens)", task.id, len(task.request.prompt_token_ids),
                  extra={"task_id": task.id, "batch_scheduler": "my-scheduler"})
+
+    def queue_key(self, seq: Sequence) -> tuple[Any, ...]:
+        """Where ``seq`` goes in the queues, smallest first: ``continuous``'s order, first come
+        first served. Put your policy's items in front: ``(len(seq.prompt_token_ids),
+        *super().queue_key(seq))`` would start the shortest prompt first."""
+        return super().queue_key(seq)
 
 
 @hookimpl

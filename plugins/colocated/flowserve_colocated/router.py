@@ -50,8 +50,9 @@ def load_key(instance: Instance) -> tuple[int, int, int, int]:
             stats.scheduler.num_running, -(stats.kv.free_blocks + stats.kv.cached_blocks))
 
 
-class _InstanceDied(Exception):
-    """The task's instance died before the task produced a token: the task may run elsewhere."""
+class InstanceDied(Exception):
+    """The task's instance died before the task produced a token: the task may run elsewhere.
+    ``ColocatedJobScheduler.run_on`` raises it; ``error`` says what the instance reported."""
 
     def __init__(self, error: str):
         super().__init__(error)
@@ -109,8 +110,8 @@ class ColocatedJobScheduler:
             job.attempts += 1
             instance = await self._place(pool, failed_on)
             try:
-                last = await self._run_on(instance, task, emit)
-            except _InstanceDied as died:
+                last = await self.run_on(instance, task, emit)
+            except InstanceDied as died:
                 failed_on.add(instance.info.id)
                 log.warning("instance %s died before task %s produced a token (attempt %d): %s",
                             instance.info.id, task.id, job.attempts, died.error,
@@ -138,16 +139,17 @@ class ColocatedJobScheduler:
         fresh = [i for i in ready if i.info.id not in avoid]
         return min(fresh or ready, key=load_key)
 
-    async def _run_on(self, instance: Instance, task: Task, emit: EmitEvent) -> TokenEvent | None:
+    async def run_on(self, instance: Instance, task: Task, emit: EmitEvent) -> TokenEvent | None:
         """Run ``task`` on ``instance`` and forward its events; the last one, or None if the
-        stream ended without one. Raises ``_InstanceDied`` if it died before any token."""
+        stream ended without one. Raises ``InstanceDied`` if it died before any token (the
+        caller may place the task elsewhere). Subclasses (pd-scheduler's) run each phase here."""
         produced = False
         ahead = getattr(instance, "num_tasks", 0)
         try:
             async with instance.submit(task) as events:
                 async for event in events:
                     if event.instance_failed and not produced:
-                        raise _InstanceDied(event.error or "the instance died")
+                        raise InstanceDied(event.error or "the instance died")
                     if event.token_ids and not produced:
                         produced = True
                         self.ttft_by_tasks_ahead.add(ahead, time.time() - task.request.arrival_time)
@@ -157,5 +159,5 @@ class ColocatedJobScheduler:
         except EngineDeadError as exc:  # it was no longer ready when we submitted
             if produced:
                 raise
-            raise _InstanceDied(str(exc)) from None
+            raise InstanceDied(str(exc)) from None
         return None

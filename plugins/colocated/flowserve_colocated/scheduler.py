@@ -54,6 +54,10 @@ class ContinuousBatchScheduler:
     Works with any ``KVCacheManager``; with the ``paged`` one it also forwards copy-on-write
     block copies (``take_block_copies``). ``request.priority`` is not used: the order is first
     come, first served by ``request.arrival_time``.
+
+    Subclasses change the policy through two public methods: ``queue_key`` (the order in which
+    waiting sequences start and running ones are preempted) and ``finish_reason`` (when a
+    sequence ends). ``add`` may be extended (call ``super().add``); the rest is mechanics.
     """
 
     def __init__(self, spec: DeploymentSpec, kv_cache: Any):
@@ -85,11 +89,21 @@ class ContinuousBatchScheduler:
         if not task.request.prompt_token_ids:
             raise ValueError(f"task {task.id}: the prompt is empty")
         seq = Sequence(task, next(self._order))
+        seq.key = self.queue_key(seq)
         self._check_fits(seq)
         self.seqs[seq.seq_id] = seq
         if task.role is TaskRole.DECODE and task.kv_handoff is not None:
             self._handoffs[seq.seq_id] = task.kv_handoff
         bisect.insort(self.waiting, seq)
+
+    def queue_key(self, seq: Sequence) -> tuple[Any, ...]:
+        """The sort key of ``seq`` in the waiting and running queues, asked once when its task is
+        queued (a preempted sequence keeps it). The smallest key starts first and is preempted
+        last; the head of the waiting queue is never overtaken. The default is first come,
+        first served: ``(arrival time, seq.order)``. An override puts its policy in front, e.g.
+        ``(len(seq.prompt_token_ids), *super().queue_key(seq))``; keep the default's items at
+        the end, so that keys stay unique and every two keys compare."""
+        return (seq.task.request.arrival_time, seq.order)
 
     def _check_fits(self, seq: Sequence) -> None:
         """Refuse what could never run, so that ``schedule`` can always make progress: a
@@ -244,7 +258,7 @@ class ContinuousBatchScheduler:
                                           error=f"the executor returned no token for {seq.seq_id}"))
                 continue
             seq.append(token)
-            reason = self._finish_reason(seq, token)
+            reason = self.finish_reason(seq, token)
             logprob = result.logprobs.get(seq.seq_id)
             handoff = None
             if seq.role is TaskRole.PREFILL and reason is None:
@@ -298,8 +312,12 @@ class ContinuousBatchScheduler:
     def _release_handoff(self, locator: str) -> None:
         self.handoffs.release(locator)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Why ``seq`` ends after sampling ``token``. (A prefill task would end right here.)"""
+    def finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Why ``seq`` ends after sampling ``token`` (already appended to its tokens), or None
+        if it goes on: ``stop`` (a stop token, once ``min_tokens`` are out) or ``length``
+        (``max_tokens`` or the context length). A subclass may end sequences on rules of its
+        own, calling ``super().finish_reason`` for these. (A prefill task ends after its first
+        token whatever this says, unless it says the request ends.)"""
         params, produced = seq.params, len(seq.output_token_ids)
         if token in seq.stop_token_ids and produced >= params.min_tokens:
             return "stop"

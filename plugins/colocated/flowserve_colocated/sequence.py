@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from flowserve_core.types import SamplingParams, Task, TaskRole
 
@@ -19,13 +20,14 @@ class Sequence:
 
     ``num_computed`` tokens are in the KV cache; the rest (``num_remaining``) are computed by
     the next steps, the last of which samples a token. A decoding sequence has exactly one
-    remaining token: the one it sampled last. ``key`` orders sequences first come, first served
-    (arrival time, then admission order); a preempted sequence keeps it, so it goes back to
-    the front of the queue.
+    remaining token: the one it sampled last. ``order`` numbers sequences as the scheduler
+    queued them. ``key`` orders the scheduler's queues; the scheduler sets it once, from its
+    ``queue_key``, when the task is queued (first come, first served: arrival time, then
+    ``order``). A preempted sequence keeps it, so it goes back to the front of the queue.
     """
 
     __slots__ = ("task", "seq_id", "role", "params", "prompt_token_ids", "output_token_ids",
-                 "token_ids", "key", "status", "num_computed", "num_cached_tokens", "admitted",
+                 "token_ids", "order", "key", "status", "num_computed", "num_cached_tokens", "admitted",
                  "reported_first", "stop_token_ids", "banned_until_min_tokens")
 
     def __init__(self, task: Task, order: int):
@@ -38,7 +40,8 @@ class Sequence:
         # The task's record stays the job scheduler's; the sequence keeps its own copy.
         self.output_token_ids: list[int] = list(task.output_token_ids)
         self.token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
-        self.key = (request.arrival_time, order)
+        self.order = order
+        self.key: tuple[Any, ...] = (request.arrival_time, order)
         self.status = SequenceStatus.WAITING
         self.num_computed = 0
         self.num_cached_tokens = 0

@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 
 from flowserve_colocated.estimate import Ewma, LinearFit
-from flowserve_colocated.router import ColocatedJobScheduler, _InstanceDied
+from flowserve_colocated.router import ColocatedJobScheduler, InstanceDied
 from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
     DeploymentSpec,
@@ -177,8 +177,8 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
                 reservation.end()  # from here on the instance counts the task itself
             attempt.update(instance=instance, task=decode, started=False)
             try:
-                last = await self._run_on(instance, decode, forward)
-            except _InstanceDied as died:
+                last = await self.run_on(instance, decode, forward)
+            except InstanceDied as died:
                 last = TokenEvent(task_id=decode.id, finish_reason="error", error=died.error, instance_failed=True)
             if last is not None and last.instance_failed and self.on_failure == "reroute" \
                     and attempts <= self.max_retries:
@@ -227,8 +227,8 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
             tokens = len(task.request.prompt_token_ids) if task.role is TaskRole.PREFILL else 0
             self._prefill_tokens[instance.info.id] += tokens
             try:
-                return await self._run_on(instance, task, emit if forward_last else _ignore)
-            except _InstanceDied as died:
+                return await self.run_on(instance, task, emit if forward_last else _ignore)
+            except InstanceDied as died:
                 failed_on.add(instance.info.id)
                 if self.on_failure == "fail":
                     return TokenEvent(task_id=task.id, finish_reason="error", instance_failed=True,

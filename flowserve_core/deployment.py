@@ -71,7 +71,7 @@ class InstancePool:
                 await self.wait_changed()
         return found
 
-    async def run(self, instance: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, instance: Instance, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Run ``instance`` as a member of this pool until it ends; scalers call this."""
         self.instances[instance.info.id] = instance
         instance.on_change = self.notify

@@ -6,7 +6,9 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, runtime_checkable
 
+import anyio
 import msgspec
+from anyio.abc import TaskStatus
 
 from flowserve_core.types import (
     InstanceInfo,
@@ -135,16 +137,28 @@ class BatchScheduler(Protocol):
 
 @runtime_checkable
 class Instance(Protocol):
-    """A handle on one engine instance, in this process or another. Scalers create them
-    (flowserve-prewarm-scaler's ``InstanceBase`` is a ready base class)."""
+    """A handle on one engine instance, in this process or another. Scalers create them and
+    hand them to ``InstancePool.run`` (flowserve-prewarm-scaler's ``InstanceBase`` is a ready
+    base class). ``info`` and ``stats`` are what the server last knew of it."""
 
     info: InstanceInfo
     stats: InstanceStats
+    #: Set by the pool before ``run``: call it whenever ``info.state`` changes.
+    on_change: Callable[[], None]
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks submitted here that have not ended: the load job schedulers place by."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the instance, call ``task_status.started()`` once it is ready, and serve until
+        it ends (state ``gone``); ``InstancePool.run`` awaits it."""
 
     def submit(self, task: Task) -> AbstractAsyncContextManager[AsyncIterator[TokenEvent]]:
         """Run ``task`` here; iterate the stream for its events. Leaving early aborts it."""
 
-    async def stop(self, drain_timeout: float = 0.0) -> None: ...
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        """Take no new tasks, let those in flight finish for up to ``drain_timeout`` s, then end."""
 
 
 EmitEvent = Callable[[TokenEvent], Awaitable[None]]
@@ -164,6 +178,10 @@ class JobScheduler(Protocol):
 class Scaler(Protocol):
     """Starts and stops a deployment's instances while ``run`` runs; ``set_target`` is the manual
     override, ``on_demand`` says a request waits for an instance of ``role``."""
+
+    @property
+    def target(self) -> int | None:
+        """The instance count ``set_target`` asked for; None: the spec's counts (the API shows it)."""
 
     async def run(self, deployment: Deployment) -> None: ...
 

@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from flowserve_core.types import DeploymentSpec
+from flowserve_core.interfaces import Instance, Scaler
+from flowserve_core.types import DeploymentSpec, InstanceInfo
 from flowserve_testing import check_batch_scheduler, check_executor, check_kv_cache_manager, check_tokenizer
 
 
@@ -92,3 +93,22 @@ def test_openai_frontend_in_a_live_server(live_server, tiny_engine):
     with urllib.request.urlopen(request, timeout=60) as reply:
         completion = json.loads(reply.read())
     assert completion["object"] == "text_completion" and 1 <= completion["usage"]["completion_tokens"] <= 3
+
+
+@pytest.mark.anyio
+async def test_every_installed_scaler_and_the_instances_they_make_have_their_protocols(pm):
+    spec = DeploymentSpec()
+    for name in pm.components("scaler"):
+        scaler = pm.build("scaler", name, spec)
+        assert isinstance(scaler, Scaler), f"scaler {name!r} lacks a member of the Scaler Protocol"
+        assert scaler.target is None  # no manual override yet: the spec's counts
+    from flowserve_testing.inprocess import LocalInstance
+
+    instances = [LocalInstance(spec, pm, InstanceInfo(deployment=spec.name))]
+    if importlib.util.find_spec("flowserve_prewarm_scaler") is not None:
+        from flowserve_prewarm_scaler.worker import RemoteInstance
+
+        instances.append(RemoteInstance(spec, InstanceInfo(deployment=spec.name)))
+    for instance in instances:
+        assert isinstance(instance, Instance), f"{type(instance).__name__} lacks a member of the Instance Protocol"
+        assert instance.num_tasks == 0

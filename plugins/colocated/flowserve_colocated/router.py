@@ -46,7 +46,7 @@ def load_key(instance: Instance) -> tuple[int, int, int, int]:
     """Sort key of an instance's load, lightest first: tasks the server has in flight there,
     then what it last reported: prefill tokens waiting, sequences running, free KV blocks."""
     stats = instance.stats
-    return (getattr(instance, "num_tasks", 0), stats.scheduler.waiting_prefill_tokens,
+    return (instance.num_tasks, stats.scheduler.waiting_prefill_tokens,
             stats.scheduler.num_running, -(stats.kv.free_blocks + stats.kv.cached_blocks))
 
 
@@ -83,7 +83,7 @@ class ColocatedJobScheduler:
         ready = pool.ready(self.role) if slo else []
         if not ready:
             return None
-        ahead = min(getattr(i, "num_tasks", 0) for i in ready)
+        ahead = min(i.num_tasks for i in ready)
         if ahead < self.spec.max_num_seqs:
             return None
         # The SLO holds at p90: compare the fit's p90 (line + 1.28 σ of its residuals), not its mean.
@@ -144,7 +144,7 @@ class ColocatedJobScheduler:
         stream ended without one. Raises ``InstanceDied`` if it died before any token (the
         caller may place the task elsewhere). Subclasses (pd-scheduler's) run each phase here."""
         produced = False
-        ahead = getattr(instance, "num_tasks", 0)
+        ahead = instance.num_tasks
         try:
             async with instance.submit(task) as events:
                 async for event in events:

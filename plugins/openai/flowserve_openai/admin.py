@@ -21,7 +21,7 @@ def _ctx(request: Request) -> AppContext:
 
 def _target(deployment: Any) -> int:
     """How many instances the deployment aims for (the scaler's override, else its spec)."""
-    return len(deployment.role_targets(getattr(deployment.scaler, "target", None)))
+    return len(deployment.role_targets(deployment.scaler.target))
 
 
 async def scale(request: Request) -> Response:

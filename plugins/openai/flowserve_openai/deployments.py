@@ -52,7 +52,7 @@ def deployment_status(ctx: AppContext, deployment: Any) -> DeploymentStatus:
     aliases = sorted(a for a, name in ctx.server.aliases.items() if name == deployment.name)
     return DeploymentStatus(
         name=deployment.name, model=spec.model, state=ctx.health.health(deployment).state,
-        target=len(deployment.role_targets(getattr(deployment.scaler, "target", None))),
+        target=len(deployment.role_targets(deployment.scaler.target)),
         min_instances=spec.min_instances, max_instances=spec.max_instances, scaler=spec.scaler,
         job_scheduler=spec.job_scheduler, instances=stats.instances, aliases=aliases,
         num_running=stats.num_running, num_waiting=stats.num_waiting, dtype=spec.dtype,

@@ -85,7 +85,7 @@ class HealthMonitor:
             return DeploymentHealth(state="starting", instances=deployment.pool.by_state())
         history = self.observe(deployment)
         counts = deployment.pool.by_state()
-        wanted = deployment.role_targets(getattr(deployment.scaler, "target", None))
+        wanted = deployment.role_targets(deployment.scaler.target)
         # Ready when every role the deployment runs has a ready instance: under PD a prefill
         # instance alone cannot answer anything.
         ready_roles = {instance.info.role for instance in deployment.pool.ready()}

@@ -260,7 +260,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         return max(_waiting_tokens(instance), self._prefill_tokens.get(instance.info.id, 0))
 
     def _prefill_key(self, instance: Instance) -> tuple[int, int]:
-        return self.queued_prefill_tokens(instance), _num_tasks(instance)
+        return self.queued_prefill_tokens(instance), instance.num_tasks
 
     async def _place_prefill(self, pool: Any, avoid: set[str], request: Request) -> Instance:
         ready = [i for i in await self._ready(pool, TaskRole.PREFILL) if i.info.id not in avoid] or \
@@ -281,7 +281,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
 
     def _decode_key(self, instance: Instance) -> tuple[int, int, int]:
         stats = instance.stats
-        return (_num_tasks(instance) + self._decode_reserved.get(instance.info.id, 0), stats.scheduler.num_running,
+        return (instance.num_tasks + self._decode_reserved.get(instance.info.id, 0), stats.scheduler.num_running,
                 -(stats.kv.free_blocks + stats.kv.cached_blocks))
 
     async def _place_decode(self, pool: Any, avoid: set[str], request: Request | None = None) -> Instance:
@@ -317,7 +317,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         keep the fit from ever seeing one again)."""
         spec = self.spec
         prefills = pool.ready(TaskRole.PREFILL)
-        if spec.slo_ttft_seconds and prefills and min(_num_tasks(i) for i in prefills) > 0:
+        if spec.slo_ttft_seconds and prefills and min(i.num_tasks for i in prefills) > 0:
             work = min(self.queued_prefill_tokens(i) for i in prefills) + len(request.prompt_token_ids)
             estimate = self.prefill_time.predict(work)
             if estimate is not None and estimate > spec.slo_ttft_seconds:
@@ -368,11 +368,6 @@ def _release_now(transport: Any, locator: str) -> None:
 def _state(last: TokenEvent | None) -> TaskState:
     return {"error": TaskState.FAILED, "abort": TaskState.ABORTED}.get(
         last.finish_reason if last else "error", TaskState.DONE)
-
-
-def _num_tasks(instance: Instance) -> int:
-    """Tasks the server has in flight on ``instance``."""
-    return getattr(instance, "num_tasks", 0)
 
 
 def _waiting_tokens(instance: Instance) -> int:

@@ -91,4 +91,4 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
 def _sequences(instance: Any) -> int:
     """Sequences on an instance: tasks the server has in flight there, or what it reported."""
     scheduler = instance.stats.scheduler
-    return max(getattr(instance, "num_tasks", 0), scheduler.num_running + scheduler.num_waiting)
+    return max(instance.num_tasks, scheduler.num_running + scheduler.num_waiting)

@@ -59,7 +59,7 @@ class RayInstance(InstanceBase):
                     self.actor = pooled
                 else:
                     await self._create_actor()
-                args = [encode(ActorSetup(spec=self.spec, info=self.info, log_level=self.log_level))]
+                args: list[Any] = [encode(ActorSetup(spec=self.spec, info=self.info, log_level=self.log_level))]
                 if self.weights is not None:
                     args += [[self.weights.ref], self.weights.index]
                 ready = decode_ready(await self.actor.start.remote(*args, placement_group=self.placement_group))

@@ -60,7 +60,8 @@ class ActorPool:
         from flowserve_ray.actor import EngineActor
 
         bundle = self.options.rank_resources(self.spec)
-        actor = ray.remote(EngineActor).options(
+        # Any: Ray types an actor's methods as the plain methods, without their ``.remote``
+        actor: Any = ray.remote(EngineActor).options(
             namespace=self.options.ray_namespace, max_restarts=0, max_concurrency=64,
             num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0)).remote()
         try:

@@ -114,7 +114,8 @@ class RayRankLauncher:
 
         if not isinstance(link, ControlAddress):
             raise TypeError("Ray rank actors connect to rank 0: they need a ControlAddress")
-        actor = ray.remote(RankActor).options(
+        # Any: Ray types an actor's methods as the plain methods, without their ``.remote``
+        actor: Any = ray.remote(RankActor).options(
             name=f"{self.name}-rank{setup.rank}", namespace=self.namespace, max_restarts=0,
             max_concurrency=2,  # ``where`` answers while ``serve`` runs
             num_cpus=self.resources.get("CPU", 0), num_gpus=self.resources.get("GPU", 0),

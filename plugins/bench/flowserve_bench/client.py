@@ -175,8 +175,8 @@ async def _read_stream(response: aiohttp.ClientResponse, record: RequestRecord, 
         try:
             chunk = _chunk_decoder.decode(data)
         except msgspec.DecodeError as exc:
-            text = data[:200].decode("utf-8", "replace")
-            record.error = RequestError("stream", f"undecodable event {text!r}: {exc}")
+            snippet = data[:200].decode("utf-8", "replace")
+            record.error = RequestError("stream", f"undecodable event {snippet!r}: {exc}")
             return
         if chunk.error is not None:
             message = chunk.error.get("message", chunk.error) if isinstance(chunk.error, dict) else chunk.error

@@ -152,7 +152,7 @@ class PromptFactory:
     @property
     def description(self) -> str:
         """How prompts are made, for the results (``prompt_source``)."""
-        if self.as_token_ids:
+        if self.as_token_ids and self.vocabulary is not None:
             return f"token ids: ordinary tokens of {self.vocabulary.source}"
         if self.vocabulary is not None:
             return f"text: words of {self.vocabulary.source}; prompt tokens counted by the server"
@@ -160,7 +160,7 @@ class PromptFactory:
 
     def make(self, n: int, rng: random.Random) -> list[int] | str:
         """A prompt of ``n`` tokens (token ids), or of about ``n`` tokens (text)."""
-        if self.as_token_ids:
+        if self.as_token_ids and self.vocabulary is not None:
             return self.vocabulary.sample_ids(n, rng)
         if self.vocabulary is not None:
             return self.vocabulary.sample_text(n, rng)

@@ -149,10 +149,11 @@ async def run_benchmark(config: BenchConfig, *, on_request_done: OnRequestDone |
 
         started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         try:
-            if config.request_rate is None:
+            rate = config.arrival_rate
+            if rate is None:
                 await closed_loop(planned, config.concurrency or 1, fire)
             else:
-                await open_loop(planned, config.arrival_rate, config.max_concurrency, fire,
+                await open_loop(planned, rate, config.max_concurrency, fire,
                                 random.Random(f"arrivals:{config.seed}"))
         finally:
             if progress is not None:

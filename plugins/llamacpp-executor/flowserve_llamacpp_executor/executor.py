@@ -157,8 +157,10 @@ class LlamaCppExecutor:
             logits = self._decode(rows)
             sampled = [row.scheduled for row in rows if row.sample]
             result = self.sampler(torch.from_numpy(logits), sampled) if sampled else StepResult()
-            result.kv_exports = [KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids, first_block=t.first_block,
-                                                 data=self._export(t.seq_id)) for t in batch.kv_exports]
+            result.kv_exports = [
+                KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids, first_block=t.first_block,
+                                data=self._export(t.seq_id))  # type: ignore[arg-type]  # bytes-like, uncopied
+                for t in batch.kv_exports]
             return result
 
     def _row(self, scheduled: Any) -> _Row:

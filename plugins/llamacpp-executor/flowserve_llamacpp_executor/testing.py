@@ -60,7 +60,7 @@ def write_tiny_gguf(path: Path, architecture: str = "llama", *, seed: int = 0, t
     arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[architecture]
     writer = gguf.GGUFWriter(str(path), architecture)
     vocab = _copy_tokenizer(writer, source)
-    shape = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    shape: dict[str, Any] = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                  rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
     config = LlamaConfig(**shape, tie_word_embeddings=False) if architecture == "llama" else \

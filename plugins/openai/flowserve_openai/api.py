@@ -96,6 +96,7 @@ async def create_chat_completion(request: Request) -> Any:
     deployment = await ctx.deployment(body.model)
     tokenizer = deployment.tokenizer
     prompt_ids = await chat_prompt(chat_messages(body), tokenizer, deployment.max_model_len, ctx.tokenizing)
+    requested: int | None
     if body.max_completion_tokens is not None:
         requested, name = body.max_completion_tokens, "max_completion_tokens"
     else:

@@ -46,7 +46,7 @@ class GuardedProtocol(HttpToolsProtocol):
     max_connections: int = 1024
     _header_deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's narrows it too
         """Count the connection; refuse it past the cap; start its first header deadline."""
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:

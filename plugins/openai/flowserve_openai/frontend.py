@@ -73,7 +73,7 @@ def _is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError:
         return True  # bind() reports it, with the reason
-    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
@@ -118,7 +118,9 @@ class OpenAIFrontend:
         uv = _Uvicorn(uvicorn.Config(
             build_app(server), log_config=None, lifespan="on", access_log=True,
             http=guarded_protocol(config.header_timeout, config.max_connections),
-            timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=max(0.0, config.drain_timeout)))
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            # uvicorn annotates an int but waits with asyncio.timeout, which takes seconds as a float
+            timeout_graceful_shutdown=max(0.0, config.drain_timeout)))  # type: ignore[arg-type]  # see above
         for sock in sockets:
             host, port = sock.getsockname()[:2]
             log.info("serving the OpenAI API on http://%s:%d", f"[{host}]" if ":" in host else host, port,

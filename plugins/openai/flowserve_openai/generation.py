@@ -22,6 +22,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from flowserve_core.errors import RejectedError
 from flowserve_core.types import Request, TokenLogprob
 from flowserve_openai.errors import APIError
+from flowserve_openai.protocol import FinishReason
 from flowserve_openai.sampling import ChoicePlan
 
 
@@ -34,7 +35,7 @@ class ChoiceEvent:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
 
 

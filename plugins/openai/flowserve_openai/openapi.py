@@ -93,8 +93,8 @@ def openapi_schema(config: ServerConfig, max_instances: int | None = None,
                     option["maximum"] = max_model_len
     if max_instances is not None:
         components["ScaleRequest"]["properties"]["instances"]["maximum"] = max_instances
-    api_security = [{"bearer": []}] if config.api_key else []
-    admin_security = [{"bearer": []}] if (config.admin_key or config.api_key) else []
+    api_security: list[dict[str, list[str]]] = [{"bearer": []}] if config.api_key else []
+    admin_security: list[dict[str, list[str]]] = [{"bearer": []}] if (config.admin_key or config.api_key) else []
     model_param = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     name_param = model_param
     deployment_param = {"name": "deployment", "in": "query", "required": False, "schema": {"type": "string"},

@@ -65,11 +65,11 @@ async def completion_prompts(body: CompletionRequest, tokenizer: Any, max_model_
     elif not prompt:
         raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     elif all(isinstance(p, str) for p in prompt):
-        texts = list(prompt)  # type: ignore[arg-type]
+        texts = [p for p in prompt if isinstance(p, str)]
     elif all(isinstance(p, int) for p in prompt):
-        token_lists = [list(prompt)]  # type: ignore[arg-type]
+        token_lists = [[p for p in prompt if isinstance(p, int)]]
     elif all(isinstance(p, list) for p in prompt):
-        token_lists = [list(p) for p in prompt]  # type: ignore[union-attr]
+        token_lists = [list(p) for p in prompt if isinstance(p, list)]
     else:
         raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a "
                             "list of lists of token ids, not a mix of them", param="prompt", code="invalid_value")

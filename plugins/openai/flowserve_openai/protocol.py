@@ -131,8 +131,9 @@ class AssistantMessageParam(Struct, tag="assistant", tag_field="role", kw_only=T
 
 MessageParam = SystemMessageParam | DeveloperMessageParam | UserMessageParam | AssistantMessageParam
 #: What each message kind is called in ``role``.
-ROLES = {SystemMessageParam: "system", DeveloperMessageParam: "system", UserMessageParam: "user",
-         AssistantMessageParam: "assistant"}
+ROLES: dict[type[MessageParam], str] = {
+    SystemMessageParam: "system", DeveloperMessageParam: "system", UserMessageParam: "user",
+    AssistantMessageParam: "assistant"}
 
 
 class ResponseFormat(Struct, kw_only=True):

@@ -21,6 +21,7 @@ from flowserve_openai.protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
+    FinishReason,
     TopLogprob,
     Usage,
     encoder,
@@ -49,7 +50,7 @@ class Renderer:
         self.include_usage = include_usage
         self.text = {index: "" for index in self.plans}
         self.tokens = {index: 0 for index in self.plans}
-        self.finish = {index: None for index in self.plans}
+        self.finish: dict[int, FinishReason | None] = {index: None for index in self.plans}
 
     def usage(self) -> Usage:
         """Token counts so far: every prompt once, every choice's output."""

@@ -189,14 +189,14 @@ class Sampler:
         uniforms = torch.rand(len(seqs), device=self.device)
         for row, seq in enumerate(seqs):
             if seq.params.seed is not None:
-                uniforms[row] = torch.rand(1, generator=self._generator(seq), device=self.device)[0]
+                uniforms[row] = torch.rand(1, generator=self._generator(seq, seq.params.seed), device=self.device)[0]
         return 1.0 - uniforms
 
-    def _generator(self, seq: ScheduledSequence) -> torch.Generator:
+    def _generator(self, seq: ScheduledSequence, seed: int) -> torch.Generator:
         generator = self.generators.get(seq.seq_id)
         if generator is None:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seq.params.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+            generator.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
             self.generators[seq.seq_id] = generator
         return generator
 

@@ -11,6 +11,7 @@ timeout — surfaces as ``CollectiveError``, which the executor turns into ``Eng
 
 from __future__ import annotations
 
+import abc
 import datetime
 import socket
 import uuid
@@ -71,9 +72,21 @@ class TensorParallelGroup:
             self._backend = None
 
 
-class _Backend:
+class _Backend(abc.ABC):
     rank: int
     world_size: int
+
+    @abc.abstractmethod
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def all_gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
     def _gather_parts(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         return [torch.empty_like(tensor) for _ in range(self.world_size)]
@@ -110,7 +123,7 @@ class _GlooGroup(_Backend):
         return tensor
 
     def close(self) -> None:
-        self._pg = None  # type: ignore[assignment]
+        self._pg = None  # type: ignore[assignment]  # closed: a later collective fails loudly
 
 
 class _WorldGroup(_Backend):
@@ -171,13 +184,14 @@ def _connect(device_type: str, rank: int, world_size: int, *, host: str, port: i
                                   timeout=datetime.timedelta(seconds=join_timeout))
         prefixed = dist.PrefixStore(name, store)
         if backend == "gloo":
-            options = dist.ProcessGroupGloo._Options()
+            # The private _Options is the only way to choose gloo's device and thread count.
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # absent from torch's stubs
             # Listen where the other ranks reach this one, not on whatever the hostname means.
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address_towards(host))]
             options._timeout = delta
             options._threads = 2
             pg = dist.ProcessGroupGloo(prefixed, rank, world_size, options)
-            return _GlooGroup(pg, store, rank, world_size)
+            return _GlooGroup(pg, store, rank, world_size)  # type: ignore[arg-type]  # stubs lack gloo's collectives
         if backend == "hccl":
             import torch_npu  # noqa: F401  (registers the hccl backend)
         if dist.is_initialized():

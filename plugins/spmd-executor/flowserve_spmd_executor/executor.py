@@ -140,10 +140,16 @@ class SpmdExecutor:
             plan, sampled = build_step_plan(batch, block_size=self.spec.block_size,
                                             max_model_len=self.max_model_len, num_blocks=self.num_blocks)
             logits = self._announced(RunStep(plan=plan), lambda: self.rank.run(plan))
-            result = self.sampler(logits, sampled) if sampled else StepResult()
+            if sampled:
+                assert logits is not None  # the rows to sample have logits
+                result = self.sampler(logits, sampled)
+            else:
+                result = StepResult()
             # PD prefill: the prompt's KV, now computed, leaves with the first token.
-            result.kv_exports = [KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids,
-                                                 data=self._export_locked(t.block_ids)) for t in batch.kv_exports]
+            result.kv_exports = [
+                KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids,
+                                data=self._export_locked(t.block_ids))  # type: ignore[arg-type]  # bytes-like, uncopied
+                for t in batch.kv_exports]
             return result
 
     def _announced(self, message: Any, local: Callable[[], T]) -> T:
@@ -216,7 +222,7 @@ class SpmdExecutor:
         block_ids = [int(b) for b in block_ids]
         blocks = self._announced(ExportBlocks(block_ids=block_ids), lambda: self.rank.export_blocks(block_ids))
         flat = blocks.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-        return memoryview(flat.numpy())
+        return flat.numpy().data
 
     def _import_locked(self, block_ids: list[int], data: bytes | bytearray | memoryview, first_block: int) -> None:
         block_ids = [int(b) for b in block_ids]

@@ -62,8 +62,9 @@ class WorkerGang:
                         self.handles.append(self.launcher.launch(setup, child))
                     finally:
                         child.close()
-                    self.channels.append(Channel(parent))
-                    self.channels[-1].send(Init(setup=setup))
+                    channel = Channel(parent)
+                    self.channels.append(channel)
+                    channel.send(Init(setup=setup))
             else:
                 setups = [msgspec.structs.replace(s, store_host=host) for s in setups]
                 self._listener = socket.create_server((host, 0))
@@ -89,6 +90,7 @@ class WorkerGang:
     def _accept(self, setups: list[RankSetup], tokens: dict[int, str]) -> None:
         """Take each worker's connection once it proves its rank; then stop listening."""
         listener = self._listener
+        assert listener is not None  # made before this thread starts
         index = {s.rank: i for i, s in enumerate(setups)}
         try:
             while not self._closed and any(c is None for c in self.channels):

@@ -89,7 +89,7 @@ class SubprocessHandle:
 class SubprocessLauncher:
     """Worker ranks as ``python -m flowserve_spmd_executor.worker FD`` child processes."""
 
-    listen_host = None
+    listen_host: str | None = None
 
     def launch(self, setup: RankSetup, link: socket.socket | ControlAddress) -> SubprocessHandle:
         if not isinstance(link, socket.socket):

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import msgspec
 import torch
@@ -35,6 +35,9 @@ from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.model_config import ModelConfig
 from flowserve_spmd_executor.models import model_class
 from flowserve_spmd_executor.options import cache_root
+
+if TYPE_CHECKING:
+    from flowserve_spmd_executor.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +203,7 @@ def tensor_names(resolved: ResolvedWeights) -> set[str]:
 
 
 def build_model(config: ModelConfig, group: TensorParallelGroup, *, dtype: torch.dtype,
-                device: torch.device, max_positions: int, allocate: bool = True) -> torch.nn.Module:
+                device: torch.device, max_positions: int, allocate: bool = True) -> LlamaForCausalLM:
     """The model's modules for this rank, allocated on ``device`` in ``dtype``, uninitialised
     (with ``allocate=False`` the parameters stay on the "meta" device, for the caller to swap
     in tensors it already has, e.g. views of a DRAM image)."""
@@ -217,7 +220,7 @@ def build_model(config: ModelConfig, group: TensorParallelGroup, *, dtype: torch
 
 def load_model(resolved: ResolvedWeights, config: ModelConfig, group: TensorParallelGroup, *,
                dtype: torch.dtype, device: torch.device, max_positions: int,
-               show_progress: bool = True) -> torch.nn.Module:
+               show_progress: bool = True) -> LlamaForCausalLM:
     """Build the model for this rank and fill it with its shard of the checkpoint's weights."""
     model = build_model(config, group, dtype=dtype, device=device, max_positions=max_positions)
     with torch.inference_mode():
@@ -234,7 +237,7 @@ def load_weights(model: torch.nn.Module, resolved: ResolvedWeights, *, show_prog
 
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules", {})
-    config: ModelConfig = model.config  # type: ignore[assignment]
+    config: ModelConfig = model.config  # type: ignore[assignment]  # every model class keeps its ModelConfig
     expected = _expected_shards(params, packed)
     loaded: set[tuple[str, Any]] = set()
     names = tensor_names(resolved)
@@ -281,9 +284,9 @@ def _expected_shards(params: dict[str, Any], packed: dict[str, tuple[str, Any]])
         shards_of.setdefault(fused, []).append(shard_id)
     expected: set[tuple[str, Any]] = set()
     for name in params:
-        fused = next((f for f in shards_of if f".{f}." in name), None)
-        if fused is None:
+        owner = next((f for f in shards_of if f".{f}." in name), None)
+        if owner is None:
             expected.add((name, None))
         else:
-            expected.update((name, s) for s in shards_of[fused])
+            expected.update((name, s) for s in shards_of[owner])
     return expected

@@ -25,7 +25,8 @@ def npu_available() -> bool:
         import torch_npu  # noqa: F401  (registers the "npu" device with torch)
     except ImportError:
         return False
-    return bool(getattr(torch, "npu", None) and torch.npu.is_available())
+    npu = getattr(torch, "npu", None)  # added by torch_npu, unknown to torch's stubs
+    return bool(npu and npu.is_available())
 
 
 def resolve_device_type(device: str) -> str:

@@ -66,7 +66,7 @@ class Rank:
         if setup.device_type == "cuda":
             torch.cuda.set_device(self.device)
         elif setup.device_type == "npu":
-            torch.npu.set_device(self.device)
+            torch.npu.set_device(self.device)  # type: ignore[attr-defined]  # added by torch_npu
         self.dtype = getattr(torch, setup.dtype)
         self.config = load_model_config(setup.weights.directory)
         self.shard = HeadShard(self.config.num_heads, self.config.num_kv_heads, setup.rank, setup.world_size)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from flowserve_core.interfaces import Executor
 from flowserve_core.types import SamplingParams, ScheduledSequence, StepBatch, StepResult
-from flowserve_testing._suite import require
+from flowserve_testing._suite import ConformanceError, require
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 
@@ -64,7 +64,8 @@ async def _check_logprobs_and_seeds(run: _Run, prompt: list[int]) -> None:
     twins = [run.new(prompt, SamplingParams(temperature=1.0, seed=1234)) for _ in range(2)]
     result = await run.step([asks.whole(), *(t.whole() for t in twins)])
     logprob = result.logprobs.get(asks.seq_id)
-    require(logprob is not None, "a sequence that asks for logprobs gets them in StepResult.logprobs")
+    if logprob is None:
+        raise ConformanceError("a sequence that asks for logprobs gets them in StepResult.logprobs")
     require(logprob.token_id == result.token_ids[asks.seq_id] and logprob.logprob <= 1e-6,
             "logprobs are the sampled token's, at most 0", str(logprob))
     values = [alternative.logprob for alternative in logprob.top]
@@ -122,8 +123,8 @@ class _Run:
         child.output, child.computed = list(parent.output), parent.computed
         return child
 
-    async def step(self, scheduled: list[ScheduledSequence], block_copies: list[tuple[int, int]] = (),
-                   finished: list[str] = ()) -> StepResult:
+    async def step(self, scheduled: list[ScheduledSequence], block_copies: Sequence[tuple[int, int]] = (),
+                   finished: Sequence[str] = ()) -> StepResult:
         batch = StepBatch(seqs=scheduled, block_copies=list(block_copies), finished_seq_ids=list(finished))
         result = await self.executor.execute(batch)
         require(isinstance(result, StepResult), "execute() returns a StepResult", type(result).__name__)

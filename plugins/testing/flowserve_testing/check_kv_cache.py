@@ -2,8 +2,9 @@
 
 The suite keeps its own record of every sequence (its tokens, the slots it reserved, how many
 are computed) and a simulated KV memory: computing a position stores its token in the block
-the manager's table names, and block copies (``take_block_copies``, where the manager has it)
-are applied as an executor would. Every read of a computed position must find its token.
+the manager's table names, and block copies (``take_block_copies``, where the manager is a
+``BlockCopySource``) are applied as an executor would. Every read of a computed position must
+find its token.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import itertools
 import random
 from typing import Any, Callable
 
+from flowserve_core.interfaces import BlockCopySource
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec, KVCacheSpec
-from flowserve_testing._suite import require, resolve
+from flowserve_testing._suite import ConformanceError, require, resolve
 
 
 def check_kv_cache_manager(kv_cache: str | Callable[..., Any], *, pm: PluginManager | None = None,
@@ -109,6 +111,13 @@ class _Book:
         self.check()
         return seq_id
 
+    def allocated(self, tokens: list[int]) -> str:
+        """``allocate`` where enough blocks are free: a None breaks the rule."""
+        seq_id = self.allocate(tokens)
+        if seq_id is None:
+            raise ConformanceError("allocate() succeeds while enough blocks are free")
+        return seq_id
+
     def step(self, seq_id: str, new_tokens: list[int], compute_to: int) -> bool:
         """Reserve slots for ``new_tokens`` more, then compute up to ``compute_to``, as a step does."""
         seq = self.seqs[seq_id]
@@ -125,7 +134,8 @@ class _Book:
 
     def _check_writable(self, seq_id: str) -> None:
         """The blocks this sequence writes next are its own; apply the copies that made them so."""
-        for source, destination in getattr(self.kv, "take_block_copies", list)():
+        copies = self.kv.take_block_copies() if isinstance(self.kv, BlockCopySource) else []
+        for source, destination in copies:
             self.memory[destination] = dict(self.memory.get(source, {}))
         seq, table = self.seqs[seq_id], self.table(seq_id)
         mine = set(table[seq.computed // self.size:-(-seq.reserved // self.size)])
@@ -164,11 +174,11 @@ class _Book:
 
 
 def _accounting(book: _Book) -> None:
-    a = book.allocate(list(range(1, 11)))
-    require(a is not None and book.counts()[0] == 3, "allocate() of 10 tokens in blocks of 4 takes 3 blocks",
+    a = book.allocated(list(range(1, 11)))
+    require(book.counts()[0] == 3, "allocate() of 10 tokens in blocks of 4 takes 3 blocks",
             str(book.kv.usage()))
-    b = book.allocate(list(range(50, 57)))
-    require(b is not None and not set(book.table(a)) & set(book.table(b)),
+    b = book.allocated(list(range(50, 57)))
+    require(not set(book.table(a)) & set(book.table(b)),
             "sequences allocated separately hold different blocks")
     free_blocks = book.num_blocks - book.counts()[0]
     require(book.allocate(list(range(100, 100 + 4 * free_blocks + 1))) is None,
@@ -180,18 +190,18 @@ def _accounting(book: _Book) -> None:
 
 def _prefix_hits(book: _Book) -> None:
     prompt = list(range(1, 14))
-    first = book.allocate(prompt)
+    first = book.allocated(prompt)
     book.compute(first, len(prompt))
     book.free(first)
     for tokens in (prompt[:12] + [99], prompt[:12], prompt[:8], prompt + [14, 15]):
-        second = book.allocate(tokens)  # the rules are checked inside
+        second = book.allocated(tokens)  # the rules are checked inside
         book.compute(second, len(tokens))
         book.free(second)
     book.free_all()
 
 
 def _fork_copy_on_write(book: _Book) -> None:
-    parent = book.allocate([1, 2, 3, 4, 5, 6])
+    parent = book.allocated([1, 2, 3, 4, 5, 6])
     book.compute(parent, 6)
     child = book.fork(parent)
     require(book.step(child, [70], 7), "append_slots() after fork succeeds")

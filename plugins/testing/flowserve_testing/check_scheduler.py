@@ -9,7 +9,7 @@ a prefix hit on the wrong blocks or a recompute from the wrong position reads a 
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (
@@ -207,7 +207,7 @@ class _Drive:
                 f"{self.finished.get(task_id)!r} after {len(self.outputs[task_id])} of {max_tokens}")
 
 
-def _prompt(rng: random.Random, length: int, prefix: list[int] = ()) -> list[int]:
+def _prompt(rng: random.Random, length: int, prefix: Sequence[int] = ()) -> list[int]:
     return (list(prefix) + [rng.randrange(1, VOCAB) for _ in range(length)])[:max(length, 1)]
 
 

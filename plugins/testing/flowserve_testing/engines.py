@@ -43,9 +43,9 @@ def write_tiny_llama(directory: str | os.PathLike, *, seed: int = 0, num_hidden_
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False, torch_dtype="float32", initializer_range=initializer_range)
+        tie_word_embeddings=False, dtype="float32", initializer_range=initializer_range)
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(str(path), safe_serialization=True)
+    LlamaForCausalLM(config).float().save_pretrained(str(path), safe_serialization=True)
     return path
 
 
@@ -106,7 +106,8 @@ def find_tiny_engine(model_directory: Callable[[], Path], pm: PluginManager | No
     for the real engine (it should return ``write_tiny_llama``'s directory)."""
     pm = pm or with_kit_plugin(PluginManager())
     wanted = os.environ.get("FLOWSERVE_TEST_ENGINE")
-    for kind, fields in (("real", REAL_ENGINE), ("toy", TOY_ENGINE)):
+    engines: list[tuple[Literal["real", "toy"], dict[str, Any]]] = [("real", REAL_ENGINE), ("toy", TOY_ENGINE)]
+    for kind, fields in engines:
         if wanted in (None, "", kind) and all(
                 fields[k] in pm.components(k) for k in ("tokenizer", "executor", "kv_cache",
                                                          "batch_scheduler", "job_scheduler")):

@@ -64,8 +64,10 @@ class DeploymentRunner:
 
     def engines(self) -> list[Any]:
         """The engines of the instances running in this process (scaler ``inproc``)."""
+        from flowserve_testing.inprocess import LocalInstance
+
         return [i.engine for i in self.deployment.pool.instances.values()
-                if getattr(i, "engine", None) is not None]
+                if isinstance(i, LocalInstance) and i.engine is not None]
 
     def batch_schedulers(self) -> list[Any]:
         """The batch scheduler objects of those engines: proof of which one is in use."""

@@ -48,10 +48,12 @@ class LocalInstance(InstanceBase):
             self.set_state(InstanceState.GONE, error=dead)
 
     async def _on_events(self, events: list[TokenEvent]) -> None:
+        assert self.engine is not None  # it sends the events
         self.stats = self.engine.stats
         self.dispatch(events)
 
     async def _send_task(self, task: Task) -> None:
+        assert self.engine is not None  # tasks come once the instance is ready
         self.engine.submit(task)
 
     async def _abort_task(self, task_id: str) -> None:

@@ -32,6 +32,7 @@ from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import TextDelta
 from flowserve_core.types import (
     DeploymentSpec,
+    FinishReason,
     Job,
     KVCacheSpec,
     KVUsage,
@@ -253,7 +254,7 @@ class FifoScheduler:
                 continue
             task.output_token_ids.append(token)
             params = task.request.params
-            reason = None
+            reason: FinishReason | None = None
             stops = (token in task.request.eos_token_ids and not params.ignore_eos) or \
                 token in params.stop_token_ids
             if stops and len(task.output_token_ids) >= params.min_tokens:

@@ -19,6 +19,7 @@ ordered decode tokens first, then the prefill chunks one after another.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -118,9 +119,9 @@ def build_attention_metadata(*, slot_mapping: list[int], query_lens: list[int], 
             meta.prefill_masks[window] = mask.unsqueeze(1).repeat(1, 1, group_size, 1)
     if workspace is not None:
         shapes = []
-        for tables in (meta.decode_block_tables, meta.prefill_block_tables):
-            if tables is not None:
-                shapes += [(tables.numel(), *block_shape)] * 2
+        for table in (meta.decode_block_tables, meta.prefill_block_tables):
+            if table is not None:
+                shapes += [(table.numel(), *block_shape)] * 2
         buffers = workspace.take(*shapes)
         if meta.decode_block_tables is not None:
             meta.decode_buffers, buffers = buffers[:2], buffers[2:]
@@ -162,7 +163,9 @@ class PagedAttention(nn.Module):
         outputs = []
         num_decode = meta.num_decode
         if num_decode:
-            tables, buffers = meta.decode_block_tables, meta.decode_buffers or [None, None]
+            tables = meta.decode_block_tables
+            buffers: Sequence[torch.Tensor | None] = meta.decode_buffers or [None, None]
+            assert tables is not None  # set whenever there are decode rows
             mask = meta.decode_masks[self.sliding_window]
             keys, values = self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1])
             if mask is None:
@@ -173,11 +176,13 @@ class PagedAttention(nn.Module):
         if meta.num_prefill:
             num, longest = meta.num_prefill, meta.prefill_max_len
             tables, buffers = meta.prefill_block_tables, meta.prefill_buffers or [None, None]
-            qp = q[num_decode:].index_select(0, meta.prefill_gather)
+            gather, unpad = meta.prefill_gather, meta.prefill_unpad
+            assert tables is not None and gather is not None and unpad is not None  # set with num_prefill
+            qp = q[num_decode:].index_select(0, gather)
             qp = qp.view(num, longest, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(num, kvh, group * longest, hd)
             out = F.scaled_dot_product_attention(
                 qp, self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1]),
                 attn_mask=meta.prefill_masks[self.sliding_window], scale=self.scale)
             out = out.view(num, kvh, group, longest, hd).permute(0, 3, 1, 2, 4).reshape(num * longest, -1)
-            outputs.append(out.index_select(0, meta.prefill_unpad))
+            outputs.append(out.index_select(0, unpad))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -54,7 +54,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         """Keep a second copy of the weight pre-packed for oneDNN (see ``linear.packed_linear``)."""
         self.packed = pack_weight(self.weight)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and hidden.shape[0] >= PACKED_MIN_TOKENS:
             logits = packed_linear(hidden, self.packed, None)
         else:

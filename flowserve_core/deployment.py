@@ -15,7 +15,7 @@ import msgspec
 
 from flowserve_core import telemetry
 from flowserve_core.errors import ConfigError, EngineDeadError, RejectedError
-from flowserve_core.interfaces import Instance
+from flowserve_core.interfaces import Instance, ReportsContextLength
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (
     DeploymentSpec,
@@ -119,7 +119,8 @@ class Deployment:
 
     @property
     def max_model_len(self) -> int:
-        return self.spec.max_model_len or getattr(self.tokenizer, "max_model_len", None) or 2048
+        from_tokenizer = self.tokenizer.max_model_len if isinstance(self.tokenizer, ReportsContextLength) else None
+        return self.spec.max_model_len or from_tokenizer or 2048
 
     def role_targets(self, target: int | None = None) -> list[TaskRole]:
         """The roles of the instances this deployment should run (``target`` overrides counts)."""

@@ -57,7 +57,7 @@ class IncrementalDetokenizer(Protocol):
 @runtime_checkable
 class Tokenizer(Protocol):
     """Text ↔ token ids for one model, its chat template and end-of-sequence ids (optional:
-    ``max_model_len``, the context length)."""
+    ``max_model_len``, the context length; see ``ReportsContextLength``)."""
 
     eos_token_ids: list[int]
     vocab_size: int
@@ -112,6 +112,25 @@ class KVCacheManager(Protocol):
         """How many leading tokens of ``token_ids`` are cached here (routing; no side effect)."""
 
     def usage(self) -> KVUsage: ...
+
+
+@runtime_checkable
+class BlockCopySource(Protocol):
+    """Optional, for a KV cache manager that copies blocks on write (``paged``): the batch
+    scheduler passes the copies on in ``StepBatch.block_copies``."""
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """The ``(source, destination)`` copies asked for since the last call (then forgotten);
+        the executor applies them before computing the step they were taken for."""
+
+
+@runtime_checkable
+class ReportsContextLength(Protocol):
+    """Optional, for a tokenizer or KV cache manager: the model's context length, where known.
+    The smallest one known (``DeploymentSpec.max_model_len`` first) bounds prompt and output."""
+
+    @property
+    def max_model_len(self) -> int | None: ...
 
 
 @runtime_checkable

@@ -11,14 +11,20 @@ import urllib.request
 
 import pytest
 
-from flowserve_core.interfaces import Instance, Scaler
-from flowserve_core.types import DeploymentSpec, InstanceInfo
+from flowserve_core.interfaces import BlockCopySource, Instance, ReportsContextLength, Scaler
+from flowserve_core.types import DeploymentSpec, InstanceInfo, KVCacheSpec
 from flowserve_testing import check_batch_scheduler, check_executor, check_kv_cache_manager, check_tokenizer
 
 
 def test_paged_kv_cache_manager(pm):
     pytest.importorskip("flowserve_paged_kv")
     check_kv_cache_manager("paged", pm=pm)
+
+
+def test_the_paged_kv_cache_manager_declares_its_copies_and_context_length(pm):
+    pytest.importorskip("flowserve_paged_kv")
+    kv = pm.build("kv_cache", "paged", DeploymentSpec(), KVCacheSpec(num_blocks=8, block_size=4, max_model_len=64))
+    assert isinstance(kv, BlockCopySource) and isinstance(kv, ReportsContextLength) and kv.max_model_len == 64
 
 
 def test_continuous_batch_scheduler_on_the_paged_kv_cache(pm):

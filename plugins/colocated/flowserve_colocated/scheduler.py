@@ -27,6 +27,7 @@ from typing import Any
 
 from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
+from flowserve_core.interfaces import BlockCopySource, ReportsContextLength
 from flowserve_core.types import (
     DeploymentSpec,
     FinishReason,
@@ -51,9 +52,9 @@ def _ceil_div(a: int, b: int) -> int:
 class ContinuousBatchScheduler:
     """Decode first, then chunked prefill within a per-step token budget; preempt by recompute.
 
-    Works with any ``KVCacheManager``; with the ``paged`` one it also forwards copy-on-write
-    block copies (``take_block_copies``). ``request.priority`` is not used: the order is first
-    come, first served by ``request.arrival_time``.
+    Works with any ``KVCacheManager``; with one that copies blocks on write (a
+    ``BlockCopySource``, as ``paged``) it also forwards the copies. ``request.priority`` is
+    not used: the order is first come, first served by ``request.arrival_time``.
 
     Subclasses change the policy through two public methods: ``queue_key`` (the order in which
     waiting sequences start and running ones are preempted) and ``finish_reason`` (when a
@@ -65,7 +66,8 @@ class ContinuousBatchScheduler:
         self.kv = kv_cache
         self.max_num_seqs = spec.max_num_seqs
         self.token_budget = spec.max_num_batched_tokens
-        lengths = [n for n in (spec.max_model_len, getattr(kv_cache, "max_model_len", None)) if n]
+        from_cache = kv_cache.max_model_len if isinstance(kv_cache, ReportsContextLength) else None
+        lengths = [n for n in (spec.max_model_len, from_cache) if n]
         self.max_model_len: int = min(lengths) if lengths else 2048
         self.block_size: int = kv_cache.block_size
         self.total_blocks: int = kv_cache.usage().total_blocks
@@ -209,7 +211,7 @@ class ContinuousBatchScheduler:
         if not planned:
             self._ended = ended  # an empty batch is never executed: report them next time
             return StepBatch()
-        copies = self.kv.take_block_copies() if hasattr(self.kv, "take_block_copies") else []
+        copies = self.kv.take_block_copies() if isinstance(self.kv, BlockCopySource) else []
         # Planning order: decodes first, then prefill chunks, each first come first served.
         scheduled = [self._scheduled(seq, n) for seq, n in planned.values()]
         exports = [export for s in scheduled if s.sample

@@ -11,6 +11,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from flowserve_core.types import (
+    DeploymentSpec,
     InstanceInfo,
     InstanceStats,
     Job,
@@ -83,6 +84,48 @@ class Executor(Protocol):
     def kv_cache_spec(self) -> KVCacheSpec: ...
 
     async def execute(self, batch: StepBatch) -> StepResult: ...
+
+
+@runtime_checkable
+class ClosableExecutor(Protocol):
+    """Optional, for an executor that holds more than memory (worker processes, a device
+    context): the instance calls ``close`` once, when it ends."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReportsWeightsPath(Protocol):
+    """Optional, for an executor: how it got its weights, ``"loaded"`` or ``"preloaded"`` (by a
+    ``preload`` or ``attach`` in its process or the one it was forked from); scalers report it."""
+
+    @property
+    def weights_path(self) -> str: ...
+
+
+@runtime_checkable
+class FastStartExecutorFactory(Protocol):
+    """Optional, for an executor factory (the callable an executor plugin registers): steps a
+    scaler may run in a process before the factory builds an executor there. Both block."""
+
+    def prewarm(self, device: str = "auto") -> None:
+        """Import the runtime and open ``device`` (``auto``: the best there is); no model yet."""
+
+    def preload(self, spec: DeploymentSpec) -> str:
+        """Load ``spec``'s weights here for the next executor of ``spec``, computing nothing
+        (this process may fork next); what was loaded, for the log. Raises where it cannot."""
+
+
+@runtime_checkable
+class DeviceSharingExecutorFactory(Protocol):
+    """Optional, for an executor factory on devices (CUDA, NPU), where a fork cannot share
+    loaded weights: one process holds them (``share``), instance processes ``attach``."""
+
+    def share(self, spec: DeploymentSpec) -> bytes:
+        """Hold ``spec``'s model on its device in this process; the IPC handles for ``attach``."""
+
+    def attach(self, spec: DeploymentSpec, handles: bytes) -> None:
+        """Make this process's next executor of ``spec`` use the weights ``handles`` name."""
 
 
 @runtime_checkable

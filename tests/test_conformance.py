@@ -11,7 +11,16 @@ import urllib.request
 
 import pytest
 
-from flowserve_core.interfaces import BlockCopySource, Instance, ReportsContextLength, Scaler
+from flowserve_core.interfaces import (
+    BlockCopySource,
+    ClosableExecutor,
+    DeviceSharingExecutorFactory,
+    FastStartExecutorFactory,
+    Instance,
+    ReportsContextLength,
+    ReportsWeightsPath,
+    Scaler,
+)
 from flowserve_core.types import DeploymentSpec, InstanceInfo, KVCacheSpec
 from flowserve_testing import check_batch_scheduler, check_executor, check_kv_cache_manager, check_tokenizer
 
@@ -69,8 +78,20 @@ async def test_spmd_executor_on_a_tiny_llama(pm, tiny_model):
     executor = pm.build("executor", "spmd", spec)
     try:
         await check_executor(executor, vocab_size=json.loads((tiny_model / "config.json").read_text())["vocab_size"])
+        assert isinstance(executor, ReportsWeightsPath) and executor.weights_path == "loaded"
     finally:
-        getattr(executor, "close", lambda: None)()
+        assert isinstance(executor, ClosableExecutor)
+        executor.close()
+
+
+@pytest.mark.parametrize(("executor", "capabilities"), [
+    ("spmd", (FastStartExecutorFactory, DeviceSharingExecutorFactory)),
+    ("llamacpp", (FastStartExecutorFactory,)),
+])
+def test_executor_factories_declare_their_fast_start_steps(pm, executor, capabilities):
+    pytest.importorskip(f"flowserve_{executor}_executor")
+    factory = pm.get("executor", executor).factory
+    assert [c.__name__ for c in capabilities if isinstance(factory, c)] == [c.__name__ for c in capabilities]
 
 
 @pytest.mark.anyio

@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator
 import anyio
 import msgspec
 
+from flowserve_core.interfaces import ClosableExecutor, ReportsWeightsPath
 from flowserve_core.types import Task, TokenEvent
 from flowserve_ray.protocol import ActorReady, EventBatch, decode_setup, encode
 
@@ -168,7 +169,7 @@ class EngineActor:
         self._stopped = True
         if self._scope is not None:
             self._scope.cancel()
-        if self.engine is not None and hasattr(self.engine.executor, "close"):
+        if self.engine is not None and isinstance(self.engine.executor, ClosableExecutor):
             await anyio.to_thread.run_sync(self.engine.executor.close)
 
     async def rank_listen_host(self) -> str:
@@ -197,6 +198,6 @@ class EngineActor:
         return found
 
 
-def _weights_path(executor: Any) -> str | None:
-    """How the executor got its weights, if it says (``spmd``: ``rank.weights_path``)."""
-    return getattr(executor, "weights_path", None) or getattr(getattr(executor, "rank", None), "weights_path", None)
+def _weights_path(executor: object) -> str | None:
+    """How the executor got its weights, if it says (``ReportsWeightsPath``)."""
+    return executor.weights_path if isinstance(executor, ReportsWeightsPath) else None

@@ -8,32 +8,32 @@ from flowserve_core import hookimpl
 from flowserve_core.types import DeploymentSpec
 
 
-def build_executor(spec: DeploymentSpec) -> Any:
-    """Factory of executor ``llamacpp``: load ``spec.model``'s GGUF and make a context (blocks;
-    the kernel calls it in a thread)."""
-    from flowserve_llamacpp_executor.executor import LlamaCppExecutor
+class LlamaCppExecutorFactory:
+    """Factory of executor ``llamacpp``, with the fast-start steps scalers may run before it
+    (``FastStartExecutorFactory`` of ``flowserve_core.interfaces``). Each method imports what
+    it needs when called, so that this hook module stays light."""
 
-    return LlamaCppExecutor(spec)
+    def __call__(self, spec: DeploymentSpec) -> Any:
+        """Load ``spec.model``'s GGUF and make a context (blocks; the kernel calls it in a thread)."""
+        from flowserve_llamacpp_executor.executor import LlamaCppExecutor
+
+        return LlamaCppExecutor(spec)
+
+    def prewarm(self, device: str = "auto") -> None:
+        """Import llama.cpp and its Python bindings (a pre-warmed process, no model yet)."""
+        import llama_cpp  # noqa: F401  (the import is the work: loading libllama and its ctypes bindings)
+
+        import flowserve_llamacpp_executor.executor  # noqa: F401  (and torch, for the sampler)
+
+    def preload(self, spec: DeploymentSpec) -> str:
+        """Load ``spec``'s GGUF (mmapped) in this process for its next executor: a zygote does
+        this and its forked children share the pages; each makes its own context after the fork."""
+        from flowserve_llamacpp_executor.model import preload_model
+
+        return str(preload_model(spec).path)
 
 
-def _prewarm(device: str = "auto") -> None:
-    """Import llama.cpp and its Python bindings (a pre-warmed process, no model yet)."""
-    import llama_cpp  # noqa: F401  (the import is the work: loading libllama and its ctypes bindings)
-
-    import flowserve_llamacpp_executor.executor  # noqa: F401  (and torch, for the sampler)
-
-
-def _preload(spec: DeploymentSpec) -> str:
-    """Load ``spec``'s GGUF (mmapped) in this process for its next executor: a zygote does this
-    and its forked children share the pages; each makes its own context after the fork."""
-    from flowserve_llamacpp_executor.model import preload_model
-
-    return str(preload_model(spec).path)
-
-
-# The fast-start API scalers look for on an executor factory (see flowserve-prewarm-scaler).
-build_executor.prewarm = _prewarm  # type: ignore[attr-defined]  # the prewarm scaler's published convention
-build_executor.preload = _preload  # type: ignore[attr-defined]  # the prewarm scaler's published convention
+build_executor = LlamaCppExecutorFactory()
 
 
 @hookimpl

@@ -1,8 +1,9 @@
 """Fast-start steps run inside instance and zygote processes, through the executor
-factory's optional API: ``prewarm(device)``, ``preload(spec)``, ``share(spec)`` and
-``attach(spec, handles)`` (the ``spmd`` executor implements all four; see
-``flowserve_spmd_executor.preload``). Each returns why it could not, rather than raising:
-the instance then starts the ordinary way and says why.
+factory's optional Protocols (``flowserve_core.interfaces``): ``FastStartExecutorFactory``
+(``prewarm(device)``, ``preload(spec)``) and ``DeviceSharingExecutorFactory`` (``share(spec)``,
+``attach(spec, handles)``). The ``spmd`` executor implements both (see
+``flowserve_spmd_executor.preload``), ``llamacpp`` the first. Each returns why it could not,
+rather than raising: the instance then starts the ordinary way and says why.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flowserve_core.interfaces import DeviceSharingExecutorFactory, FastStartExecutorFactory, ReportsWeightsPath
 from flowserve_core.plugins import get_plugin_manager
 from flowserve_core.types import DeploymentSpec
 
@@ -28,9 +30,9 @@ def warm_executors(names: list[str]) -> list[str]:
     for item in filter(None, names):
         name, _, device = item.partition("@")
         try:
-            prewarm = getattr(_executor_factory(name), "prewarm", None)
-            if prewarm is not None:
-                prewarm(device or "auto")
+            factory = _executor_factory(name)
+            if isinstance(factory, FastStartExecutorFactory):
+                factory.prewarm(device or "auto")
                 warmed.append(item)
         except Exception:
             log.warning("could not pre-warm executor %s", item, exc_info=True)
@@ -39,11 +41,11 @@ def warm_executors(names: list[str]) -> list[str]:
 
 def preload_model(spec: DeploymentSpec) -> str:
     """Call the executor factory's ``preload(spec)`` in this process; '' if it did, else why not."""
-    preload = getattr(_executor_factory(spec.executor), "preload", None)
-    if preload is None:
+    factory = _executor_factory(spec.executor)
+    if not isinstance(factory, FastStartExecutorFactory):
         return f"executor {spec.executor!r} offers no preload"
     try:
-        preload(spec)
+        factory.preload(spec)
     except Exception as exc:
         return f"preload failed ({type(exc).__name__}: {exc})"
     return ""
@@ -52,24 +54,27 @@ def preload_model(spec: DeploymentSpec) -> str:
 def share_weights(spec: DeploymentSpec, why_not_preload: str) -> tuple[bytes, str]:
     """Where ``preload`` cannot (a device), hold the model here and return its IPC handles
     (the executor factory's ``share``); ``(b"", why not)`` when that fails too."""
-    share = getattr(_executor_factory(spec.executor), "share", None)
-    if share is None:
+    factory = _executor_factory(spec.executor)
+    if not isinstance(factory, DeviceSharingExecutorFactory):
         return b"", why_not_preload
     try:
-        return share(spec), ""
+        return factory.share(spec), ""
     except Exception as exc:
         return b"", f"{why_not_preload}; sharing device weights failed ({type(exc).__name__}: {exc})"
 
 
 def attach_weights(spec: DeploymentSpec, handles: bytes) -> str:
     """Attach a zygote's device weights (the factory's ``attach``); '' if done, else why not."""
+    factory = _executor_factory(spec.executor)
+    if not isinstance(factory, DeviceSharingExecutorFactory):
+        return f"executor {spec.executor!r} offers no attach"
     try:
-        _executor_factory(spec.executor).attach(spec, handles)
+        factory.attach(spec, handles)
     except Exception as exc:
         return f"attaching shared device weights failed ({type(exc).__name__}: {exc})"
     return ""
 
 
-def weights_path(executor: Any) -> str | None:
-    """How the executor got its weights, if it says (``spmd``: ``rank.weights_path``)."""
-    return getattr(executor, "weights_path", None) or getattr(getattr(executor, "rank", None), "weights_path", None)
+def weights_path(executor: object) -> str | None:
+    """How the executor got its weights, if it says (``ReportsWeightsPath``)."""
+    return executor.weights_path if isinstance(executor, ReportsWeightsPath) else None

@@ -33,6 +33,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flowserve_core.engine import build_engine
 from flowserve_core.errors import EngineDeadError
+from flowserve_core.interfaces import ClosableExecutor
 from flowserve_core.plugins import get_plugin_manager
 from flowserve_core.types import (
     DeploymentSpec,
@@ -386,7 +387,7 @@ async def serve_instance(sock: socket.socket | int, start_path: str = "", warmed
         except anyio.EndOfStream:
             pass  # the server is gone: so are we
         tg.cancel_scope.cancel()
-    if hasattr(engine.executor, "close"):
+    if isinstance(engine.executor, ClosableExecutor):
         engine.executor.close()
 
 

@@ -249,6 +249,11 @@ class SpmdExecutor:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def weights_path(self) -> str:
+        """How rank 0 got its weights, ``loaded`` or ``preloaded`` (``ReportsWeightsPath``)."""
+        return self.rank.weights_path
+
     def close(self) -> None:
         """Stop the worker ranks and leave the group; ``execute`` fails afterwards."""
         self._dead = self._dead or "the executor was closed"

@@ -8,47 +8,45 @@ from flowserve_core import hookimpl
 from flowserve_core.types import DeploymentSpec
 
 
-def build_executor(spec: DeploymentSpec) -> Any:
-    """Factory of executor ``spmd``: load ``spec.model`` (blocks; the kernel calls it in a thread)."""
-    from flowserve_spmd_executor.executor import SpmdExecutor
+class SpmdExecutorFactory:
+    """Factory of executor ``spmd``, with the fast-start steps scalers may run before it
+    (``FastStartExecutorFactory`` and ``DeviceSharingExecutorFactory`` of
+    ``flowserve_core.interfaces``; see ``flowserve_spmd_executor.preload``). Each method imports
+    what it needs when called, so that this hook module stays light."""
 
-    return SpmdExecutor(spec)
+    def __call__(self, spec: DeploymentSpec) -> Any:
+        """Load ``spec.model`` (blocks; the kernel calls it in a thread)."""
+        from flowserve_spmd_executor.executor import SpmdExecutor
+
+        return SpmdExecutor(spec)
+
+    def prewarm(self, device: str = "auto") -> None:
+        """Import torch and the runner and open ``device`` (a pre-warmed process, no model yet)."""
+        from flowserve_spmd_executor.preload import prewarm
+
+        prewarm(device)
+
+    def preload(self, spec: DeploymentSpec) -> str:
+        """Map ``spec``'s weights from their DRAM image into this process for its next executor;
+        raises ``PreloadUnsupported`` where it cannot."""
+        from flowserve_spmd_executor.preload import preload
+
+        return preload(spec)
+
+    def share(self, spec: DeploymentSpec) -> bytes:
+        """Hold ``spec``'s model on its device here; IPC handles for ``attach`` (CUDA, NPU)."""
+        from flowserve_spmd_executor.preload import share
+
+        return share(spec)
+
+    def attach(self, spec: DeploymentSpec, handles: bytes) -> None:
+        """Take a holder's device weights (``share``) for this process's next executor."""
+        from flowserve_spmd_executor.preload import attach
+
+        attach(spec, handles)
 
 
-def _prewarm(device: str = "auto") -> None:
-    """Import torch and the runner and open ``device`` (a pre-warmed process, no model yet)."""
-    from flowserve_spmd_executor.preload import prewarm
-
-    prewarm(device)
-
-
-def _preload(spec: DeploymentSpec) -> str:
-    """Map ``spec``'s weights from their DRAM image into this process for its next executor
-    (see ``flowserve_spmd_executor.preload``); raises ``PreloadUnsupported`` where it cannot."""
-    from flowserve_spmd_executor.preload import preload
-
-    return preload(spec)
-
-
-def _share(spec: DeploymentSpec) -> bytes:
-    """Hold ``spec``'s model on its device here; IPC handles for ``attach`` (CUDA, NPU)."""
-    from flowserve_spmd_executor.preload import share
-
-    return share(spec)
-
-
-def _attach(spec: DeploymentSpec, handles: bytes) -> None:
-    """Take a holder's device weights (``share``) for this process's next executor."""
-    from flowserve_spmd_executor.preload import attach
-
-    attach(spec, handles)
-
-
-# The fast-start API scalers look for on an executor factory (see flowserve-prewarm-scaler).
-build_executor.prewarm = _prewarm  # type: ignore[attr-defined]
-build_executor.preload = _preload  # type: ignore[attr-defined]
-build_executor.share = _share  # type: ignore[attr-defined]
-build_executor.attach = _attach  # type: ignore[attr-defined]
+build_executor = SpmdExecutorFactory()
 
 
 @hookimpl

@@ -17,7 +17,8 @@ class Ewma:
     """An exponentially weighted moving average (None until the first sample)."""
 
     def __init__(self, weight: float = 0.2):
-        self.weight, self.value = weight, None
+        self.weight = weight
+        self.value: float | None = None
 
     def add(self, sample: float) -> None:
         """Fold in one sample."""

@@ -81,7 +81,7 @@ class ColocatedJobScheduler:
         measured TTFT keeps the fit current), nor before the fit has data."""
         slo = self.spec.slo_ttft_seconds
         ready = pool.ready(self.role) if slo else []
-        if not ready:
+        if not slo or not ready:
             return None
         ahead = min(i.num_tasks for i in ready)
         if ahead < self.spec.max_num_seqs:
@@ -123,8 +123,8 @@ class ColocatedJobScheduler:
                     await emit(last)
                 else:
                     continue
-            state = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}.get(
-                last.finish_reason if last else "error", TaskState.DONE)
+            ends: dict[str | None, TaskState] = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}
+            state = ends.get(last.finish_reason if last else "error", TaskState.DONE)
             task.move_to(state)
             job.move_to(state)
             return

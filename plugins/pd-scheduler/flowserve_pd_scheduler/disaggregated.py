@@ -97,9 +97,8 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         """Run the prefill, hand its KV to a decode instance, stream the decode."""
         job.move_to(TaskState.RUNNING)
         last = await self.run_disaggregated(job.tasks[0], job.tasks[1], pool, emit)
-        state = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}.get(
-            last.finish_reason if last else "error", TaskState.DONE)
-        job.move_to(state)
+        ends: dict[str | None, TaskState] = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}
+        job.move_to(ends.get(last.finish_reason if last else "error", TaskState.DONE))
 
     async def run_disaggregated(self, prefill: Task, decode: Task, pool: Any, emit: EmitEvent) -> TokenEvent | None:
         """The two phases of one request; returns the request's last event. The decode
@@ -366,8 +365,8 @@ def _release_now(transport: Any, locator: str) -> None:
 
 
 def _state(last: TokenEvent | None) -> TaskState:
-    return {"error": TaskState.FAILED, "abort": TaskState.ABORTED}.get(
-        last.finish_reason if last else "error", TaskState.DONE)
+    ends: dict[str | None, TaskState] = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}
+    return ends.get(last.finish_reason if last else "error", TaskState.DONE)
 
 
 def _waiting_tokens(instance: Instance) -> int:

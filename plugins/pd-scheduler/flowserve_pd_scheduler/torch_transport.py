@@ -183,7 +183,7 @@ class TorchDistributedTransport:
         group.recv([buffer], 0, 0).wait()
         if self.device != "cpu":
             buffer = buffer.cpu()
-        return memoryview(buffer.numpy()).cast("B")
+        return buffer.numpy().data.cast("B")
 
     def release(self, locator: str) -> None:
         """Drop the handoff wherever it is held (a no-op once it was sent)."""
@@ -230,7 +230,7 @@ def _process_group(backend: str, store: Any, rank: int, timeout: datetime.timede
         options._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, 2, options)
     try:
-        from torch_npu._C._distributed_c10d import ProcessGroupHCCL  # type: ignore[import-not-found]
+        from torch_npu._C._distributed_c10d import ProcessGroupHCCL
     except ImportError:
         raise ConfigError("KV transport backend 'hccl' needs torch-npu (pip install torch-npu)") from None
     options = ProcessGroupHCCL.Options()

@@ -51,8 +51,10 @@ class ScalingPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def from_spec(cls, spec: DeploymentSpec) -> ScalingPolicy:
         """The policy of a deployment: its bounds and SLO, and the tuning keys of its options."""
         defaults = cls()
+        max_instances = spec.max_instances
+        assert max_instances is not None  # DeploymentSpec fills it in
         return cls(
-            min_instances=spec.min_instances, max_instances=spec.max_instances,
+            min_instances=spec.min_instances, max_instances=max_instances,
             slo_ttft_seconds=spec.slo_ttft_seconds, scale_to_zero_after=spec.scale_to_zero_after,
             **{name: float(spec.options.get(name, getattr(defaults, name))) for name in (
                 "target_concurrency", "slo_scale_factor", "scale_up_cooldown", "scale_down_delay")})

@@ -20,7 +20,7 @@ import select
 import socket
 import subprocess
 from collections import deque
-from typing import Any
+from typing import Any, Sequence
 
 import anyio
 import msgspec
@@ -47,7 +47,7 @@ class PooledProcess(msgspec.Struct, kw_only=True):
 class WarmPool:
     """Pre-warmed instance processes, shared by the deployments of one server."""
 
-    def __init__(self, size: int = 0, warm: list[str] = (), refill: bool = True):
+    def __init__(self, size: int = 0, warm: Sequence[str] = (), refill: bool = True):
         self.size, self.refill = size, refill
         self.warm_set: list[str] = list(warm)
         self.idle: deque[PooledProcess] = deque()

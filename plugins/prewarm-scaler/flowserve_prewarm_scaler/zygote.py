@@ -207,7 +207,7 @@ class Zygote:
                                          str(theirs.fileno())], pass_fds=[theirs.fileno()])
         theirs.close()
         self._sock = ours
-        self._stream: anyio.abc.SocketStream | None = None
+        self._stream: anyio.abc.UNIXSocketStream | None = None
         self._lock = anyio.Lock()
         self.preload_seconds: float | None = None
         self.error = ""
@@ -222,20 +222,21 @@ class Zygote:
         async with self._lock:
             if self._stream is None:
                 self._stream = await anyio.abc.UNIXSocketStream.from_socket(self._sock)
+            stream = self._stream
             data = _encoder.encode(message)
             frame = len(data).to_bytes(4, "big") + data
             if fd is None:
-                await self._stream.send(frame)
+                await stream.send(frame)
             else:
-                await self._stream.send_fds(frame, [fd])
-            header = await self._receive_exactly(4)
-            return _decoder.decode(await self._receive_exactly(int.from_bytes(header, "big")))
+                await stream.send_fds(frame, [fd])
+            header = await self._receive_exactly(stream, 4)
+            return _decoder.decode(await self._receive_exactly(stream, int.from_bytes(header, "big")))
 
-    async def _receive_exactly(self, size: int) -> bytes:
+    async def _receive_exactly(self, stream: anyio.abc.UNIXSocketStream, size: int) -> bytes:
         data = b""
         while len(data) < size:
             try:
-                data += await self._stream.receive(size - len(data))
+                data += await stream.receive(size - len(data))
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 raise RuntimeError(f"zygote process {self.pid} is gone "
                                    f"(exit code {self.process.poll()})") from None

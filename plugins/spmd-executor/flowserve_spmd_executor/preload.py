@@ -106,7 +106,7 @@ def prewarm(device: str = "auto") -> None:
     if kind == "cuda":
         torch.cuda.init()
     elif kind == "npu":
-        torch.npu.init()
+        torch.npu.init()  # type: ignore[attr-defined]  # added by torch_npu
 
 
 def model_key(spec: DeploymentSpec, *, devices: tuple[str, ...] = ("cpu",)) -> ModelKey:
@@ -198,8 +198,8 @@ def write_image(key: ModelKey) -> None:
             out.write(b"\0" * pad)
             sha256.update(b"\0" * pad)
             offset += pad
-            out.write(memoryview(raw))
-            sha256.update(memoryview(raw))
+            out.write(raw.data)
+            sha256.update(raw.data)
             tensors.append(ImageEntry(name=name, dtype=str(param.dtype).removeprefix("torch."),
                                       shape=list(param.shape), offset=offset, nbytes=raw.nbytes))
             offset += raw.nbytes
@@ -288,10 +288,10 @@ def _reductions(device_type: str) -> Any:
         return reductions
     if device_type == "npu":
         try:
-            from torch_npu.multiprocessing import reductions  # type: ignore[import-not-found]
+            from torch_npu.multiprocessing import reductions as npu_reductions
         except ImportError:
             raise PreloadUnsupported("this torch-npu offers no IPC reductions for NPU tensors") from None
-        return reductions
+        return npu_reductions
     raise PreloadUnsupported("IPC handles are for device weights; on CPU map the DRAM image (preload)")
 
 

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import anyio
 import anyio.abc
@@ -248,6 +248,7 @@ class RemoteInstance(InstanceBase):
             with anyio.fail_after(self.start_timeout):
                 if self._launcher is not None:
                     self.process, self._sock, self.info.start_path = await self._launcher()
+                assert self._sock is not None  # given, or made by the launcher
                 self.channel = await Channel.from_socket(self._sock)
                 hello = await self.channel.receive()
                 self.info.pid = getattr(hello, "pid", None)
@@ -309,6 +310,7 @@ class RemoteInstance(InstanceBase):
             self.process.kill()
 
     async def _send_task(self, task: Task) -> None:
+        assert self.channel is not None  # tasks come once the instance is ready
         try:
             await self.channel.send(Submit(task=task))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -316,6 +318,7 @@ class RemoteInstance(InstanceBase):
             raise EngineDeadError(f"instance {self.info.id} is gone ({type(exc).__name__})") from None
 
     async def _abort_task(self, task_id: str) -> None:
+        assert self.channel is not None  # tasks come once the instance is ready
         try:
             await self.channel.send(Abort(task_id=task_id))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -330,7 +333,7 @@ class RemoteInstance(InstanceBase):
             pass
 
 
-async def serve_instance(sock: socket.socket | int, start_path: str = "", warmed: list[str] = ()) -> None:
+async def serve_instance(sock: socket.socket | int, start_path: str = "", warmed: Sequence[str] = ()) -> None:
     """The instance side: say hello, wait for an assignment, build the engine, serve tasks."""
     channel = await Channel.from_socket(sock)
     await channel.send(Hello(pid=os.getpid(), warmed=list(warmed)))

@@ -14,11 +14,13 @@ starts: that is what those paths buy, once, ahead of demand.
 
     .venv/bin/python benchmarks/scaling.py                      # SmolLM2, N = 1, 8, 64
     .venv/bin/python benchmarks/scaling.py --counts 1,8 --paths forked,preloaded
-    .venv/bin/python benchmarks/scaling.py --executor llamacpp  # the same paths, another executor
+    .venv/bin/python benchmarks/scaling.py --executor llamacpp --kv-cache-memory 64MiB
 
 ``--executor`` picks the executor plugin (default ``spmd``). The DRAM image and the
 empty-cache naive start are the spmd executor's (its safetensors cache and image); with
 another executor they are skipped, and its own ``preload`` (if it has one) does the rest.
+llamacpp keeps its KV cache in float16 (23,040 bytes a token for SmolLM2): 32 MiB holds
+fewer tokens than ``--max-model-len`` 2048, and the deployment refuses to start.
 
 Writes a JSON result file and an SVG plot; prints a Markdown table.
 """

@@ -64,6 +64,8 @@ class ContinuousBatchScheduler:
     def __init__(self, spec: DeploymentSpec, kv_cache: Any):
         self.spec = spec
         self.kv = kv_cache
+        # Asked once: an isinstance against a runtime Protocol costs microseconds, every step.
+        self._copies_from: BlockCopySource | None = kv_cache if isinstance(kv_cache, BlockCopySource) else None
         self.max_num_seqs = spec.max_num_seqs
         self.token_budget = spec.max_num_batched_tokens
         from_cache = kv_cache.max_model_len if isinstance(kv_cache, ReportsContextLength) else None
@@ -211,7 +213,7 @@ class ContinuousBatchScheduler:
         if not planned:
             self._ended = ended  # an empty batch is never executed: report them next time
             return StepBatch()
-        copies = self.kv.take_block_copies() if isinstance(self.kv, BlockCopySource) else []
+        copies = self._copies_from.take_block_copies() if self._copies_from is not None else []
         # Planning order: decodes first, then prefill chunks, each first come first served.
         scheduled = [self._scheduled(seq, n) for seq, n in planned.values()]
         exports = [export for s in scheduled if s.sample

@@ -5,6 +5,8 @@ look inside what it tests). A module belongs to the distribution whose directory
 top-level package; the kernel's distribution holds ``flowserve_core``. Flagged, when the
 imported package belongs to another distribution: ``from pkg.mod import _name``, a
 ``_module`` anywhere in an imported path, and ``name._attr`` on a name bound by such an import.
+A class that subclasses another distribution's class may neither override nor use (through
+``self``) a ``_private`` member of it: what a subclass may change is public.
 Dunder names (``__version__``) are public.
 """
 
@@ -70,6 +72,63 @@ def private_imports(source: str, own: set[str], foreign: set[str]) -> list[str]:
     return found
 
 
+def _module_file(module: str, dists: dict[Path, set[str]]) -> Path | None:
+    top, *rest = module.split(".")
+    roots = [ROOT] if top in KERNEL_PACKAGES else [d for d, packages in dists.items() if top in packages]
+    for root in roots:
+        base = root.joinpath(top, *rest)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _private_members(module: str, name: str, dists: dict[Path, set[str]], depth: int = 0) -> set[str]:
+    """The ``_private`` methods and ``self._attributes`` of class ``name`` as ``module`` defines
+    or re-exports it (empty when it cannot be found: the check then says nothing)."""
+    path = _module_file(module, dists)
+    if path is None or depth > 3:
+        return set()
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and _private(n.name)} | \
+                {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                 and n.value.id == "self" and isinstance(n.ctx, ast.Store) and _private(n.attr)}
+        if isinstance(node, ast.ImportFrom) and node.module and any(
+                (a.asname or a.name) == name for a in node.names):
+            original = next(a.name for a in node.names if (a.asname or a.name) == name)
+            return _private_members(node.module, original, dists, depth + 1)
+    return set()
+
+
+def subclass_reach_ins(source: str, own: set[str], dists: dict[Path, set[str]]) -> list[str]:
+    """Private members of another distribution's class that a subclass in ``source`` overrides
+    or uses through ``self``; one line per finding."""
+    foreign = set(KERNEL_PACKAGES).union(*dists.values())
+    tree = ast.parse(source)
+    imported: dict[str, tuple[str, str]] = {}  # local name → (module, class name)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            top = node.module.split(".")[0]
+            if top in foreign and top not in own:
+                imported.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+    found = []
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        private: set[str] = set()
+        for base in cls.bases:
+            if isinstance(base, ast.Name) and base.id in imported:
+                private |= _private_members(*imported[base.id], dists)
+        for node in ast.walk(cls):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in private:
+                found.append(f"line {node.lineno}: {cls.name} overrides {node.name}")
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id == "self" and node.attr in private:
+                found.append(f"line {node.lineno}: {cls.name} uses self.{node.attr}")
+    return found
+
+
 def test_the_checker_flags_each_kind_of_reach_in_and_nothing_public():
     source = ("import other._impl\n"
               "from other._impl import helper\n"
@@ -102,3 +161,27 @@ def test_no_plugin_imports_a_private_name_of_another_distribution():
     assert scanned > 50
     assert not findings, ("plugins may use only other distributions' public names; make these "
                           "public (or keep them in their own distribution):\n" + "\n".join(findings))
+
+
+def test_the_subclass_checker_flags_a_private_override_and_use():
+    dists = distributions()
+    source = ("from flowserve_colocated import ContinuousBatchScheduler\n"
+              "class Mine(ContinuousBatchScheduler):\n"
+              "    def _admit(self, seq):\n"
+              "        return self._order\n"
+              "    def queue_key(self, seq):\n"
+              "        return self._mine\n")
+    assert subclass_reach_ins(source, {"mine"}, dists) == [
+        "line 3: Mine overrides _admit", "line 4: Mine uses self._order"]
+
+
+def test_no_plugin_subclass_overrides_or_uses_a_private_member_of_another_distribution():
+    dists = distributions()
+    findings = []
+    for directory, own in dists.items():
+        for package in sorted(own):
+            for path in sorted((directory / package).rglob("*.py")):
+                findings += [f"{path.relative_to(ROOT)} {finding}"
+                             for finding in subclass_reach_ins(path.read_text(), own, dists)]
+    assert not findings, ("a subclass may change only the public members of another "
+                          "distribution's class:\n" + "\n".join(findings))

@@ -142,13 +142,13 @@ class RayInstance(InstanceBase):
             except Exception:
                 pass
 
-    async def _send_task(self, task: Task) -> None:
+    async def send_task(self, task: Task) -> None:
         try:
             await self.actor.submit.remote(msgspec.msgpack.encode(task))
         except Exception as exc:  # the actor died, or its engine did (EngineDeadError inside)
             raise EngineDeadError(f"instance {self.info.id} cannot take tasks: {_first_line(exc)}") from None
 
-    async def _abort_task(self, task_id: str) -> None:
+    async def abort_task(self, task_id: str) -> None:
         if self.actor is None or self.info.state is InstanceState.GONE:
             return
         try:
@@ -156,7 +156,7 @@ class RayInstance(InstanceBase):
         except Exception:
             pass  # the actor is gone; nothing runs to abort
 
-    async def _shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if self.actor is None:
             return  # still being created: ``run`` ends when it sees the state
         try:

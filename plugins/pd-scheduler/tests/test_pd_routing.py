@@ -75,10 +75,10 @@ async def test_prefill_goes_where_the_fewest_prefill_tokens_are_queued_then_the_
 class Quiet(InstanceBase):
     """A ready instance handle whose tasks stay in flight until the test ends them."""
 
-    async def _send_task(self, task) -> None:
+    async def send_task(self, task) -> None:
         pass
 
-    async def _abort_task(self, task_id: str) -> None:
+    async def abort_task(self, task_id: str) -> None:
         pass
 
 

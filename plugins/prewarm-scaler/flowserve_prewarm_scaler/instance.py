@@ -23,8 +23,9 @@ from flowserve_core.types import InstanceInfo, InstanceState, InstanceStats, Tas
 class InstanceBase:
     """Routes an instance's events to the task streams opened by ``submit``.
 
-    Subclasses implement ``run`` (start the engine, call ``set_state(READY)``, serve until it
-    ends), ``_send_task``, ``_abort_task`` and ``_shutdown``.
+    Subclasses implement ``run`` (start the engine, call ``mark_ready()``, serve until it
+    ends) and the three methods this class calls: ``send_task``, ``abort_task`` and
+    ``shutdown``; they hand events back with ``dispatch`` and ``fail_all``.
     """
 
     def __init__(self, info: InstanceInfo):
@@ -60,14 +61,14 @@ class InstanceBase:
         task.instance_id = self.info.id
         self._streams[task.id] = send
         try:
-            await self._send_task(task)
+            await self.send_task(task)
             with receive:
                 yield receive
         finally:
             if self._streams.pop(task.id, None) is not None:
                 send.close()
                 with anyio.CancelScope(shield=True):
-                    await self._abort_task(task.id)
+                    await self.abort_task(task.id)
             self._check_idle()
 
     def dispatch(self, events: list[TokenEvent]) -> None:
@@ -96,17 +97,20 @@ class InstanceBase:
                 self._idle = anyio.Event()
                 await self._idle.wait()
         self.fail_all(f"instance {self.info.id} stopped")
-        await self._shutdown()
+        await self.shutdown()
 
     def _check_idle(self) -> None:
         if not self._streams:
             self._idle.set()
 
-    async def _send_task(self, task: Task) -> None:
+    async def send_task(self, task: Task) -> None:
+        """Subclasses: start ``task`` on the engine (``submit`` has opened its stream)."""
         raise NotImplementedError
 
-    async def _abort_task(self, task_id: str) -> None:
+    async def abort_task(self, task_id: str) -> None:
+        """Subclasses: abort ``task_id`` on the engine (its stream was left early)."""
         raise NotImplementedError
 
-    async def _shutdown(self) -> None:
+    async def shutdown(self) -> None:
+        """Subclasses: end the engine now (``stop`` calls it after draining); ``run`` returns."""
         raise NotImplementedError

@@ -265,7 +265,7 @@ class RemoteInstance(InstanceBase):
                 log.info("instance %s started %s: %s", self.info.id, self.info.start_path, ready.note,
                          extra={"instance": self.info.id, "start_path": self.info.start_path})
             if not self.mark_ready():
-                await self._shutdown()  # stopped while warming
+                await self.shutdown()  # stopped while warming
                 return
             task_status.started()
             quiet = heartbeat_timeout(self.spec)
@@ -309,7 +309,7 @@ class RemoteInstance(InstanceBase):
         if self.process.poll() is None:
             self.process.kill()
 
-    async def _send_task(self, task: Task) -> None:
+    async def send_task(self, task: Task) -> None:
         assert self.channel is not None  # tasks come once the instance is ready
         try:
             await self.channel.send(Submit(task=task))
@@ -317,14 +317,14 @@ class RemoteInstance(InstanceBase):
             # The process died and nobody noticed yet: the task never ran, so it may go elsewhere.
             raise EngineDeadError(f"instance {self.info.id} is gone ({type(exc).__name__})") from None
 
-    async def _abort_task(self, task_id: str) -> None:
+    async def abort_task(self, task_id: str) -> None:
         assert self.channel is not None  # tasks come once the instance is ready
         try:
             await self.channel.send(Abort(task_id=task_id))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # the instance is gone; nothing runs to abort
 
-    async def _shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if self.channel is None:
             return  # still launching: ``run`` ends when it sees the state
         try:

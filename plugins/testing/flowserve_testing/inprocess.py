@@ -52,15 +52,15 @@ class LocalInstance(InstanceBase):
         self.stats = self.engine.stats
         self.dispatch(events)
 
-    async def _send_task(self, task: Task) -> None:
+    async def send_task(self, task: Task) -> None:
         assert self.engine is not None  # tasks come once the instance is ready
         self.engine.submit(task)
 
-    async def _abort_task(self, task_id: str) -> None:
+    async def abort_task(self, task_id: str) -> None:
         if self.engine and not self.engine.dead:
             self.engine.abort(task_id)
 
-    async def _shutdown(self) -> None:
+    async def shutdown(self) -> None:
         self._scope.cancel()
 
 

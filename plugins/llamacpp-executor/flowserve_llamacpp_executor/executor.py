@@ -19,7 +19,9 @@ anything), the least recently used one is removed and the batch retried.
 Options (``spec.options``): ``num_threads`` (default: the CPUs this process may run on),
 ``n_batch`` (tokens per ``llama_decode``, default 512), ``prefix_slots`` (finished sequences
 kept for prefix reuse, default ``max_num_seqs``; 0 turns prefix reuse off),
-``flash_attn`` (default true).
+``flash_attn`` (default true), ``kv_unified`` (default true: one cache for all sequences;
+false: a stream per sequence, as ``llama-server -np`` does, each capped at ``n_ctx / max_num_seqs``
+tokens).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError, EngineDeadError
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
-from flowserve_llamacpp_executor.model import LlamaModel, load_model
+from flowserve_llamacpp_executor.model import LlamaModel, load_model, option_flag
 from flowserve_llamacpp_executor.slots import Slot, SlotTable
 from flowserve_sampler import Sampler
 
@@ -97,18 +99,24 @@ class LlamaCppExecutor:
                               f"({self.bytes_per_token} bytes each); give it more")
         self.threads = int(options.get("num_threads", 0)) or instance_threads()
         self.n_batch = int(options.get("n_batch", 512))
+        self.kv_unified = option_flag(options.get("kv_unified", True))
         prefix_slots = int(options.get("prefix_slots", spec.max_num_seqs))
-        self.n_slots = min(MAX_SEQUENCES, spec.max_num_seqs + max(0, prefix_slots))
+        # Unified: kept sequences are extra ids sharing the cells. Per-sequence streams: a
+        # stream per running sequence, and a finished one is kept until its stream is wanted.
+        extra = max(0, prefix_slots) if self.kv_unified else 0
+        self.n_slots = min(MAX_SEQUENCES, spec.max_num_seqs + extra)
         self.retain = prefix_slots > 0
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = cells
         params.n_batch = params.n_ubatch = self.n_batch
         params.n_seq_max = self.n_slots
         params.n_threads = params.n_threads_batch = self.threads
-        # One pool of cells for every sequence, as FlowServe's KV manager counts them (a
-        # split cache would cap each sequence at n_ctx / n_seq_max).
-        params.kv_unified = True
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if _flag(options.get("flash_attn", True))
+        # Unified: one pool of cells for every sequence, as FlowServe's KV manager counts
+        # them, but each token's attention visits every cell in use. Streams (llama-server's
+        # layout with -np): each sequence attends over its own stream only, and is capped at
+        # n_ctx / n_seq_max tokens (max_model_len says so).
+        params.kv_unified = self.kv_unified
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if option_flag(options.get("flash_attn", True))
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model.pointer, params)
@@ -117,7 +125,8 @@ class LlamaCppExecutor:
                               f"(its log says why; a smaller kv_cache_memory may fit)")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
-        self.max_model_len = min(spec.max_model_len or self.model.n_ctx_train or self.n_ctx, self.n_ctx)
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self.ctx))
+        self.max_model_len = min(spec.max_model_len or self.model.n_ctx_train or self.n_ctx_seq, self.n_ctx_seq)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = SlotTable(self.n_slots)
         self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"))
@@ -176,7 +185,7 @@ class LlamaCppExecutor:
                 known = _tokens_before(scheduled, start)
                 source, n = self.slots.best_prefix(known, exclude=slot)
                 if source is not None:
-                    llama_cpp.llama_memory_seq_cp(self.memory, source.seq_id, slot.seq_id, 0, n)
+                    self._share_prefix(source.seq_id, slot.seq_id, n)
                     slot.tokens = known[:n]
         elif len(slot.tokens) > start:  # recomputing from an earlier position
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, start, -1)
@@ -186,6 +195,16 @@ class LlamaCppExecutor:
         held = len(slot.tokens)
         missing = _tokens_before(scheduled, start)[held:] if held < start else []
         return _Row(scheduled, slot, missing + list(scheduled.token_ids), held)
+
+    def _share_prefix(self, source: int, target: int, n: int) -> None:
+        """Give llama.cpp sequence ``target`` the KV of ``source``'s first ``n`` positions: in a
+        unified cache the cells are shared; across streams llama.cpp copies only a whole
+        stream, so the copy is cut back to ``n`` positions."""
+        if self.kv_unified:
+            llama_cpp.llama_memory_seq_cp(self.memory, source, target, 0, n)
+        else:
+            llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self.memory, target, n, -1)
 
     def _decode(self, rows: list[_Row]) -> np.ndarray:
         """Decode every row's tokens (in parts of ``n_batch``); the sampled rows' logits."""
@@ -287,9 +306,3 @@ def _tokens_before(scheduled: Any, start: int) -> list[int]:
     if start <= len(prompt):
         return list(prompt[:start])
     return list(prompt) + list(scheduled.output_token_ids[:start - len(prompt)])
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() not in ("0", "false", "no", "off")
-    return bool(value)

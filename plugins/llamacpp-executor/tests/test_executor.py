@@ -147,3 +147,28 @@ def test_flowserve_serve_exits_with_the_reason_for_tensor_parallel(tiny_llama_gg
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "tensor_parallel=2 needs executor 'spmd'" in done.stdout + done.stderr
+
+
+async def test_per_sequence_streams_are_exact_and_reuse_prefixes(tiny_llama_gguf):
+    """Option ``kv_unified=false`` (llama-server's layout): a stream per sequence, prefixes
+    copied whole between streams and cut back; concurrent and repeated requests stay exact."""
+    shared = random_prompts(1, [48], 49152, seed=10)[0]
+    prompts = [shared + suffix for suffix in random_prompts(4, [1, 5, 20, 33], 49152, seed=11)]
+    spec = deployment_spec(tiny_llama_gguf, options={"kv_unified": False})
+    async with run_deployment(spec) as runner:
+        outputs: list = [None] * len(prompts)
+
+        async def one(i: int) -> None:
+            outputs[i] = await runner.generate(prompts[i], max_tokens=8, temperature=0.0, ignore_eos=True)
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(prompts)):
+                group.start_soon(one, i)
+        again = await runner.generate(prompts[3], max_tokens=8, temperature=0.0, ignore_eos=True)
+        executor = runner.engines()[0].executor
+        per_sequence = executor.n_ctx_seq
+    assert per_sequence == executor.n_ctx // 16  # 16 = max_num_seqs of deployment_spec
+    assert again.num_cached_tokens > 0
+    for prompt, output in zip(prompts, outputs):
+        assert output.output_token_ids == llama_cpp_greedy(tiny_llama_gguf, prompt, 8)
+    assert again.output_token_ids == outputs[3].output_token_ids

@@ -34,6 +34,19 @@ def random_prompts(count: int, lengths: list[int], vocab: int, seed: int) -> lis
     return [[rng.randrange(3, vocab) for _ in range(lengths[i % len(lengths)])] for i in range(count)]
 
 
+async def generate_concurrently(runner, prompts: list[list[int]], max_tokens: int) -> list:
+    """Every prompt at once through the deployment (greedy, exactly ``max_tokens``), in order."""
+    outputs: list = [None] * len(prompts)
+
+    async def one(i: int) -> None:
+        outputs[i] = await runner.generate(prompts[i], max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async with anyio.create_task_group() as group:
+        for i in range(len(prompts)):
+            group.start_soon(one, i)
+    return outputs
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 async def test_requests_alone_are_greedy_exact_against_llama_cpp(architecture, request):
     path = request.getfixturevalue(f"tiny_{architecture}_gguf")
@@ -59,14 +72,7 @@ async def test_concurrent_requests_decode_in_one_batch_and_stay_greedy_exact(tin
     shared = random_prompts(1, [48], 49152, seed=8)[0]  # a common prefix: shared by llama_memory_seq_cp
     prompts += [shared + suffix for suffix in random_prompts(4, [1, 5, 20, 33], 49152, seed=9)]
     async with run_deployment(deployment_spec(tiny_llama_gguf)) as runner:
-        outputs: list = [None] * len(prompts)
-
-        async def one(i: int) -> None:
-            outputs[i] = await runner.generate(prompts[i], max_tokens=10, temperature=0.0, ignore_eos=True)
-
-        async with anyio.create_task_group() as group:
-            for i in range(len(prompts)):
-                group.start_soon(one, i)
+        outputs = await generate_concurrently(runner, prompts, 10)
         steps = sum(engine.stats.steps for engine in runner.engines())
     assert steps < len(prompts) * 10, "the requests were not batched together"
     for prompt, output in zip(prompts, outputs):
@@ -156,14 +162,7 @@ async def test_per_sequence_streams_are_exact_and_reuse_prefixes(tiny_llama_gguf
     prompts = [shared + suffix for suffix in random_prompts(4, [1, 5, 20, 33], 49152, seed=11)]
     spec = deployment_spec(tiny_llama_gguf, options={"kv_unified": False})
     async with run_deployment(spec) as runner:
-        outputs: list = [None] * len(prompts)
-
-        async def one(i: int) -> None:
-            outputs[i] = await runner.generate(prompts[i], max_tokens=8, temperature=0.0, ignore_eos=True)
-
-        async with anyio.create_task_group() as group:
-            for i in range(len(prompts)):
-                group.start_soon(one, i)
+        outputs = await generate_concurrently(runner, prompts, 8)
         again = await runner.generate(prompts[3], max_tokens=8, temperature=0.0, ignore_eos=True)
         executor = runner.engines()[0].executor
         per_sequence = executor.n_ctx_seq

@@ -98,7 +98,7 @@ def fields_as_flags(*structs: type[msgspec.Struct],
                 if value is None:
                     continue
                 console.print(f"[yellow]warning:[/] {old} is now {field_flag(name)}; the old spelling "
-                              "goes in FlowServe 0.3", highlight=False)
+                              "goes in FlowServe 0.3", highlight=False, soft_wrap=True)
                 if values.get(name) is None:  # given both ways, the new spelling wins
                     values[name] = value
             return command(*args, **values)
@@ -281,7 +281,8 @@ def main() -> None:
         error = _flowserve_error(exc)
         if error is None:
             raise
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        # soft_wrap: a hard-wrapped message splits paths and defeats grep in logs
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise SystemExit(1) from None
 
 

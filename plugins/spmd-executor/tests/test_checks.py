@@ -86,7 +86,8 @@ def test_the_hook_checks_only_spmd_deployments(tiny_llama):
 
 def test_flowserve_serve_exits_1_with_the_reason_instead_of_respawning(tmp_path):
     """``flowserve serve --tensor-parallel 2`` on SmolLM2 (9 heads) used to respawn instances forever."""
-    env = {**os.environ, "FLOWSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    # COLUMNS=40: the message must stay on one line however narrow the console (CI's longer path split it)
+    env = {**os.environ, "FLOWSERVE_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "40"}
     result = subprocess.run([sys.executable, "-m", "flowserve_core.cli", "serve", "--port", "0",
                              "--tensor-parallel", "2", "--device", "cpu"],
                             capture_output=True, text=True, timeout=120, env=env)

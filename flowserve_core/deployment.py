@@ -15,7 +15,7 @@ import msgspec
 
 from flowserve_core import telemetry
 from flowserve_core.errors import ConfigError, EngineDeadError, RejectedError
-from flowserve_core.interfaces import Instance, ReportsContextLength
+from flowserve_core.interfaces import AdmissionControl, Instance, ObservesRequests, ReportsContextLength
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (
     DeploymentSpec,
@@ -170,9 +170,12 @@ class Deployment:
 
     def admit(self, request: Request) -> None:
         """Raise ``RejectedError`` if the request may not be queued now."""
-        hooked = self._observe["flowserve_admit_request"] and self.pm.hook.flowserve_admit_request(
-            request=request, deployment=self)
-        if rejection := hooked or self.queue_rejection():
+        rejection = self.queue_rejection()
+        if rejection is None and isinstance(self.job_scheduler, AdmissionControl):
+            rejection = self.job_scheduler.admission(request, self.pool)
+        if rejection is None and self._observe["flowserve_admit_request"]:
+            rejection = self.pm.hook.flowserve_admit_request(request=request, deployment=self)
+        if rejection is not None:
             raise RejectedError(rejection)
 
     def queue_rejection(self) -> Rejection | None:
@@ -262,6 +265,8 @@ class RequestHandle:
             request.move_to(RequestState.RUNNING)
         if request.state in (RequestState.WAITING, RequestState.RUNNING):
             request.move_to(state)
+        if isinstance(self.deployment.scaler, ObservesRequests):
+            self.deployment.scaler.observe(output)
         self.deployment.pm.hook.flowserve_request_finished(request=request, output=output, deployment=self.deployment)
 
 

@@ -150,6 +150,9 @@ def flowserve_shutdown(deployment: Deployment) -> Any:
 def flowserve_admit_request(request: Request, deployment: Deployment) -> Rejection | None:
     """Refuse a request before it is queued (return a ``Rejection``: its ``status`` and ``message``
     reach the client), or return ``None`` to let others decide. **firstresult**. Server process.
+    Asked after the queue limit and the job scheduler's own ``admission`` method (a component
+    gives feedback through its methods, ``interfaces.AdmissionControl``; this hook is for
+    policy plugins, such as quotas, that any deployment may use).
 
     :param request: the ``Request`` about to be admitted (tokenized, parameters validated).
     :param deployment: its ``Deployment``; ``deployment.stats()`` tells its load."""

@@ -18,7 +18,9 @@ from flowserve_core.types import (
     KVCacheSpec,
     KVHandoff,
     KVUsage,
+    Rejection,
     Request,
+    RequestOutput,
     SamplingParams,
     SchedulerStats,
     StepBatch,
@@ -237,6 +239,17 @@ class JobScheduler(Protocol):
 
 
 @runtime_checkable
+class AdmissionControl(Protocol):
+    """Optional for a job scheduler: ``Deployment.admit`` asks the scheduler it built by name
+    before queueing a request, so one that estimates its own latency (the SLO check of
+    ``colocated`` and the PD schedulers) refuses early what would miss the deployment's SLOs."""
+
+    def admission(self, request: Request, pool: InstancePool) -> Rejection | None:
+        """A ``Rejection`` (its status and message reach the client) or None to admit."""
+
+
+
+@runtime_checkable
 class Scaler(Protocol):
     """Starts and stops a deployment's instances while ``run`` runs; ``set_target`` is the manual
     override, ``on_demand`` says a request waits for an instance of ``role``."""
@@ -250,6 +263,16 @@ class Scaler(Protocol):
     def set_target(self, instances: int) -> None: ...
 
     def on_demand(self, role: Any) -> None: ...
+
+
+@runtime_checkable
+class ObservesRequests(Protocol):
+    """Optional for a scaler: the deployment hands it every finished request's output (its
+    TTFT feeds an SLO-driven autoscaler). Plugins that merely watch requests implement the
+    ``flowserve_request_finished`` hook instead."""
+
+    def observe(self, output: RequestOutput) -> None:
+        """Called once per request, when it ends, on the event loop: keep it cheap."""
 
 
 @runtime_checkable

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-from flowserve_core.types import DeploymentSpec, RequestOutput
+from flowserve_core.types import DeploymentSpec
 
 
 def build_ray_scaler(spec: DeploymentSpec) -> Any:
@@ -37,11 +37,3 @@ def flowserve_register_kv_transports(register: Any) -> None:
 def flowserve_serve_flags() -> list[str]:
     """``flowserve serve --scaler ray --ray-address auto|HOST:PORT`` (``ray://`` is refused: see ``cluster``)."""
     return ["ray_address"]
-
-
-@hookimpl
-def flowserve_request_finished(request: Any, output: RequestOutput, deployment: Any) -> None:
-    """Feed TTFTs to the ``ray`` scaler's SLO check (as the prewarm scaler does for its own)."""
-    observe = getattr(getattr(deployment, "scaler", None), "observe_ray_ttft", None)
-    if observe is not None:
-        observe(output)

@@ -84,7 +84,7 @@ class RayScaler(TargetScaler):
 
     # ------------------------------------------------------------------ autoscaling
 
-    def observe_ray_ttft(self, output: RequestOutput) -> None:
+    def observe(self, output: RequestOutput) -> None:
         """Note a finished request's TTFT (the SLO check reads the last minute of them)."""
         self.ttfts.observe(output)
 

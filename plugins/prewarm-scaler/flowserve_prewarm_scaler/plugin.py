@@ -135,10 +135,3 @@ def _flag(value: Any) -> bool:
 def flowserve_register_scalers(register: Any) -> None:
     register("static", StaticScaler)
     register("prewarm", PrewarmScaler)
-
-
-@hookimpl
-def flowserve_request_finished(request: Any, output: RequestOutput, deployment: Any) -> None:
-    """Feed TTFTs to the ``prewarm`` scaler's SLO check."""
-    if isinstance(getattr(deployment, "scaler", None), PrewarmScaler):
-        deployment.scaler.observe(output)

@@ -95,6 +95,20 @@ def flowserve_register_frontends(register: Register) -> None:
 
 
 @hookspec
+def flowserve_register_model_architectures(register: Callable[..., None]) -> None:
+    """Register model architectures for executors that build models from HF checkpoints (the
+    ``spmd`` executor): ``register("qwen3", factory, hf_architectures=["Qwen3ForCausalLM"])``.
+    Not firstresult.
+
+    :param register: ``register(model_type, factory, hf_architectures=())``; ``model_type`` is
+        the ``model_type`` of a checkpoint's ``config.json``, ``hf_architectures`` the class names
+        in its ``architectures`` that also select it, and ``factory(config, group, max_positions,
+        dtype, device)`` returns the model's ``torch.nn.Module`` for one tensor-parallel rank
+        (the executor's docs say what it must offer). Called once in every process that loads
+        or checks such a model (the server, instance processes, worker ranks)."""
+
+
+@hookspec
 def flowserve_register_commands(app: typer.Typer) -> None:
     """Add subcommands to the ``flowserve`` CLI: ``@app.command() def bench(...)``. Not firstresult.
 

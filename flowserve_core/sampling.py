@@ -25,6 +25,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
+    #: token id → a number added to its logit before sampling (-100 bans it, 100 all but forces it)
+    logit_bias: dict[int, float] = {}
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -44,6 +46,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "must be >= 0"),
             ("stop", all(self.stop), "must not contain empty strings"),
+            ("logit_bias", all(t >= 0 for t in self.logit_bias), "keys must be token ids (>= 0)"),
+            ("logit_bias", all(math.isfinite(b) and -100 <= b <= 100 for b in self.logit_bias.values()),
+             "values must be in [-100, 100]"),
         ]
         for name, ok, rule in checks:
             if not ok:

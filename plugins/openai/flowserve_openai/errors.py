@@ -61,7 +61,6 @@ class APIError(Exception):
 UNSUPPORTED = {
     "tools": "function calling (tools) is not supported by this server",
     "tool_choice": "only 'none' and 'auto' are accepted, as tools are not supported by this server",
-    "logit_bias": "logit_bias is not supported by this server",
     "suffix": "suffix is not supported by this server",
     "best_of": "best_of other than 1 is not supported by this server",
     "response_format.type": "only the 'text' response format is supported by this server",
@@ -80,7 +79,7 @@ def invalid_body(exc: msgspec.DecodeError) -> APIError:
     detail, path = text, ""
     if match := _AT_PATH.match(text):
         detail, path = match["detail"], match["path"]
-    param = path.lstrip(".") or None
+    param = path.lstrip(".").replace("[...]", "") or None  # a dict's value: msgspec writes its key as [...]
     if missing := _MISSING.match(detail):
         param = f"{param}.{missing['field']}" if param else missing["field"]
     message = f"Invalid value for '{param}': {detail}" if param else f"Invalid request body: {detail}"

@@ -37,6 +37,8 @@ class ChoiceEvent:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    #: prompt tokens the engine found in its prefix cache (so far)
+    cached_tokens: int = 0
 
 
 OnStarted = Callable[[], Awaitable[None]]
@@ -110,6 +112,7 @@ class Generation:
         detokenizer = self.deployment.tokenizer.detokenizer(choice.prompt_token_ids, choice.params)
         last_token_at: float | None = None
         async for event in handle:
+            cached = handle.output.num_cached_tokens
             if event.token_ids:
                 now = time.monotonic()
                 if last_token_at is not None:
@@ -121,7 +124,7 @@ class Generation:
                     # aborts the task on the engine.
                     handle.finished_early("stop")
                     await events.send(ChoiceEvent(choice.index, delta.text, list(event.token_ids),
-                                                  event.logprobs, finish_reason="stop"))
+                                                  event.logprobs, finish_reason="stop", cached_tokens=cached))
                     return
                 text = delta.text
             else:
@@ -129,12 +132,13 @@ class Generation:
             if event.finish_reason in ("stop", "length"):
                 text += detokenizer.finish()
                 await events.send(ChoiceEvent(choice.index, text, list(event.token_ids), event.logprobs,
-                                              finish_reason=event.finish_reason))
+                                              finish_reason=event.finish_reason, cached_tokens=cached))
                 return
             if event.finish_reason is not None:
                 reason = event.error or f"the engine ended the request ({event.finish_reason})"
                 await events.send(ChoiceEvent(choice.index, error=reason))
                 return
             if text or event.token_ids:
-                await events.send(ChoiceEvent(choice.index, text, list(event.token_ids), event.logprobs))
+                await events.send(ChoiceEvent(choice.index, text, list(event.token_ids), event.logprobs,
+                                              cached_tokens=cached))
         await events.send(ChoiceEvent(choice.index, error="the request ended without a finish reason"))

@@ -18,7 +18,7 @@ import anyio
 
 from flowserve_core.interfaces import ChatMessage
 from flowserve_openai.errors import APIError
-from flowserve_openai.protocol import MAX_PROMPTS, ROLES, ChatCompletionRequest, CompletionRequest
+from flowserve_openai.protocol import MAX_PROMPTS, ROLES, ChatCompletionRequest, CompletionRequest, MessageParam
 
 T = TypeVar("T")
 
@@ -104,10 +104,15 @@ def _check_token_ids(token_lists: list[list[int]], vocab_size: int) -> None:
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    """The kernel's ``ChatMessage`` list of a chat request (see ``message_list``)."""
+    return message_list(body.messages)
+
+
+def message_list(params: Sequence[MessageParam]) -> list[ChatMessage]:
     """The kernel's ``ChatMessage`` list: text parts joined by newlines, ``developer`` read
     as ``system``, an assistant's null content as empty."""
     messages = []
-    for message in body.messages:
+    for message in params:
         content = message.content
         if content is None:
             content = ""

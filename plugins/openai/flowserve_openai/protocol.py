@@ -5,7 +5,7 @@ a 400 naming the field); responses are encoded from them. ``/openapi.json`` is g
 from the same Structs, so the schema and the server cannot disagree.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so clients that send
-newer fields keep working. Parameters the server cannot honour (``tools``, ``logit_bias``,
+newer fields keep working. Parameters the server cannot honour (``tools``,
 ``suffix``, ``best_of`` > 1, JSON response formats) are declared with the only values it
 accepts, so the schema says what a request may hold and decoding refuses the rest.
 vLLM's sampling extensions (``top_k``, ``min_p``, …) are accepted at the top level of the
@@ -31,6 +31,9 @@ MAX_STOP_STRINGS, MAX_STOP_LENGTH, MAX_STOP_TOKEN_IDS, MAX_PROMPTS = 16, 256, 25
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_LENGTH)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 LogprobCount = Annotated[int, Meta(ge=0, le=20)]
+#: OpenAI's range for ``logit_bias`` values; its keys are token ids written as strings.
+LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
+MAX_LOGIT_BIAS = 1024
 
 #: ``prompt`` as the OpenAPI document states it: msgspec's type is broader (one union of
 #: items), ``completion_prompts`` enforces this one.
@@ -67,7 +70,7 @@ class SamplingFields(Struct, kw_only=True):
     stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: Annotated[dict[str, float], Meta(max_length=0)] | None = None
+    logit_bias: Annotated[dict[str, LogitBias], Meta(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
     # vLLM's extensions
     top_k: Annotated[int, Meta(ge=-1, le=INT32_MAX)] | None = None
@@ -158,12 +161,19 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(Struct, kw_only=True):
+    """``usage.prompt_tokens_details``: how many prompt tokens the prefix cache served."""
+
+    cached_tokens: int = 0
+
+
 class Usage(Struct, kw_only=True):
     """Token counts of one call: the prompt(s) once, every choice's output."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(Struct, kw_only=True):

@@ -22,6 +22,7 @@ from flowserve_openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     FinishReason,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
     encoder,
@@ -51,13 +52,20 @@ class Renderer:
         self.text = {index: "" for index in self.plans}
         self.tokens = {index: 0 for index in self.plans}
         self.finish: dict[int, FinishReason | None] = {index: None for index in self.plans}
+        self.cached = {index: 0 for index in self.plans}
 
     def usage(self) -> Usage:
-        """Token counts so far: every prompt once, every choice's output."""
+        """Token counts so far: every prompt once, every choice's output; a prompt's cached
+        tokens are the most any of its choices found in the prefix cache."""
         prompt, completion = sum(self.prompt_lengths), sum(self.tokens.values())
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        per_prompt: dict[int, int] = {}
+        for index, plan in self.plans.items():
+            per_prompt[plan.prompt_index] = max(per_prompt.get(plan.prompt_index, 0), self.cached[index])
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(per_prompt.values())))
 
     def _account(self, event: ChoiceEvent) -> None:
+        self.cached[event.index] = max(self.cached[event.index], event.cached_tokens)
         self.tokens[event.index] += len(event.token_ids)
         self.text[event.index] += event.text
         self.finish[event.index] = event.finish_reason or self.finish[event.index]

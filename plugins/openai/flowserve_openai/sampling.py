@@ -67,12 +67,26 @@ def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | No
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             skip_special_tokens=body.skip_special_tokens,
+            logit_bias=logit_bias(body.logit_bias, vocab_size),
         )
     except ValueError as exc:
         message = str(exc)
         field = message.split(" ", 1)[0]
         param = (names or {}).get(field, field)
         raise APIError(400, param + message[len(field):], param=param, code="invalid_value") from None
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """``logit_bias``'s keys as token ids: each must be a whole number inside the vocabulary
+    (a 400 naming the key otherwise, as vLLM answers)."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        token = key.strip()
+        if not token.isdigit() or int(token) >= vocab_size:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id of this model (0 to {vocab_size - 1})",
+                           param="logit_bias", code="invalid_value")
+        out[int(token)] = value
+    return out
 
 
 def fan_out(prompts: list[tuple[list[int], str]], params: SamplingParams, n: int) -> list[ChoicePlan]:

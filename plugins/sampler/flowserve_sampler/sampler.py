@@ -2,7 +2,7 @@
 
 Order, as in HF and vLLM: repetition penalty (prompt + output, HF semantics: positive
 logits divided, negative multiplied), frequency and presence penalties (output tokens,
-OpenAI semantics), ``min_tokens`` (end-of-sequence and stop token ids masked until
+OpenAI semantics), ``logit_bias`` (added to the logits), ``min_tokens`` (end-of-sequence and stop token ids masked until
 reached), then greedy (temperature below ``GREEDY_TEMPERATURE`` or top-k 1) or temperature →
 top-k → top-p → min-p → one draw. Logprobs are the log-softmax of the raw logits.
 
@@ -88,7 +88,8 @@ class Sampler:
         banned = [(i, ids) for i, s in enumerate(seqs)
                   if len(s.output_token_ids) < s.params.min_tokens and (ids := self._banned_ids(s))]
         repetition = [(i, h) for i, h in repetition if h]
-        if not (repetition or presence or frequency or banned):
+        biased = [(i, s.params.logit_bias) for i, s in enumerate(seqs) if s.params.logit_bias]
+        if not (repetition or presence or frequency or banned or biased):
             return raw
         scores = raw.clone()
         flat = scores.view(-1)
@@ -105,6 +106,11 @@ class Sampler:
             index, real = self._flat_ids(frequency, scores.shape[-1])
             penalty = self._per_token([seqs[i].params.frequency_penalty for i, _ in frequency], frequency)
             flat.scatter_add_(0, index, -penalty * real)
+        for row, bias in biased:  # OpenAI's logit_bias: added to the logits, after the penalties
+            ids = [t for t in bias if 0 <= t < self.vocab_size]
+            if ids:
+                index = torch.tensor(ids, dtype=torch.long, device=scores.device)
+                scores[row].index_add_(0, index, torch.tensor([bias[t] for t in ids], device=scores.device))
         for row, ids in banned:
             scores[row, ids] = _NEG_INF
         return scores

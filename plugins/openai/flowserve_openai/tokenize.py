@@ -1,0 +1,93 @@
+"""vLLM's ``POST /tokenize`` and ``POST /detokenize``, with its request and response shapes.
+
+``/tokenize`` takes a ``prompt`` (tokenized as ``/v1/completions`` would, special tokens added
+unless ``add_special_tokens`` is false) or chat ``messages`` (rendered by the model's chat
+template, ready for a reply, as ``/v1/chat/completions`` renders them); ``/detokenize`` turns
+``tokens`` back into text. Tokenizing runs in a worker thread, on the lanes prompts use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio
+from msgspec import Meta, Struct
+from starlette.requests import Request
+from starlette.responses import Response
+
+from flowserve_openai.context import AppContext
+from flowserve_openai.errors import APIError
+from flowserve_openai.prompts import chat_prompt, check_prompt_chars, message_list
+from flowserve_openai.protocol import MessageParam, TokenId
+from flowserve_openai.responses import json_response
+
+
+class TokenizeRequest(Struct, kw_only=True):
+    """``POST /tokenize``: either ``prompt`` (vLLM's completion form) or ``messages`` (its chat
+    form); ``return_token_strs`` adds each token's text."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[MessageParam], Meta(min_length=1)] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(Struct, kw_only=True):
+    """What ``/tokenize`` answers: the ids, their count and the deployment's context length."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(Struct, kw_only=True):
+    """``POST /detokenize``: token ids of the model's vocabulary."""
+
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(Struct, kw_only=True):
+    """What ``/detokenize`` answers: the text of the tokens (special tokens skipped)."""
+
+    prompt: str
+
+
+async def tokenize(request: Request) -> Response:
+    """``POST /tokenize``."""
+    ctx: AppContext = request.app.state.flowserve
+    body = await ctx.decode(request, TokenizeRequest)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "Give either prompt or messages (not both).", param="prompt", code="invalid_value")
+    deployment = ctx.lookup(body.model)
+    tokenizer = deployment.tokenizer
+    if body.messages is not None:
+        if not body.add_generation_prompt:
+            raise APIError(400, "add_generation_prompt: false is not supported; chats are rendered ready for a "
+                                "reply, as /v1/chat/completions renders them", param="add_generation_prompt",
+                           code="unsupported_parameter")
+        ids = await chat_prompt(message_list(body.messages), tokenizer, deployment.max_model_len, ctx.tokenizing)
+    else:
+        text = body.prompt or ""
+        check_prompt_chars(len(text), deployment.max_model_len, "prompt")
+        special = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = await ctx.tokenizing.run(len(text), lambda: tokenizer.encode(text, add_special_tokens=special))
+    token_strs = [tokenizer.token_text(t) for t in ids] if body.return_token_strs else None
+    return json_response(TokenizeResponse(count=len(ids), max_model_len=deployment.max_model_len, tokens=ids,
+                                          token_strs=token_strs))
+
+
+async def detokenize(request: Request) -> Response:
+    """``POST /detokenize``."""
+    ctx: AppContext = request.app.state.flowserve
+    body = await ctx.decode(request, DetokenizeRequest)
+    deployment = ctx.lookup(body.model)
+    tokenizer = deployment.tokenizer
+    if bad := [t for t in body.tokens if t >= tokenizer.vocab_size]:
+        raise APIError(400, f"tokens holds the token id {bad[0]}, outside this model's vocabulary "
+                            f"(0 to {tokenizer.vocab_size - 1})", param="tokens", code="invalid_value")
+    text = await anyio.to_thread.run_sync(tokenizer.decode, body.tokens)
+    return json_response(DetokenizeResponse(prompt=text))

@@ -87,6 +87,16 @@ def flowserve_register_kv_transports(register: Register) -> None:
 
 
 @hookspec
+def flowserve_register_structured_output_backends(register: Register) -> None:
+    """Register structured-output backends (JSON schema, regex, choice and grammar constraints as
+    token masks): ``register("xgrammar", factory)``. Not firstresult.
+
+    :param register: ``register(name, factory)``; ``factory(spec)`` returns a
+        ``structured_output.StructuredOutputBackend``. Called in the server process (to check
+        constraints before admitting requests) and in the process that samples (the executor's)."""
+
+
+@hookspec
 def flowserve_register_frontends(register: Register) -> None:
     """Register frontends (the API a server speaks): ``register("openai", factory)``. Not firstresult.
 

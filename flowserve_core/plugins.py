@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "scaler": "flowserve_register_scalers",
     "kv_transport": "flowserve_register_kv_transports",
     "frontend": "flowserve_register_frontends",
+    "structured_output": "flowserve_register_structured_output_backends",
 }
 
 #: Our own distributions and the components (``kind:name``) they provide, so that a missing
@@ -46,6 +47,7 @@ KNOWN_PROVIDERS: dict[str, tuple[str, ...]] = {
     "flowserve-ray": ("scaler:ray", "kv_transport:ray"),
     "flowserve-testing": ("scaler:inproc",),
     "flowserve-openai": ("frontend:openai",),
+    "flowserve-xgrammar": ("structured_output:xgrammar",),
 }
 
 #: Modules registered in every manager, as ordinary plugins: the kernel's OpenTelemetry metrics

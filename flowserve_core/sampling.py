@@ -5,6 +5,38 @@ import math
 import msgspec
 
 
+class StructuredOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A constraint on a sequence's whole output (vLLM's ``StructuredOutputsParams``): exactly
+    one of a JSON schema (as JSON text), any JSON object, a regular expression, a choice of
+    strings, or an EBNF grammar. The deployment's structured-output backend compiles it into
+    per-step token masks that the sampler applies."""
+
+    json: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured_output must set exactly one of json, json_object, regex, choice "
+                             f"and grammar, got {', '.join(given) or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured_output choice must hold at least one string")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: ``json``, ``json_object``, ``regex``, ``choice`` or ``grammar``."""
+        return next(n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None) \
+            if not self.json_object else "json_object"
+
+    def key(self) -> bytes:
+        """The constraint as canonical bytes: the key compiled grammars are cached under."""
+        return msgspec.json.encode(self)
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     """How to pick each next token and when to stop; validated on construction and decode.
     ``max_tokens=None``: until the context is full; ``top_k`` 0 or -1: off."""
@@ -27,6 +59,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     #: token id → a number added to its logit before sampling (-100 bans it, 100 all but forces it)
     logit_bias: dict[int, float] = {}
+    #: the constraint the whole output must satisfy (JSON schema, regex, …), or none
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):

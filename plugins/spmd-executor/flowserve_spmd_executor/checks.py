@@ -39,9 +39,9 @@ def plan_kv_cache(spec: DeploymentSpec, config: ModelConfig, dtype: torch.dtype)
     world = spec.tensor_parallel
     try:
         shard = HeadShard(config.num_heads, config.num_kv_heads, 0, world)
-        for what, size in config.tp_split_sizes.items():
-            if size % world:
-                raise ValueError(f"tensor_parallel={world} does not divide the model's {what} {size}")
+        if config.intermediate_size % world:
+            raise ValueError(f"tensor_parallel={world} does not divide the model's MLP "
+                             f"size {config.intermediate_size}")
     except ValueError as exc:
         raise ConfigError(f"model {spec.model!r}: {exc}") from None
     per_block = bytes_per_block(config, shard.kv_heads, spec.block_size, dtype)

@@ -72,15 +72,5 @@ def flowserve_startup(deployment: Any) -> None:
 
 @hookimpl
 def flowserve_register_executors(register: Any) -> None:
-    """Register ``spmd``: a torch runner for HF decoder-only checkpoints (Llama, Mistral, Qwen2/3,
-    Gemma 2/3, Phi-3, OLMo 2, Granite, Mixtral, Qwen3-MoE, and what plugins add)."""
+    """Register ``spmd``: a torch runner for Llama, Qwen2, Mistral and SmolLM2 checkpoints."""
     register("spmd", build_executor)
-
-
-@hookimpl
-def flowserve_register_model_architectures(register: Any) -> None:
-    """The executor's own architectures, through the same hook a plugin would use (their
-    factories import the model code only when a model is built)."""
-    from flowserve_spmd_executor.architectures import register_builtin_architectures
-
-    register_builtin_architectures(register)

@@ -42,7 +42,7 @@ from flowserve_core.errors import ConfigError, EngineDeadError
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
 from flowserve_llamacpp_executor.model import LlamaModel, load_model, option_flag
 from flowserve_llamacpp_executor.slots import Slot, SlotTable
-from flowserve_sampler import Sampler
+from flowserve_sampler import Sampler, deployment_backend
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class LlamaCppExecutor:
         self.max_model_len = min(spec.max_model_len or self.model.n_ctx_train or self.n_ctx_seq, self.n_ctx_seq)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = SlotTable(self.n_slots)
-        self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"))
+        self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"), deployment_backend(spec))
         self._lock = threading.Lock()
         self._dead: str | None = None
         log.info("llamacpp executor ready: %s (%s), %d threads, KV cache %d tokens × %d bytes = %.1f MiB, "
@@ -163,6 +163,7 @@ class LlamaCppExecutor:
             for transfer in batch.kv_imports:  # PD decode: the prefill's KV, before computing
                 self._import(transfer)
             rows = [self._row(scheduled) for scheduled in batch.seqs]
+            self.sampler.prepare([row.scheduled for row in rows if row.sample])  # masks overlap the decode
             logits = self._decode(rows)
             sampled = [row.scheduled for row in rows if row.sample]
             result = self.sampler(torch.from_numpy(logits), sampled) if sampled else StepResult()

@@ -29,6 +29,7 @@ from flowserve_openai.sampling import (
     rest_of_context,
     sampling_params,
 )
+from flowserve_openai.structured import check_structured_output, structured_output
 
 
 def _ctx(request: Request) -> AppContext:
@@ -65,6 +66,16 @@ def _renderer_args(ctx: AppContext, deployment: Any, body: Any, prefix: str, pla
                 include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
 
 
+async def _constraint(ctx: AppContext, deployment: Any, body: Any) -> Any:
+    """The body's structured-output constraint, checked by the deployment's backend (or None)."""
+    asked = structured_output(body)
+    if asked is None:
+        return None
+    constraint, param = asked
+    await check_structured_output(ctx.structured_output_backend, deployment, constraint, param)
+    return constraint
+
+
 async def create_completion(request: Request) -> Any:
     """``POST /v1/completions``."""
     received = time.time()  # the request's arrival: its TTFT includes parsing and tokenizing
@@ -77,7 +88,9 @@ async def create_completion(request: Request) -> Any:
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     for ids, _ in prompts:
         check_context(len(ids), max_tokens, deployment.max_model_len, "prompt")
-    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=tokenizer.vocab_size)
+    constraint = await _constraint(ctx, deployment, body)
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=tokenizer.vocab_size,
+                             structured_output=constraint)
     plans = fan_out(prompts, params, body.n)
     renderer = CompletionRenderer(**_renderer_args(ctx, deployment, body, "cmpl", plans, prompts, body.logprobs))
     generation = Generation(deployment, plans, ctx.metrics, arrival_time=received)
@@ -107,8 +120,9 @@ async def create_chat_completion(request: Request) -> Any:
         check_context(len(prompt_ids), requested, deployment.max_model_len, "messages")
         max_tokens = requested
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    constraint = await _constraint(ctx, deployment, body)
     params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tokenizer.vocab_size,
-                             names={"max_tokens": name, "logprobs": "top_logprobs"})
+                             names={"max_tokens": name, "logprobs": "top_logprobs"}, structured_output=constraint)
     prompts = [(prompt_ids, "")]
     plans = fan_out(prompts, params, body.n)
     renderer = ChatRenderer(**_renderer_args(ctx, deployment, body, "chatcmpl", plans, prompts, logprobs))

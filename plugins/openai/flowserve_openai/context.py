@@ -44,6 +44,26 @@ class AppContext:
             self.created(name)
         #: Deployments the server started with; those added later do not hold /ready back.
         self.initial = set(server.deployments)
+        self._backends: dict[str, tuple[Any, Any]] = {}
+        self._backends_lock = anyio.Lock()
+
+    async def structured_output_backend(self, deployment: Any) -> Any:
+        """``deployment``'s structured-output backend (``spec.structured_output_backend``), built
+        in a worker thread when a constrained request first comes, then kept; a 400 when no
+        plugin of that name is installed."""
+        async with self._backends_lock:
+            known = self._backends.get(deployment.name)
+            if known is not None and known[0] is deployment:
+                return known[1]
+            name = deployment.spec.structured_output_backend
+            try:
+                backend = await anyio.to_thread.run_sync(deployment.pm.build, "structured_output", name,
+                                                         deployment.spec)
+            except Exception as exc:
+                raise APIError(400, f"Structured output is not available for the model {deployment.name!r}: {exc}",
+                               code="unsupported_structured_output") from None
+            self._backends[deployment.name] = (deployment, backend)
+            return backend
 
     def created(self, name: str) -> int:
         """When this app first saw the deployment ``name`` (OpenAI's ``created``)."""

@@ -63,7 +63,6 @@ UNSUPPORTED = {
     "tool_choice": "only 'none' and 'auto' are accepted, as tools are not supported by this server",
     "suffix": "suffix is not supported by this server",
     "best_of": "best_of other than 1 is not supported by this server",
-    "response_format.type": "only the 'text' response format is supported by this server",
 }
 
 _AT_PATH = re.compile(r"^(?P<detail>.*?) - at `\$(?P<path>[^`]*)`$", re.S)

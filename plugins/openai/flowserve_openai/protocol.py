@@ -6,8 +6,8 @@ from the same Structs, so the schema and the server cannot disagree.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so clients that send
 newer fields keep working. Parameters the server cannot honour (``tools``,
-``suffix``, ``best_of`` > 1, JSON response formats) are declared with the only values it
-accepts, so the schema says what a request may hold and decoding refuses the rest.
+``suffix``, ``best_of`` > 1) are declared with the only values it accepts, so the schema says
+what a request may hold and decoding refuses the rest.
 vLLM's sampling extensions (``top_k``, ``min_p``, …) are accepted at the top level of the
 body, where the openai client's ``extra_body`` puts them.
 """
@@ -57,6 +57,43 @@ class StreamOptions(Struct, kw_only=True):
     include_usage: bool = False
 
 
+class JSONSchemaSpec(Struct, kw_only=True):
+    """``response_format.json_schema``: the schema the output must validate against."""
+
+    name: str = "response"
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class TextResponseFormat(Struct, tag="text", tag_field="type", kw_only=True):
+    """``{"type": "text"}``: free text (the default)."""
+
+
+class JSONObjectResponseFormat(Struct, tag="json_object", tag_field="type", kw_only=True):
+    """``{"type": "json_object"}``: the output is one JSON object."""
+
+
+class JSONSchemaResponseFormat(Struct, tag="json_schema", tag_field="type", kw_only=True):
+    """``{"type": "json_schema", "json_schema": {...}}``: the output validates against the schema."""
+
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = TextResponseFormat | JSONObjectResponseFormat | JSONSchemaResponseFormat
+
+
+class StructuredOutputsParam(Struct, kw_only=True):
+    """vLLM's ``structured_outputs``: exactly one of a JSON schema (an object, or its JSON text),
+    any JSON object, a regular expression, a list of choices, or an EBNF grammar."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingFields(Struct, kw_only=True):
     """Fields shared by completions and chat completions, vLLM's extensions included."""
 
@@ -81,6 +118,13 @@ class SamplingFields(Struct, kw_only=True):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
     skip_special_tokens: bool = True
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* spellings
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParam | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -139,12 +183,6 @@ ROLES: dict[type[MessageParam], str] = {
     AssistantMessageParam: "assistant"}
 
 
-class ResponseFormat(Struct, kw_only=True):
-    """``response_format``; only ``text`` is supported."""
-
-    type: Literal["text"] = "text"
-
-
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     """``POST /v1/chat/completions``."""
 
@@ -153,7 +191,6 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: TokenCount | None = None
     logprobs: bool | None = False
     top_logprobs: LogprobCount | None = None
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[dict[str, Any]], Meta(max_length=0)] | None = None
     tool_choice: Literal["none", "auto"] | None = None
 

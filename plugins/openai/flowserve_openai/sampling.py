@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import msgspec
 
 from flowserve_core.config import ServerConfig
-from flowserve_core.types import SamplingParams
+from flowserve_core.types import SamplingParams, StructuredOutput
 from flowserve_openai.errors import APIError
 from flowserve_openai.protocol import SamplingFields
 
@@ -42,7 +42,8 @@ def check_request(body: SamplingFields, config: ServerConfig) -> None:
 
 
 def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None, vocab_size: int,
-                    names: dict[str, str] | None = None) -> SamplingParams:
+                    names: dict[str, str] | None = None,
+                    structured_output: StructuredOutput | None = None) -> SamplingParams:
     """The kernel's parameters for ``body``; ``names`` maps SamplingParams fields to the
     body's names for error messages."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -68,6 +69,7 @@ def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | No
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             skip_special_tokens=body.skip_special_tokens,
             logit_bias=logit_bias(body.logit_bias, vocab_size),
+            structured_output=structured_output,
         )
     except ValueError as exc:
         message = str(exc)

@@ -65,7 +65,7 @@ def test_malformed_json_is_a_400(toy_server):
     ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "t1"}],
                            "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "t1"}],
-                           "response_format": {"type": "json_object"}}, "response_format.type"),
+                           "response_format": {"type": "xml"}}, "response_format.type"),
     ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "t1"}], "frequency_penalty": 3},
      "frequency_penalty"),
     ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "t1"}], "max_tokens": 3,

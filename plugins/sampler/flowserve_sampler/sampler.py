@@ -2,8 +2,9 @@
 
 Order, as in HF and vLLM: repetition penalty (prompt + output, HF semantics: positive
 logits divided, negative multiplied), frequency and presence penalties (output tokens,
-OpenAI semantics), ``logit_bias`` (added to the logits), ``min_tokens`` (end-of-sequence and stop token ids masked until
-reached), then greedy (temperature below ``GREEDY_TEMPERATURE`` or top-k 1) or temperature →
+OpenAI semantics), ``logit_bias`` (added to the logits), ``min_tokens`` (end-of-sequence
+and stop token ids masked until reached), the structured-output mask (``constraints.py``),
+then greedy (temperature below ``GREEDY_TEMPERATURE`` or top-k 1) or temperature →
 top-k → top-p → min-p → one draw. Logprobs are the log-softmax of the raw logits.
 
 Degenerate values never reach a draw: a row whose scores hold NaN or +inf (a model that
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from flowserve_core.types import SamplingParams, ScheduledSequence, StepResult, TokenLogprob, TopLogprob
+from flowserve_sampler.constraints import BackendFactory, Constraints, apply_masks
 
 _NEG_INF = float("-inf")
 #: Temperatures below this are greedy: dividing logits by less overflows to inf, then NaN.
@@ -37,23 +39,36 @@ TOP_P_CANDIDATES = 1024
 
 
 class Sampler:
-    """Turns logits into tokens; keeps one seeded generator per sequence that asked for one."""
+    """Turns logits into tokens; keeps one seeded generator per sequence that asked for one,
+    and a grammar matcher per sequence with a structured-output constraint (``constraints.py``:
+    ``structured_output`` builds the deployment's backend when one first comes)."""
 
-    def __init__(self, vocab_size: int, device: torch.device):
+    def __init__(self, vocab_size: int, device: torch.device, structured_output: BackendFactory | None = None):
         self.vocab_size = vocab_size
         self.device = device
         self.generators: dict[str, torch.Generator] = {}
+        self.constraints = Constraints(structured_output, vocab_size, device)
 
     def forget(self, seq_ids: Sequence[str]) -> None:
         """Drop the state of sequences that finished."""
         for seq_id in seq_ids:
             self.generators.pop(seq_id, None)
+        self.constraints.forget(seq_ids)
+
+    def prepare(self, seqs: list[ScheduledSequence]) -> None:
+        """Before the model step: start computing the structured-output masks of ``seqs`` (the
+        rows the step will sample) in a background thread, so they overlap the model's work."""
+        self.constraints.prepare(seqs)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> StepResult:
         """Sample one token for each row of ``logits [len(seqs), vocab]``."""
         raw = logits.float()
-        scores, broken = _finite(self._apply_penalties(raw, seqs))
+        scores = self._apply_penalties(raw, seqs)
+        if (masks := self.constraints.masks(seqs)) is not None:
+            scores = scores.clone() if scores is raw else scores
+            apply_masks(scores, raw, *masks)
+        scores, broken = _finite(scores)
         greedy = [i for i, s in enumerate(seqs) if _is_greedy(s.params) or i in broken]
         if len(greedy) == len(seqs):
             tokens = scores.argmax(dim=-1)

@@ -31,7 +31,7 @@ import torch
 
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
-from flowserve_sampler import Sampler
+from flowserve_sampler import Sampler, deployment_backend
 from flowserve_spmd_executor.checks import plan_kv_cache
 from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
 from flowserve_spmd_executor.gang import WorkerGang
@@ -96,7 +96,7 @@ class SpmdExecutor:
             if self._gang is not None:
                 self._gang.close()
             raise
-        self.sampler = Sampler(self.config.vocab_size, self.rank.device)
+        self.sampler = Sampler(self.config.vocab_size, self.rank.device, deployment_backend(spec))
         self.kv_block_shape = (self.config.num_layers, 2, spec.block_size, self.config.num_kv_heads,
                                self.config.head_dim)
         log.info("spmd executor ready: %s on %s × %d (%s), KV cache %d blocks × %d tokens = %.1f MiB per "
@@ -139,6 +139,7 @@ class SpmdExecutor:
                 self._import_locked(transfer.block_ids, transfer.data, transfer.first_block)
             plan, sampled = build_step_plan(batch, block_size=self.spec.block_size,
                                             max_model_len=self.max_model_len, num_blocks=self.num_blocks)
+            self.sampler.prepare(sampled)  # structured-output masks, while the model runs
             logits = self._announced(RunStep(plan=plan), lambda: self.rank.run(plan))
             if sampled:
                 assert logits is not None  # the rows to sample have logits

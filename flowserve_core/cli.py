@@ -204,8 +204,10 @@ def _split_models(values: list[str], served_model_name: str | None) -> tuple[str
     if named and (len(named) != len(values) or served_model_name):
         raise typer.BadParameter("--model NAME=PATH names each model itself: do not mix it with "
                                  "--model PATH or --served-model-name")
-    if twice := sorted({name for name, _ in named if [n for n, _ in named].count(name) > 1}):
-        raise typer.BadParameter(f"--model {twice[0]}=… is given twice")
+    names = [name for name, _ in named]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise typer.BadParameter(f"--model {repeated[0]}=… is given twice")
     return (None if named or not values else values[0]), dict(named)
 
 

@@ -12,10 +12,19 @@ from typing import Any, AsyncIterator, Callable
 
 import anyio
 import msgspec
+from anyio.abc import TaskStatus
 
 from flowserve_core import telemetry
 from flowserve_core.errors import ConfigError, EngineDeadError, RejectedError
-from flowserve_core.interfaces import AdmissionControl, Instance, ObservesRequests, ReportsContextLength
+from flowserve_core.interfaces import (
+    AdmissionControl,
+    Instance,
+    JobScheduler,
+    ObservesRequests,
+    ReportsContextLength,
+    Scaler,
+    Tokenizer,
+)
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (
     DeploymentSpec,
@@ -71,7 +80,7 @@ class InstancePool:
                 await self.wait_changed()
         return found
 
-    async def run(self, instance: Instance, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, instance: Instance, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run ``instance`` as a member of this pool until it ends; scalers call this."""
         self.instances[instance.info.id] = instance
         instance.on_change = self.notify
@@ -101,9 +110,9 @@ class Deployment:
     def __init__(self, spec: DeploymentSpec, pm: PluginManager):
         self.spec = spec
         self.pm = pm
-        self.tokenizer: Any = None
-        self.job_scheduler = pm.build("job_scheduler", spec.job_scheduler, spec)
-        self.scaler = pm.build("scaler", spec.scaler, spec)
+        self._tokenizer: Tokenizer | None = None
+        self.job_scheduler: JobScheduler = pm.build("job_scheduler", spec.job_scheduler, spec, pm.kv_transports(spec))
+        self.scaler: Scaler = pm.build("scaler", spec.scaler, spec)
         self.pool = InstancePool(on_demand=self.scaler.on_demand)
         self.requests: dict[str, Request] = {}
         self.ready = anyio.Event()
@@ -116,6 +125,13 @@ class Deployment:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The deployment's tokenizer, built by ``run`` before the deployment is ready."""
+        if self._tokenizer is None:
+            raise ConfigError(f"deployment {self.name!r} has no tokenizer yet: it is still starting")
+        return self._tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -139,13 +155,13 @@ class Deployment:
             kv_used_blocks=sum(i.stats.kv.used_blocks for i in instances),
             kv_total_blocks=sum(i.stats.kv.total_blocks for i in instances))
 
-    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Check the spec, build the tokenizer, start the scaler and the startup hooks; run until stopped."""
         try:  # a spec that can never run fails here, once, not in every instance it would start
             await anyio.to_thread.run_sync(lambda: self.pm.hook.flowserve_check_deployment(spec=self.spec))
         except ValueError as exc:
             raise ConfigError(f"deployment {self.name!r}: {exc}") from None
-        self.tokenizer = await anyio.to_thread.run_sync(self.pm.build, "tokenizer", self.spec.tokenizer, self.spec)
+        self._tokenizer = await anyio.to_thread.run_sync(self.pm.build, "tokenizer", self.spec.tokenizer, self.spec)
         with self._scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.scaler.run, self)

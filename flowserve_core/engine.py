@@ -134,5 +134,5 @@ async def build_engine(spec: DeploymentSpec, pm: PluginManager, emit: EmitEvents
     manager and batch scheduler by name."""
     executor = await anyio.to_thread.run_sync(pm.build, "executor", spec.executor, spec)
     kv_cache = pm.build("kv_cache", spec.kv_cache, spec, executor.kv_cache_spec())
-    scheduler = pm.build("batch_scheduler", spec.batch_scheduler, spec, kv_cache)
+    scheduler = pm.build("batch_scheduler", spec.batch_scheduler, spec, kv_cache, pm.kv_transports(spec))
     return Engine(executor, scheduler, emit, step_timeout=spec.step_timeout_seconds)

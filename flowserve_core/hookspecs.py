@@ -3,7 +3,8 @@
 A plugin is a module with functions marked ``@flowserve_core.hookimpl`` named as below, found
 through the ``flowserve`` entry-point group; it may take fewer arguments than a specification.
 Components are registered by name, ``register(name, factory)``, and chosen by name; once built
-they are called directly: hooks never sit in the per-token loop."""
+they are called directly: hooks never sit in the per-token loop. Each kind's factory signature
+is a Protocol in ``flowserve_core.interfaces`` (``ExecutorFactory``, ...)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,29 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
+from flowserve_core.interfaces import (
+    BatchSchedulerFactory,
+    ExecutorFactory,
+    FrontendFactory,
+    JobSchedulerFactory,
+    KVCacheManagerFactory,
+    KVTransportFactory,
+    Register,
+    ScalerFactory,
+    TokenizerFactory,
+)
+
 if TYPE_CHECKING:
     import typer
 
     from flowserve_core.deployment import Deployment
+    from flowserve_core.structured_output import StructuredOutputBackendFactory
     from flowserve_core.types import DeploymentSpec, Rejection, Request, RequestOutput
 
 PROJECT_NAME = "flowserve"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
-Register = Callable[[str, Callable[..., Any]], None]
 
 # ------------------------------------------------------------------ component registration
 # Each is called once per process, the first time a component of that kind is looked up (in
@@ -30,7 +43,7 @@ Register = Callable[[str, Callable[..., Any]], None]
 
 
 @hookspec
-def flowserve_register_tokenizers(register: Register) -> None:
+def flowserve_register_tokenizers(register: Register[TokenizerFactory]) -> None:
     """Register tokenizers: ``register("hf", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec: DeploymentSpec)`` returns an
@@ -38,7 +51,7 @@ def flowserve_register_tokenizers(register: Register) -> None:
 
 
 @hookspec
-def flowserve_register_executors(register: Register) -> None:
+def flowserve_register_executors(register: Register[ExecutorFactory]) -> None:
     """Register executors (model runners): ``register("spmd", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
@@ -46,7 +59,7 @@ def flowserve_register_executors(register: Register) -> None:
 
 
 @hookspec
-def flowserve_register_kv_cache_managers(register: Register) -> None:
+def flowserve_register_kv_cache_managers(register: Register[KVCacheManagerFactory]) -> None:
     """Register KV cache managers: ``register("paged", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec, kv: KVCacheSpec)`` returns an
@@ -55,23 +68,25 @@ def flowserve_register_kv_cache_managers(register: Register) -> None:
 
 
 @hookspec
-def flowserve_register_batch_schedulers(register: Register) -> None:
+def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory]) -> None:
     """Register batch schedulers (what runs in each engine step). Not firstresult.
 
-    :param register: ``register(name, factory)``; ``factory(spec, kv_cache)`` returns an
-        ``interfaces.BatchScheduler``. Called in the process that hosts an engine instance."""
+    :param register: ``register(name, factory)``; ``factory(spec, kv_cache, kv_transports)``
+        (``interfaces.BatchSchedulerFactory``) returns an ``interfaces.BatchScheduler``. Called
+        in the process that hosts an engine instance."""
 
 
 @hookspec
-def flowserve_register_job_schedulers(register: Register) -> None:
+def flowserve_register_job_schedulers(register: Register[JobSchedulerFactory]) -> None:
     """Register job schedulers (request → job → tasks → instances). Not firstresult.
 
-    :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.JobScheduler``. Called in the server process, once per deployment."""
+    :param register: ``register(name, factory)``; ``factory(spec, kv_transports)``
+        (``interfaces.JobSchedulerFactory``) returns an ``interfaces.JobScheduler``. Called in
+        the server process, once per deployment."""
 
 
 @hookspec
-def flowserve_register_scalers(register: Register) -> None:
+def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
     """Register scalers (they start, stop and count instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
@@ -79,7 +94,7 @@ def flowserve_register_scalers(register: Register) -> None:
 
 
 @hookspec
-def flowserve_register_kv_transports(register: Register) -> None:
+def flowserve_register_kv_transports(register: Register[KVTransportFactory]) -> None:
     """Register KV transports (move KV blocks between instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
@@ -87,7 +102,7 @@ def flowserve_register_kv_transports(register: Register) -> None:
 
 
 @hookspec
-def flowserve_register_structured_output_backends(register: Register) -> None:
+def flowserve_register_structured_output_backends(register: Register[StructuredOutputBackendFactory]) -> None:
     """Register structured-output backends (JSON schema, regex, choice and grammar constraints as
     token masks): ``register("xgrammar", factory)``. Not firstresult.
 
@@ -97,7 +112,7 @@ def flowserve_register_structured_output_backends(register: Register) -> None:
 
 
 @hookspec
-def flowserve_register_frontends(register: Register) -> None:
+def flowserve_register_frontends(register: Register[FrontendFactory]) -> None:
     """Register frontends (the API a server speaks): ``register("openai", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(config: ServerConfig)`` returns an

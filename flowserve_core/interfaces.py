@@ -1,10 +1,25 @@
 """The Protocols that plugin components implement (public API, like the hookspecs). A component
-need not inherit from them; it must have the members. docs/reference/protocols.md has the rules."""
+need not inherit from them; it must have the members, and keep the rules its Protocol's
+docstring states.
+
+A component that can do more than its Protocol asks says so by having the members of a small
+``runtime_checkable`` Protocol of its own (``BlockCopySource``, ``AdmissionControl``, ...); its
+caller checks with ``isinstance``, never with ``hasattr`` or ``getattr``, so each capability is
+declared once, with its signature, here."""
 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Protocol,
+    Sequence,
+    TypeVar,
+    runtime_checkable,
+)
 
 import anyio
 import msgspec
@@ -26,11 +41,14 @@ from flowserve_core.types import (
     StepBatch,
     StepResult,
     Task,
+    TaskRole,
     TokenEvent,
 )
 
 if TYPE_CHECKING:
+    from flowserve_core.config import ServerConfig
     from flowserve_core.deployment import Deployment, InstancePool
+    from flowserve_core.server import Server
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
@@ -49,8 +67,9 @@ class TextDelta(msgspec.Struct, kw_only=True):
 
 @runtime_checkable
 class IncrementalDetokenizer(Protocol):
-    """Token ids → text deltas for one output sequence; holds back half characters and text a
-    stop string may still swallow until decided (``finish`` flushes)."""
+    """Token ids → text deltas for one output sequence. It never emits half a UTF-8 character,
+    nor text that a stop string may still swallow: ambiguous text is held back until it is
+    decided, and ``finish`` flushes it."""
 
     def push(self, token_ids: Sequence[int]) -> TextDelta: ...
 
@@ -59,8 +78,9 @@ class IncrementalDetokenizer(Protocol):
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """Text ↔ token ids for one model, its chat template and end-of-sequence ids (optional:
-    ``max_model_len``, the context length; see ``ReportsContextLength``)."""
+    """Text ↔ token ids for one model, its chat template and end-of-sequence ids. The optional
+    attribute ``max_model_len`` (``ReportsContextLength``) is the model's context length: the
+    server uses it to refuse prompts that cannot fit before any instance is running."""
 
     eos_token_ids: list[int]
     vocab_size: int
@@ -80,8 +100,16 @@ class Tokenizer(Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
-    """Runs the model, off the event loop: one ``StepBatch`` in, one sampled token per sampling
-    sequence out; ``EngineDeadError``: it can run nothing more."""
+    """Runs the model: one ``StepBatch`` in, one sampled token per sampling sequence out.
+
+    Blocking compute happens off the event loop (a thread or worker processes). Raising
+    ``EngineDeadError`` means the executor can run nothing more (a worker process died); every
+    live task of the instance then fails. KV blocks move between instances (PD-disaggregation)
+    inside a step: the executor writes ``StepBatch.kv_imports`` before computing and returns
+    the blocks ``StepBatch.kv_exports`` asks for in ``StepResult.kv_exports``. Optional:
+    ``close()`` (``ClosableExecutor``) and ``weights_path`` (``ReportsWeightsPath``); its
+    factory may offer fast-start steps (``FastStartExecutorFactory``,
+    ``DeviceSharingExecutorFactory``)."""
 
     def kv_cache_spec(self) -> KVCacheSpec: ...
 
@@ -133,7 +161,13 @@ class DeviceSharingExecutorFactory(Protocol):
 @runtime_checkable
 class KVCacheManager(Protocol):
     """Bookkeeping of the executor's KV blocks: which sequence owns which, and which full
-    blocks are cached under a hash of their whole prefix (for reuse)."""
+    blocks are cached for reuse.
+
+    A block is shared (ref count > 1) only while no one writes it. Full blocks are registered
+    under a hash chained over every token before them, so a new sequence with the same prefix
+    reuses them: ``allocate`` returns how many prompt tokens it found cached. Optional:
+    ``take_block_copies`` (``BlockCopySource``) and ``max_model_len``
+    (``ReportsContextLength``)."""
 
     block_size: int
 
@@ -180,9 +214,14 @@ class ReportsContextLength(Protocol):
 
 @runtime_checkable
 class BatchScheduler(Protocol):
-    """Decides what each engine step runs; owns the sequences and the KV cache manager. ``add``
-    raises ``ValueError`` for a task that can never run here; ``schedule`` makes progress
-    whenever ``has_work()``; ``update`` gives one ``TokenEvent`` per sequence that moved."""
+    """Decides what each engine step runs; owns the sequences and the KV cache manager.
+
+    ``add`` and ``abort`` are called between steps, never while a batch is in flight. ``add``
+    raises ``ValueError`` for a task that can never run here (e.g. longer than the whole KV
+    cache), which fails that task only. ``schedule`` must make progress whenever
+    ``has_work()`` (preempt rather than deadlock). ``update`` turns the executor's result into
+    one ``TokenEvent`` per sequence that produced a token or ended; ``abort`` returns the
+    aborted task's last event (None if it does not know the task)."""
 
     def add(self, task: Task) -> None: ...
 
@@ -201,9 +240,17 @@ class BatchScheduler(Protocol):
 
 @runtime_checkable
 class Instance(Protocol):
-    """A handle on one engine instance, in this process or another. Scalers create them and
-    hand them to ``InstancePool.run`` (flowserve-prewarm-scaler's ``InstanceBase`` is a ready
-    base class). ``info`` and ``stats`` are what the server last knew of it."""
+    """A handle on one engine instance, in this process or another; ``info`` and ``stats``
+    are what the server last knew of it (flowserve-instance-runtime's ``InstanceBase`` is a
+    ready base class).
+
+    A scaler runs each instance it makes in a task of its own with
+    ``deployment.pool.run(instance)`` (``task_group.start`` waits until it is ready): the pool
+    sets ``on_change`` (the instance calls it whenever ``info.state`` changes, so waiting job
+    schedulers look again), then awaits ``instance.run(task_status=...)``, which calls
+    ``task_status.started()`` once the instance is ready and serves until it ends.
+    ``Deployment.stop`` calls ``stop(drain_timeout)`` on every instance. Job schedulers read
+    ``num_tasks`` to place by load, and ``stats`` (what the instance last reported)."""
 
     info: InstanceInfo
     stats: InstanceStats
@@ -230,8 +277,13 @@ EmitEvent = Callable[[TokenEvent], Awaitable[None]]
 
 @runtime_checkable
 class JobScheduler(Protocol):
-    """Turns a request into a job of tasks; ``run_job`` places them on ready instances, forwards
-    every event to ``emit`` and retries or fails tasks whose instance died."""
+    """Turns a request into a job of tasks and runs them on the deployment's instances.
+
+    ``run_job`` places each task (``pool.wait_ready(role)`` gives the candidates, asking the
+    scaler for an instance when there is none), submits it, forwards every event to ``emit``,
+    and retries or fails the tasks whose instance died. It is cancelled when the client goes
+    away; leaving a task stream aborts that task. Optional: ``admission``
+    (``AdmissionControl``)."""
 
     def make_job(self, request: Request) -> Job: ...
 
@@ -251,8 +303,14 @@ class AdmissionControl(Protocol):
 
 @runtime_checkable
 class Scaler(Protocol):
-    """Starts and stops a deployment's instances while ``run`` runs; ``set_target`` is the manual
-    override, ``on_demand`` says a request waits for an instance of ``role``."""
+    """Starts and stops a deployment's instances while ``run`` runs.
+
+    ``run`` lives as long as the deployment; when cancelled it must stop every instance it
+    started, and it starts none once ``deployment.stopping`` is set. ``set_target`` is the
+    manual override (the admin API), and ``target`` reads it back (None until set: the spec's
+    counts; the admin API and health reports show it); ``on_demand(role)`` says that a request
+    is waiting for an instance of that role (scale from zero). Optional: ``observe``
+    (``ObservesRequests``)."""
 
     @property
     def target(self) -> int | None:
@@ -262,7 +320,7 @@ class Scaler(Protocol):
 
     def set_target(self, instances: int) -> None: ...
 
-    def on_demand(self, role: Any) -> None: ...
+    def on_demand(self, role: TaskRole) -> None: ...
 
 
 @runtime_checkable
@@ -277,8 +335,12 @@ class ObservesRequests(Protocol):
 
 @runtime_checkable
 class KVTransport(Protocol):
-    """Moves exported KV bytes from a prefill instance to a decode instance. ``fetch`` and
-    ``release`` run in worker threads, several at once; ``publish`` inside a step."""
+    """Moves exported KV bytes from a prefill instance to a decode instance.
+
+    The decode side calls ``fetch`` and ``release`` from worker threads, several at once (they
+    may wait while the engine's event loop goes on stepping), so both must be thread-safe.
+    ``publish`` runs on the prefill instance's event loop, inside its step, so it should return
+    quickly (``shm`` writes a file; ``ray`` puts the bytes in the object store)."""
 
     def publish(self, data: bytes | memoryview, key: str) -> str:
         """Make ``data`` fetchable; return the locator to put in a ``KVHandoff``."""
@@ -294,5 +356,76 @@ class KVTransport(Protocol):
 class Frontend(Protocol):
     """The API a server speaks; ``serve`` runs until cancelled or the server shuts down."""
 
-    async def serve(self, server: Any) -> None: ...
+    async def serve(self, server: Server) -> None: ...
+
+
+# ------------------------------------------------------------------ factories
+# What ``register(name, factory)`` accepts for each kind: the registration hooks take a
+# ``Register[<Kind>Factory]``, so a type checker holds a plugin's factory (a function or a
+# class) to its kind's signature. Arguments are passed by position.
+
+#: ``kv_transports(name)``: the deployment's KV transport of that name in this process, built on
+#: first use (on the event loop: a constructor may connect to a cluster) and then reused.
+KVTransports = Callable[[str], KVTransport]
+
+
+class TokenizerFactory(Protocol):
+    """Builds a deployment's tokenizer (server process, in a worker thread)."""
+
+    def __call__(self, spec: DeploymentSpec, /) -> Tokenizer: ...
+
+
+class ExecutorFactory(Protocol):
+    """Builds an instance's executor: loads the weights (instance process, in a worker thread)."""
+
+    def __call__(self, spec: DeploymentSpec, /) -> Executor: ...
+
+
+class KVCacheManagerFactory(Protocol):
+    """Builds the KV cache manager over the blocks ``kv`` the executor reserved."""
+
+    def __call__(self, spec: DeploymentSpec, kv: KVCacheSpec, /) -> KVCacheManager: ...
+
+
+class BatchSchedulerFactory(Protocol):
+    """Builds an instance's batch scheduler over its KV cache manager; ``kv_transports`` serves
+    the PD handoffs (publish on the prefill side, fetch on the decode side)."""
+
+    def __call__(self, spec: DeploymentSpec, kv_cache: KVCacheManager, kv_transports: KVTransports, /
+                 ) -> BatchScheduler: ...
+
+
+class JobSchedulerFactory(Protocol):
+    """Builds a deployment's job scheduler (server process); ``kv_transports`` lets it release
+    the KV handoffs of jobs that end early."""
+
+    def __call__(self, spec: DeploymentSpec, kv_transports: KVTransports, /) -> JobScheduler: ...
+
+
+class ScalerFactory(Protocol):
+    """Builds a deployment's scaler (server process)."""
+
+    def __call__(self, spec: DeploymentSpec, /) -> Scaler: ...
+
+
+class KVTransportFactory(Protocol):
+    """Builds a KV transport in a process that sends or receives KV blocks."""
+
+    def __call__(self, spec: DeploymentSpec, /) -> KVTransport: ...
+
+
+class FrontendFactory(Protocol):
+    """Builds the API a server speaks, from the server's configuration."""
+
+    def __call__(self, config: ServerConfig, /) -> Frontend: ...
+
+
+FactoryT = TypeVar("FactoryT", contravariant=True)
+
+
+class Register(Protocol[FactoryT]):
+    """The ``register`` a registration hook receives: ``register(name, factory)`` adds the
+    component ``name``; registering a name twice is an error that names both plugins."""
+
+    def __call__(self, name: str, factory: FactoryT, /) -> None: ...
 

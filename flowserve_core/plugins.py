@@ -11,13 +11,17 @@ import functools
 import importlib.metadata
 import os
 import traceback
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import msgspec
 import pluggy
 
 from flowserve_core import hookspecs
 from flowserve_core.errors import ComponentNotFoundError, PluginError
+
+if TYPE_CHECKING:
+    from flowserve_core.interfaces import KVTransport, KVTransports
+    from flowserve_core.types import DeploymentSpec
 
 ENTRY_POINT_GROUP = "flowserve"
 
@@ -43,7 +47,8 @@ KNOWN_PROVIDERS: dict[str, tuple[str, ...]] = {
     "flowserve-colocated": ("batch_scheduler:continuous", "job_scheduler:colocated"),
     "flowserve-pd-scheduler": ("job_scheduler:pd-disaggregated", "job_scheduler:pd-hybrid",
                                "kv_transport:shm", "kv_transport:torch-dist"),
-    "flowserve-prewarm-scaler": ("scaler:static", "scaler:prewarm"),
+    "flowserve-instance-runtime": ("scaler:static",),
+    "flowserve-prewarm-scaler": ("scaler:prewarm",),
     "flowserve-ray": ("scaler:ray", "kv_transport:ray"),
     "flowserve-testing": ("scaler:inproc",),
     "flowserve-openai": ("frontend:openai",),
@@ -174,6 +179,18 @@ class PluginManager:
     def build(self, kind: str, name: str, *args: Any) -> Any:
         """Resolve ``name`` and call its factory with ``args``."""
         return self.get(kind, name).factory(*args)
+
+    def kv_transports(self, spec: DeploymentSpec) -> KVTransports:
+        """The ``kv_transports(name)`` that schedulers' factories receive: it builds each of the
+        deployment's KV transports once, when first asked for."""
+        built: dict[str, KVTransport] = {}
+
+        def transport(name: str) -> KVTransport:
+            if name not in built:
+                built[name] = self.build("kv_transport", name, spec)
+            return built[name]
+
+        return transport
 
 
 def _env_list(variable: str) -> list[str] | None:

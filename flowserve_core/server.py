@@ -7,9 +7,9 @@ import ctypes
 import gc
 import logging
 import threading
-from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup, TaskStatus
 
 from flowserve_core.config import ServerConfig, resolve_deployment
 from flowserve_core.deployment import Deployment
@@ -36,8 +36,9 @@ def release_memory() -> None:
 
 class Server:
     """The deployments of one ``flowserve serve``, added and removed while it runs; frontends
-    look models up here. ``resolve`` follows ``aliases``, which the admin API switches by
-    replacing the dict in one assignment (a request sees the old or the new target)."""
+    look models up here. ``resolve`` follows ``aliases``; ``set_alias`` and ``remove_alias``
+    switch them by replacing the dict in one assignment (a request sees the old or the new
+    target), so a blue/green switch never drops a request."""
 
     def __init__(self, config: ServerConfig, pm: PluginManager):
         self.config = config
@@ -45,7 +46,7 @@ class Server:
         self.deployments: dict[str, Deployment] = {}
         self.aliases: dict[str, str] = dict(config.aliases)
         self.stopping = False
-        self._task_group: Any = None
+        self._task_group: TaskGroup | None = None
 
     def check_components(self, spec: DeploymentSpec) -> None:
         """Fail fast, before loading anything, if a named component is not installed."""
@@ -63,6 +64,32 @@ class Server:
                                     f"{', '.join(served) or 'no models'}")
         return self.deployments[name]
 
+    def set_alias(self, alias: str, deployment: str) -> str | None:
+        """Serve ``deployment`` under the name ``alias`` too (create or switch it); returns the
+        deployment it named before. ``ConfigError`` if ``alias`` is a deployment's name,
+        ``UnknownModelError`` if ``deployment`` does not exist."""
+        if alias in self.deployments:
+            raise ConfigError(f"{alias!r} is a deployment's name; an alias needs a name of its own")
+        if deployment not in self.deployments:
+            raise UnknownModelError(f"no deployment is named {deployment!r}; deployments: "
+                                    f"{', '.join(sorted(self.deployments)) or 'none'}")
+        previous = self.aliases.get(alias)
+        # One assignment: every later request sees the old or the new target; running ones stay.
+        self.aliases = {**self.aliases, alias: deployment}
+        log.info("alias set", extra={"alias": alias, "deployment": deployment})
+        return previous
+
+    def remove_alias(self, alias: str) -> str:
+        """Stop serving ``alias`` (its deployment stays); returns the deployment it named.
+        ``UnknownModelError`` if there is no such alias."""
+        if alias not in self.aliases:
+            raise UnknownModelError(f"no alias is named {alias!r}; aliases: "
+                                    f"{', '.join(sorted(self.aliases)) or 'none'}")
+        previous = self.aliases[alias]
+        self.aliases = {a: d for a, d in self.aliases.items() if a != alias}
+        log.info("alias removed", extra={"alias": alias, "deployment": previous})
+        return previous
+
     async def add_deployment(self, spec: DeploymentSpec) -> Deployment:
         """Start serving ``spec``; returns once its deployment runs (instances may warm)."""
         resolve_deployment(spec)
@@ -71,6 +98,8 @@ class Server:
         if spec.name in self.deployments or spec.name in self.aliases:
             raise ConfigError(f"a deployment or alias named {spec.name!r} already exists")
         self.check_components(spec)
+        if self._task_group is None:
+            raise ConfigError("the server is not running: start Server.run before adding deployments")
         deployment = Deployment(spec, self.pm)
         self.deployments[spec.name] = deployment
         removed = ConfigError(f"deployment {spec.name!r} was removed while it was starting")
@@ -110,7 +139,7 @@ class Server:
             release.daemon = True
             release.start()
 
-    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus[Server] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every configured deployment, then serve the frontend until it returns."""
         for spec in self.config.deployments:
             self.check_components(spec)

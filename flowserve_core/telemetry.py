@@ -14,12 +14,15 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 
 from flowserve_core.hookspecs import hookimpl
 from flowserve_core.types import Request, RequestOutput
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 tracer = trace.get_tracer("flowserve")
 meter = metrics.get_meter("flowserve")
@@ -80,7 +83,7 @@ def tracer_enabled() -> bool:
 
 
 @hookimpl
-def flowserve_request_finished(request: Request, output: RequestOutput, deployment: Any) -> None:
+def flowserve_request_finished(request: Request, output: RequestOutput, deployment: Deployment) -> None:
     """Record a finished request's latencies and token counts as OpenTelemetry metrics."""
     if not _instruments:
         return

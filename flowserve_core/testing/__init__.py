@@ -1,15 +1,18 @@
-"""The plugin test kit's public path: ``flowserve_core.testing`` is the module ``flowserve_testing``
-of the distribution ``flowserve-testing``, and ``flowserve_core.testing.X`` is ``flowserve_testing.X``."""
+"""The plugin test kit's public path: the names of ``flowserve_testing`` (the distribution
+``flowserve-testing``), re-exported and, as there, loaded on first use (so importing the kit
+imports no torch). ``flowserve_core.testing.fixtures`` re-exports its pytest fixtures."""
 
-import importlib
-import pkgutil
-import sys
+from __future__ import annotations
+
+from typing import Any
 
 try:
     import flowserve_testing
 except ImportError as exc:
     raise ImportError(f"the plugin test kit is not installed: pip install flowserve-testing ({exc})") from exc
 
-for _module in pkgutil.iter_modules(flowserve_testing.__path__):  # one module object per file, not two
-    sys.modules[f"{__name__}.{_module.name}"] = importlib.import_module(f"flowserve_testing.{_module.name}")
-sys.modules[__name__] = flowserve_testing
+__all__ = list(flowserve_testing.__all__)
+
+
+def __getattr__(name: str) -> Any:
+    return getattr(flowserve_testing, name)

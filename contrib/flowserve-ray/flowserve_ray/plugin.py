@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import KVTransportFactory, Register, ScalerFactory
 from flowserve_core.types import DeploymentSpec
 
 
@@ -24,12 +25,12 @@ def build_ray_transport(spec: DeploymentSpec) -> Any:
 
 
 @hookimpl
-def flowserve_register_scalers(register: Any) -> None:
+def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
     register("ray", build_ray_scaler)
 
 
 @hookimpl
-def flowserve_register_kv_transports(register: Any) -> None:
+def flowserve_register_kv_transports(register: Register[KVTransportFactory]) -> None:
     register("ray", build_ray_transport)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import msgspec
 
 from flowserve_core import hookimpl
+from flowserve_core.deployment import Deployment
+from flowserve_core.types import Request, RequestOutput
 
 log = logging.getLogger("flowserve.request_log")
 
@@ -33,7 +34,7 @@ class RequestLogRecord(msgspec.Struct, kw_only=True):
 
 
 @hookimpl
-def flowserve_request_finished(request: Any, output: Any, deployment: Any) -> None:
+def flowserve_request_finished(request: Request, output: RequestOutput, deployment: Deployment) -> None:
     """Write ``output``'s record (a request that ended without a reason was aborted)."""
     metrics = output.metrics
     record = RequestLogRecord(

@@ -14,6 +14,7 @@ from typing import Any
 
 from flowserve_colocated import ContinuousBatchScheduler, Sequence
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import BatchSchedulerFactory, Register
 
 
 class ShortestPromptFirstScheduler(ContinuousBatchScheduler):
@@ -25,6 +26,6 @@ class ShortestPromptFirstScheduler(ContinuousBatchScheduler):
 
 
 @hookimpl
-def flowserve_register_batch_schedulers(register: Any) -> None:
+def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory]) -> None:
     """Register ``shortest-prompt-first`` (``flowserve serve --batch-scheduler shortest-prompt-first``)."""
     register("shortest-prompt-first", ShortestPromptFirstScheduler)

@@ -2,10 +2,14 @@
 
 import pytest
 
+from flowserve_core.plugins import PluginManager
 from flowserve_core.testing import check_batch_scheduler, plugin_manager, run_deployment
 from flowserve_core.types import DeploymentSpec, KVCacheSpec, Request, SamplingParams, StepResult, Task
 from flowserve_paged_kv.manager import PagedKVCacheManager
 from flowserve_shortest_prompt_first.plugin import ShortestPromptFirstScheduler
+
+#: these schedulers hand off no KV: asking for a transport would fail, naming it
+NO_KV_TRANSPORTS = PluginManager(load_entrypoints=False).kv_transports(DeploymentSpec())
 
 
 def test_the_distribution_registers_shortest_prompt_first():
@@ -21,7 +25,7 @@ def first_scheduled_order(prompt_lengths: list[int]) -> list[int]:
     """Indices of the tasks in the order they first ran; they arrive in list order, all
     before the first step, and one runs at a time (max_num_seqs=1)."""
     spec = DeploymentSpec(max_num_seqs=1, max_num_batched_tokens=64, block_size=4)
-    scheduler = ShortestPromptFirstScheduler(spec, PagedKVCacheManager(spec, KVCacheSpec(num_blocks=64, block_size=4)))
+    scheduler = ShortestPromptFirstScheduler(spec, PagedKVCacheManager(spec, KVCacheSpec(num_blocks=64, block_size=4)), NO_KV_TRANSPORTS)
     index = {}
     for i, length in enumerate(prompt_lengths):
         task = Task(request=Request(prompt_token_ids=[7] * length, params=SamplingParams(max_tokens=2)))

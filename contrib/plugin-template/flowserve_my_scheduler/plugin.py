@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from flowserve_colocated import ContinuousBatchScheduler, Sequence
+from flowserve_core.interfaces import BatchSchedulerFactory, KVCacheManager, KVTransports, Register
 from flowserve_core import hookimpl
 from flowserve_core.types import DeploymentSpec, Task
 
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 class MyScheduler(ContinuousBatchScheduler):
     """The ``continuous`` batch scheduler that logs and counts the tasks it queues."""
 
-    def __init__(self, spec: DeploymentSpec, kv_cache: Any):
-        super().__init__(spec, kv_cache)
+    def __init__(self, spec: DeploymentSpec, kv_cache: KVCacheManager, kv_transports: KVTransports):
+        super().__init__(spec, kv_cache, kv_transports)
         self.num_queued = 0
 
     def add(self, task: Task) -> None:
@@ -42,6 +43,6 @@ class MyScheduler(ContinuousBatchScheduler):
 
 
 @hookimpl
-def flowserve_register_batch_schedulers(register: Any) -> None:
+def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory]) -> None:
     """Register ``my-scheduler``; choose it with ``flowserve serve --batch-scheduler my-scheduler``."""
     register("my-scheduler", MyScheduler)

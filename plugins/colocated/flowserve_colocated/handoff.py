@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable
 
 from flowserve_colocated.sequence import Sequence
+from flowserve_core.interfaces import KVCacheManager, KVTransport, KVTransports
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVHandoff, TaskRole
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ class KVHandoffs:
     wall time of the transport's ``fetch`` calls that ended, whether they succeeded or not.
     """
 
-    def __init__(self, spec: DeploymentSpec, kv_cache: Any):
+    def __init__(self, spec: DeploymentSpec, kv_cache: KVCacheManager, kv_transports: KVTransports):
         self.spec = spec
         self.kv = kv_cache
+        self.kv_transports = kv_transports
         self.block_size: int = kv_cache.block_size
         self.fetching: dict[str, _Fetch] = {}  # admission order
         self.bytes, self.seconds = 0, 0.0
@@ -100,16 +102,11 @@ class KVHandoffs:
         self._imports: list[KVBlockTransfer] = []  # for the next batch
         #: seq_id → (sequence, handoff) of imports in a batch not yet run
         self._imported: dict[str, tuple[Sequence, KVHandoff]] = {}
-        self._transport: Any = None
 
-    def transport(self) -> Any:
+    def transport(self) -> KVTransport:
         """The deployment's KV transport (``spec.kv_transport``), built on first use, on the
         event loop (a constructor may connect to a cluster; threads only call its methods)."""
-        if self._transport is None:
-            from flowserve_core.plugins import get_plugin_manager
-
-            self._transport = get_plugin_manager().build("kv_transport", self.spec.kv_transport, self.spec)
-        return self._transport
+        return self.kv_transports(self.spec.kv_transport)
 
     # ------------------------------------------------------------------ prefill side
 

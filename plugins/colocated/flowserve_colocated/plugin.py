@@ -4,18 +4,17 @@ Python and anyio; cheap to import). Its SLO admission is the job scheduler's own
 
 from __future__ import annotations
 
-from typing import Any
-
 from flowserve_colocated.router import ColocatedJobScheduler
 from flowserve_colocated.scheduler import ContinuousBatchScheduler
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import BatchSchedulerFactory, JobSchedulerFactory, Register
 
 
 @hookimpl
-def flowserve_register_batch_schedulers(register: Any) -> None:
+def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory]) -> None:
     register("continuous", ContinuousBatchScheduler)
 
 
 @hookimpl
-def flowserve_register_job_schedulers(register: Any) -> None:
+def flowserve_register_job_schedulers(register: Register[JobSchedulerFactory]) -> None:
     register("colocated", ColocatedJobScheduler)

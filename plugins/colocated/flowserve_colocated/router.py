@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from flowserve_colocated.estimate import LinearFit
+from flowserve_core.deployment import InstancePool
 from flowserve_core.errors import EngineDeadError
-from flowserve_core.interfaces import EmitEvent, Instance
+from flowserve_core.interfaces import EmitEvent, Instance, KVTransports
 from flowserve_core.types import (
     DeploymentSpec,
     Job,
@@ -65,8 +65,9 @@ class ColocatedJobScheduler:
 
     role = TaskRole.COLOCATED
 
-    def __init__(self, spec: DeploymentSpec):
+    def __init__(self, spec: DeploymentSpec, kv_transports: KVTransports):
         self.spec = spec
+        self.kv_transports = kv_transports  # colocated hands off no KV; the PD subclasses do
         options = spec.options
         self.max_retries = int(options.get("retry_on_instance_death", 2))
         self.wait_timeout = float(options.get("instance_wait_timeout", 600.0))
@@ -75,7 +76,7 @@ class ColocatedJobScheduler:
         #: time to first token against the tasks ahead on the instance a task was placed on
         self.ttft_by_tasks_ahead = LinearFit()
 
-    def admission(self, request: Request, pool: Any) -> Rejection | None:
+    def admission(self, request: Request, pool: InstancePool) -> Rejection | None:
         """Refuse (429) a request whose estimated time to first token exceeds the deployment's
         TTFT SLO. Never while an instance has a free batch slot (it starts at once, and its
         measured TTFT keeps the fit current), nor before the fit has data."""
@@ -100,7 +101,7 @@ class ColocatedJobScheduler:
         job.tasks.append(Task(job_id=job.id, role=self.role, request=request))
         return job
 
-    async def run_job(self, job: Job, pool: Any, emit: EmitEvent) -> None:
+    async def run_job(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
         """Place the task, forward its events, retry it if its instance dies before a token."""
         task = job.tasks[0]
         failed_on: set[str] = set()
@@ -129,7 +130,7 @@ class ColocatedJobScheduler:
             job.move_to(state)
             return
 
-    async def _place(self, pool: Any, avoid: set[str]) -> Instance:
+    async def _place(self, pool: InstancePool, avoid: set[str]) -> Instance:
         """The least-loaded ready instance, waiting for one if there is none (scale from zero)."""
         try:
             ready = await pool.wait_ready(self.role, timeout=self.wait_timeout)

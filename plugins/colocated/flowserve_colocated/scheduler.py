@@ -27,7 +27,7 @@ from typing import Any
 
 from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
-from flowserve_core.interfaces import BlockCopySource, ReportsContextLength
+from flowserve_core.interfaces import BlockCopySource, KVCacheManager, KVTransport, KVTransports, ReportsContextLength
 from flowserve_core.types import (
     DeploymentSpec,
     FinishReason,
@@ -61,7 +61,7 @@ class ContinuousBatchScheduler:
     sequence ends). ``add`` may be extended (call ``super().add``); the rest is mechanics.
     """
 
-    def __init__(self, spec: DeploymentSpec, kv_cache: Any):
+    def __init__(self, spec: DeploymentSpec, kv_cache: KVCacheManager, kv_transports: KVTransports):
         self.spec = spec
         self.kv = kv_cache
         # Asked once: an isinstance against a runtime Protocol costs microseconds, every step.
@@ -80,7 +80,7 @@ class ContinuousBatchScheduler:
         self._ended: list[str] = []  # for the next batch's finished_seq_ids
         self._order = itertools.count()
         self._handoffs: dict[str, KVHandoff] = {}  # decode tasks not admitted yet: the KV to fetch
-        self.handoffs = KVHandoffs(spec, kv_cache)
+        self.handoffs = KVHandoffs(spec, kv_cache, kv_transports)
 
     # ------------------------------------------------------------------ admission
 
@@ -305,7 +305,7 @@ class ContinuousBatchScheduler:
             seq.status = SequenceStatus.FETCHING
         return num_cached
 
-    def transport(self) -> Any:
+    def transport(self) -> KVTransport:
         """The deployment's KV transport (``spec.kv_transport``), built on first use."""
         return self.handoffs.transport()
 

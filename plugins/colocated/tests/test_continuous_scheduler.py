@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 
 from flowserve_colocated import ContinuousBatchScheduler
+from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (
+    DeploymentSpec,
     KVCacheSpec,
     Request,
     SamplingParams,
@@ -21,12 +23,15 @@ from flowserve_test_fixtures import CounterExecutor, toy_spec
 
 pytestmark = pytest.mark.anyio
 
+#: these schedulers hand off no KV: asking for a transport would fail, naming it
+NO_KV_TRANSPORTS = PluginManager(load_entrypoints=False).kv_transports(DeploymentSpec())
+
 
 def make(num_blocks: int = 64, block_size: int = 4, max_model_len: int = 256, **spec_fields):
     spec = toy_spec(kv_cache="paged", batch_scheduler="continuous", **spec_fields)
     kv = PagedKVCacheManager(spec, KVCacheSpec(num_blocks=num_blocks, block_size=block_size,
                                                max_model_len=max_model_len))
-    return ContinuousBatchScheduler(spec, kv), CounterExecutor(spec)
+    return ContinuousBatchScheduler(spec, kv, NO_KV_TRANSPORTS), CounterExecutor(spec)
 
 
 def task(prompt: list[int], max_tokens: int | None = 4, eos: list[int] | None = None, **params) -> Task:

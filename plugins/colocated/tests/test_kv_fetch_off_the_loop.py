@@ -89,7 +89,7 @@ async def until(condition, seconds: float = 10.0) -> None:
 async def test_the_engine_keeps_stepping_while_a_fetch_blocks_and_an_abort_is_not_held_up(gated):
     spec = toy_spec(kv_cache="paged", batch_scheduler="continuous", kv_transport="gated")
     kv = PagedKVCacheManager(spec, KVCacheSpec(num_blocks=64, block_size=4, max_model_len=256))
-    scheduler = ContinuousBatchScheduler(spec, kv)
+    scheduler = ContinuousBatchScheduler(spec, kv, get_plugin_manager().kv_transports(spec))
     events: dict[str, list] = {}
 
     async def emit(batch) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import Register, TokenizerFactory
 from flowserve_core.types import DeploymentSpec
 
 
@@ -16,6 +17,6 @@ def build_tokenizer(spec: DeploymentSpec) -> Any:
 
 
 @hookimpl
-def flowserve_register_tokenizers(register: Any) -> None:
+def flowserve_register_tokenizers(register: Register[TokenizerFactory]) -> None:
     """Register ``hf``: a transformers tokenizer loaded from a model directory or a GGUF file."""
     register("hf", build_tokenizer)

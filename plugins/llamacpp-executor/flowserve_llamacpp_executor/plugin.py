@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import ExecutorFactory, Register
 from flowserve_core.types import DeploymentSpec
 
 
@@ -47,6 +48,6 @@ def flowserve_check_deployment(spec: DeploymentSpec) -> None:
 
 
 @hookimpl
-def flowserve_register_executors(register: Any) -> None:
+def flowserve_register_executors(register: Register[ExecutorFactory]) -> None:
     """Register ``llamacpp``: GGUF models on llama.cpp's quantized CPU kernels."""
     register("llamacpp", build_executor)

@@ -130,20 +130,14 @@ async def set_alias(request: Request) -> Response:
     """``POST /admin/aliases``: create or switch an alias."""
     ctx = _ctx(request)
     body = await ctx.decode(request, AliasRequest)
-    server, alias, target = ctx.server, body.alias, body.deployment
-    if problem := name_problem(alias, "alias"):
+    if problem := name_problem(body.alias, "alias"):
         raise APIError(400, problem, param="alias", code="invalid_value")
-    if alias in server.deployments:
-        raise APIError(409, f"{alias!r} is a deployment's name; an alias needs a name of its own",
-                       param="alias", code="alias_conflict")
-    if target not in server.deployments:
-        raise APIError(404, f"no deployment is named {target!r}; deployments: "
-                            f"{', '.join(sorted(server.deployments)) or 'none'}",
-                       param="deployment", code="deployment_not_found")
-    previous = server.aliases.get(alias)
-    # One assignment: every later request sees the old or the new target; running ones stay.
-    server.aliases = {**server.aliases, alias: target}
-    log.info("alias set", extra={"alias": alias, "deployment": target})
+    try:
+        previous = ctx.server.set_alias(body.alias, body.deployment)
+    except UnknownModelError as exc:
+        raise APIError(404, str(exc), param="deployment", code="deployment_not_found") from None
+    except ConfigError as exc:
+        raise APIError(409, str(exc), param="alias", code="alias_conflict") from None
     return json_response(AliasResponse(alias=body.alias, deployment=body.deployment, previous=previous))
 
 
@@ -151,10 +145,8 @@ async def remove_alias(request: Request) -> Response:
     """``DELETE /admin/aliases/ALIAS``."""
     ctx = _ctx(request)
     alias = request.path_params["alias"]
-    server = ctx.server
-    if alias not in server.aliases:
-        raise APIError(404, f"no alias is named {alias!r}; aliases: {', '.join(sorted(server.aliases)) or 'none'}",
-                       param="alias", code="alias_not_found")
-    previous = server.aliases[alias]
-    server.aliases = {a: d for a, d in server.aliases.items() if a != alias}  # its deployment stays
+    try:
+        previous = ctx.server.remove_alias(alias)
+    except UnknownModelError as exc:
+        raise APIError(404, str(exc), param="alias", code="alias_not_found") from None
     return json_response(AliasResponse(alias=alias, deployment=None, previous=previous))

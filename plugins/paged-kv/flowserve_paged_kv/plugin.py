@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import KVCacheManagerFactory, Register
 from flowserve_paged_kv.manager import PagedKVCacheManager
 
 
 @hookimpl
-def flowserve_register_kv_cache_managers(register: Any) -> None:
+def flowserve_register_kv_cache_managers(register: Register[KVCacheManagerFactory]) -> None:
     register("paged", PagedKVCacheManager)

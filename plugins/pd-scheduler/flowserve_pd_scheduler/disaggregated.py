@@ -41,7 +41,8 @@ import msgspec
 
 from flowserve_colocated.estimate import Ewma, LinearFit
 from flowserve_colocated.router import ColocatedJobScheduler, InstanceDied
-from flowserve_core.interfaces import EmitEvent, Instance
+from flowserve_core.deployment import InstancePool
+from flowserve_core.interfaces import EmitEvent, Instance, KVTransports
 from flowserve_core.types import (
     DeploymentSpec,
     InstanceState,
@@ -66,8 +67,8 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
     """Prefill on a prefill instance, KV handed off, decode on a decode instance; SLO-aware
     admission from measured prefill speed and decode time per token."""
 
-    def __init__(self, spec: DeploymentSpec):
-        super().__init__(spec)
+    def __init__(self, spec: DeploymentSpec, kv_transports: KVTransports):
+        super().__init__(spec, kv_transports)
         options = spec.options
         self.on_failure = str(options.get("pd_on_failure", "reroute"))
         if self.on_failure not in ("reroute", "fail"):
@@ -79,7 +80,6 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         self._queued_at_placement: dict[str, int] = {}
         self.decode_seconds_per_token = Ewma()
         self._last_prefill_on: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
-        self._transports: dict[str, Any] = {}
         self.prefix_index = DecodePrefixIndex(spec.block_size)
         #: per prefill instance: prompt tokens of the prefills placed there, not yet at their first token
         self._prefill_tokens: collections.Counter[str] = collections.Counter()
@@ -93,14 +93,14 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
                      Task(job_id=job.id, role=TaskRole.DECODE, request=request)]
         return job
 
-    async def run_job(self, job: Job, pool: Any, emit: EmitEvent) -> None:
+    async def run_job(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
         """Run the prefill, hand its KV to a decode instance, stream the decode."""
         job.move_to(TaskState.RUNNING)
         last = await self.run_disaggregated(job.tasks[0], job.tasks[1], pool, emit)
         ends: dict[str | None, TaskState] = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}
         job.move_to(ends.get(last.finish_reason if last else "error", TaskState.DONE))
 
-    async def run_disaggregated(self, prefill: Task, decode: Task, pool: Any, emit: EmitEvent) -> TokenEvent | None:
+    async def run_disaggregated(self, prefill: Task, decode: Task, pool: InstancePool, emit: EmitEvent) -> TokenEvent | None:
         """The two phases of one request; returns the request's last event. The decode
         instance is chosen first, so that the prefill exports only the blocks it lacks."""
         request = prefill.request
@@ -114,7 +114,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         finally:
             reservation.end()
 
-    async def _prefill_then_decode(self, prefill: Task, decode: Task, pool: Any, emit: EmitEvent,
+    async def _prefill_then_decode(self, prefill: Task, decode: Task, pool: InstancePool, emit: EmitEvent,
                                    reservation: _Reservation) -> TokenEvent | None:
         request = prefill.request
         started = time.monotonic()
@@ -144,7 +144,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
             if first.kv_handoff is not None:  # idempotent: the decode side normally released it
                 self._release(first.kv_handoff)
 
-    async def _decode(self, decode: Task, pool: Any, emit: EmitEvent,
+    async def _decode(self, decode: Task, pool: InstancePool, emit: EmitEvent,
                       reservation: _Reservation | None = None) -> TokenEvent | None:
         """The decode phase, on the reserved instance if it is still ready, rerouted
         (recomputing from the tokens so far) if its instance dies."""
@@ -216,7 +216,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
                      extra={"task_id": task.id, "instance": instance.info.id})
         self.prefix_index.add(instance.info.id, self.prefix_index.hashes(prompt), instance.stats.kv.total_blocks)
 
-    async def _phase(self, task: Task, pool: Any, emit: EmitEvent, place: Any, *, forward_last: bool) -> TokenEvent | None:
+    async def _phase(self, task: Task, pool: InstancePool, emit: EmitEvent, place: Any, *, forward_last: bool) -> TokenEvent | None:
         """Run ``task`` where ``place`` says, retrying on instances that die before its token."""
         failed_on: set[str] = set()
         attempts = 0
@@ -261,7 +261,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
     def _prefill_key(self, instance: Instance) -> tuple[int, int]:
         return self.queued_prefill_tokens(instance), instance.num_tasks
 
-    async def _place_prefill(self, pool: Any, avoid: set[str], request: Request) -> Instance:
+    async def _place_prefill(self, pool: InstancePool, avoid: set[str], request: Request) -> Instance:
         ready = [i for i in await self._ready(pool, TaskRole.PREFILL) if i.info.id not in avoid] or \
             await self._ready(pool, TaskRole.PREFILL)
         lightest = min(ready, key=self._prefill_key)
@@ -283,7 +283,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         return (instance.num_tasks + self._decode_reserved.get(instance.info.id, 0), stats.scheduler.num_running,
                 -(stats.kv.free_blocks + stats.kv.cached_blocks))
 
-    async def _place_decode(self, pool: Any, avoid: set[str], request: Request | None = None) -> Instance:
+    async def _place_decode(self, pool: InstancePool, avoid: set[str], request: Request | None = None) -> Instance:
         ready = await self._ready(pool, TaskRole.DECODE)
         self.prefix_index.keep(set(pool.instances))
         candidates = [i for i in ready if i.info.id not in avoid] or ready
@@ -298,7 +298,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
             return holder
         return lightest
 
-    async def _ready(self, pool: Any, role: TaskRole) -> list[Instance]:
+    async def _ready(self, pool: InstancePool, role: TaskRole) -> list[Instance]:
         try:
             return await pool.wait_ready(role, timeout=self.wait_timeout)
         except TimeoutError:
@@ -306,7 +306,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
 
     # ------------------------------------------------------------------ admission
 
-    def admission(self, request: Request, pool: Any) -> Rejection | None:
+    def admission(self, request: Request, pool: InstancePool) -> Rejection | None:
         """Refuse early (429) a request that would miss the deployment's SLOs anyway: its
         estimated time to first token (the prefill work queued ahead of it plus its own, through
         the fitted ``overhead + seconds per token × work``), or the measured decode time per
@@ -340,12 +340,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         if not handoff.locator:
             return
         try:
-            if handoff.transport not in self._transports:
-                from flowserve_core.plugins import get_plugin_manager
-
-                self._transports[handoff.transport] = get_plugin_manager().build("kv_transport", handoff.transport,
-                                                                                 self.spec)
-            transport = self._transports[handoff.transport]
+            transport = self.kv_transports(handoff.transport)
         except Exception as exc:
             log.warning("KV handoff %s could not be released: %s", handoff.locator, exc)
             return

@@ -13,10 +13,9 @@ says what "long" is.
 
 from __future__ import annotations
 
-from typing import Any
-
 from flowserve_colocated.router import ColocatedJobScheduler
-from flowserve_core.interfaces import EmitEvent
+from flowserve_core.deployment import InstancePool
+from flowserve_core.interfaces import EmitEvent, Instance, KVTransports
 from flowserve_core.types import DeploymentSpec, Job, Rejection, Request, Task, TaskRole, TaskState
 from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler, _waiting_tokens
 
@@ -24,8 +23,8 @@ from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJ
 class HybridJobScheduler(DisaggregatedJobScheduler):
     """Colocated or disaggregated, per request, from prompt length and pool load."""
 
-    def __init__(self, spec: DeploymentSpec):
-        super().__init__(spec)
+    def __init__(self, spec: DeploymentSpec, kv_transports: KVTransports):
+        super().__init__(spec, kv_transports)
         self.long_prompt_tokens = int(spec.options.get("hybrid_long_prompt_tokens", 256))
         self.sequence_slack = int(spec.options.get("hybrid_sequence_slack", 1))
         self.chosen = {TaskRole.COLOCATED: 0, TaskRole.PREFILL: 0}
@@ -36,7 +35,7 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
         job.tasks.insert(0, Task(job_id=job.id, role=TaskRole.COLOCATED, request=request))
         return job
 
-    def choose(self, request: Request, pool: Any) -> TaskRole:
+    def choose(self, request: Request, pool: InstancePool) -> TaskRole:
         """``COLOCATED`` or ``PREFILL`` (the disaggregated path) for ``request`` now."""
         colocated, prefills = pool.ready(TaskRole.COLOCATED), pool.ready(TaskRole.PREFILL)
         if not colocated or not prefills or not pool.ready(TaskRole.DECODE):
@@ -61,14 +60,14 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
         decode_seqs = min(_sequences(i) for i in pool.ready(TaskRole.DECODE))
         return TaskRole.PREFILL if colocated_seqs > decode_seqs + self.sequence_slack else TaskRole.COLOCATED
 
-    def admission(self, request: Request, pool: Any) -> Rejection | None:
+    def admission(self, request: Request, pool: InstancePool) -> Rejection | None:
         """SLO admission for requests that would take the disaggregated path (its estimates
         are of the prefill and decode pools; the colocated path has none)."""
         if self.choose(request, pool) is TaskRole.COLOCATED:
             return None
         return super().admission(request, pool)
 
-    async def run_job(self, job: Job, pool: Any, emit: EmitEvent) -> None:
+    async def run_job(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
         """Run the chosen path's tasks; the others are marked aborted (never started)."""
         colocated, prefill, decode = job.tasks
         role = self.choose(job.request, pool)
@@ -83,12 +82,12 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
         job.tasks = [prefill, decode]
         await super().run_job(job, pool, emit)
 
-    async def _run_colocated(self, job: Job, pool: Any, emit: EmitEvent) -> None:
+    async def _run_colocated(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
         # The colocated router's own loop: least-loaded colocated instance, retry on death.
         await ColocatedJobScheduler.run_job(self, job, pool, emit)
 
 
-def _sequences(instance: Any) -> int:
+def _sequences(instance: Instance) -> int:
     """Sequences on an instance: tasks the server has in flight there, or what it reported."""
     scheduler = instance.stats.scheduler
     return max(instance.num_tasks, scheduler.num_running + scheduler.num_waiting)

@@ -5,9 +5,8 @@ as for every job scheduler built on ``ColocatedJobScheduler``."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import JobSchedulerFactory, KVTransportFactory, Register
 from flowserve_pd_scheduler.disaggregated import DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
 from flowserve_pd_scheduler.shm import SharedMemoryTransport
@@ -15,12 +14,12 @@ from flowserve_pd_scheduler.torch_transport import TorchDistributedTransport
 
 
 @hookimpl
-def flowserve_register_job_schedulers(register: Any) -> None:
+def flowserve_register_job_schedulers(register: Register[JobSchedulerFactory]) -> None:
     register("pd-disaggregated", DisaggregatedJobScheduler)
     register("pd-hybrid", HybridJobScheduler)
 
 
 @hookimpl
-def flowserve_register_kv_transports(register: Any) -> None:
+def flowserve_register_kv_transports(register: Register[KVTransportFactory]) -> None:
     register("shm", SharedMemoryTransport)
     register("torch-dist", TorchDistributedTransport)

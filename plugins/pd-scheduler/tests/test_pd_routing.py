@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from flowserve_core.deployment import InstancePool
+from flowserve_core.plugins import PluginManager
 from flowserve_core.types import (
     DeploymentSpec,
     InstanceInfo,
@@ -26,11 +27,14 @@ from flowserve_core.types import (
     TaskRole,
     TokenEvent,
 )
+from flowserve_instance_runtime import InstanceBase
 from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
-from flowserve_prewarm_scaler.instance import InstanceBase
 
 pytestmark = pytest.mark.anyio
+
+#: these schedulers hand off no KV: asking for a transport would fail, naming it
+NO_KV_TRANSPORTS = PluginManager(load_entrypoints=False).kv_transports(DeploymentSpec())
 
 
 def instance(pool: InstancePool, name: str, role: TaskRole, *, tasks: int = 0, prefill: int = 0, running: int = 0,
@@ -62,7 +66,7 @@ async def test_prefill_goes_where_the_fewest_prefill_tokens_are_queued_then_the_
     instance(pool, "backlog", TaskRole.PREFILL, tasks=1, prefill=1500)
     instance(pool, "light", TaskRole.PREFILL, tasks=3, prefill=40)  # the most tasks, the least work
     instance(pool, "decode", TaskRole.DECODE)  # never a prefill target
-    scheduler = DisaggregatedJobScheduler(spec())
+    scheduler = DisaggregatedJobScheduler(spec(), NO_KV_TRANSPORTS)
     chosen = await scheduler._place_prefill(pool, set(), request(10))
     assert chosen.info.id == "light"
     # An instance that died under this task is avoided while another is ready.
@@ -88,7 +92,7 @@ async def test_prefills_placed_but_not_yet_reported_count_as_queued_tokens():
     for handle in (first, second):
         handle.info.move_to(InstanceState.READY)
         pool.instances[handle.info.id] = handle
-    scheduler = DisaggregatedJobScheduler(spec())
+    scheduler = DisaggregatedJobScheduler(spec(), NO_KV_TRANSPORTS)
     long = Task(role=TaskRole.PREFILL, request=request(900))
     async with anyio.create_task_group() as group:
         group.start_soon(functools.partial(scheduler._phase, long, pool, None, scheduler._place_prefill,
@@ -106,7 +110,7 @@ async def test_prefill_prefers_the_instance_that_holds_the_prefix_unless_far_mor
     pool = InstancePool()
     a = instance(pool, "a", TaskRole.PREFILL)
     b = instance(pool, "b", TaskRole.PREFILL, tasks=1)
-    scheduler = DisaggregatedJobScheduler(spec(options={"pd_locality_slack_tokens": 100}))
+    scheduler = DisaggregatedJobScheduler(spec(options={"pd_locality_slack_tokens": 100}), NO_KV_TRANSPORTS)
     shared = request(LOCALITY_TOKENS + 20)
     assert (await scheduler._place_prefill(pool, set(), shared)).info.id == "a"
     # "a" has more prefill tokens queued than "b" now, but within the slack: the same prefix
@@ -130,7 +134,7 @@ async def test_decode_goes_to_the_fewest_running_sequences_then_the_most_free_bl
     instance(pool, "full", TaskRole.DECODE, running=2, free=5)
     instance(pool, "roomy", TaskRole.DECODE, running=2, free=80)
     instance(pool, "prefill", TaskRole.PREFILL)
-    scheduler = DisaggregatedJobScheduler(spec())
+    scheduler = DisaggregatedJobScheduler(spec(), NO_KV_TRANSPORTS)
     assert (await scheduler._place_decode(pool, set())).info.id == "roomy"
     assert (await scheduler._place_decode(pool, {"roomy"})).info.id == "full"
     # Every decode instance failed this task: the least loaded of them rather than none.
@@ -141,7 +145,7 @@ async def test_decode_prefers_the_instance_holding_the_prompt_prefix_and_counts_
     pool = InstancePool()
     holder = instance(pool, "holder", TaskRole.DECODE, running=1, free=10)
     instance(pool, "idle", TaskRole.DECODE, running=0, free=500)
-    scheduler = DisaggregatedJobScheduler(spec(options={"pd_locality_slack": 2}))
+    scheduler = DisaggregatedJobScheduler(spec(options={"pd_locality_slack": 2}), NO_KV_TRANSPORTS)
     req = request(100)  # 6 full blocks of 16
     assert (await scheduler._place_decode(pool, set(), req)).info.id == "idle"  # nobody holds it
     index = scheduler.prefix_index
@@ -168,7 +172,7 @@ async def test_tpot_admission_refuses_with_429_only_while_every_decode_instance_
     instance(pool, "p", TaskRole.PREFILL)
     d1 = instance(pool, "d1", TaskRole.DECODE, running=4)
     instance(pool, "d2", TaskRole.DECODE, running=0)
-    scheduler = DisaggregatedJobScheduler(spec(slo_tpot_seconds=0.1))
+    scheduler = DisaggregatedJobScheduler(spec(slo_tpot_seconds=0.1), NO_KV_TRANSPORTS)
     assert scheduler.admission(request(8), pool) is None  # nothing measured yet
     scheduler.decode_seconds_per_token.add(0.25)
     assert scheduler.admission(request(8), pool) is None  # d2 is idle: it decodes at once
@@ -184,7 +188,7 @@ async def test_ttft_admission_refuses_with_429_when_the_fit_predicts_a_miss_behi
     pool = InstancePool()
     instance(pool, "p", TaskRole.PREFILL, tasks=1, prefill=2000)
     instance(pool, "d", TaskRole.DECODE)
-    scheduler = DisaggregatedJobScheduler(spec(slo_ttft_seconds=2.0))
+    scheduler = DisaggregatedJobScheduler(spec(slo_ttft_seconds=2.0), NO_KV_TRANSPORTS)
     assert scheduler.admission(request(100), pool) is None  # no fit yet: nothing refused blind
     for tokens in (100, 400, 800, 1600):
         scheduler.prefill_time.add(tokens, 0.1 + tokens * 0.001)
@@ -200,7 +204,7 @@ async def test_hybrid_chooses_by_new_prefill_tokens_and_pool_load():
     prefill = instance(pool, "p", TaskRole.PREFILL)
     instance(pool, "d", TaskRole.DECODE)
     hybrid = HybridJobScheduler(spec(job_scheduler="pd-hybrid", colocated_instances=1, prefill_instances=1,
-                                     decode_instances=1, options={"hybrid_long_prompt_tokens": 256}))
+                                     decode_instances=1, options={"hybrid_long_prompt_tokens": 256}), NO_KV_TRANSPORTS)
     assert hybrid.choose(request(40), pool) is TaskRole.COLOCATED  # short: no transfer
     assert hybrid.choose(request(600), pool) is TaskRole.PREFILL  # long: keep it off colocated decodes
     # A long prompt still goes colocated when the prefill pool is far busier.
@@ -229,7 +233,7 @@ async def test_hybrid_takes_the_pool_that_is_ready():
     instance(pool, "p", TaskRole.PREFILL)
     instance(pool, "d", TaskRole.DECODE)
     hybrid = HybridJobScheduler(spec(job_scheduler="pd-hybrid", colocated_instances=1, prefill_instances=1,
-                                     decode_instances=1))
+                                     decode_instances=1), NO_KV_TRANSPORTS)
     assert hybrid.choose(request(8), pool) is TaskRole.PREFILL  # no colocated instance ready
     instance(pool, "c", TaskRole.COLOCATED)
     del pool.instances["d"]
@@ -238,8 +242,8 @@ async def test_hybrid_takes_the_pool_that_is_ready():
 
 def test_a_request_is_a_job_of_a_prefill_task_then_a_decode_task():
     req = request(12)
-    job = DisaggregatedJobScheduler(spec()).make_job(req)
+    job = DisaggregatedJobScheduler(spec(), NO_KV_TRANSPORTS).make_job(req)
     assert [t.role for t in job.tasks] == [TaskRole.PREFILL, TaskRole.DECODE]
     assert all(t.job_id == job.id and t.request is req for t in job.tasks)
-    hybrid = HybridJobScheduler(spec(job_scheduler="pd-hybrid", colocated_instances=1))
+    hybrid = HybridJobScheduler(spec(job_scheduler="pd-hybrid", colocated_instances=1), NO_KV_TRANSPORTS)
     assert [t.role for t in hybrid.make_job(req).tasks] == [TaskRole.COLOCATED, TaskRole.PREFILL, TaskRole.DECODE]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 from flowserve_core.interfaces import Executor
 from flowserve_core.types import SamplingParams, ScheduledSequence, StepBatch, StepResult
@@ -18,7 +18,7 @@ from flowserve_testing._suite import ConformanceError, require
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64)
 
 
-async def check_executor(executor: Any, *, vocab_size: int | None = None, decode_steps: int = 4) -> None:
+async def check_executor(executor: Executor, *, vocab_size: int | None = None, decode_steps: int = 4) -> None:
     """Check that a built executor keeps the ``Executor`` Protocol's promises (async).
 
     :param executor: the built executor (the caller builds and closes it).
@@ -103,7 +103,7 @@ class _Seq:
 
 
 class _Run:
-    def __init__(self, executor: Any, block_size: int, num_blocks: int, vocab_size: int | None):
+    def __init__(self, executor: Executor, block_size: int, num_blocks: int, vocab_size: int | None):
         self.executor, self.block_size, self.vocab_size = executor, block_size, vocab_size
         self.free_blocks = list(range(num_blocks))
         self.seqs: dict[str, _Seq] = {}

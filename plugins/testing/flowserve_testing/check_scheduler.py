@@ -33,7 +33,7 @@ def check_batch_scheduler(scheduler: str | Callable[..., Any], *, kv_cache: str 
                           pm: PluginManager | None = None, seed: int = 0) -> None:
     """Check that a batch scheduler keeps the ``BatchScheduler`` Protocol's promises.
 
-    :param scheduler: its factory ``(spec, kv_cache) -> BatchScheduler`` (e.g. the class), or
+    :param scheduler: its factory ``(spec, kv_cache, kv_transports) -> BatchScheduler`` (e.g. the class), or
         the name it is registered under.
     :param kv_cache: the KV cache manager to run it on: a factory ``(spec, KVCacheSpec)`` or a
         registered name (default ``paged``, from flowserve-paged-kv).
@@ -67,7 +67,7 @@ class _Drive:
                                    max_model_len=max_model_len)
         self.kv = make_kv(self.spec, KVCacheSpec(num_blocks=num_blocks, block_size=block_size,
                                                  max_model_len=max_model_len))
-        self.scheduler = make(self.spec, self.kv)
+        self.scheduler = make(self.spec, self.kv, PluginManager(load_entrypoints=False).kv_transports(self.spec))
         self.block_size = block_size
         self.live: dict[str, list[int]] = {}  # task id → prompt + outputs so far
         self.tasks: dict[str, Task] = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 from flowserve_core.interfaces import ChatMessage, IncrementalDetokenizer, Tokenizer
 from flowserve_core.types import SamplingParams
@@ -14,7 +14,7 @@ DEFAULT_TEXTS = (
 )
 
 
-def check_tokenizer(tokenizer: Any, texts: Sequence[str] = DEFAULT_TEXTS) -> None:
+def check_tokenizer(tokenizer: Tokenizer, texts: Sequence[str] = DEFAULT_TEXTS) -> None:
     """Check that a built tokenizer keeps the ``Tokenizer`` Protocol's promises on ``texts``.
 
     Rules: ids are ints below ``vocab_size``, and so are ``eos_token_ids``;
@@ -53,7 +53,7 @@ def check_tokenizer(tokenizer: Any, texts: Sequence[str] = DEFAULT_TEXTS) -> Non
             "apply_chat_template() returns token ids", repr(chat[:20]))
 
 
-def _stream(tokenizer: Any, ids: list[int], params: SamplingParams, chunk: int) -> tuple[str, bool]:
+def _stream(tokenizer: Tokenizer, ids: list[int], params: SamplingParams, chunk: int) -> tuple[str, bool]:
     """Push ``ids`` ``chunk`` at a time; the joined text and whether a stop string matched.
     Checks that no text comes after the stop and no half character is shown."""
     detokenizer = tokenizer.detokenizer([], params)
@@ -73,7 +73,7 @@ def _stream(tokenizer: Any, ids: list[int], params: SamplingParams, chunk: int) 
     return text, stopped
 
 
-def _check_stop_strings(tokenizer: Any, ids: list[int], decoded: str) -> None:
+def _check_stop_strings(tokenizer: Tokenizer, ids: list[int], decoded: str) -> None:
     middle = len(decoded) // 2
     stop = decoded[middle:middle + 4]
     if len(stop.strip()) < 2:

@@ -11,6 +11,7 @@ import msgspec
 
 from flowserve_core.config import resolve_deployment
 from flowserve_core.deployment import Deployment
+from flowserve_core.interfaces import Instance
 from flowserve_core.plugins import ENTRY_POINT_GROUP, PluginManager
 from flowserve_core.types import DeploymentSpec, InstanceState, Request, RequestOutput, SamplingParams, Task
 from flowserve_testing.plugin import with_kit_plugin
@@ -134,7 +135,7 @@ async def _wait_for_an_instance(deployment: Deployment) -> None:
         await deployment.pool.wait_changed()
 
 
-async def generate_on(instance: Any, prompt: Sequence[int], max_tokens: int) -> list[int]:
+async def generate_on(instance: Instance, prompt: Sequence[int], max_tokens: int) -> list[int]:
     """Greedy tokens of one task run on ``instance`` itself, not through a job scheduler (to
     reach every instance of a pool); ``max_tokens`` exactly (``ignore_eos``). A task that
     ends in error raises ``AssertionError`` with its message."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import Register, ScalerFactory
 
 if TYPE_CHECKING:
     from flowserve_core.plugins import PluginManager
@@ -35,7 +36,7 @@ def inproc_scaler(spec: DeploymentSpec) -> Any:
 
 
 @hookimpl
-def flowserve_register_scalers(register: Any) -> None:
+def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
     register("inproc", inproc_scaler)
 
 

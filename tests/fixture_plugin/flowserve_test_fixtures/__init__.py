@@ -28,14 +28,27 @@ import anyio
 import msgspec
 
 from flowserve_core import hookimpl
+from flowserve_core.deployment import InstancePool
 from flowserve_core.errors import EngineDeadError
-from flowserve_core.interfaces import TextDelta
+from flowserve_core.interfaces import (
+    BatchSchedulerFactory,
+    EmitEvent,
+    ExecutorFactory,
+    JobSchedulerFactory,
+    KVCacheManager,
+    KVCacheManagerFactory,
+    KVTransports,
+    Register,
+    TextDelta,
+    TokenizerFactory,
+)
 from flowserve_core.types import (
     DeploymentSpec,
     FinishReason,
     Job,
     KVCacheSpec,
     KVUsage,
+    Request,
     ScheduledSequence,
     SchedulerStats,
     StepBatch,
@@ -210,8 +223,8 @@ class UnboundedKVCache:
 class FifoScheduler:
     """All admitted tasks decode together, one token per step, up to ``max_num_seqs``."""
 
-    def __init__(self, spec: DeploymentSpec, kv_cache: Any):
-        self.spec, self.kv = spec, kv_cache
+    def __init__(self, spec: DeploymentSpec, kv_cache: KVCacheManager, kv_transports: KVTransports):
+        self.spec, self.kv = spec, kv_cache  # hands off no KV: kv_transports is not needed
         self.max_model_len = spec.max_model_len or 256
         self.running: dict[str, Task] = {}
         self.waiting: list[Task] = []
@@ -282,15 +295,15 @@ class FifoScheduler:
 class LeastTasksJobScheduler:
     """One colocated task per request, on the ready instance with the fewest tasks."""
 
-    def __init__(self, spec: DeploymentSpec):
+    def __init__(self, spec: DeploymentSpec, kv_transports: KVTransports):
         self.spec = spec
 
-    def make_job(self, request: Any) -> Job:
+    def make_job(self, request: Request) -> Job:
         job = Job(request=request)
         job.tasks.append(Task(job_id=job.id, role=TaskRole.COLOCATED, request=request))
         return job
 
-    async def run_job(self, job: Job, pool: Any, emit: Any) -> None:
+    async def run_job(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
         task = job.tasks[0]
         instances = await pool.wait_ready(TaskRole.COLOCATED, timeout=60)
         instance = min(instances, key=lambda i: i.num_tasks)
@@ -300,25 +313,25 @@ class LeastTasksJobScheduler:
 
 
 @hookimpl
-def flowserve_register_tokenizers(register: Any) -> None:
+def flowserve_register_tokenizers(register: Register[TokenizerFactory]) -> None:
     register("whitespace", WhitespaceTokenizer)
 
 
 @hookimpl
-def flowserve_register_executors(register: Any) -> None:
+def flowserve_register_executors(register: Register[ExecutorFactory]) -> None:
     register("counter", CounterExecutor)
 
 
 @hookimpl
-def flowserve_register_kv_cache_managers(register: Any) -> None:
+def flowserve_register_kv_cache_managers(register: Register[KVCacheManagerFactory]) -> None:
     register("unbounded", UnboundedKVCache)
 
 
 @hookimpl
-def flowserve_register_batch_schedulers(register: Any) -> None:
+def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory]) -> None:
     register("fifo", FifoScheduler)
 
 
 @hookimpl
-def flowserve_register_job_schedulers(register: Any) -> None:
+def flowserve_register_job_schedulers(register: Register[JobSchedulerFactory]) -> None:
     register("least-tasks", LeastTasksJobScheduler)

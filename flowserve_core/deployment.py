@@ -4,6 +4,7 @@ early (the client went away) cancels its job, which aborts its tasks."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -289,5 +290,5 @@ class RequestHandle:
 async def _await_all(results: list[Any]) -> None:
     """Await whatever hook implementations returned awaitables (datasette's await_me_maybe)."""
     for result in results:
-        if hasattr(result, "__await__"):
+        if inspect.isawaitable(result):
             await result

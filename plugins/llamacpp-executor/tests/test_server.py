@@ -139,3 +139,25 @@ def _instance_pid(server: LiveServer) -> int:
     pids = [i["pid"] for i in status["instances"] if i["state"] == "ready" and i.get("pid")]
     assert pids, status
     return pids[0]
+
+
+def test_structured_output_and_logit_bias_work_through_the_shared_sampler(server, client):
+    """Issue 19: the token masks and biases are the sampler's, so llama.cpp's logits obey them too."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("flowserve_xgrammar")
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10**9}},
+              "required": ["city", "population"], "additionalProperties": False}
+    chat = client.chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=60, temperature=0.8, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    assert chat.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    choice = client.completions.create(model="smollm2", prompt="The best season is", max_tokens=5, temperature=1.0,
+                                       extra_body={"guided_choice": ["spring", "autumn"]})
+    assert choice.choices[0].text in ("spring", "autumn")
+    [zebra] = httpx.post(server.url + "/tokenize", json={"prompt": " zebra", "add_special_tokens": False},
+                         timeout=30).json()["tokens"]
+    forced = client.completions.create(model="smollm2", prompt="One, two,", max_tokens=3, temperature=0,
+                                       logit_bias={str(zebra): 100})
+    assert forced.choices[0].text == " zebra" * 3

@@ -7,10 +7,9 @@ sampler). Compiled grammars are cached by the constraint's canonical bytes in a 
 (``xgrammar_cache_size`` entries, deployment option, default 256), so a schema is compiled once
 per process however many requests send it.
 
-JSON is generated compact by default (no whitespace between tokens, as ``json.dumps(...,
-separators=(",", ":"))`` would allow): a small model let loose on "any whitespace" may emit
-newlines until ``max_tokens``. The deployment option ``xgrammar_any_whitespace = true`` allows
-it (vLLM's default).
+JSON is generated on one line by default, spaced as ``json.dumps`` writes it (``{"a": 1, "b":
+2}``): a small model let loose on "any whitespace" may emit newlines until ``max_tokens``. The
+deployment option ``xgrammar_any_whitespace = true`` allows any whitespace (vLLM's default).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ class Deployment:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Check the spec, build the tokenizer, start the scaler and the startup hooks; run until stopped."""
         try:  # a spec that can never run fails here, once, not in every instance it would start
-            await anyio.to_thread.run_sync(lambda: self.pm.hook.flowserve_check_deployment(spec=self.spec))
+            await anyio.to_thread.run_sync(lambda: self.pm.hook.flowserve_check_deployment(spec=self.spec, plugins=self.pm))
         except ValueError as exc:
             raise ConfigError(f"deployment {self.name!r}: {exc}") from None
         self._tokenizer = await anyio.to_thread.run_sync(self.pm.build, "tokenizer", self.spec.tokenizer, self.spec)

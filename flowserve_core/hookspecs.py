@@ -19,6 +19,7 @@ from flowserve_core.interfaces import (
     JobSchedulerFactory,
     KVCacheManagerFactory,
     KVTransportFactory,
+    PluginLookup,
     Register,
     ScalerFactory,
     TokenizerFactory,
@@ -39,84 +40,96 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 # ------------------------------------------------------------------ component registration
 # Each is called once per process, the first time a component of that kind is looked up (in
 # the server, and in every worker process that builds one). Not firstresult: every plugin may
-# register several names, and they return nothing.
+# register several names, and they return nothing. Each may also take ``plugins``, the manager
+# that is registering it (``interfaces.PluginLookup``): a factory that will look up other
+# plugins' components (an executor's structured-output backend, say) is handed it here rather
+# than fetching a process-global manager.
 
 
 @hookspec
-def flowserve_register_tokenizers(register: Register[TokenizerFactory]) -> None:
+def flowserve_register_tokenizers(register: Register[TokenizerFactory], plugins: PluginLookup) -> None:
     """Register tokenizers: ``register("hf", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec: DeploymentSpec)`` returns an
-        ``interfaces.Tokenizer``. Called in any process that builds a tokenizer (the server)."""
+        ``interfaces.Tokenizer``. Called in any process that builds a tokenizer (the server).
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_executors(register: Register[ExecutorFactory]) -> None:
+def flowserve_register_executors(register: Register[ExecutorFactory], plugins: PluginLookup) -> None:
     """Register executors (model runners): ``register("spmd", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.Executor``. Called in the process that hosts an engine instance."""
+        ``interfaces.Executor``. Called in the process that hosts an engine instance.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_kv_cache_managers(register: Register[KVCacheManagerFactory]) -> None:
+def flowserve_register_kv_cache_managers(register: Register[KVCacheManagerFactory], plugins: PluginLookup) -> None:
     """Register KV cache managers: ``register("paged", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec, kv: KVCacheSpec)`` returns an
         ``interfaces.KVCacheManager`` over the blocks the executor reserved. Called in the
-        process that hosts an engine instance."""
+        process that hosts an engine instance.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory]) -> None:
+def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory], plugins: PluginLookup) -> None:
     """Register batch schedulers (what runs in each engine step). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec, kv_cache, kv_transports)``
         (``interfaces.BatchSchedulerFactory``) returns an ``interfaces.BatchScheduler``. Called
-        in the process that hosts an engine instance."""
+        in the process that hosts an engine instance.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_job_schedulers(register: Register[JobSchedulerFactory]) -> None:
+def flowserve_register_job_schedulers(register: Register[JobSchedulerFactory], plugins: PluginLookup) -> None:
     """Register job schedulers (request → job → tasks → instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec, kv_transports)``
         (``interfaces.JobSchedulerFactory``) returns an ``interfaces.JobScheduler``. Called in
-        the server process, once per deployment."""
+        the server process, once per deployment.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
+def flowserve_register_scalers(register: Register[ScalerFactory], plugins: PluginLookup) -> None:
     """Register scalers (they start, stop and count instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.Scaler``. Called in the server process, once per deployment."""
+        ``interfaces.Scaler``. Called in the server process, once per deployment.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_kv_transports(register: Register[KVTransportFactory]) -> None:
+def flowserve_register_kv_transports(register: Register[KVTransportFactory], plugins: PluginLookup) -> None:
     """Register KV transports (move KV blocks between instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns an
-        ``interfaces.KVTransport``. Called in every process that sends or receives KV blocks."""
+        ``interfaces.KVTransport``. Called in every process that sends or receives KV blocks.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_structured_output_backends(register: Register[StructuredOutputBackendFactory]) -> None:
+def flowserve_register_structured_output_backends(register: Register[StructuredOutputBackendFactory], plugins: PluginLookup) -> None:
     """Register structured-output backends (JSON schema, regex, choice and grammar constraints as
     token masks): ``register("xgrammar", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns a
         ``structured_output.StructuredOutputBackend``. Called in the server process (to check
-        constraints before admitting requests) and in the process that samples (the executor's)."""
+        constraints before admitting requests) and in the process that samples (the executor's).
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
-def flowserve_register_frontends(register: Register[FrontendFactory]) -> None:
+def flowserve_register_frontends(register: Register[FrontendFactory], plugins: PluginLookup) -> None:
     """Register frontends (the API a server speaks): ``register("openai", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(config: ServerConfig)`` returns an
-        ``interfaces.Frontend``. Called in the server process by ``flowserve serve``."""
+        ``interfaces.Frontend``. Called in the server process by ``flowserve serve``.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec
@@ -153,7 +166,7 @@ def flowserve_serve_flags() -> list[str]:
 
 
 @hookspec
-def flowserve_check_deployment(spec: DeploymentSpec) -> None:
+def flowserve_check_deployment(spec: DeploymentSpec, plugins: PluginLookup) -> None:
     """Raise ``ConfigError`` (or ``ValueError``) saying why ``spec`` can never run, e.g. an
     executor whose model, dtype or tensor parallelism cannot work; return to let it start.
     Read config files or headers only, never weights: a failure stops ``flowserve serve``
@@ -161,7 +174,8 @@ def flowserve_check_deployment(spec: DeploymentSpec) -> None:
     to start forever.
 
     :param spec: the deployment about to start (check only what your components read).
-        Not firstresult. Server process, in a worker thread, before the tokenizer loads."""
+    :param plugins: the server's plugin manager (take it only if the check looks up other
+        plugins' components). Not firstresult. Server process, in a worker thread, before the tokenizer loads."""
 
 
 @hookspec

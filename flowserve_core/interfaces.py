@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import (
     TYPE_CHECKING,
+    Any,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -429,3 +430,18 @@ class Register(Protocol[FactoryT]):
 
     def __call__(self, name: str, factory: FactoryT, /) -> None: ...
 
+
+
+@runtime_checkable
+class PluginLookup(Protocol):
+    """What a component may look up in the plugin manager that built it (``PluginManager`` is
+    one). Registration hooks and ``flowserve_check_deployment`` may take it as ``plugins``, so a
+    factory that needs another plugin's component later is handed its manager, never the
+    process-global one (a test that composes its own manager is then never bypassed)."""
+
+    @property
+    def hook(self) -> Any:
+        """pluggy's hook relay: ``plugins.hook.flowserve_register_model_architectures(...)``."""
+
+    def build(self, kind: str, name: str, *args: Any) -> Any:
+        """Build the component ``name`` of ``kind`` (``ComponentNotFoundError`` names what to install)."""

@@ -158,7 +158,8 @@ class PluginManager:
                             f"uninstall one, or block one with --plugin no:NAME")
                     found[name] = Component(kind, name, factory, _plugin, _dist)
 
-                impl.function(register)
+                offered = {"register": register, "plugins": self}
+                impl.function(**{name: offered[name] for name in impl.argnames})
             self._components[kind] = found
         return self._components[kind]
 

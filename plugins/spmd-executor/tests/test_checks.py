@@ -78,10 +78,10 @@ def test_smollm2_gguf_is_checked_from_its_header_without_converting_it(tmp_path,
 
 
 def test_the_hook_checks_only_spmd_deployments(tiny_llama):
-    hook = get_plugin_manager().hook.flowserve_check_deployment
+    pm = get_plugin_manager()
     with pytest.raises(ConfigError):
-        hook(spec=spec(tiny_llama, tensor_parallel=3))
-    hook(spec=spec(tiny_llama, tensor_parallel=3, executor="counter"))
+        pm.hook.flowserve_check_deployment(spec=spec(tiny_llama, tensor_parallel=3), plugins=pm)
+    pm.hook.flowserve_check_deployment(spec=spec(tiny_llama, tensor_parallel=3, executor="counter"), plugins=pm)
 
 
 def test_flowserve_serve_exits_1_with_the_reason_instead_of_respawning(tmp_path):

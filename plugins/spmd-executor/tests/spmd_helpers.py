@@ -42,6 +42,49 @@ def save_tiny(path: Path, kind: str, seed: int) -> Path:
     return path
 
 
+WINDOW = 12
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.35,
+    bos_token_id=None, eos_token_id=None, pad_token_id=0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+#: model_type → what its tiny config sets beyond ``COMMON`` (each exercises its family's features)
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # a global layer, then a sliding one (max_window_layers)
+    "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "gemma2": dict(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=20.0,
+                   final_logit_softcapping=15.0, hidden_activation="gelu_pytorch_tanh"),
+    "gemma3_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "phi3": dict(sliding_window=WINDOW, partial_rotary_factor=0.5),
+    "olmo2": dict(),
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                    logits_scaling=2.0),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=WINDOW),
+    # the first layer dense, the second routed; top-k weights not renormalised
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
+                      mlp_only_layers=[0]),
+}
+
+
+def save_tiny_architecture(path: Path, model_type: str, seed: int, **overrides: Any) -> Path:
+    """A tiny random checkpoint of ``model_type`` from transformers' own ``from_config``; the
+    norms' weights are drawn too (HF starts them at one), so a norm loaded wrongly shows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**COMMON, **ARCHITECTURES[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:  # Gemma's norms store weight - 1
+                param.normal_(0.0 if model_type.startswith("gemma") else 1.0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
 def load_hf(path: Path, dtype: torch.dtype = torch.float32) -> Any:
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,87 @@
+"""Every architecture of issue 17 gives transformers' greedy tokens: a tiny random checkpoint per
+architecture (made by transformers itself, 2 layers, hidden 64, windows of 12 tokens), served by
+the real executor at tensor_parallel 1 and 2 (worker processes), for a concurrent batch of
+prompts shorter and longer than the sliding window, prefilled in chunks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from spmd_helpers import ARCHITECTURES, WINDOW, Driver, hf_greedy, load_hf, random_prompt, save_tiny_architecture
+
+from flowserve_core.types import DeploymentSpec
+from flowserve_spmd_executor.executor import SpmdExecutor
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def architecture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Any]:
+    model_type: str = request.param
+    path = save_tiny_architecture(tmp_path_factory.mktemp(model_type), model_type,
+                                  seed=list(ARCHITECTURES).index(model_type) + 10)
+    return model_type, path, load_hf(path)
+
+
+def make_executor(model: Path, tensor_parallel: int) -> SpmdExecutor:
+    return SpmdExecutor(DeploymentSpec(model=str(model), dtype="float32", device="cpu", kv_cache_memory="4MiB",
+                                       block_size=16, tensor_parallel=tensor_parallel))
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+async def test_greedy_tokens_equal_transformers(architecture, tensor_parallel):
+    model_type, path, hf = architecture
+    executor = make_executor(path, tensor_parallel)
+    try:
+        assert executor.config.model_type == model_type
+        prompts = {f"len{n}": random_prompt(n, seed=1000 + n) for n in (3, 2 * WINDOW + 5, 70)}
+        driver = Driver(executor)
+        for seq_id, prompt in prompts.items():  # one concurrent batch, long prompts in chunks
+            driver.add(seq_id, prompt, max_tokens=10)
+        outputs = await driver.run(chunk=32)
+    finally:
+        executor.close()
+    for seq_id, prompt in prompts.items():
+        assert outputs[seq_id] == hf_greedy(hf, prompt, 10), f"{model_type} tp={tensor_parallel} {seq_id}"
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "mixtral"])
+async def test_a_prefix_cache_hit_past_the_window_gives_the_cold_start_tokens(model_type, tmp_path):
+    path = save_tiny_architecture(tmp_path, model_type, seed=77)
+    executor = make_executor(path, 1)
+    try:
+        driver = Driver(executor)
+        first = random_prompt(50, seed=1701)
+        driver.add("first", first, max_tokens=4)
+        await driver.run()
+        # 32 cached tokens (two blocks, well past the 12-token window), then new ones
+        second = first[:32] + random_prompt(20, seed=1702)
+        hit = driver.add("hit", second, max_tokens=10, shared_blocks=driver.seqs["first"].table[:2])
+        outputs = await driver.run(chunk=8)
+        assert hit.computed >= len(second)
+        cold = Driver(executor, first_block=driver.next_block)
+        cold.add("cold", second, max_tokens=10)
+        assert outputs["hit"] == (await cold.run())["cold"] == hf_greedy(load_hf(path), second, 10)
+    finally:
+        executor.close()
+
+
+def test_each_config_reads_its_family_features(tmp_path):
+    from flowserve_spmd_executor.model_config import load_model_config
+
+    configs = {t: load_model_config(save_tiny_architecture(tmp_path / t, t, seed=0)) for t in ARCHITECTURES}
+    assert configs["qwen3"].sliding_windows == (0, WINDOW)
+    gemma2 = configs["gemma2"]
+    assert gemma2.sliding_windows == (WINDOW, 0) and gemma2.attention_scale == 24 ** -0.5
+    assert gemma2.attn_logit_softcap == 20.0 and gemma2.final_logit_softcap == 15.0
+    gemma3 = configs["gemma3_text"]
+    assert gemma3.rope.theta == 1e6 and gemma3.local_rope is not None and gemma3.local_rope.theta == 1e4
+    assert configs["phi3"].rotary_dim == 8 and configs["phi3"].sliding_windows == (WINDOW, WINDOW)
+    granite = configs["granite"]
+    assert (granite.embedding_multiplier, granite.residual_multiplier, granite.attention_scale,
+            granite.logits_scaling) == (3.0, 0.5, 0.1, 2.0)
+    assert configs["mixtral"].num_experts == 4 and configs["mixtral"].norm_topk_prob
+    moe = configs["qwen3_moe"]
+    assert moe.moe_layers == (False, True) and moe.num_experts_per_tok == 3 and not moe.norm_topk_prob

@@ -124,6 +124,16 @@ def flowserve_register_structured_output_backends(register: Register[StructuredO
 
 
 @hookspec
+def flowserve_register_tool_parsers(register: Register) -> None:
+    """Register tool-call parsers (a model family's tool-call markup → OpenAI ``tool_calls``):
+    ``register("hermes", factory)``. Not firstresult.
+
+    :param register: ``register(name, factory)``; ``factory(spec)`` returns a
+        ``tool_calls.ToolCallParser``. Called in the server process, when a request with tools
+        first needs the deployment's parser."""
+
+
+@hookspec
 def flowserve_register_frontends(register: Register[FrontendFactory], plugins: PluginLookup) -> None:
     """Register frontends (the API a server speaks): ``register("openai", factory)``. Not firstresult.
 

@@ -36,6 +36,7 @@ KINDS: dict[str, str] = {
     "kv_transport": "flowserve_register_kv_transports",
     "frontend": "flowserve_register_frontends",
     "structured_output": "flowserve_register_structured_output_backends",
+    "tool_parser": "flowserve_register_tool_parsers",
 }
 
 #: Our own distributions and the components (``kind:name``) they provide, so that a missing
@@ -53,6 +54,7 @@ KNOWN_PROVIDERS: dict[str, tuple[str, ...]] = {
     "flowserve-testing": ("scaler:inproc",),
     "flowserve-openai": ("frontend:openai",),
     "flowserve-xgrammar": ("structured_output:xgrammar",),
+    "flowserve-tool-parsers": ("tool_parser:hermes", "tool_parser:llama3_json", "tool_parser:mistral"),
 }
 
 #: Modules registered in every manager, as ordinary plugins: the kernel's OpenTelemetry metrics

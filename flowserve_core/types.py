@@ -204,6 +204,9 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     structured_output_backend: Annotated[str, Meta(
         description="Structured-output backend plugin: compiles JSON schemas, regexes, choices and grammars "
                     "into the token masks the sampler applies (vLLM's flag).")] = "xgrammar"
+    tool_call_parser: Annotated[str, Meta(
+        description="Tool-call parser plugin for tool_choice auto: hermes, llama3_json, mistral… (vLLM's flag; "
+                    "default: detected from the chat template).")] = ""
     executor: Annotated[str, Meta(description="Executor plugin.")] = "spmd"
     kv_cache: Annotated[str, Meta(description="KV cache manager plugin.")] = "paged"
     batch_scheduler: Annotated[str, Meta(description="Batch scheduler plugin.")] = "continuous"

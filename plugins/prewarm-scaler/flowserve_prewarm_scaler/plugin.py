@@ -1,5 +1,4 @@
-"""Hook implementation: scaler ``prewarm``, built on the instance runtime (its
-``TargetScaler``, ``RemoteInstance`` and shared autoscaling policy). Imports nothing heavy."""
+"""Hook implementations: scalers ``static`` and ``prewarm``. Imports nothing heavy."""
 
 from __future__ import annotations
 
@@ -11,19 +10,23 @@ import anyio
 
 from flowserve_core import hookimpl
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
-from flowserve_instance_runtime import (
-    Autoscaler,
-    RemoteInstance,
-    ScalingPolicy,
-    TargetScaler,
-    TtftWindow,
-    autoscale,
-    spawn_instance_process,
-)
+from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
+from flowserve_prewarm_scaler.target import TargetScaler
+from flowserve_prewarm_scaler.worker import RemoteInstance, spawn_instance_process
 
 log = logging.getLogger(__name__)
 
 START_PATHS = ("auto", "fork", "preload", "prewarm", "naive")
+
+
+class StaticScaler(TargetScaler):
+    """Keeps ``min_instances`` (or the per-role counts) instance processes running, each
+    started fresh (``python -m flowserve_prewarm_scaler.worker``), and replaces any that die."""
+
+    def make_instance(self, deployment: Any, role: TaskRole) -> RemoteInstance:
+        process, sock = spawn_instance_process()
+        info = InstanceInfo(deployment=self.spec.name, role=role, start_path="naive")
+        return RemoteInstance(self.spec, info, sock, process)
 
 
 class PrewarmScaler(TargetScaler):
@@ -92,6 +95,7 @@ class PrewarmScaler(TargetScaler):
             process, sock = spawn_instance_process()
             info.start_path = "naive"
             return RemoteInstance(self.spec, info, sock, process)
+        instance = RemoteInstance(self.spec, info, preload=self.start_path == "preload")
 
         async def launch() -> tuple[Any, Any, str]:
             if self.forking:
@@ -107,7 +111,7 @@ class PrewarmScaler(TargetScaler):
                 return process, sock, "naive"
             return taken
 
-        instance = RemoteInstance(self.spec, info, preload=self.start_path == "preload", launcher=launch)
+        instance._launcher = launch
         return instance
 
     # ------------------------------------------------------------------ autoscaling
@@ -129,4 +133,5 @@ def _flag(value: Any) -> bool:
 
 @hookimpl
 def flowserve_register_scalers(register: Any) -> None:
+    register("static", StaticScaler)
     register("prewarm", PrewarmScaler)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from flowserve_core.deployment import Deployment
     from flowserve_core.structured_output import StructuredOutputBackendFactory
+    from flowserve_core.tool_calls import ToolCallParserFactory
     from flowserve_core.types import DeploymentSpec, Rejection, Request, RequestOutput
 
 PROJECT_NAME = "flowserve"
@@ -124,13 +125,14 @@ def flowserve_register_structured_output_backends(register: Register[StructuredO
 
 
 @hookspec
-def flowserve_register_tool_parsers(register: Register) -> None:
+def flowserve_register_tool_parsers(register: Register[ToolCallParserFactory], plugins: PluginLookup) -> None:
     """Register tool-call parsers (a model family's tool-call markup → OpenAI ``tool_calls``):
     ``register("hermes", factory)``. Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec)`` returns a
         ``tool_calls.ToolCallParser``. Called in the server process, when a request with tools
-        first needs the deployment's parser."""
+        first needs the deployment's parser.
+    :param plugins: the manager registering it (take it only if a factory needs it)."""
 
 
 @hookspec

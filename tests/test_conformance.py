@@ -132,8 +132,8 @@ async def test_every_installed_scaler_and_the_instances_they_make_have_their_pro
     from flowserve_testing.inprocess import LocalInstance
 
     instances = [LocalInstance(spec, pm, InstanceInfo(deployment=spec.name))]
-    if importlib.util.find_spec("flowserve_prewarm_scaler") is not None:
-        from flowserve_prewarm_scaler.worker import RemoteInstance
+    if importlib.util.find_spec("flowserve_instance_runtime") is not None:
+        from flowserve_instance_runtime import RemoteInstance
 
         instances.append(RemoteInstance(spec, InstanceInfo(deployment=spec.name)))
     for instance in instances:

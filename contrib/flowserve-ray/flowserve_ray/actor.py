@@ -15,6 +15,10 @@ An async actor (its methods run on the worker's event loop, driven here through 
 
 The server awaits ``submit`` before it may send an ``abort`` for that task, so the two
 never overtake each other even though an async actor does not order its calls.
+
+The actor's constructor is its process's composition root: it builds the plugin manager
+once (``PluginManager()`` reads the same allow and block variables as the server) and
+passes it to what needs it (the executors' warm-up, ``build_engine``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import anyio
 import msgspec
 
 from flowserve_core.interfaces import ClosableExecutor, ReportsWeightsPath
+from flowserve_core.plugins import PluginManager
 from flowserve_core.types import Task, TokenEvent
 from flowserve_ray.protocol import ActorReady, EventBatch, decode_setup, encode
 
@@ -45,6 +50,7 @@ class EngineActor:
     """A FlowServe engine instance as a Ray actor (see the module docstring)."""
 
     def __init__(self) -> None:
+        self.pm = PluginManager()
         self.engine: Any = None
         self.spec: Any = None
         self._send, self._receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
@@ -52,13 +58,16 @@ class EngineActor:
         self._stopped = False
         self.ranks: Any = None  # the RayRankLauncher of a tensor-parallel instance
         self._rank_dead: str | None = None
+        #: data addresses of the weights this actor mapped from the object store (none: it
+        #: did not map them); ``weights_mappings`` resolves them
+        self._mapped_weights: list[int] = []
 
     async def warm(self, executors: list[str]) -> list[str]:
-        """Pre-warm this idle actor: load the plugins and warm each ``executor@device`` (the
-        prewarm scaler's ``warm_executors``: torch imported, device opened). The warmed ones."""
-        from flowserve_prewarm_scaler.worker import warm_executors
+        """Pre-warm this idle actor: warm each ``executor@device`` (the instance runtime's
+        ``warm_executors``: torch imported, device opened). The warmed ones."""
+        from flowserve_instance_runtime import warm_executors
 
-        return await anyio.to_thread.run_sync(warm_executors, executors)
+        return await anyio.to_thread.run_sync(warm_executors, self.pm, executors)
 
     async def start(self, setup: bytes, weights: list[Any] | None = None, index: bytes = b"",
                     placement_group: Any = None) -> bytes:
@@ -70,7 +79,6 @@ class EngineActor:
         import ray
 
         from flowserve_core.engine import build_engine
-        from flowserve_core.plugins import get_plugin_manager
         from flowserve_core.telemetry import setup_logging
 
         request = decode_setup(setup)
@@ -80,12 +88,13 @@ class EngineActor:
         if weights:
             from flowserve_ray.weights import map_shared_weights
 
-            note = await anyio.to_thread.run_sync(map_shared_weights, self.spec, weights[0], index)
+            note, self._mapped_weights = await anyio.to_thread.run_sync(
+                map_shared_weights, self.spec, weights[0], index)
             start_path = "object-store" if not note else "loaded"
         if placement_group is not None and self.spec.tensor_parallel > 1:
             self.engine = await self._build_with_rank_actors(request, placement_group)
         else:
-            self.engine = await build_engine(self.spec, get_plugin_manager(), self._emit)
+            self.engine = await build_engine(self.spec, self.pm, self._emit)
         if start_path == "object-store" and _weights_path(self.engine.executor) != "preloaded":
             start_path, note = "loaded", "the executor did not take the mapped weights"
         return encode(ActorReady(kv=self.engine.executor.kv_cache_spec(), start_path=start_path,
@@ -95,7 +104,6 @@ class EngineActor:
     async def _build_with_rank_actors(self, request: Any, placement_group: Any) -> Any:
         """Build the engine with the ``spmd`` executor's worker ranks as ``RankActor``s."""
         from flowserve_core.engine import build_engine
-        from flowserve_core.plugins import get_plugin_manager
         from flowserve_ray.cluster import read_options
         from flowserve_ray.ranks import RayRankLauncher
         from flowserve_spmd_executor.launch import use_rank_launcher
@@ -108,7 +116,7 @@ class EngineActor:
         # starts its ranks (the executor takes it at construction).
         previous = use_rank_launcher(self.ranks)
         try:
-            return await build_engine(self.spec, get_plugin_manager(), self._emit)
+            return await build_engine(self.spec, self.pm, self._emit)
         finally:
             use_rank_launcher(previous)
 
@@ -182,20 +190,19 @@ class EngineActor:
         return os.getpid()
 
     async def weights_mappings(self) -> list[str]:
-        """For every weight of the model, the ``/proc/self/maps`` path of the memory holding
-        it ('' for anonymous memory): tests check the weights are Ray's shared object store."""
-        model = getattr(getattr(self.engine.executor, "rank", None), "model", None)
-        if model is None:
+        """For every weight of the model this actor mapped from the object store, the
+        ``/proc/self/maps`` path of the memory holding it ('' for anonymous memory); none when
+        it mapped no weights. The executor took that very model when the start path is
+        ``object-store`` (it reports ``preloaded``): tests check the weights it computes with
+        are Ray's shared object store."""
+        if not self._mapped_weights:
             return []
         with open("/proc/self/maps") as maps:
             spans = [(int(lo, 16), int(hi, 16), parts[5] if len(parts) > 5 else "")
                      for parts in (line.split() for line in maps)
                      for lo, hi in [parts[0].split("-")]]
-        found = []
-        for param in model.parameters():
-            address = param.data_ptr()
-            found.append(next((path for lo, hi, path in spans if lo <= address < hi), ""))
-        return found
+        return [next((path for lo, hi, path in spans if lo <= address < hi), "")
+                for address in self._mapped_weights]
 
 
 def _weights_path(executor: object) -> str | None:

@@ -21,7 +21,7 @@ import msgspec
 
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, Task
-from flowserve_prewarm_scaler.instance import InstanceBase
+from flowserve_instance_runtime import InstanceBase
 from flowserve_ray.cluster import RayOptions
 from flowserve_ray.protocol import ActorSetup, decode_batch, decode_ready, encode
 

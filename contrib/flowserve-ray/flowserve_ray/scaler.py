@@ -2,8 +2,8 @@
 
 Keeps the deployment's instances at their target like every ``TargetScaler`` (replacing
 the ones whose actor dies), makes each instance a ``RayInstance``, and moves the target
-with the same ``Autoscaler`` as the ``prewarm`` scaler (``flowserve_prewarm_scaler.policy``:
-imported, not copied): demand over ``target_concurrency``, faster on a TTFT SLO breach,
+with the same ``Autoscaler`` as the ``prewarm`` scaler (flowserve-instance-runtime's
+``policy``: imported, not copied): demand over ``target_concurrency``, faster on a TTFT SLO breach,
 scale-down after ``scale_down_delay``, to zero after ``scale_to_zero_after``.
 
 Options (``--option KEY=VALUE``): those of ``cluster.RayOptions`` (``ray_address``,
@@ -24,8 +24,7 @@ from typing import Any
 import anyio
 
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
-from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
-from flowserve_prewarm_scaler.target import TargetScaler
+from flowserve_instance_runtime import Autoscaler, ScalingPolicy, TargetScaler, TtftWindow, autoscale
 from flowserve_ray.cluster import connect, read_options
 from flowserve_ray.instance import RayInstance
 from flowserve_ray.pool import ActorPool

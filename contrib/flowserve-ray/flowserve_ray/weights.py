@@ -63,18 +63,18 @@ def publish_weights(spec: DeploymentSpec) -> SharedWeights:
     return SharedWeights(ref=ref, index=index.read_bytes(), nbytes=int(image.nbytes))
 
 
-def map_shared_weights(spec: DeploymentSpec, ref: Any, index: bytes) -> str:
+def map_shared_weights(spec: DeploymentSpec, ref: Any, index: bytes) -> tuple[str, list[int]]:
     """In an actor: build ``spec``'s model over the object-store image and leave it for this
-    process's next ``spmd`` executor. '' if done, else why not (the executor then loads)."""
+    process's next ``spmd`` executor. ``('', the data address of every weight)`` if done, else
+    ``(why not, [])`` (the executor then loads)."""
     try:
-        _map(spec, ref, index)
+        return "", _map(spec, ref, index)
     except Exception as exc:
         log.warning("could not map the weights from the object store", exc_info=True)
-        return f"mapping weights from the object store failed ({type(exc).__name__}: {exc})"
-    return ""
+        return f"mapping weights from the object store failed ({type(exc).__name__}: {exc})", []
 
 
-def _map(spec: DeploymentSpec, ref: Any, raw_index: bytes) -> None:
+def _map(spec: DeploymentSpec, ref: Any, raw_index: bytes) -> list[int]:
     import ray
     import torch
 
@@ -89,3 +89,4 @@ def _map(spec: DeploymentSpec, ref: Any, raw_index: bytes) -> None:
     model = preload.model_over_image(key, storage, index, where="the object-store image")
     model._flowserve_image = image  # keep the mapping alive as long as the model
     preload.hand_over(key, model)
+    return [param.data_ptr() for param in model.parameters()]

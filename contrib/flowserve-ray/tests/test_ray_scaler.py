@@ -191,7 +191,7 @@ async def test_a_tensor_parallel_gang_runs_its_ranks_as_actors_on_its_bundles(lo
 
 
 async def test_load_scales_actors_up_and_down_through_the_shared_policy(local_ray):
-    from flowserve_prewarm_scaler.policy import Autoscaler
+    from flowserve_instance_runtime import Autoscaler
 
     spec = toy_spec(scaler="ray", min_instances=1, max_instances=2,
                     options={"num_cpus": 0.25, "step_delay": 0.05, "target_concurrency": 1,

@@ -214,7 +214,7 @@ async def test_a_task_too_big_for_the_cache_fails_at_once_with_both_numbers(pm):
 async def test_instance_processes_that_die_are_retried_then_given_up(pm):
     """The same bounded retry when instances are processes (scaler ``static``), where the
     error comes from the instance process and is marked ``instance_failed``."""
-    pytest.importorskip("flowserve_prewarm_scaler")
+    pytest.importorskip("flowserve_instance_runtime")
     deployment = Deployment(spec(scaler="static", options={
         "die_after_steps": 0, "retry_on_instance_death": 1}), pm)
     async with anyio.create_task_group() as tg:
@@ -228,7 +228,7 @@ async def test_instance_processes_that_die_are_retried_then_given_up(pm):
 def test_load_order_is_tasks_then_prefill_backlog_then_running_then_free_blocks():
     from flowserve_colocated import load_key
     from flowserve_core.types import InstanceInfo, InstanceStats, KVUsage, SchedulerStats
-    from flowserve_prewarm_scaler.instance import InstanceBase
+    from flowserve_instance_runtime import InstanceBase
 
     def instance(name, tasks=0, prefill=0, running=0, free=0):
         handle = InstanceBase(InstanceInfo(id=name))

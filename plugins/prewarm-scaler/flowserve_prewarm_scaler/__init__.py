@@ -1,2 +1,3 @@
-"""FlowServe's scalers that run each engine instance in its own process, and the base classes
-of every scaler and instance handle (``target.TargetScaler``, ``instance.InstanceBase``)."""
+"""FlowServe's scaler ``prewarm``: a pre-warmed process pool, DRAM pre-loading, fork-clone
+from a zygote per model, and autoscaling. It builds on flowserve-instance-runtime (the
+instance handle, the target scaler base, instance processes and the shared policy)."""

@@ -1,4 +1,5 @@
-"""Hook implementations: scalers ``static`` and ``prewarm``. Imports nothing heavy."""
+"""Hook implementation: scaler ``prewarm``, built on the instance runtime (its
+``TargetScaler``, ``RemoteInstance`` and shared autoscaling policy). Imports nothing heavy."""
 
 from __future__ import annotations
 
@@ -10,23 +11,19 @@ import anyio
 
 from flowserve_core import hookimpl
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
-from flowserve_prewarm_scaler.policy import Autoscaler, ScalingPolicy, TtftWindow, autoscale
-from flowserve_prewarm_scaler.target import TargetScaler
-from flowserve_prewarm_scaler.worker import RemoteInstance, spawn_instance_process
+from flowserve_instance_runtime import (
+    Autoscaler,
+    RemoteInstance,
+    ScalingPolicy,
+    TargetScaler,
+    TtftWindow,
+    autoscale,
+    spawn_instance_process,
+)
 
 log = logging.getLogger(__name__)
 
 START_PATHS = ("auto", "fork", "preload", "prewarm", "naive")
-
-
-class StaticScaler(TargetScaler):
-    """Keeps ``min_instances`` (or the per-role counts) instance processes running, each
-    started fresh (``python -m flowserve_prewarm_scaler.worker``), and replaces any that die."""
-
-    def make_instance(self, deployment: Any, role: TaskRole) -> RemoteInstance:
-        process, sock = spawn_instance_process()
-        info = InstanceInfo(deployment=self.spec.name, role=role, start_path="naive")
-        return RemoteInstance(self.spec, info, sock, process)
 
 
 class PrewarmScaler(TargetScaler):
@@ -95,7 +92,6 @@ class PrewarmScaler(TargetScaler):
             process, sock = spawn_instance_process()
             info.start_path = "naive"
             return RemoteInstance(self.spec, info, sock, process)
-        instance = RemoteInstance(self.spec, info, preload=self.start_path == "preload")
 
         async def launch() -> tuple[Any, Any, str]:
             if self.forking:
@@ -111,7 +107,7 @@ class PrewarmScaler(TargetScaler):
                 return process, sock, "naive"
             return taken
 
-        instance._launcher = launch
+        instance = RemoteInstance(self.spec, info, preload=self.start_path == "preload", launcher=launch)
         return instance
 
     # ------------------------------------------------------------------ autoscaling
@@ -133,5 +129,4 @@ def _flag(value: Any) -> bool:
 
 @hookimpl
 def flowserve_register_scalers(register: Any) -> None:
-    register("static", StaticScaler)
     register("prewarm", PrewarmScaler)

@@ -26,7 +26,7 @@ import anyio
 import msgspec
 
 from flowserve_core.types import DeploymentSpec
-from flowserve_prewarm_scaler.worker import spawn_instance_process
+from flowserve_instance_runtime import spawn_instance_process
 from flowserve_prewarm_scaler.zygote import Zygote
 
 log = logging.getLogger(__name__)

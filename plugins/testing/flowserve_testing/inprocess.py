@@ -1,10 +1,10 @@
 """Scaler ``inproc``: engine instances inside the server's own process (``LocalInstance``).
 
-``InprocScaler`` is flowserve-prewarm-scaler's ``TargetScaler`` (instances kept at the
+``InprocScaler`` is flowserve-instance-runtime's ``TargetScaler`` (instances kept at the
 deployment's target) making ``LocalInstance``s. For tests, plugin authors and small setups:
 no worker process, the executor computes in a thread, and the test can reach the engine
 (``DeploymentRunner.engines()``). Production scalers run each instance in its own process
-(flowserve-prewarm-scaler's ``RemoteInstance``). The kit's plugin imports this module only
+(flowserve-instance-runtime's ``RemoteInstance``). The kit's plugin imports this module only
 when a deployment with scaler ``inproc`` is made.
 """
 
@@ -18,8 +18,7 @@ import anyio
 from flowserve_core.engine import Engine, build_engine
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, Task, TaskRole, TokenEvent
-from flowserve_prewarm_scaler.instance import InstanceBase
-from flowserve_prewarm_scaler.target import TargetScaler
+from flowserve_instance_runtime import InstanceBase, TargetScaler
 
 
 class LocalInstance(InstanceBase):

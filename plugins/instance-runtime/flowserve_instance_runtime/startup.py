@@ -4,6 +4,9 @@ factory's optional Protocols (``flowserve_core.interfaces``): ``FastStartExecuto
 ``attach(spec, handles)``). The ``spmd`` executor implements both (see
 ``flowserve_spmd_executor.preload``), ``llamacpp`` the first. Each returns why it could not,
 rather than raising: the instance then starts the ordinary way and says why.
+
+Each step takes the plugin manager its process built (the process's entry point, never a
+process-global one), in which it looks the executor up by name.
 """
 
 from __future__ import annotations
@@ -12,25 +15,24 @@ import logging
 from typing import Any
 
 from flowserve_core.interfaces import DeviceSharingExecutorFactory, FastStartExecutorFactory, ReportsWeightsPath
-from flowserve_core.plugins import get_plugin_manager
+from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec
 
 log = logging.getLogger(__name__)
 
 
-def _executor_factory(name: str) -> Any:
-    return get_plugin_manager().get("executor", name).factory
+def _executor_factory(pm: PluginManager, name: str) -> Any:
+    return pm.get("executor", name).factory
 
 
-def warm_executors(names: list[str]) -> list[str]:
-    """Run the ``prewarm(device)`` of each ``executor@device`` whose factory has one; the
-    ones that warmed. A failure is logged, not fatal: the process is still usable."""
-    get_plugin_manager()  # load the plugins now, not when the model is assigned
+def warm_executors(pm: PluginManager, names: list[str]) -> list[str]:
+    """Run the ``prewarm(device)`` of each ``executor@device`` whose factory in ``pm`` has
+    one; the ones that warmed. A failure is logged, not fatal: the process is still usable."""
     warmed = []
     for item in filter(None, names):
         name, _, device = item.partition("@")
         try:
-            factory = _executor_factory(name)
+            factory = _executor_factory(pm, name)
             if isinstance(factory, FastStartExecutorFactory):
                 factory.prewarm(device or "auto")
                 warmed.append(item)
@@ -39,9 +41,9 @@ def warm_executors(names: list[str]) -> list[str]:
     return warmed
 
 
-def preload_model(spec: DeploymentSpec) -> str:
+def preload_model(pm: PluginManager, spec: DeploymentSpec) -> str:
     """Call the executor factory's ``preload(spec)`` in this process; '' if it did, else why not."""
-    factory = _executor_factory(spec.executor)
+    factory = _executor_factory(pm, spec.executor)
     if not isinstance(factory, FastStartExecutorFactory):
         return f"executor {spec.executor!r} offers no preload"
     try:
@@ -51,10 +53,10 @@ def preload_model(spec: DeploymentSpec) -> str:
     return ""
 
 
-def share_weights(spec: DeploymentSpec, why_not_preload: str) -> tuple[bytes, str]:
+def share_weights(pm: PluginManager, spec: DeploymentSpec, why_not_preload: str) -> tuple[bytes, str]:
     """Where ``preload`` cannot (a device), hold the model here and return its IPC handles
     (the executor factory's ``share``); ``(b"", why not)`` when that fails too."""
-    factory = _executor_factory(spec.executor)
+    factory = _executor_factory(pm, spec.executor)
     if not isinstance(factory, DeviceSharingExecutorFactory):
         return b"", why_not_preload
     try:
@@ -63,9 +65,9 @@ def share_weights(spec: DeploymentSpec, why_not_preload: str) -> tuple[bytes, st
         return b"", f"{why_not_preload}; sharing device weights failed ({type(exc).__name__}: {exc})"
 
 
-def attach_weights(spec: DeploymentSpec, handles: bytes) -> str:
+def attach_weights(pm: PluginManager, spec: DeploymentSpec, handles: bytes) -> str:
     """Attach a zygote's device weights (the factory's ``attach``); '' if done, else why not."""
-    factory = _executor_factory(spec.executor)
+    factory = _executor_factory(pm, spec.executor)
     if not isinstance(factory, DeviceSharingExecutorFactory):
         return f"executor {spec.executor!r} offers no attach"
     try:

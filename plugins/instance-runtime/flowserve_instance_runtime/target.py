@@ -1,9 +1,10 @@
 """``TargetScaler``: the base of scalers, keeping a deployment's instances at their target.
 
-Subclasses say how an instance is made (``make_instance``): ``static`` and ``prewarm`` (this
-distribution) start instance processes, ``ray`` (flowserve-ray) Ray actors, and ``inproc``
-(flowserve-testing) instances inside the server process. It lives with the scalers, not in
-the kernel, which needs only the ``Scaler`` and ``Instance`` Protocols.
+Subclasses say how an instance is made (``make_instance``): ``static`` (this distribution)
+and ``prewarm`` (flowserve-prewarm-scaler) start instance processes, ``ray`` (flowserve-ray)
+Ray actors, and ``inproc`` (flowserve-testing) instances inside the server process. It lives
+in the instance runtime that scalers build on, not in the kernel, which needs only the
+``Scaler`` and ``Instance`` Protocols.
 """
 
 from __future__ import annotations

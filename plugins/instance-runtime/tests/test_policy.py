@@ -2,7 +2,7 @@
 
 import pytest
 
-from flowserve_prewarm_scaler.policy import Autoscaler, LoadSample, ScalingPolicy
+from flowserve_instance_runtime import Autoscaler, LoadSample, ScalingPolicy
 
 
 def sample(now, running=0, waiting=0, instances=1, ttft_p90=None):

@@ -11,7 +11,7 @@ import pytest
 from flowserve_core.deployment import Deployment
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import InstanceState, Request, SamplingParams, TaskRole
-from flowserve_prewarm_scaler.worker import RemoteInstance
+from flowserve_instance_runtime import RemoteInstance
 from flowserve_test_fixtures import toy_spec
 
 pytestmark = pytest.mark.anyio

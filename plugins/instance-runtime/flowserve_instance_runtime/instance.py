@@ -3,8 +3,9 @@ Protocol): per-task event streams, state, drain and stop.
 
 The instances of the scalers share this base (this distribution's ``RemoteInstance``,
 flowserve-ray's ``RayInstance``, flowserve-testing's in-process ``LocalInstance`` of scaler
-``inproc``) and differ only in how a task or an abort reaches the engine. It lives with the
-scalers, not in the kernel, because only scalers make instances.
+``inproc``) and differ only in how a task or an abort reaches the engine. It lives in the
+instance runtime that scalers build on, not in the kernel, because only scalers make
+instances: the kernel needs only the ``Instance`` Protocol.
 """
 
 from __future__ import annotations

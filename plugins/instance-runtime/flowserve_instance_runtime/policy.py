@@ -1,7 +1,8 @@
 """The autoscaling policy: how many instances a deployment should run, from its load.
 
 Pure logic with the clock passed in, so it is tested without sleeping and shared by every
-scaler that autoscales (``prewarm`` here, ``ray`` in contrib).
+scaler that autoscales (``prewarm`` of flowserve-prewarm-scaler, ``ray`` of flowserve-ray):
+a scaler keeps an ``Autoscaler`` and a ``TtftWindow`` and runs ``autoscale``.
 
 - Demand is the requests running plus waiting; the wanted count is demand divided by
   ``target_concurrency`` per instance, rounded up.
@@ -21,12 +22,15 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import msgspec
 
 from flowserve_core.types import DeploymentSpec
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 
 class ScalingPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -129,7 +133,21 @@ class TtftWindow:
         return recent[min(len(recent) - 1, math.ceil(0.9 * len(recent)) - 1)] if recent else None
 
 
-async def autoscale(scaler: Any, deployment: Any, interval: float, unit: str = "instances") -> None:
+class AutoscaledScaler(Protocol):
+    """What ``autoscale`` needs of a scaler: its policy state and its target (a
+    ``TargetScaler`` with an ``Autoscaler`` and a ``TtftWindow`` fits)."""
+
+    autoscaler: Autoscaler
+    ttfts: TtftWindow
+
+    @property
+    def target(self) -> int | None: ...
+
+    def set_target(self, instances: int) -> None: ...
+
+
+async def autoscale(scaler: AutoscaledScaler, deployment: Deployment, interval: float,
+                    unit: str = "instances") -> None:
     """The autoscaling loop every autoscaling scaler runs: every ``interval`` s, sample the
     deployment's load, ask ``scaler.autoscaler`` (an ``Autoscaler``) and move
     ``scaler.set_target``. ``scaler.ttfts`` is its ``TtftWindow``."""

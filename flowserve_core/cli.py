@@ -22,7 +22,7 @@ from rich.table import Table
 
 from flowserve_core import __version__
 from flowserve_core.config import ServerConfig
-from flowserve_core.errors import FlowServeError
+from flowserve_core.errors import ComponentNotFoundError, FlowServeError
 from flowserve_core.plugins import KINDS, PluginManager, get_plugin_manager
 from flowserve_core.types import DeploymentSpec
 
@@ -144,6 +144,12 @@ def build_cli(pm: PluginManager | None = None) -> typer.Typer:
         for record in (r for r in pm.records if r.error):
             table.add_row(record.distribution, record.version, record.name, "[red]failed", f"[red]{record.error}")
         Console().print(table)
+        from flowserve_core.server import require_components, server_components
+
+        try:  # what a plain `flowserve serve` would still need
+            require_components(pm, server_components(ServerConfig(deployments=[DeploymentSpec()])))
+        except ComponentNotFoundError as missing:
+            Console().print(f"[yellow]`flowserve serve` needs more:[/] {missing}", highlight=False, soft_wrap=True)
 
     flags = {f"--{name.replace('_', '-')}": name for names in pm.hook.flowserve_serve_flags() for name in names}
 
@@ -235,11 +241,14 @@ def run_server_command(pm: PluginManager, config_path: Path | None, overrides: d
     """Load config, then run a ``Server`` until interrupted. Used by ``serve`` and plugins."""
     import anyio
 
-    from flowserve_core.config import load_config
-    from flowserve_core.server import Server
+    from flowserve_core.config import load_config, resolve_deployments
+    from flowserve_core.server import Server, require_components, server_components
     from flowserve_core.telemetry import setup_logging, setup_telemetry
 
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, resolve=False)
+    # every missing plugin at once, before the default model is looked for
+    require_components(pm, server_components(config))
+    resolve_deployments(config, str(config_path or "flags"))
     os.environ.setdefault("FLOWSERVE_LOG_LEVEL", config.log_level)  # instance processes follow
     setup_logging(config.log_level)
     setup_telemetry()

@@ -93,8 +93,11 @@ def default_model_path() -> str:
     return str(Path(list(found.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
-    """Read ``path`` (TOML), apply ``overrides`` (flags; None values are ignored), validate.
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None,
+                *, resolve: bool = True) -> ServerConfig:
+    """Read ``path`` (TOML), apply ``overrides`` (flags; None values are ignored), validate, and
+    (unless ``resolve`` is false) fill each deployment's default model and name
+    (``resolve_deployments``).
 
     Deployment keys in ``overrides`` apply to every deployment (making one if there is none);
     ``overrides["models"]`` (``--model NAME=PATH``) sets or adds the deployment NAME's model."""
@@ -137,6 +140,11 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         config = msgspec.convert(raw, ServerConfig)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_explain(exc)}") from None
+    return resolve_deployments(config, source) if resolve else config
+
+
+def resolve_deployments(config: ServerConfig, source: str = "flags") -> ServerConfig:
+    """``resolve_deployment`` for each deployment of ``config``; ``ConfigError`` if two share a name."""
     names = set()
     for spec in config.deployments:
         resolve_deployment(spec)

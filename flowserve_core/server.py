@@ -7,14 +7,15 @@ import ctypes
 import gc
 import logging
 import threading
+from typing import Iterable
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from flowserve_core.config import ServerConfig, resolve_deployment
 from flowserve_core.deployment import Deployment
-from flowserve_core.errors import ConfigError, UnknownModelError
-from flowserve_core.plugins import PluginManager
+from flowserve_core.errors import ComponentNotFoundError, ConfigError, UnknownModelError
+from flowserve_core.plugins import KNOWN_PROVIDERS, PluginManager
 from flowserve_core.types import DeploymentSpec
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,40 @@ def release_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+#: The component kinds a deployment chooses by name (``DeploymentSpec`` fields of those names).
+DEPLOYMENT_KINDS = ("tokenizer", "executor", "kv_cache", "batch_scheduler", "job_scheduler", "scaler")
+
+
+def deployment_components(spec: DeploymentSpec) -> list[tuple[str, str]]:
+    """The ``(kind, name)`` of every component ``spec`` chooses."""
+    return [(kind, getattr(spec, kind)) for kind in DEPLOYMENT_KINDS]
+
+
+def server_components(config: ServerConfig) -> list[tuple[str, str]]:
+    """The ``(kind, name)`` of every component ``config`` chooses: its frontend and its deployments'."""
+    return [("frontend", config.frontend), *(c for spec in config.deployments for c in deployment_components(spec))]
+
+
+def require_components(pm: PluginManager, wanted: Iterable[tuple[str, str]]) -> None:
+    """Raise one ``ComponentNotFoundError`` naming every ``(kind, name)`` of ``wanted`` that no
+    installed plugin provides, with the one ``pip install`` line that provides them all (a user
+    fixes a bare kernel in one step, not one missing piece per run)."""
+    missing = list(dict.fromkeys((kind, name) for kind, name in wanted if name not in pm.components(kind)))
+    if len(missing) == 1:
+        pm.get(*missing[0])  # its own message: what is installed instead, what failed to load
+    if missing:
+        providers = {key: dist for dist, keys in KNOWN_PROVIDERS.items() for key in keys}
+        named = [f"{kind.replace('_', ' ')} {name!r}" for kind, name in missing]
+        install = sorted({providers[f"{kind}:{name}"] for kind, name in missing if f"{kind}:{name}" in providers})
+        unknown = [f"{kind.replace('_', ' ')} {name!r}" for kind, name in missing if f"{kind}:{name}" not in providers]
+        message = f"these components are not installed: {', '.join(named)}."
+        if install:
+            message += f" Install them with: pip install {' '.join(install)}"
+        if unknown:
+            message += f" (no FlowServe distribution provides {', '.join(unknown)}: check the spelling)"
+        raise ComponentNotFoundError(message)
+
+
 class Server:
     """The deployments of one ``flowserve serve``, added and removed while it runs; frontends
     look models up here. ``resolve`` follows ``aliases``; ``set_alias`` and ``remove_alias``
@@ -50,8 +85,7 @@ class Server:
 
     def check_components(self, spec: DeploymentSpec) -> None:
         """Fail fast, before loading anything, if a named component is not installed."""
-        for kind in ("tokenizer", "executor", "kv_cache", "batch_scheduler", "job_scheduler", "scaler"):
-            self.pm.get(kind, getattr(spec, kind))
+        require_components(self.pm, deployment_components(spec))
 
     def resolve(self, model: str | None) -> Deployment:
         """The deployment serving ``model`` (a name or alias; empty: the first deployment)."""
@@ -141,8 +175,7 @@ class Server:
 
     async def run(self, *, task_status: TaskStatus[Server] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every configured deployment, then serve the frontend until it returns."""
-        for spec in self.config.deployments:
-            self.check_components(spec)
+        require_components(self.pm, server_components(self.config))
         frontend = self.pm.build("frontend", self.config.frontend, self.config)
         async with anyio.create_task_group() as tg:
             self._task_group = tg

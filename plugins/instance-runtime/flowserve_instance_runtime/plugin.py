@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import Register, ScalerFactory
 from flowserve_core.types import InstanceInfo, TaskRole
 from flowserve_instance_runtime.remote import RemoteInstance, spawn_instance_process
 from flowserve_instance_runtime.target import TargetScaler
@@ -24,5 +25,5 @@ class StaticScaler(TargetScaler):
 
 
 @hookimpl
-def flowserve_register_scalers(register: Any) -> None:
+def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
     register("static", StaticScaler)

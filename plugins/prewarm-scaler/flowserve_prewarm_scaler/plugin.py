@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import Register, ScalerFactory
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 from flowserve_instance_runtime import (
     Autoscaler,
@@ -128,5 +129,5 @@ def _flag(value: Any) -> bool:
 
 
 @hookimpl
-def flowserve_register_scalers(register: Any) -> None:
+def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
     register("prewarm", PrewarmScaler)

@@ -22,7 +22,11 @@ _KEYS = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_l
          "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
          "num_key_value_heads": "attention.head_count_kv", "max_position_embeddings": "context_length",
          "rms_norm_eps": "attention.layer_norm_rms_epsilon", "rope_theta": "rope.freq_base",
-         "head_dim": "attention.key_length", "vocab_size": "vocab_size"}
+         "head_dim": "attention.key_length", "vocab_size": "vocab_size",
+         "sliding_window": "attention.sliding_window", "num_experts": "expert_count",
+         "num_experts_per_tok": "expert_used_count", "moe_intermediate_size": "expert_feed_forward_length"}
+#: HF ``model_type`` ← GGUF ``general.architecture``, where they differ
+_MODEL_TYPES = {"qwen3moe": "qwen3_moe", "gemma3": "gemma3_text"}
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -52,12 +56,13 @@ def read_header(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_gguf(path: str | Path) -> dict[str, Any]:
-    """The model's shape as ``config.json`` would say it (``model_type`` is GGUF's architecture)."""
+    """The model's shape as ``config.json`` would say it (``model_type`` is GGUF's architecture,
+    in transformers' spelling)."""
     header = read_header(path)
     arch = header.get("general.architecture")
     if not isinstance(arch, str):
         raise ConfigError(f"{path}: the GGUF header names no general.architecture")
-    raw: dict[str, Any] = {"model_type": arch}
+    raw: dict[str, Any] = {"model_type": _MODEL_TYPES.get(arch, arch)}
     for name, suffix in _KEYS.items():
         if f"{arch}.{suffix}" in header:
             raw[name] = header[f"{arch}.{suffix}"]

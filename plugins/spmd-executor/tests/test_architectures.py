@@ -68,6 +68,50 @@ async def test_a_prefix_cache_hit_past_the_window_gives_the_cold_start_tokens(mo
         executor.close()
 
 
+async def test_a_checkpoint_sharded_over_several_safetensors_files_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = save_tiny_architecture(tmp_path / "whole", "qwen3_moe", seed=43)
+    hf = load_hf(checkpoint)
+    AutoModelForCausalLM.from_pretrained(str(checkpoint)).save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    executor = make_executor(tmp_path / "sharded", 1)
+    try:
+        assert len(executor.weights.files) > 2
+        prompt = random_prompt(30, seed=1950)
+        driver = Driver(executor)
+        driver.add("x", prompt, max_tokens=10)
+        outputs = await driver.run()
+    finally:
+        executor.close()
+    assert outputs["x"] == hf_greedy(hf, prompt, 10)
+
+
+async def test_a_qwen3_gguf_is_checked_from_its_header_then_converted_and_served_exactly(tmp_path, monkeypatch):
+    from spmd_helpers import write_gguf
+
+    from flowserve_spmd_executor.checks import model_config_of
+
+    monkeypatch.setenv("FLOWSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    # transformers' GGUF reader takes Qwen3's head_dim from its config default (128)
+    checkpoint = save_tiny_architecture(tmp_path / "hf", "qwen3", seed=41, head_dim=128)
+    gguf = write_gguf(load_hf(checkpoint), tmp_path / "tiny-qwen3.gguf", "qwen3")
+    assert model_config_of(str(gguf)).model_type == "qwen3"  # from the header, nothing converted yet
+    executor = make_executor(gguf, 1)
+    try:
+        assert executor.weights.converted_from_gguf
+        prompts = {f"len{n}": random_prompt(n, seed=1900 + n) for n in (6, 40)}
+        driver = Driver(executor)
+        for seq_id, prompt in prompts.items():
+            driver.add(seq_id, prompt, max_tokens=10)
+        outputs = await driver.run(chunk=32)
+    finally:
+        executor.close()
+    hf = load_hf(Path(executor.weights.directory))  # transformers' own reading of the GGUF
+    for seq_id, prompt in prompts.items():
+        assert outputs[seq_id] == hf_greedy(hf, prompt, 10), seq_id
+
+
 def test_each_config_reads_its_family_features(tmp_path):
     from flowserve_spmd_executor.model_config import load_model_config
 

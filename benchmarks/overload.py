@@ -36,6 +36,8 @@ import anyio
 import msgspec
 from soak import MODEL, LiveServer, engine_args
 
+from flowserve_bench.stats import percentile
+
 JSON_BODY = {"content-type": "application/json"}
 
 
@@ -75,10 +77,8 @@ class OverloadResult:
 
 
 def quantile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+    """The ``q`` quantile (0..1) by the project's one definition (numpy's); NaN for no values."""
+    return percentile(values, q * 100) if values else math.nan
 
 
 async def one_request(session: aiohttp.ClientSession, body: bytes, result: OverloadResult, statuses: Counter,

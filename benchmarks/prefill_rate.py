@@ -26,6 +26,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from flowserve_bench.stats import median
+
 
 def measure(model: str, threads: int, seqs: int, step_tokens: int, steps: int) -> dict:
     """Prefill tok/s of one rank with ``threads`` torch threads (best and median step)."""
@@ -58,9 +60,9 @@ def measure(model: str, threads: int, seqs: int, step_tokens: int, steps: int) -
         started = time.perf_counter()
         rank.run(plan)
         seconds.append(time.perf_counter() - started)
-    seconds.sort()
-    return {"threads": threads, "tokens": seqs * length, "best_s": seconds[0], "median_s": seconds[len(seconds) // 2],
-            "tok_per_s": seqs * length / seconds[len(seconds) // 2]}
+    step = median(seconds)
+    return {"threads": threads, "tokens": seqs * length, "best_s": min(seconds), "median_s": step,
+            "tok_per_s": seqs * length / step}
 
 
 def main() -> None:

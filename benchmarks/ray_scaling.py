@@ -38,6 +38,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).parent))
 import scaling  # noqa: E402  (the prewarm side, measured by the same code as docs/benchmarks.md)
 
+from flowserve_bench.stats import median  # noqa: E402  (after the sys.path entry above)
 from flowserve_core.config import default_model_path  # noqa: E402  (after the sys.path entry above)
 from flowserve_core.deployment import Deployment  # noqa: E402  (after the sys.path entry above)
 from flowserve_core.plugins import PluginManager  # noqa: E402  (after the sys.path entry above)
@@ -74,7 +75,7 @@ async def ray_scale_to(args: argparse.Namespace, count: int, object_store: bool,
         name = "ray+pool" if pool else "ray+object-store" if object_store else "ray+load"
         result = {"path": name, "instances": count,
                   "seconds": seconds, "start_paths": sorted({i.info.start_path for i in instances}),
-                  "start_seconds_median": sorted(i.info.start_seconds for i in instances)[len(instances) // 2]}
+                  "start_seconds_median": median(i.info.start_seconds for i in instances)}
         await deployment.stop()
         tg.cancel_scope.cancel()
     return result

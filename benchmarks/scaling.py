@@ -40,6 +40,7 @@ from typing import Any
 
 import anyio
 
+from flowserve_bench.stats import median
 from flowserve_core.config import default_model_path
 from flowserve_core.deployment import Deployment
 from flowserve_core.plugins import PluginManager
@@ -109,7 +110,7 @@ async def scale_to(args: argparse.Namespace, path: str, count: int) -> dict[str,
         result = {
             "path": path, "instances": count, "seconds": seconds,
             "start_paths": sorted({i.info.start_path for i in instances}),
-            "start_seconds_median": sorted(i.info.start_seconds for i in instances)[len(instances) // 2],
+            "start_seconds_median": median(i.info.start_seconds for i in instances),
             "pss_gib": sum(u["pss"] for u in usage) / 2**30,
             "uss_gib": sum(u["uss"] for u in usage) / 2**30,
             "rss_gib_per_instance": max(u["rss"] for u in usage) / 2**30,

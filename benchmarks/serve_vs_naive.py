@@ -23,7 +23,6 @@ import argparse
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flowserve_bench.results import BenchResult
+from flowserve_bench.stats import median
 from flowserve_core.config import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def ttft_p50_by_wave(result: BenchResult, concurrency: int) -> tuple[float | Non
     ordered = sorted((r for r in result.requests if r.ttft is not None), key=lambda r: r.start)
 
     def p50(values: list[float]) -> float | None:
-        return statistics.median(values) if values else None
+        return median(values) if values else None
 
     return (p50([r.ttft for r in ordered[:concurrency]]), p50([r.ttft for r in ordered[concurrency:]]))
 

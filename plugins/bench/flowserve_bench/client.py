@@ -20,12 +20,15 @@ from flowserve_bench.results import BenchConfig, RequestError, RequestRecord
 
 
 class PlannedRequest(msgspec.Struct):
-    """A request decided before the run starts: its prompt and the lengths asked for."""
+    """A request decided before the run starts: its prompt (token ids or text; or, for the
+    chat endpoint, whole ``messages`` from a dataset) and the lengths asked for
+    (``prompt_len`` 0: the server counts it)."""
 
     index: int
     prompt: list[int] | str
     prompt_len: int
     output_len: int
+    messages: list[dict[str, Any]] | None = None
 
 
 # ---- what the server streams (only the fields we read; the rest is ignored)
@@ -76,7 +79,7 @@ def build_payload(config: BenchConfig, model: str, planned: PlannedRequest) -> d
         "stream_options": {"include_usage": True},
     }
     if config.endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": planned.prompt}]
+        body["messages"] = planned.messages or [{"role": "user", "content": planned.prompt}]
     else:
         body["prompt"] = planned.prompt
     if config.ignore_eos:

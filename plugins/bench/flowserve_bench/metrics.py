@@ -5,27 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flowserve_bench.results import BenchConfig, BenchResult, ErrorSummary, LatencySummary, RequestRecord
+from flowserve_bench.stats import percentile, percentile_key, std
 
 
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) of sorted values, interpolated linearly between the
-    two nearest ranks (numpy's default method)."""
-    if not ordered:
-        raise ValueError("percentile of no values")
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def summarize_latency(values: Sequence[float]) -> LatencySummary:
-    """Count, mean, p50, p90, p99, min and max of ``values`` (all None when empty)."""
+def summarize_latency(values: Sequence[float], percentiles: Sequence[float] = (50.0, 90.0, 99.0)) -> LatencySummary:
+    """Count, mean, median, std, p50, p90, p99, min, max and each of ``percentiles`` of
+    ``values`` (all None when empty), by the project's one definition (``stats.percentile``)."""
     if not values:
         return LatencySummary()
     ordered = sorted(values)
-    return LatencySummary(count=len(ordered), mean=sum(ordered) / len(ordered),
-                          p50=percentile(ordered, 50), p90=percentile(ordered, 90),
-                          p99=percentile(ordered, 99), min=ordered[0], max=ordered[-1])
+    return LatencySummary(count=len(ordered), mean=sum(ordered) / len(ordered), median=percentile(ordered, 50),
+                          std=std(ordered), p50=percentile(ordered, 50), p90=percentile(ordered, 90),
+                          p99=percentile(ordered, 99), min=ordered[0], max=ordered[-1],
+                          percentiles={percentile_key(q): percentile(ordered, q) for q in percentiles})
 
 
 def meets_slo(record: RequestRecord, config: BenchConfig) -> bool:
@@ -67,10 +59,10 @@ def summarize(*, config: BenchConfig, model: str, url: str, started_at: str, pro
         total_prompt_tokens=prompt_tokens, total_output_tokens=output_tokens,
         request_throughput=per_second(len(done)), output_throughput=per_second(output_tokens),
         total_token_throughput=per_second(prompt_tokens + output_tokens),
-        ttft=summarize_latency([r.ttft for r in done if r.ttft is not None]),
-        tpot=summarize_latency([r.tpot for r in done if r.tpot is not None]),
-        itl=summarize_latency([gap for r in done for gap in r.itl]),
-        e2e=summarize_latency([r.e2e for r in done if r.e2e is not None]),
+        ttft=summarize_latency([r.ttft for r in done if r.ttft is not None], config.percentiles),
+        tpot=summarize_latency([r.tpot for r in done if r.tpot is not None], config.percentiles),
+        itl=summarize_latency([gap for r in done for gap in r.itl], config.percentiles),
+        e2e=summarize_latency([r.e2e for r in done if r.e2e is not None], config.percentiles),
         requests=list(records),
     )
     if config.slo_ttft is not None or config.slo_tpot is not None:

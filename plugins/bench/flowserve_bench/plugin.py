@@ -25,8 +25,9 @@ def bench(
     concurrency: Optional[int] = typer.Option(
         None, help="Closed loop: N clients, each sending its next request when its last finished "
                    "(the default, with N=1, when --request-rate is not given)."),
-    request_rate: Optional[float] = typer.Option(
-        None, help="Open loop: Poisson arrivals, requests/s; inf sends all at once."),
+    request_rate: Optional[str] = typer.Option(
+        None, help="Open loop: Poisson arrivals, requests/s; inf sends all at once. A list "
+                   "(1,2,4,inf) sweeps: one run per rate."),
     max_concurrency: Optional[int] = typer.Option(None, help="Open loop: at most this many requests in flight."),
     num_requests: int = typer.Option(100, help="Requests measured."),
     prompt_len: str = typer.Option("128", help=f"Prompt tokens: {LENGTH_HELP}."),
@@ -42,10 +43,27 @@ def bench(
     tokenizer: Optional[str] = typer.Option(
         None, help="The served model's tokenizer (tokenizer.json, a directory, or a .gguf) for "
                    "exact token-id prompts (default: the model id when it is a path, or SmolLM2)."),
-    result_file: Optional[Path] = typer.Option(None, help="Write the results here (JSON)."),
+    dataset_name: str = typer.Option(
+        "random", help="Prompts: random (synthetic, of --prompt-len), sharegpt (ShareGPT JSON) or "
+                       "jsonl (one {\"prompt\"} or {\"messages\"} object a line)."),
+    dataset_path: Optional[Path] = typer.Option(None, help="The sharegpt or jsonl file."),
+    dataset_output_len: bool = typer.Option(
+        True, "--dataset-output-len/--no-dataset-output-len",
+        help="A dataset entry's own output length (its output_len, or a ShareGPT answer's tokens) "
+             "wins over --output-len."),
+    percentiles: str = typer.Option("50,90,99", "--percentiles", "--metric-percentiles",
+                                    help="Percentiles reported (numpy's definition), e.g. 50,90,99,99.9."),
+    result_file: Optional[Path] = typer.Option(
+        None, help="Write the results here: JSON with vllm bench serve's keys (one file per rate "
+                   "in a sweep: <stem>-<rate>qps.json)."),
+    result_csv: Optional[Path] = typer.Option(None, help="Write one CSV row per run here."),
+    plot: Optional[Path] = typer.Option(
+        None, help="Draw throughput and latency against the rate here (.png, .svg; needs matplotlib)."),
     label: Optional[str] = typer.Option(None, help="A name for this run, stored in the results."),
 ) -> None:
     """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, throughput, goodput under SLOs."""
+    import functools
+
     import anyio
     import msgspec
 
@@ -53,19 +71,41 @@ def bench(
     from flowserve_bench.report import print_report
     from flowserve_bench.results import BenchConfig
     from flowserve_bench.runner import run_benchmark
+    from flowserve_bench.stats import parse_percentiles
+    from flowserve_bench.sweep import parse_rates, plot_sweep, result_path, sweep_configs
+    from flowserve_bench.vllm_format import to_csv, write_result_file
 
+    try:
+        chosen_percentiles = parse_percentiles(percentiles)
+    except ValueError as exc:
+        raise BenchError(f"--percentiles: {exc}") from None
+    rates = parse_rates(request_rate) if request_rate is not None else None
     settings = {k: v for k, v in locals().items()
-                if k in BenchConfig.__struct_fields__ and v is not None}
+                if k in BenchConfig.__struct_fields__ and v is not None and k != "request_rate"}
+    settings["percentiles"] = chosen_percentiles
+    if dataset_path is not None:
+        settings["dataset_path"] = str(dataset_path)
     try:
         config = msgspec.convert(settings, BenchConfig)
     except msgspec.ValidationError as exc:
         raise BenchError(f"bad option: {str(exc).replace('$.', '--').replace('_', '-')}") from None
-    result = anyio.run(lambda: run_benchmark(config, show_progress=True))
-    print_report(result)
-    if result_file is not None:
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        result_file.write_bytes(result.to_json())
-        typer.echo(f"results written to {result_file}", err=True)
+    configs = sweep_configs(config, rates) if rates is not None else [config]
+    results = []
+    for one in configs:
+        result = anyio.run(functools.partial(run_benchmark, one, show_progress=True))
+        print_report(result)
+        results.append(result)
+        if result_file is not None:
+            written = result_path(result_file, one.request_rate, len(configs) > 1)
+            write_result_file(result, written)
+            typer.echo(f"results written to {written}", err=True)
+    if result_csv is not None:
+        result_csv.parent.mkdir(parents=True, exist_ok=True)
+        result_csv.write_text(to_csv(results))
+        typer.echo(f"CSV written to {result_csv}", err=True)
+    if plot is not None:
+        why_not = plot_sweep(results, plot)
+        typer.echo(f"plot skipped: {why_not}" if why_not else f"plot written to {plot}", err=True)
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flowserve_bench.results import BenchResult, LatencySummary, RequestRecord
+from flowserve_bench.stats import percentile_key
 
 
 class RequestProgress:
@@ -39,9 +40,8 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value * 1000:.2f}"
 
 
-def _latency_row(table: Table, name: str, summary: LatencySummary) -> None:
-    table.add_row(name, _ms(summary.mean), _ms(summary.p50), _ms(summary.p90), _ms(summary.p99),
-                  str(summary.count))
+def _latency_row(table: Table, name: str, summary: LatencySummary, keys: list[str]) -> None:
+    table.add_row(name, _ms(summary.mean), *(_ms(summary.percentiles.get(k)) for k in keys), str(summary.count))
 
 
 def render_report(result: BenchResult) -> list[Table]:
@@ -56,7 +56,8 @@ def render_report(result: BenchResult) -> list[Table]:
         ("model", result.model),
         ("load", config.load_description),
         ("requests", f"{result.num_requests} (+{config.warmup} warm-up)" if config.warmup else str(result.num_requests)),
-        ("prompt / output lengths", f"{config.prompt_len} / {config.output_len}"
+        ("prompt / output lengths", f"{config.prompt_len if config.dataset_name == 'random' else 'dataset'} / "
+                                    f"{config.output_len}{' or the dataset' * (config.dataset_name != 'random')}"
                                     f"{' (ignore_eos)' if config.ignore_eos else ''}"),
         ("prompts", result.prompt_source),
         ("duration", f"{result.duration:.2f} s"),
@@ -78,14 +79,15 @@ def render_report(result: BenchResult) -> list[Table]:
     for name, value in rows:
         run.add_row(name, value)
 
+    keys = [percentile_key(q) for q in config.percentiles]
     latency = Table(title="latency (ms)", title_justify="left")
     latency.add_column("")
-    for column in ("mean", "p50", "p90", "p99", "count"):
+    for column in ("mean", *(f"p{k}" for k in keys), "count"):
         latency.add_column(column, justify="right")
-    _latency_row(latency, "TTFT", result.ttft)
-    _latency_row(latency, "TPOT", result.tpot)
-    _latency_row(latency, "ITL", result.itl)
-    _latency_row(latency, "E2E", result.e2e)
+    _latency_row(latency, "TTFT", result.ttft, keys)
+    _latency_row(latency, "TPOT", result.tpot, keys)
+    _latency_row(latency, "ITL", result.itl, keys)
+    _latency_row(latency, "E2E", result.e2e, keys)
     return [run, latency]
 
 

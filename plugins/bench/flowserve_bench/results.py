@@ -12,6 +12,7 @@ from typing import Literal
 import msgspec
 
 Endpoint = Literal["completions", "chat"]
+DatasetName = Literal["random", "sharegpt", "jsonl"]
 
 
 class BenchConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -24,6 +25,11 @@ class BenchConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     ``prompt_len`` and ``output_len`` are length specs: ``"128"``, ``"uniform:64:256"`` or
     ``"mix:0.2@1500,0.8@100"`` (see ``flowserve_bench.lengths``).
+
+    Prompts are synthetic (``dataset_name="random"``, vLLM's name for them) or come from the
+    file ``dataset_path``: ShareGPT JSON or JSONL (see ``flowserve_bench.datasets``); then an
+    entry's own output length wins over ``output_len`` unless ``dataset_output_len`` is off.
+    ``percentiles`` are those reported (``p99_ttft_ms`` and kin), numpy's definition.
     """
 
     url: str
@@ -45,6 +51,10 @@ class BenchConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     timeout: float = 300.0
     tokenizer: str | None = None
     label: str | None = None
+    dataset_name: DatasetName = "random"
+    dataset_path: str | None = None
+    dataset_output_len: bool = True
+    percentiles: list[float] = msgspec.field(default_factory=lambda: [50.0, 90.0, 99.0])
 
     def __post_init__(self) -> None:
         # JSON has no infinity (msgspec would write null): keep "inf" as a word.
@@ -103,15 +113,23 @@ class RequestRecord(msgspec.Struct, kw_only=True):
 
 
 class LatencySummary(msgspec.Struct):
-    """Distribution of one latency over the completed requests (None when there is none)."""
+    """Distribution of one latency over the completed requests (None when there is none).
+
+    ``p50``, ``p90`` and ``p99`` are always there; ``percentiles`` holds the run's
+    ``BenchConfig.percentiles``, keyed as vLLM names them (``"99"``, ``"99.9"``). ``std`` is
+    the population standard deviation. Percentiles are numpy's (``flowserve_bench.stats``).
+    """
 
     count: int = 0
     mean: float | None = None
+    median: float | None = None
+    std: float | None = None
     p50: float | None = None
     p90: float | None = None
     p99: float | None = None
     min: float | None = None
     max: float | None = None
+    percentiles: dict[str, float] = {}
 
 
 class ErrorSummary(msgspec.Struct):
@@ -166,5 +184,15 @@ class BenchResult(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_json(cls, data: bytes | str) -> BenchResult:
-        """Read a results file's content back."""
+        """Read back ``to_json``'s output, or a results file (``vLLM``'s keys with this result
+        under ``"flowserve"``, as ``flowserve bench --result-file`` writes it)."""
+        wrapped = msgspec.json.decode(data, type=_ResultFile)
+        if wrapped.flowserve is not None:
+            return wrapped.flowserve
         return msgspec.json.decode(data, type=cls)
+
+
+class _ResultFile(msgspec.Struct):
+    """A results file as written (see ``flowserve_bench.vllm_format``): only the key we read."""
+
+    flowserve: BenchResult | None = None

@@ -19,11 +19,13 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import anyio
 import msgspec
 
 from flowserve_bench.client import PlannedRequest, api_base, client_session, first_model, send_request
+from flowserve_bench.datasets import DatasetEntry, load_dataset, sample_entries, token_counter
 from flowserve_bench.errors import BenchError
 from flowserve_bench.lengths import LengthDistribution, parse_length
 from flowserve_bench.metrics import summarize
@@ -54,6 +56,10 @@ def validate(config: BenchConfig) -> tuple[LengthDistribution, LengthDistributio
     for name, slo in (("--slo-ttft", config.slo_ttft), ("--slo-tpot", config.slo_tpot)):
         if slo is not None and not slo >= 0:
             raise BenchError(f"{name} must be >= 0 seconds, got {slo}")
+    if not config.percentiles or not all(0 <= q <= 100 for q in config.percentiles):
+        raise BenchError(f"--percentiles must name percentiles between 0 and 100, got {config.percentiles}")
+    if config.dataset_name == "random" and config.dataset_path is not None:
+        raise BenchError("--dataset-path needs --dataset-name sharegpt or jsonl (random prompts read no file)")
     return (parse_length(config.prompt_len, what="--prompt-len"),
             parse_length(config.output_len, what="--output-len"))
 
@@ -65,6 +71,20 @@ def plan_requests(count: int, prompt_len: LengthDistribution, output_len: Length
     for index in range(count):
         n_prompt, n_output = prompt_len.sample(rng), output_len.sample(rng)
         planned.append(PlannedRequest(index, prompts.make(n_prompt, rng), n_prompt, n_output))
+    return planned
+
+
+def plan_dataset_requests(count: int, entries: list[DatasetEntry], output_len: LengthDistribution,
+                          config: BenchConfig, rng: random.Random) -> list[PlannedRequest]:
+    """Draw ``count`` requests from a dataset's entries (seeded order, see ``sample_entries``);
+    an entry's own output length wins unless ``config.dataset_output_len`` is off."""
+    planned = []
+    for index, entry in enumerate(sample_entries(entries, count, rng)):
+        drawn = output_len.sample(rng)  # drawn always, so the sequence does not depend on the entries
+        n_output = entry.output_len if config.dataset_output_len and entry.output_len else drawn
+        if entry.messages is not None and config.endpoint != "chat":
+            raise BenchError(f"the dataset {config.dataset_path} holds chat messages: run it with --endpoint chat")
+        planned.append(PlannedRequest(index, entry.text or "", 0, n_output, messages=entry.messages))
     return planned
 
 
@@ -118,12 +138,25 @@ async def run_benchmark(config: BenchConfig, *, on_request_done: OnRequestDone |
     base = api_base(config.url)
     async with client_session(config) as client:
         model = config.model or await first_model(client, base)
-        vocabulary = await anyio.to_thread.run_sync(find_vocabulary, config.tokenizer, model)
-        prompts = PromptFactory(vocabulary, config.endpoint)
-        planned = plan_requests(config.num_requests, prompt_len, output_len, prompts,
-                                random.Random(f"requests:{config.seed}"))
-        warmup = plan_requests(config.warmup, prompt_len, output_len, prompts,
-                               random.Random(f"warmup:{config.seed}"))
+        if config.dataset_name == "random":
+            vocabulary = await anyio.to_thread.run_sync(find_vocabulary, config.tokenizer, model)
+            prompts = PromptFactory(vocabulary, config.endpoint)
+            prompt_source = prompts.description
+            planned = plan_requests(config.num_requests, prompt_len, output_len, prompts,
+                                    random.Random(f"requests:{config.seed}"))
+            warmup = plan_requests(config.warmup, prompt_len, output_len, prompts,
+                                   random.Random(f"warmup:{config.seed}"))
+        else:
+            tokenizer = config.tokenizer or (model if Path(model).expanduser().exists() else None)
+            count_tokens = await anyio.to_thread.run_sync(token_counter, tokenizer)
+            entries = await anyio.to_thread.run_sync(load_dataset, config.dataset_name, config.dataset_path,
+                                                     count_tokens)
+            prompt_source = (f"dataset: {config.dataset_name} {config.dataset_path} ({len(entries)} prompts); "
+                             "prompt tokens counted by the server")
+            planned = plan_dataset_requests(config.num_requests, entries, output_len, config,
+                                            random.Random(f"requests:{config.seed}"))
+            warmup = plan_dataset_requests(config.warmup, entries, output_len, config,
+                                           random.Random(f"warmup:{config.seed}"))
         url = f"{base}/chat/completions" if config.endpoint == "chat" else f"{base}/completions"
 
         warmup_failed = 0
@@ -162,7 +195,7 @@ async def run_benchmark(config: BenchConfig, *, on_request_done: OnRequestDone |
     if config.api_key:  # results files get shared; the key must not travel with them
         config = msgspec.structs.replace(config, api_key="***")
     return summarize(config=config, model=model, url=base, started_at=started_at,
-                     prompt_source=prompts.description, records=records, duration=duration,
+                     prompt_source=prompt_source, records=records, duration=duration,
                      warmup_failed=warmup_failed)
 
 

@@ -11,10 +11,11 @@ import pytest
 
 from flowserve_bench.errors import BenchError
 from flowserve_bench.lengths import Fixed, LengthSpecError, Mixture, Uniform, parse_length
-from flowserve_bench.metrics import percentile, summarize, summarize_latency
+from flowserve_bench.metrics import summarize, summarize_latency
 from flowserve_bench.prompts import PromptFactory, load_vocabulary
 from flowserve_bench.results import BenchConfig, BenchResult, RequestError, RequestRecord
 from flowserve_bench.runner import plan_requests, validate
+from flowserve_bench.stats import percentile
 
 
 def test_length_specs_parse_and_sample_within_their_support():

@@ -31,13 +31,13 @@ import torch
 from safetensors import safe_open
 
 from flowserve_core.errors import ConfigError
+from flowserve_spmd_executor.architectures import model_factory
 from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.model_config import ModelConfig
-from flowserve_spmd_executor.models import model_class
 from flowserve_spmd_executor.options import cache_root
 
 if TYPE_CHECKING:
-    from flowserve_spmd_executor.models.llama import LlamaForCausalLM
+    from flowserve_spmd_executor.models.base import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,11 @@ def _local_hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as exc:  # huggingface_hub raises several unrelated types here
-        raise ConfigError(f"model {repo_id!r} is not a path and is not in the local Hugging Face cache; "
-                          f"FlowServe never downloads ({type(exc).__name__})") from None
+        raise ConfigError(
+            f"model {repo_id!r} is neither a local path nor in the local Hugging Face cache "
+            f"({type(exc).__name__}), and FlowServe does not download: fetch it first with "
+            f"`hf download {repo_id}` (then serve it by the same id), or pass a local path: a model "
+            "directory with config.json and *.safetensors, or a .gguf file") from None
 
 
 def _resolve_directory(directory: Path, source: str) -> ResolvedWeights:
@@ -203,24 +206,24 @@ def tensor_names(resolved: ResolvedWeights) -> set[str]:
 
 
 def build_model(config: ModelConfig, group: TensorParallelGroup, *, dtype: torch.dtype,
-                device: torch.device, max_positions: int, allocate: bool = True) -> LlamaForCausalLM:
+                device: torch.device, max_positions: int, allocate: bool = True) -> CausalLM:
     """The model's modules for this rank, allocated on ``device`` in ``dtype``, uninitialised
     (with ``allocate=False`` the parameters stay on the "meta" device, for the caller to swap
     in tensors it already has, e.g. views of a DRAM image)."""
-    cls = model_class(config.model_type)
+    factory = model_factory(config.model_type)
     with torch.device("meta"):
-        model = cls(config, group, max_positions, dtype, device)
+        model = factory(config, group, max_positions, dtype, device)
     model.to(dtype=dtype)
     if allocate:
         model.to_empty(device=device)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
     return model.eval()
 
 
 def load_model(resolved: ResolvedWeights, config: ModelConfig, group: TensorParallelGroup, *,
                dtype: torch.dtype, device: torch.device, max_positions: int,
-               show_progress: bool = True) -> LlamaForCausalLM:
+               show_progress: bool = True) -> CausalLM:
     """Build the model for this rank and fill it with its shard of the checkpoint's weights."""
     model = build_model(config, group, dtype=dtype, device=device, max_positions=max_positions)
     with torch.inference_mode():
@@ -228,7 +231,7 @@ def load_model(resolved: ResolvedWeights, config: ModelConfig, group: TensorPara
     return model
 
 
-def load_weights(model: torch.nn.Module, resolved: ResolvedWeights, *, show_progress: bool = True,
+def load_weights(model: CausalLM, resolved: ResolvedWeights, *, show_progress: bool = True,
                  rank: int = 0) -> None:
     """Copy the checkpoint's tensors into ``model`` (the owning module's ``weight_loader``, if
     it has one, takes its rank's slice). Raises ``ConfigError`` if a parameter found no tensor."""
@@ -236,9 +239,8 @@ def load_weights(model: torch.nn.Module, resolved: ResolvedWeights, *, show_prog
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules", {})
-    config: ModelConfig = model.config  # type: ignore[assignment]  # every model class keeps its ModelConfig
-    expected = _expected_shards(params, packed)
+    config = model.config
+    expected = model.expected_shards()
     loaded: set[tuple[str, Any]] = set()
     names = tensor_names(resolved)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -247,7 +249,7 @@ def load_weights(model: torch.nn.Module, resolved: ResolvedWeights, *, show_prog
                                  total=len(names))
         for name, source in iter_checkpoint(resolved):
             progress.advance(task)
-            target, shard_id = _target_name(name, packed)
+            target, shard_id = model.checkpoint_target(name)
             if target == "lm_head.weight" and config.tie_word_embeddings:
                 if "model.embed_tokens.weight" in names:
                     continue  # tied: the embedding already provides it
@@ -269,24 +271,3 @@ def load_weights(model: torch.nn.Module, resolved: ResolvedWeights, *, show_prog
     if missing:
         raise ConfigError(f"checkpoint {resolved.directory} lacks weights for: {', '.join(missing[:8])}"
                           + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-
-
-def _target_name(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
-    for fragment, (fused, shard_id) in packed.items():
-        if f".{fragment}." in name:
-            return name.replace(f".{fragment}.", f".{fused}."), shard_id
-    return name, None
-
-
-def _expected_shards(params: dict[str, Any], packed: dict[str, tuple[str, Any]]) -> set[tuple[str, Any]]:
-    shards_of: dict[str, list[Any]] = {}
-    for fused, shard_id in packed.values():
-        shards_of.setdefault(fused, []).append(shard_id)
-    expected: set[tuple[str, Any]] = set()
-    for name in params:
-        owner = next((f for f in shards_of if f".{f}." in name), None)
-        if owner is None:
-            expected.add((name, None))
-        else:
-            expected.update((name, s) for s in shards_of[owner])
-    return expected

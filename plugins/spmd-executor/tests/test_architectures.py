@@ -112,6 +112,17 @@ async def test_a_qwen3_gguf_is_checked_from_its_header_then_converted_and_served
         assert outputs[seq_id] == hf_greedy(hf, prompt, 10), seq_id
 
 
+def test_a_hub_id_not_in_the_local_cache_is_refused_naming_it_and_the_way_out():
+    from flowserve_core.errors import ConfigError
+    from flowserve_spmd_executor.loader import resolve_weights
+
+    with pytest.raises(ConfigError) as refused:  # offline: HF_HUB_OFFLINE is set (spmd_helpers)
+        resolve_weights("flowserve-tests/no-such-model")
+    message = str(refused.value)
+    assert "'flowserve-tests/no-such-model'" in message and "hf download flowserve-tests/no-such-model" in message
+    assert "model directory with config.json" in message and ".gguf file" in message
+
+
 def test_each_config_reads_its_family_features(tmp_path):
     from flowserve_spmd_executor.model_config import load_model_config
 

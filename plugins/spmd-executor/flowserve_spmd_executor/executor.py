@@ -54,7 +54,7 @@ T = TypeVar("T")
 
 
 class SpmdExecutor:
-    """Runs Llama-family models over paged KV blocks on ``spec.tensor_parallel`` ranks.
+    """Runs a registered architecture (``architectures.py``) over paged KV blocks on ``spec.tensor_parallel`` ranks.
 
     Construction loads the weights (blocking). ``execute`` computes off the event loop.
     ``export_kv``/``import_kv`` move blocks in the layout ``kv_block_shape`` describes.

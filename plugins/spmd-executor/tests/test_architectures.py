@@ -47,6 +47,21 @@ async def test_greedy_tokens_equal_transformers(architecture, tensor_parallel):
         assert outputs[seq_id] == hf_greedy(hf, prompt, 10), f"{model_type} tp={tensor_parallel} {seq_id}"
 
 
+async def test_olmo2_k_norm_over_a_kv_head_replicated_on_both_ranks(tmp_path):
+    # One KV head, two ranks: each holds the same head, and the norm's all-reduced sum of
+    # squares must count it once.
+    path = save_tiny_architecture(tmp_path, "olmo2", seed=61, num_key_value_heads=1)
+    executor = make_executor(path, 2)
+    try:
+        prompt = random_prompt(30, seed=1961)
+        driver = Driver(executor)
+        driver.add("x", prompt, max_tokens=10)
+        outputs = await driver.run()
+    finally:
+        executor.close()
+    assert outputs["x"] == hf_greedy(load_hf(path), prompt, 10)
+
+
 @pytest.mark.parametrize("model_type", ["gemma3_text", "mixtral"])
 async def test_a_prefix_cache_hit_past_the_window_gives_the_cold_start_tokens(model_type, tmp_path):
     path = save_tiny_architecture(tmp_path, model_type, seed=77)

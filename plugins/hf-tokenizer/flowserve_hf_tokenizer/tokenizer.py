@@ -77,8 +77,20 @@ class HFTokenizer:
 
     # ------------------------------------------------------------------ chat
 
+    def apply_tool_chat_template(self, messages: Sequence[Mapping[str, Any]],
+                                 tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
+        """A chat with tool definitions and tool turns (``RendersTools``): ``tools`` reach the
+        template as transformers' ``tools`` argument, assistant ``tool_calls`` and ``tool`` turns
+        as the messages hold them; otherwise as ``apply_chat_template``."""
+        return self.apply_chat_template(messages, tools=tools)
+
+    def tool_call_markup(self) -> str | None:
+        """The chat template in use, whose markup tells which tool-call parser reads this model."""
+        return self.chat_template
+
     def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]],
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template; with
         ``add_generation_prompt`` they end where the assistant's reply begins.
 
@@ -104,7 +116,7 @@ class HFTokenizer:
         try:
             rendered = self.hf_tokenizer.apply_chat_template(
                 conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, return_dict=False, sanitize_control_tokens=not self.special_tokens_in_messages)
+                tools=list(tools) if tools else None, tokenize=True, return_dict=False, sanitize_control_tokens=not self.special_tokens_in_messages)
         except TemplateError as exc:
             raise ValueError(f"the chat template of {self.model} refused the messages: {exc}") from exc
         return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)

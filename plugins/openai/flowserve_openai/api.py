@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from flowserve_core.types import new_id
+from flowserve_openai import tools
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
 from flowserve_openai.generation import Generation
@@ -76,6 +77,15 @@ async def _constraint(ctx: AppContext, deployment: Any, body: Any) -> Any:
     return constraint
 
 
+async def _chat_prompt_ids(ctx: AppContext, deployment: Any, body: ChatCompletionRequest) -> list[int]:
+    """The chat's prompt: through the tool-aware template when the chat has tools or tool turns."""
+    messages = chat_messages(body)
+    if not tools.uses_tools(body):
+        return await chat_prompt(messages, deployment.tokenizer, deployment.max_model_len, ctx.tokenizing)
+    return await tools.tool_chat_prompt(body, messages, deployment.tokenizer, deployment.max_model_len,
+                                        ctx.tokenizing)
+
+
 async def create_completion(request: Request) -> Any:
     """``POST /v1/completions``."""
     received = time.time()  # the request's arrival: its TTFT includes parsing and tokenizing
@@ -108,7 +118,7 @@ async def create_chat_completion(request: Request) -> Any:
                        code="invalid_value")
     deployment = await ctx.deployment(body.model)
     tokenizer = deployment.tokenizer
-    prompt_ids = await chat_prompt(chat_messages(body), tokenizer, deployment.max_model_len, ctx.tokenizing)
+    prompt_ids = await _chat_prompt_ids(ctx, deployment, body)
     requested: int | None
     if body.max_completion_tokens is not None:
         requested, name = body.max_completion_tokens, "max_completion_tokens"
@@ -121,10 +131,27 @@ async def create_chat_completion(request: Request) -> Any:
         max_tokens = requested
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     constraint = await _constraint(ctx, deployment, body)
+    tool_plan = None
+    tools.tool_choice(body)  # a 400 for a tool_choice that needs tools the request lacks
+    if body.tools:
+        forced = tools.tool_constraint(body)
+        if forced is not None:
+            if constraint is not None:
+                raise APIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                                    "response_format or another structured output", param="tool_choice",
+                               code="invalid_value")
+            constraint = forced
+            await check_structured_output(ctx.structured_output_backend, deployment, constraint, "tools")
+        parser = None
+        if tools.tool_choice(body) == "auto" and (parser_name := tools.parser_name(deployment, tokenizer)):
+            parser = await ctx.component(deployment, "tool_parser", parser_name, "Tool calling",
+                                         "unsupported_parameter")
+        tool_plan = tools.plan(body, parser)
     params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tokenizer.vocab_size,
                              names={"max_tokens": name, "logprobs": "top_logprobs"}, structured_output=constraint)
     prompts = [(prompt_ids, "")]
     plans = fan_out(prompts, params, body.n)
-    renderer = ChatRenderer(**_renderer_args(ctx, deployment, body, "chatcmpl", plans, prompts, logprobs))
+    renderer = ChatRenderer(tools=tool_plan,
+                            **_renderer_args(ctx, deployment, body, "chatcmpl", plans, prompts, logprobs))
     generation = Generation(deployment, plans, ctx.metrics, arrival_time=received)
     return GenerationResponse(generation, renderer, body.stream)

@@ -49,21 +49,26 @@ class AppContext:
 
     async def structured_output_backend(self, deployment: Any) -> Any:
         """``deployment``'s structured-output backend (``spec.structured_output_backend``), built
-        in a worker thread when a constrained request first comes, then kept; a 400 when no
-        plugin of that name is installed."""
+        when a constrained request first comes, then kept; a 400 when no plugin of that name is
+        installed."""
+        return await self.component(deployment, "structured_output", deployment.spec.structured_output_backend,
+                                    "Structured output", "unsupported_structured_output")
+
+    async def component(self, deployment: Any, kind: str, name: str, what: str, code: str) -> Any:
+        """The component ``kind:name`` built for ``deployment`` (in a worker thread, once per
+        deployment), or a 400 saying ``what`` is not available and why."""
         async with self._backends_lock:
-            known = self._backends.get(deployment.name)
+            key = f"{kind}:{name}:{deployment.name}"
+            known = self._backends.get(key)
             if known is not None and known[0] is deployment:
                 return known[1]
-            name = deployment.spec.structured_output_backend
             try:
-                backend = await anyio.to_thread.run_sync(deployment.pm.build, "structured_output", name,
-                                                         deployment.spec)
+                built = await anyio.to_thread.run_sync(deployment.pm.build, kind, name, deployment.spec)
             except Exception as exc:
-                raise APIError(400, f"Structured output is not available for the model {deployment.name!r}: {exc}",
-                               code="unsupported_structured_output") from None
-            self._backends[deployment.name] = (deployment, backend)
-            return backend
+                raise APIError(400, f"{what} is not available for the model {deployment.name!r}: {exc}",
+                               code=code) from None
+            self._backends[key] = (deployment, built)
+            return built
 
     def created(self, name: str) -> int:
         """When this app first saw the deployment ``name`` (OpenAI's ``created``)."""

@@ -59,8 +59,6 @@ class APIError(Exception):
 
 #: Why a parameter declared with only the values the server accepts refused another value.
 UNSUPPORTED = {
-    "tools": "function calling (tools) is not supported by this server",
-    "tool_choice": "only 'none' and 'auto' are accepted, as tools are not supported by this server",
     "suffix": "suffix is not supported by this server",
     "best_of": "best_of other than 1 is not supported by this server",
 }

@@ -5,8 +5,8 @@ a 400 naming the field); responses are encoded from them. ``/openapi.json`` is g
 from the same Structs, so the schema and the server cannot disagree.
 
 Unknown request fields are ignored, as OpenAI-compatible servers do, so clients that send
-newer fields keep working. Parameters the server cannot honour (``tools``,
-``suffix``, ``best_of`` > 1) are declared with the only values it accepts, so the schema says
+newer fields keep working. Parameters the server cannot honour (``suffix``, ``best_of``
+> 1) are declared with the only values it accepts, so the schema says
 what a request may hold and decoding refuses the rest.
 vLLM's sampling extensions (``top_k``, ``min_p``, …) are accepted at the top level of the
 body, where the openai client's ``extra_body`` puts them.
@@ -34,6 +34,7 @@ LogprobCount = Annotated[int, Meta(ge=0, le=20)]
 #: OpenAI's range for ``logit_bias`` values; its keys are token ids written as strings.
 LogitBias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
 
 #: ``prompt`` as the OpenAPI document states it: msgspec's type is broader (one union of
 #: items), ``completion_prompts`` enforces this one.
@@ -169,18 +170,74 @@ class UserMessageParam(Struct, tag="user", tag_field="role", kw_only=True):
     name: str | None = None
 
 
+class ToolCallFunction(Struct, kw_only=True):
+    """The function a tool call calls: its name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(Struct, kw_only=True):
+    """One call of a tool, in an assistant message (request or response)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessageParam(Struct, tag="assistant", tag_field="role", kw_only=True):
-    """An earlier answer of the assistant (its content may be null)."""
+    """An earlier answer of the assistant (its content may be null when it called tools)."""
 
     content: Content | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
-MessageParam = SystemMessageParam | DeveloperMessageParam | UserMessageParam | AssistantMessageParam
+class ToolMessageParam(Struct, tag="tool", tag_field="role", kw_only=True):
+    """A tool's result, answering the assistant's call ``tool_call_id``."""
+
+    content: Content
+    tool_call_id: str
+
+
+MessageParam = (SystemMessageParam | DeveloperMessageParam | UserMessageParam | AssistantMessageParam
+                | ToolMessageParam)
 #: What each message kind is called in ``role``.
 ROLES: dict[type[MessageParam], str] = {
     SystemMessageParam: "system", DeveloperMessageParam: "system", UserMessageParam: "user",
-    AssistantMessageParam: "assistant"}
+    AssistantMessageParam: "assistant", ToolMessageParam: "tool"}
+
+
+class FunctionDefinition(Struct, kw_only=True):
+    """A function the model may call: its name, what it does and its parameters' JSON schema."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(Struct, kw_only=True):
+    """One entry of ``tools`` (functions are the only kind)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(Struct, kw_only=True):
+    """The function a named ``tool_choice`` forces."""
+
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    """``tool_choice: {"type": "function", "function": {"name": …}}``: call exactly this function."""
+
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -191,8 +248,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: TokenCount | None = None
     logprobs: bool | None = False
     top_logprobs: LogprobCount | None = None
-    tools: Annotated[list[dict[str, Any]], Meta(max_length=0)] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tools: Annotated[list[ToolParam], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # ---------------------------------------------------------------- responses
@@ -222,7 +280,7 @@ class CompletionLogprobs(Struct, kw_only=True):
     text_offset: list[int] = []
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class CompletionChoice(Struct, kw_only=True):
@@ -271,11 +329,12 @@ class ChatLogprobs(Struct, kw_only=True):
 
 
 class AssistantMessage(Struct, kw_only=True):
-    """The message of a chat completion choice."""
+    """The message of a chat completion choice; ``tool_calls`` only when the model called tools."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
 
 
 class ChatChoice(Struct, kw_only=True):
@@ -299,11 +358,28 @@ class ChatCompletion(Struct, kw_only=True):
     usage: Usage
 
 
+class ToolCallFunctionDelta(Struct, kw_only=True):
+    """A streamed part of a tool call's function: its name first, then argument fragments."""
+
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallDelta(Struct, kw_only=True):
+    """A streamed part of the tool call ``index``: its id and type come with its first part."""
+
+    index: int
+    id: str | UnsetType = UNSET
+    type: Literal["function"] | UnsetType = UNSET
+    function: ToolCallFunctionDelta
+
+
 class ChatDelta(Struct, kw_only=True):
     """What a streamed chunk adds to a choice's message."""
 
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
 class ChatChunkChoice(Struct, kw_only=True):

@@ -28,6 +28,7 @@ from flowserve_openai.protocol import (
     encoder,
 )
 from flowserve_openai.sampling import ChoicePlan
+from flowserve_openai.tools import ToolPlan, ToolStream, message_calls, read_reply
 
 DONE = b"data: [DONE]\n\n"
 
@@ -177,11 +178,15 @@ class CompletionRenderer(Renderer):
 
 class ChatRenderer(Renderer):
     """``/v1/chat/completions``: a role chunk per choice first, content deltas, an empty
-    delta with the finish reason last; logprobs as ``logprobs.content[…]``."""
+    delta with the finish reason last; logprobs as ``logprobs.content[…]``. With ``tools``, each
+    reply is read as ``tools.py`` says (content and ``tool_calls``; finish reason ``tool_calls``
+    when the model called one)."""
 
-    def __init__(self, **kw: Any):
+    def __init__(self, tools: ToolPlan | None = None, **kw: Any):
         super().__init__(**kw)
         self.collected: dict[int, list[ChatTokenLogprob]] = {index: [] for index in self.plans}
+        self.tools = tools
+        self.streams = {index: ToolStream(tools) for index in self.plans} if tools is not None else {}
 
     def _entries(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> list[ChatTokenLogprob]:
         entries = []
@@ -214,12 +219,23 @@ class ChatRenderer(Renderer):
         logprobs = None
         if self.logprobs is not None:
             logprobs = ChatLogprobs(content=self._entries(event.token_ids, event.logprobs))
-        if event.text or (logprobs is not None and logprobs.content):
-            chunks.append(self._chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.text),
-                                                       logprobs=logprobs)]))
-        if event.finish_reason:
-            chunks.append(self._chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(),
-                                                       finish_reason=event.finish_reason)]))
+        finish = event.finish_reason
+        if self.tools is None:
+            deltas = [ChatDelta(content=event.text)] if event.text or (logprobs and logprobs.content) else []
+        else:
+            stream = self.streams[event.index]
+            deltas = stream.push(event.text)
+            if finish:
+                more, called = stream.finish()
+                deltas += more
+                finish = "tool_calls" if called and finish == "stop" else finish
+        if not deltas and logprobs is not None and logprobs.content:
+            deltas = [ChatDelta()]
+        for i, delta in enumerate(deltas):
+            chunks.append(self._chunk([ChatChunkChoice(index=event.index, delta=delta,
+                                                       logprobs=logprobs if i == 0 else None)]))
+        if finish:
+            chunks.append(self._chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(), finish_reason=finish)]))
         return chunks
 
     def add(self, event: ChoiceEvent) -> None:
@@ -231,10 +247,17 @@ class ChatRenderer(Renderer):
     def body(self) -> bytes:
         """The whole chat completion as JSON (not streamed)."""
         wants_logprobs = self.logprobs is not None
-        choices = [ChatChoice(index=index, message=AssistantMessage(content=self.text[index]),
-                              logprobs=ChatLogprobs(content=self.collected[index]) if wants_logprobs else None,
-                              finish_reason=self.finish[index])
-                   for index in sorted(self.plans)]
+        choices = []
+        for index in sorted(self.plans):
+            message, finish = AssistantMessage(content=self.text[index]), self.finish[index]
+            if self.tools is not None:
+                reply = read_reply(self.tools, self.text[index])
+                message = AssistantMessage(content=reply.content)
+                if reply.tool_calls:
+                    message.tool_calls = message_calls(reply.tool_calls)
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append(ChatChoice(index=index, message=message, finish_reason=finish,
+                                      logprobs=ChatLogprobs(content=self.collected[index]) if wants_logprobs else None))
         return encoder.encode(ChatCompletion(id=self.id, created=self.created, model=self.model,
                                              system_fingerprint=self.fingerprint, choices=choices, usage=self.usage()))
 

@@ -1,8 +1,8 @@
 """vLLM's ``POST /tokenize`` and ``POST /detokenize``, with its request and response shapes.
 
 ``/tokenize`` takes a ``prompt`` (tokenized as ``/v1/completions`` would, special tokens added
-unless ``add_special_tokens`` is false) or chat ``messages`` (rendered by the model's chat
-template, ready for a reply, as ``/v1/chat/completions`` renders them); ``/detokenize`` turns
+unless ``add_special_tokens`` is false) or chat ``messages`` and ``tools`` (rendered by the
+model's chat template, ready for a reply, as ``/v1/chat/completions`` renders them); ``/detokenize`` turns
 ``tokens`` back into text. Tokenizing runs in a worker thread, on the lanes prompts use.
 """
 
@@ -15,10 +15,11 @@ from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import Response
 
+from flowserve_openai import tools
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
 from flowserve_openai.prompts import chat_prompt, check_prompt_chars, message_list
-from flowserve_openai.protocol import MessageParam, TokenId
+from flowserve_openai.protocol import MAX_TOOLS, ChatCompletionRequest, MessageParam, TokenId, ToolParam
 from flowserve_openai.responses import json_response
 
 
@@ -29,6 +30,7 @@ class TokenizeRequest(Struct, kw_only=True):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[MessageParam], Meta(min_length=1)] | None = None
+    tools: Annotated[list[ToolParam], Meta(max_length=MAX_TOOLS)] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -69,7 +71,12 @@ async def tokenize(request: Request) -> Response:
             raise APIError(400, "add_generation_prompt: false is not supported; chats are rendered ready for a "
                                 "reply, as /v1/chat/completions renders them", param="add_generation_prompt",
                            code="unsupported_parameter")
-        ids = await chat_prompt(message_list(body.messages), tokenizer, deployment.max_model_len, ctx.tokenizing)
+        chat = ChatCompletionRequest(messages=body.messages, tools=body.tools)
+        messages = message_list(body.messages)
+        if tools.uses_tools(chat):
+            ids = await tools.tool_chat_prompt(chat, messages, tokenizer, deployment.max_model_len, ctx.tokenizing)
+        else:
+            ids = await chat_prompt(messages, tokenizer, deployment.max_model_len, ctx.tokenizing)
     else:
         text = body.prompt or ""
         check_prompt_chars(len(text), deployment.max_model_len, "prompt")

@@ -1,0 +1,285 @@
+"""Tool calling for ``/v1/chat/completions``: the prompt, the constraint and the reply.
+
+- The prompt: tool definitions, assistant ``tool_calls`` and ``tool`` turns are rendered by the
+  model's own chat template (a tokenizer with the ``RendersTools`` capability), as transformers
+  passes them: ``tools`` as function definitions, each call's ``arguments`` as an object.
+- ``tool_choice: "required"`` and a named function are enforced by structured output, as vLLM
+  does: the model writes a JSON list of ``{"name", "parameters"}`` (required) or the named
+  function's arguments (named), valid for the functions' parameter schemas.
+- ``"auto"`` (the default when tools are given) leaves the choice to the model, whose markup the
+  deployment's tool-call parser reads (``tool_call_parser``, else detected from the template);
+  with no parser the reply stays content. ``"none"`` renders no tools and parses nothing.
+- Streaming: content streams until the parser's start marker; from there the reply is held
+  and parsed when it ends, then sent as ``tool_calls`` deltas (id, type and name first, then
+  the arguments). A named call streams its arguments as they are generated.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+
+from flowserve_core.tool_calls import ParsedOutput, ParsedToolCall, RendersTools, ToolCallParser
+from flowserve_core.types import StructuredOutput
+from flowserve_openai.errors import APIError
+from flowserve_openai.prompts import check_prompt_chars
+from flowserve_openai.protocol import (
+    AssistantMessageParam,
+    ChatCompletionRequest,
+    ChatDelta,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFunction,
+    ToolCallFunctionDelta,
+    ToolMessageParam,
+)
+
+#: Chat-template markup → the parser that reads it, for deployments that name none.
+DETECT = (("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"), ("<|python_tag|>", "llama3_json"))
+
+
+@dataclass
+class ToolPlan:
+    """How one request's replies are read: ``parse`` with ``parser`` (auto), ``named`` (the
+    reply is the arguments of ``name``), ``required`` (a JSON list of calls) or ``text``."""
+
+    mode: Literal["text", "parse", "named", "required"]
+    parser: ToolCallParser | None = None
+    name: str = ""
+    parallel: bool = True
+
+
+def new_call_id() -> str:
+    """An id for a tool call, in OpenAI's shape."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def uses_tools(body: ChatCompletionRequest) -> bool:
+    """Whether the chat needs the tool-aware rendering (tools, tool turns or earlier calls)."""
+    return bool(body.tools) or any(isinstance(m, ToolMessageParam) or
+                                   (isinstance(m, AssistantMessageParam) and m.tool_calls) for m in body.messages)
+
+
+def tool_choice(body: ChatCompletionRequest) -> str | NamedToolChoice:
+    """The effective ``tool_choice``: ``auto`` with tools, ``none`` without (OpenAI's defaults)."""
+    if body.tool_choice is None:
+        return "auto" if body.tools else "none"
+    if body.tool_choice != "none" and not body.tools:
+        raise APIError(400, "tool_choice needs tools: this request defines none", param="tool_choice",
+                       code="invalid_value")
+    return body.tool_choice
+
+
+def tool_constraint(body: ChatCompletionRequest) -> StructuredOutput | None:
+    """The JSON schema that enforces ``required`` or a named function, or None."""
+    choice = tool_choice(body)
+    tools = {t.function.name: t.function for t in body.tools or []}
+    if isinstance(choice, NamedToolChoice):
+        function = tools.get(choice.function.name)
+        if function is None:
+            raise APIError(400, f"tool_choice names the function {choice.function.name!r}, which tools does not "
+                                f"define ({', '.join(tools)})", param="tool_choice", code="invalid_value")
+        return StructuredOutput(json=json.dumps(function.parameters or {"type": "object"}))
+    if choice != "required":
+        return None
+    calls = [{"type": "object", "properties": {"name": {"const": name},
+                                               "parameters": function.parameters or {"type": "object"}},
+              "required": ["name", "parameters"], "additionalProperties": False}
+             for name, function in tools.items()]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if body.parallel_tool_calls is False:
+        schema["maxItems"] = 1
+    return StructuredOutput(json=json.dumps(schema))
+
+
+def chat_dicts(body: ChatCompletionRequest, messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict] | None]:
+    """The messages as the template sees them (``tool_calls`` with object arguments, ``tool``
+    turns with their ``tool_call_id``) and the tool definitions (none for ``tool_choice: none``)."""
+    out = []
+    for param, message in zip(body.messages, messages):
+        entry: dict[str, Any] = {"role": message.role, "content": message.content}
+        if isinstance(param, AssistantMessageParam) and param.tool_calls:
+            entry["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in param.tool_calls]
+        if isinstance(param, ToolMessageParam):
+            entry["tool_call_id"] = param.tool_call_id
+        out.append(entry)
+    tools = None
+    if body.tools and tool_choice(body) != "none":
+        tools = [{"type": "function", "function": {k: v for k, v in (
+            ("name", t.function.name), ("description", t.function.description),
+            ("parameters", t.function.parameters or {"type": "object", "properties": {}})) if v is not None}}
+            for t in body.tools]
+    return out, tools
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # a template may print it as it is
+
+
+async def tool_chat_prompt(chat: ChatCompletionRequest, messages: list[Any], tokenizer: Any, max_model_len: int,
+                           lanes: Any) -> list[int]:
+    """Token ids of a chat with tools or tool turns, ready for a reply (the checks of
+    ``prompts.chat_prompt``, the tool definitions counted in its length)."""
+    dicts, definitions = chat_dicts(chat, messages)
+    chars = sum(len(m.content) for m in messages) + len(json.dumps(definitions or []))
+    check_prompt_chars(chars, max_model_len, "messages")
+    ids = await render_tool_chat(tokenizer, dicts, definitions, lanes, chars)
+    if not ids:
+        raise APIError(400, "messages render to an empty prompt", param="messages", code="invalid_value")
+    return ids
+
+
+async def render_tool_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | None,
+                           lanes: Any, chars: int) -> list[int]:
+    """Token ids of a tool chat, or a 400 when the tokenizer cannot render one."""
+    if not isinstance(tokenizer, RendersTools):
+        raise APIError(400, "This model's tokenizer cannot render tools or tool messages into a prompt.",
+                       param="tools", code="unsupported_parameter")
+    try:
+        ids = await lanes.run(chars, lambda: tokenizer.apply_tool_chat_template(messages, tools))
+    except Exception as exc:
+        raise APIError(400, f"The model's chat template rejected these messages: {exc}", param="messages",
+                       code="invalid_value") from None
+    return list(ids)
+
+
+def parser_name(deployment: Any, tokenizer: Any) -> str | None:
+    """The deployment's ``tool_call_parser``, else the one whose markup its chat template uses."""
+    if deployment.spec.tool_call_parser:
+        return str(deployment.spec.tool_call_parser)
+    template = tokenizer.tool_call_markup() if isinstance(tokenizer, RendersTools) else None
+    return next((name for marker, name in DETECT if template and marker in template), None)
+
+
+def plan(body: ChatCompletionRequest, parser: ToolCallParser | None) -> ToolPlan | None:
+    """How this request's replies are read (None: no tools)."""
+    if not body.tools:
+        return None
+    choice = tool_choice(body)
+    parallel = body.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        return ToolPlan("named", name=choice.function.name, parallel=parallel)
+    if choice == "required":
+        return ToolPlan("required", parallel=parallel)
+    if choice == "auto" and parser is not None:
+        return ToolPlan("parse", parser=parser, parallel=parallel)
+    return ToolPlan("text")
+
+
+def read_reply(tools: ToolPlan, text: str) -> ParsedOutput:
+    """A whole reply as content and calls, as ``tools`` says to read it."""
+    if tools.mode == "named":
+        return ParsedOutput(tool_calls=[ParsedToolCall(name=tools.name, arguments=text)])
+    if tools.mode == "required":
+        try:
+            calls = json.loads(text)
+            parsed = [ParsedToolCall(name=c["name"], arguments=json.dumps(c["parameters"], ensure_ascii=False))
+                      for c in calls]
+        except (ValueError, TypeError, KeyError):  # cut short by max_tokens: leave it as text
+            return ParsedOutput(content=text)
+        return ParsedOutput(tool_calls=parsed[:None if tools.parallel else 1])
+    if tools.mode == "parse" and tools.parser is not None:
+        out = tools.parser.parse(text)
+        if not tools.parallel:
+            out.tool_calls = out.tool_calls[:1]
+        return out
+    return ParsedOutput(content=text)
+
+
+def message_calls(calls: list[ParsedToolCall]) -> list[ToolCall]:
+    """The response's ``tool_calls``."""
+    return [ToolCall(id=new_call_id(), function=ToolCallFunction(name=c.name, arguments=c.arguments)) for c in calls]
+
+
+@dataclass
+class ToolStream:
+    """One streamed choice of a request with tools: turns its text deltas into content and
+    ``tool_calls`` deltas."""
+
+    tools: ToolPlan
+    text: str = ""
+    sent: int = 0  # characters of ``text`` already sent as content
+    holding: bool = False
+    called: bool = False
+
+    def push(self, delta: str) -> list[ChatDelta]:
+        """Deltas to send for new text."""
+        self.text += delta
+        mode = self.tools.mode
+        if mode == "named":
+            out = []
+            if not self.called:
+                self.called = True
+                out.append(ChatDelta(tool_calls=[ToolCallDelta(index=0, id=new_call_id(), type="function",
+                                                               function=ToolCallFunctionDelta(name=self.tools.name,
+                                                                                              arguments=""))]))
+            if delta:
+                out.append(ChatDelta(tool_calls=[ToolCallDelta(index=0,
+                                                               function=ToolCallFunctionDelta(arguments=delta))]))
+            return out
+        if mode == "required" or self.holding:
+            return []
+        if mode == "parse" and self.tools.parser is not None:
+            marker = self.tools.parser.start_marker
+            at = self.text.find(marker, self.sent)
+            if at >= 0:
+                self.holding = True
+                return self._content(at)
+            return self._content(len(self.text) - _partial_suffix(self.text, marker))
+        return self._content(len(self.text))
+
+    def _content(self, upto: int) -> list[ChatDelta]:
+        if upto <= self.sent:
+            return []
+        piece, self.sent = self.text[self.sent:upto], upto
+        return [ChatDelta(content=piece)]
+
+    def finish(self) -> tuple[list[ChatDelta], bool]:
+        """Deltas for the rest of the reply, and whether it called tools."""
+        if self.tools.mode == "named":
+            return self.push("") if not self.called else [], True
+        if self.tools.mode == "text" or not (self.holding or self.tools.mode == "required"):
+            return self._content(len(self.text)), False
+        parsed = read_reply(self.tools, self.text)
+        if not parsed.tool_calls:
+            return self._content(len(self.text)), False
+        out = []
+        already = self.text[:self.sent]
+        if parsed.content and parsed.content.startswith(already.strip()) and len(parsed.content) > len(already.strip()):
+            out.append(ChatDelta(content=parsed.content[len(already.strip()):]))
+        for index, call in enumerate(parsed.tool_calls):
+            out.append(ChatDelta(tool_calls=[ToolCallDelta(index=index, id=new_call_id(), type="function",
+                                                            function=ToolCallFunctionDelta(name=call.name))]))
+            out.append(ChatDelta(tool_calls=[ToolCallDelta(index=index,
+                                                           function=ToolCallFunctionDelta(arguments=call.arguments))]))
+        return out, True
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """How many characters at the end of ``text`` could be the start of ``marker``."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
+
+
+async def parser_for(ctx: Any, deployment: Any, name: str | None) -> ToolCallParser | None:
+    """The named parser of the deployment (a 400 when it is not installed), or None."""
+    if name is None:
+        return None
+    try:
+        return await anyio.to_thread.run_sync(deployment.pm.build, "tool_parser", name, deployment.spec)
+    except Exception as exc:
+        raise APIError(400, f"Tool calling is not available for the model {deployment.name!r}: {exc}",
+                       param="tools", code="unsupported_parameter") from None
+

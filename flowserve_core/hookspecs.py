@@ -145,7 +145,7 @@ def flowserve_register_frontends(register: Register[FrontendFactory], plugins: P
 
 
 @hookspec
-def flowserve_register_model_architectures(register: Callable[..., None]) -> None:
+def flowserve_register_model_architectures(register: Callable[..., None], plugins: PluginLookup) -> None:
     """Register model architectures for executors that build models from HF checkpoints (the
     ``spmd`` executor): ``register("qwen3", factory, hf_architectures=["Qwen3ForCausalLM"])``.
     Not firstresult.
@@ -154,8 +154,10 @@ def flowserve_register_model_architectures(register: Callable[..., None]) -> Non
         the ``model_type`` of a checkpoint's ``config.json``, ``hf_architectures`` the class names
         in its ``architectures`` that also select it, and ``factory(config, group, max_positions,
         dtype, device)`` returns the model's ``torch.nn.Module`` for one tensor-parallel rank
-        (the executor's docs say what it must offer). Called once in every process that loads
-        or checks such a model (the server, instance processes, worker ranks)."""
+        (the executor's docs say what it must offer).
+    :param plugins: the manager registering it (take it only if a factory needs it). Asked each
+        time such a model is loaded or checked, of the manager that built the executor (server,
+        instance processes) or, in a tensor-parallel worker rank, of that process's own."""
 
 
 @hookspec

@@ -17,6 +17,7 @@ import torch
 
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
 from flowserve_spmd_executor.kv_cache import bytes_per_block, plan_num_blocks
 from flowserve_spmd_executor.layers.linear import HeadShard
@@ -39,9 +40,9 @@ def plan_kv_cache(spec: DeploymentSpec, config: ModelConfig, dtype: torch.dtype)
     world = spec.tensor_parallel
     try:
         shard = HeadShard(config.num_heads, config.num_kv_heads, 0, world)
-        if config.intermediate_size % world:
-            raise ValueError(f"tensor_parallel={world} does not divide the model's MLP "
-                             f"size {config.intermediate_size}")
+        for what, size in config.tp_split_sizes.items():
+            if size % world:
+                raise ValueError(f"tensor_parallel={world} does not divide the model's {what} {size}")
     except ValueError as exc:
         raise ConfigError(f"model {spec.model!r}: {exc}") from None
     per_block = bytes_per_block(config, shard.kv_heads, spec.block_size, dtype)
@@ -60,22 +61,22 @@ def plan_kv_cache(spec: DeploymentSpec, config: ModelConfig, dtype: torch.dtype)
     return KVPlan(shard.kv_heads, per_block, num_blocks, max_model_len)
 
 
-def model_config_of(model: str) -> ModelConfig:
+def model_config_of(model: str, plugins: PluginLookup | None = None) -> ModelConfig:
     """The model's config without loading (or, for GGUF, converting) its weights."""
     path = Path(model).expanduser()
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").exists() else []
     gguf = path if path.is_file() and path.suffix.lower() == ".gguf" else (ggufs[0] if len(ggufs) == 1 else None)
     if gguf is None:
-        return load_model_config(resolve_weights(model).directory)
+        return load_model_config(resolve_weights(model).directory, plugins)
     converted = gguf_cache_dir(gguf)
     if (converted / _DONE_MARKER).exists():
-        return load_model_config(converted)
+        return load_model_config(converted, plugins)
     from flowserve_spmd_executor.gguf_header import config_from_gguf
 
-    return model_config_from_dict(config_from_gguf(gguf), source=str(gguf))
+    return model_config_from_dict(config_from_gguf(gguf), source=str(gguf), plugins=plugins)
 
 
-def check_deployment(spec: DeploymentSpec) -> None:
+def check_deployment(spec: DeploymentSpec, plugins: PluginLookup | None = None) -> None:
     """Raise ``ConfigError`` if no instance of ``spec`` could ever start (see the module doc)."""
     dtype = resolve_dtype(spec.dtype, resolve_device_type(spec.device))
-    plan_kv_cache(spec, model_config_of(spec.model), dtype)
+    plan_kv_cache(spec, model_config_of(spec.model, plugins), dtype)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from flowserve_core.errors import EngineDeadError
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
 from flowserve_sampler import Sampler, deployment_backend
 from flowserve_spmd_executor.checks import plan_kv_cache
@@ -60,13 +61,13 @@ class SpmdExecutor:
     ``export_kv``/``import_kv`` move blocks in the layout ``kv_block_shape`` describes.
     """
 
-    def __init__(self, spec: DeploymentSpec):
+    def __init__(self, spec: DeploymentSpec, plugins: PluginLookup | None = None):
         self.spec = spec
         self.world_size = spec.tensor_parallel
         self.device_type = resolve_device_type(spec.device)
         self.dtype = resolve_dtype(spec.dtype, self.device_type)
         self.weights = resolve_weights(spec.model)
-        self.config = load_model_config(self.weights.directory)
+        self.config = load_model_config(self.weights.directory, plugins)
         # the same checks as a deployment's start (``flowserve_check_deployment``)
         kv = plan_kv_cache(spec, self.config, self.dtype)
         self.max_model_len, self.bytes_per_block, self.num_blocks = kv.max_model_len, kv.bytes_per_block, kv.num_blocks
@@ -88,7 +89,7 @@ class SpmdExecutor:
             self._gang = WorkerGang(setups[1:])
             self._finalizer = weakref.finalize(self, self._gang.close)
         try:
-            self.rank = Rank(setups[0])
+            self.rank = Rank(setups[0], plugins=plugins)
             if self._gang is not None:
                 self._gang.wait_ready(float(options.get("load_timeout_seconds", 600.0)))
                 self.rank.connect(self._rendezvous)

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from flowserve_core.errors import ConfigError
+from flowserve_core.interfaces import PluginLookup
 from flowserve_spmd_executor.architectures import model_factory
 from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.model_config import ModelConfig
@@ -206,11 +207,12 @@ def tensor_names(resolved: ResolvedWeights) -> set[str]:
 
 
 def build_model(config: ModelConfig, group: TensorParallelGroup, *, dtype: torch.dtype,
-                device: torch.device, max_positions: int, allocate: bool = True) -> CausalLM:
+                device: torch.device, max_positions: int, allocate: bool = True,
+                plugins: PluginLookup | None = None) -> CausalLM:
     """The model's modules for this rank, allocated on ``device`` in ``dtype``, uninitialised
     (with ``allocate=False`` the parameters stay on the "meta" device, for the caller to swap
     in tensors it already has, e.g. views of a DRAM image)."""
-    factory = model_factory(config.model_type)
+    factory = model_factory(config.model_type, plugins)
     with torch.device("meta"):
         model = factory(config, group, max_positions, dtype, device)
     model.to(dtype=dtype)
@@ -223,9 +225,9 @@ def build_model(config: ModelConfig, group: TensorParallelGroup, *, dtype: torch
 
 def load_model(resolved: ResolvedWeights, config: ModelConfig, group: TensorParallelGroup, *,
                dtype: torch.dtype, device: torch.device, max_positions: int,
-               show_progress: bool = True) -> CausalLM:
+               show_progress: bool = True, plugins: PluginLookup | None = None) -> CausalLM:
     """Build the model for this rank and fill it with its shard of the checkpoint's weights."""
-    model = build_model(config, group, dtype=dtype, device=device, max_positions=max_positions)
+    model = build_model(config, group, dtype=dtype, device=device, max_positions=max_positions, plugins=plugins)
     with torch.inference_mode():
         load_weights(model, resolved, show_progress=show_progress, rank=group.rank)
     return model

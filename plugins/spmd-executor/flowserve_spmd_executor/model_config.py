@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from flowserve_core.errors import ConfigError
+from flowserve_core.interfaces import PluginLookup
 
 #: Rotary scaling types implemented in ``layers/rotary.py``.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -112,7 +113,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True):
         return sizes
 
 
-def load_model_config(directory: str | Path) -> ModelConfig:
+def load_model_config(directory: str | Path, plugins: PluginLookup | None = None) -> ModelConfig:
     """Read ``directory/config.json`` (raises ``ConfigError`` naming what is missing or unsupported)."""
     path = Path(directory) / "config.json"
     try:
@@ -121,15 +122,16 @@ def load_model_config(directory: str | Path) -> ModelConfig:
         raise ConfigError(f"{path} does not exist: a model directory needs config.json") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    return model_config_from_dict(raw, source=str(path))
+    return model_config_from_dict(raw, source=str(path), plugins=plugins)
 
 
-def model_config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+def model_config_from_dict(raw: dict[str, Any], source: str = "config.json",
+                           plugins: PluginLookup | None = None) -> ModelConfig:
     """Build a ``ModelConfig`` from a transformers config dictionary; its ``model_type`` (or one
-    of its ``architectures``) must be in the architecture registry."""
+    of its ``architectures``) must be an architecture ``plugins`` registers (``architectures.py``)."""
     from flowserve_spmd_executor.architectures import BUILTIN_ARCHITECTURES, architecture_of
 
-    model_type = architecture_of(raw, source)
+    model_type = architecture_of(raw, source, plugins)
 
     def need(key: str) -> Any:
         if key not in raw:

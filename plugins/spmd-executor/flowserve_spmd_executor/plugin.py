@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
 
 
@@ -12,13 +13,17 @@ class SpmdExecutorFactory:
     """Factory of executor ``spmd``, with the fast-start steps scalers may run before it
     (``FastStartExecutorFactory`` and ``DeviceSharingExecutorFactory`` of
     ``flowserve_core.interfaces``; see ``flowserve_spmd_executor.preload``). Each method imports
-    what it needs when called, so that this hook module stays light."""
+    what it needs when called, so that this hook module stays light. ``plugins``: the manager
+    whose model architectures its executors build (None: this process's)."""
+
+    def __init__(self, plugins: PluginLookup | None = None):
+        self.plugins = plugins
 
     def __call__(self, spec: DeploymentSpec) -> Any:
         """Load ``spec.model`` (blocks; the kernel calls it in a thread)."""
         from flowserve_spmd_executor.executor import SpmdExecutor
 
-        return SpmdExecutor(spec)
+        return SpmdExecutor(spec, self.plugins)
 
     def prewarm(self, device: str = "auto") -> None:
         """Import torch and the runner and open ``device`` (a pre-warmed process, no model yet)."""
@@ -50,13 +55,14 @@ build_executor = SpmdExecutorFactory()
 
 
 @hookimpl
-def flowserve_check_deployment(spec: DeploymentSpec) -> None:
+def flowserve_check_deployment(spec: DeploymentSpec, plugins: PluginLookup) -> None:
     """For a deployment of executor ``spmd``: the checks of an instance start, from the model's
-    config.json or GGUF header only (``flowserve_spmd_executor.checks``)."""
+    config.json or GGUF header only (``flowserve_spmd_executor.checks``), with the model
+    architectures ``plugins`` registers."""
     if spec.executor == "spmd":
         from flowserve_spmd_executor.checks import check_deployment
 
-        check_deployment(spec)
+        check_deployment(spec, plugins)
 
 
 @hookimpl
@@ -71,6 +77,16 @@ def flowserve_startup(deployment: Any) -> None:
 
 
 @hookimpl
-def flowserve_register_executors(register: Any) -> None:
-    """Register ``spmd``: a torch runner for Llama, Qwen2, Mistral and SmolLM2 checkpoints."""
-    register("spmd", build_executor)
+def flowserve_register_executors(register: Any, plugins: PluginLookup) -> None:
+    """Register ``spmd``: a torch runner for HF decoder-only checkpoints (Llama, Mistral, Qwen2/3,
+    Gemma 2/3, Phi-3, OLMo 2, Granite, Mixtral, Qwen3-MoE, and what plugins add)."""
+    register("spmd", SpmdExecutorFactory(plugins))
+
+
+@hookimpl
+def flowserve_register_model_architectures(register: Any) -> None:
+    """The executor's own architectures, through the same hook a plugin would use (their
+    factories import the model code only when a model is built)."""
+    from flowserve_spmd_executor.architectures import register_builtin_architectures
+
+    register_builtin_architectures(register)

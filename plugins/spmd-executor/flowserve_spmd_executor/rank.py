@@ -13,6 +13,7 @@ import time
 import msgspec
 import torch
 
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
 from flowserve_spmd_executor.distributed import Rendezvous, TensorParallelGroup
 from flowserve_spmd_executor.kv_cache import KVCache
@@ -56,7 +57,7 @@ class RankSetup(msgspec.Struct, kw_only=True):
 class Rank:
     """The model shard of one rank, ready to run step plans once ``connect`` was called."""
 
-    def __init__(self, setup: RankSetup, *, show_progress: bool = True):
+    def __init__(self, setup: RankSetup, *, show_progress: bool = True, plugins: PluginLookup | None = None):
         started = time.perf_counter()
         self.setup = setup
         if setup.num_threads:
@@ -68,7 +69,9 @@ class Rank:
         elif setup.device_type == "npu":
             torch.npu.set_device(self.device)  # type: ignore[attr-defined]  # added by torch_npu
         self.dtype = getattr(torch, setup.dtype)
-        self.config = load_model_config(setup.weights.directory)
+        # The architecture comes from ``plugins`` (rank 0: the manager that built the executor;
+        # a worker rank: its own process's).
+        self.config = load_model_config(setup.weights.directory, plugins)
         self.shard = HeadShard(self.config.num_heads, self.config.num_kv_heads, setup.rank, setup.world_size)
         self.group = TensorParallelGroup(setup.rank, setup.world_size)
         #: how the weights came: "loaded", or "preloaded" (a model ``preload.preload`` built in
@@ -81,7 +84,8 @@ class Rank:
         if self.model is None:
             self.weights_path = "loaded"
             self.model = load_model(setup.weights, self.config, self.group, dtype=self.dtype, device=self.device,
-                                    max_positions=setup.max_model_len, show_progress=show_progress)
+                                    max_positions=setup.max_model_len, show_progress=show_progress,
+                                    plugins=plugins)
             if setup.packed_linear and setup.device_type == "cpu" and onednn_linear_available(self.dtype):
                 self.model.pack_linear_weights()
         self.kv_cache = KVCache(self.config, num_blocks=setup.num_blocks, block_size=setup.spec.block_size,

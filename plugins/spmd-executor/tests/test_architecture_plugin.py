@@ -1,11 +1,12 @@
 """Architectures are a seam: a distribution outside the executor (``arcee_plugin/``, Arcee's
 squared-ReLU MLP) adds one through ``flowserve_register_model_architectures``, and the
-executor then serves its checkpoints greedy-exact against transformers; without it, such a
-checkpoint is refused with a message naming the hook."""
+executor built by that plugin manager then serves its checkpoints greedy-exact against
+transformers; without it, such a checkpoint is refused with a message naming the hook."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,9 @@ import torch
 from spmd_helpers import VOCAB, Driver, hf_greedy, load_hf, random_prompt
 
 from flowserve_core.errors import ConfigError
-from flowserve_core.plugins import get_plugin_manager
+from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec
-from flowserve_spmd_executor.architectures import architectures, refresh_architectures
-from flowserve_spmd_executor.executor import SpmdExecutor
+from flowserve_spmd_executor.architectures import architectures
 
 pytestmark = pytest.mark.anyio
 
@@ -39,36 +39,37 @@ def arcee(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def arcee_plugin():
-    """The plugin registered in this process's manager, as its entry point would load it."""
+def with_arcee() -> Iterator[PluginManager]:
+    """A plugin manager of the installed plugins plus the Arcee plugin, registered as its entry
+    point would load it (the process-global manager stays as it is)."""
     sys.path.insert(0, str(PLUGIN_DIR))
     import flowserve_arcee_architecture
 
-    manager = get_plugin_manager()
+    manager = PluginManager()
     manager.register(flowserve_arcee_architecture, name="arcee_architecture",
                      distribution="flowserve-arcee-architecture")
-    refresh_architectures()
-    yield
-    manager.unregister("arcee_architecture")
-    refresh_architectures()
+    yield manager
     sys.path.remove(str(PLUGIN_DIR))
 
 
-def make_executor(model: Path) -> SpmdExecutor:
-    return SpmdExecutor(DeploymentSpec(model=str(model), dtype="float32", device="cpu", kv_cache_memory="4MiB",
-                                       block_size=16))
+def spec_of(model: Path) -> DeploymentSpec:
+    return DeploymentSpec(model=str(model), dtype="float32", device="cpu", kv_cache_memory="4MiB", block_size=16)
 
 
 def test_without_the_plugin_the_architecture_is_refused_naming_the_hook(arcee):
-    assert "arcee" not in architectures()
+    manager = PluginManager()
+    assert "arcee" not in architectures(manager)
     with pytest.raises(ConfigError, match=r"model_type 'arcee'.*flowserve_register_model_architectures"):
-        make_executor(arcee)
+        manager.hook.flowserve_check_deployment(spec=spec_of(arcee), plugins=manager)  # the deployment check
+    with pytest.raises(ConfigError, match=r"model_type 'arcee'"):  # and an instance start
+        manager.build("executor", "spmd", spec_of(arcee))
 
 
-async def test_an_architecture_from_a_plugin_serves_greedy_exact(arcee, arcee_plugin):
-    assert architectures()["arcee"].plugin == "arcee_architecture"
-    assert {"llama", "qwen3_moe", "gemma3_text"} <= set(architectures())  # the built-ins stay
-    executor = make_executor(arcee)
+async def test_an_architecture_from_a_plugin_serves_greedy_exact(arcee, with_arcee):
+    assert architectures(with_arcee)["arcee"].plugin == "arcee_architecture"
+    assert {"llama", "qwen3_moe", "gemma3_text"} <= set(architectures(with_arcee))  # the built-ins stay
+    with_arcee.hook.flowserve_check_deployment(spec=spec_of(arcee), plugins=with_arcee)  # passes now
+    executor = with_arcee.build("executor", "spmd", spec_of(arcee))
     try:
         prompts = {f"len{n}": random_prompt(n, seed=1500 + n) for n in (4, 37)}
         driver = Driver(executor)

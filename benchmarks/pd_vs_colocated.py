@@ -165,7 +165,7 @@ def bench(url: str, system: str, rate: float, args: argparse.Namespace, out: Pat
     (out / f"{system}-rate{rate:g}.json").write_bytes(result.to_json())
 
     def moved(name: str) -> float:
-        key = f'{name}{{model="model"}}'
+        key = f'{name}{{model_name="model"}}'
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     rejected = sum(e.count for e in result.errors if e.status == "429")

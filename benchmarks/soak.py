@@ -110,7 +110,7 @@ class LiveServer:
         values = dict.fromkeys(names, 0.0)
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name in values and sample.labels.get("model") == MODEL:
+                if sample.name in values and sample.labels.get("model_name") == MODEL:
                     values[sample.name] += sample.value
         return list(values.values())
 
@@ -123,7 +123,7 @@ class LiveServer:
         buckets: dict[float, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == name + "_bucket" and sample.labels.get("model") == MODEL:
+                if sample.name == name + "_bucket" and sample.labels.get("model_name") == MODEL:
                     le = float(sample.labels["le"])
                     buckets[le] = buckets.get(le, 0.0) + sample.value
         return buckets

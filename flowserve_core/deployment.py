@@ -50,6 +50,9 @@ class InstancePool:
         self.instances: dict[str, Instance] = {}
         self.on_demand = on_demand
         self.closed = False  # the deployment stopped: no instance will come, so waiters give up
+        #: instances that joined and that ended over the pool's life: the scale events (/metrics)
+        self.started = 0
+        self.stopped = 0
         self._changed = anyio.Event()
 
     def notify(self) -> None:
@@ -84,12 +87,14 @@ class InstancePool:
     async def run(self, instance: Instance, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run ``instance`` as a member of this pool until it ends; scalers call this."""
         self.instances[instance.info.id] = instance
+        self.started += 1
         instance.on_change = self.notify
         self.notify()
         try:
             await instance.run(task_status=task_status)
         finally:
             self.instances.pop(instance.info.id, None)
+            self.stopped += 1
             if instance.info.state is not InstanceState.GONE:
                 instance.info.move_to(InstanceState.GONE)
             self.notify()

@@ -90,7 +90,7 @@ def test_stop_strings_cut_the_text(client):
 
 
 def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
-    aborted = metric(server, "flowserve:request_success_total", finish_reason="abort")
+    aborted = metric(server, "flowserve:request_success_total", finished_reason="abort")
     body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 400, "stream": True,
             "ignore_eos": True}
     with httpx.Client(timeout=60) as http:
@@ -103,7 +103,7 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(server):
             assert metric(server, "flowserve:num_requests_running") == 1
     assert wait_metric(server, "flowserve:num_requests_running", 0) == 0
     deadline = time.monotonic() + 30
-    while metric(server, "flowserve:request_success_total", finish_reason="abort") != aborted + 1:
+    while metric(server, "flowserve:request_success_total", finished_reason="abort") != aborted + 1:
         assert time.monotonic() < deadline, "the request was not aborted"
         time.sleep(0.1)
 

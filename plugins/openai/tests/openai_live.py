@@ -96,7 +96,7 @@ class LiveServer:
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
     def metric(self, name: str, **labels: str) -> float:
-        labels = {"model": MODEL, **labels}
+        labels = {"model_name": MODEL, **labels}
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
     def wait_metric(self, name: str, predicate: Callable[[float], bool], timeout: float = 30, **labels: str) -> float:

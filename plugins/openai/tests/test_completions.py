@@ -137,11 +137,11 @@ def test_finish_reasons_for_eos_stop_token_ids_min_tokens_and_ignore_eos(toy_ser
 @toy_only
 def test_stop_strings_end_the_choice_and_abort_the_engine_task(toy_server):
     client = toy_server.client()
-    before = toy_server.metric("flowserve:request_success_total", finish_reason="stop")
+    before = toy_server.metric("flowserve:request_success_total", finished_reason="stop")
     stopped = client.completions.create(model=MODEL, prompt="t5", max_tokens=200, stop=" t9")
     assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == (" t6 t7 t8", "stop")
     assert stopped.usage.completion_tokens == 4  # the engine task ended at the stop, not at max_tokens
-    assert toy_server.metric("flowserve:request_success_total", finish_reason="stop") == before + 1
+    assert toy_server.metric("flowserve:request_success_total", finished_reason="stop") == before + 1
     kept = client.completions.create(model=MODEL, prompt="t5", max_tokens=200, stop=[" t9", "t12"],
                                      extra_body={"include_stop_str_in_output": True})
     assert kept.choices[0].text == " t6 t7 t8 t9"

@@ -359,14 +359,14 @@ def test_admin_errors_scale_to_zero_per_deployment_and_metrics(server, models):
     scaled = admin(server, "POST", "/admin/scale", json={"deployment": "b", "instances": 0})
     assert scaled.json() == {"deployment": "b", "target": 0}
     deadline = time.monotonic() + BOUND
-    while server.metric("flowserve:num_instances", model="b", state="ready") != 0:
+    while server.metric("flowserve:num_instances", model_name="b", state="ready") != 0:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert server.metric("flowserve:num_instances", model="a", state="ready") == 1
+    assert server.metric("flowserve:num_instances", model_name="a", state="ready") == 1
     prompts, oracle_b = models["prompts"], models["oracles"]["b"]
     outcome = complete(server.url, "b", prompts[3], 3)
     assert_ran_on(outcome, "b", oracle_b, fingerprints(server)["b"])
-    assert server.metric("flowserve:request_success_total", model="b", finish_reason="length") >= 1
+    assert server.metric("flowserve:request_success_total", model_name="b", finished_reason="length") >= 1
     assert admin(server, "GET", "/admin/status").json()["deployment"] == "a"  # default: the first
 
 

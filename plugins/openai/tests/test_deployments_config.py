@@ -90,10 +90,10 @@ def test_each_deployments_table_is_served_with_its_own_settings(configured_serve
     with server.client(API_KEY) as client:
         assert {m.id for m in client.models.list().data} == {"alpha", "beta", "chat"}
         for model, expected in (("alpha", "alpha"), ("beta", "beta"), ("chat", "alpha")):
-            before = server.metric("flowserve:request_success_total", model=expected, finish_reason="length")
+            before = server.metric("flowserve:request_success_total", model_name=expected, finished_reason="length")
             answer = client.completions.create(model=model, prompt="t5 t6", max_tokens=3)
             assert answer.model == model and answer.choices[0].text.split() == ["t7", "t8", "t9"]
-            after = server.metric("flowserve:request_success_total", model=expected, finish_reason="length")
+            after = server.metric("flowserve:request_success_total", model_name=expected, finished_reason="length")
             assert after == before + 1, (model, expected, before, after)  # it ran on that deployment
         with pytest.raises(openai.NotFoundError, match="this server serves: alpha, beta, chat"):
             client.completions.create(model="gamma", prompt="t1", max_tokens=1)

@@ -71,6 +71,6 @@ def test_a_removed_deployments_metrics_series_go(start_server):
     answer = httpx.post(server.base_url + "/completions", json={"model": "extra", "prompt": "t1", "max_tokens": 2},
                         timeout=60)
     assert answer.status_code == 200, answer.text
-    assert 'flowserve:e2e_request_latency_seconds_count{model="extra"} 1.0' in httpx.get(server.url + "/metrics").text
+    assert 'flowserve:e2e_request_latency_seconds_count{model_name="extra"} 1.0' in httpx.get(server.url + "/metrics").text
     assert httpx.delete(server.url + "/admin/deployments/extra", timeout=60).status_code == 200
-    assert 'model="extra"' not in httpx.get(server.url + "/metrics").text
+    assert 'model_name="extra"' not in httpx.get(server.url + "/metrics").text

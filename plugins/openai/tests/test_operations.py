@@ -11,6 +11,10 @@ METRIC_NAMES = [
     "flowserve:num_requests_running", "flowserve:num_requests_waiting", "flowserve:kv_cache_usage_perc",
     "flowserve:prefix_cache_hits", "flowserve:prefix_cache_queries", "flowserve:prompt_tokens",
     "flowserve:generation_tokens", "flowserve:request_success", "flowserve:num_instances",
+    "flowserve:request_time_per_output_token_seconds", "flowserve:request_inference_time_seconds",
+    "flowserve:request_prefill_time_seconds", "flowserve:request_decode_time_seconds",
+    "flowserve:request_prompt_tokens", "flowserve:request_generation_tokens", "flowserve:request_params_max_tokens",
+    "flowserve:num_preemptions", "flowserve:num_instances_by_start_path", "flowserve:scale_events",
 ]
 
 
@@ -32,18 +36,33 @@ def test_health_and_ready(toy_server):
     assert toy["state"] == "ready" and toy["instances"]["ready"] == 1
 
 
-def test_metrics_have_vllm_names_under_our_prefix_with_a_model_label(toy_server):
+def test_metrics_have_vllm_names_and_label_names_under_our_prefix(toy_server):
     toy_server.client().completions.create(model=MODEL, prompt="t3", max_tokens=3)
     response = httpx.get(toy_server.url + "/metrics", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     for name in METRIC_NAMES:
         assert f"# TYPE {name}" in response.text, name
     samples = toy_server.metrics()
-    assert samples[("flowserve:time_to_first_token_seconds_count", (("model", MODEL),))] >= 1
-    assert samples[("flowserve:request_success_total", (("finish_reason", "length"), ("model", MODEL)))] >= 1
-    assert samples[("flowserve:num_instances", (("model", MODEL), ("state", "ready")))] == 1
-    assert samples[("flowserve:generation_tokens_total", (("model", MODEL),))] >= 3
-    assert samples[("flowserve:prompt_tokens_total", (("model", MODEL),))] >= 1
+    model = (("model_name", MODEL),)
+    assert samples[("flowserve:time_to_first_token_seconds_count", model)] >= 1
+    assert samples[("flowserve:request_success_total", (("finished_reason", "length"), *model))] >= 1
+    assert samples[("flowserve:num_instances", (*model, ("state", "ready")))] == 1
+    assert samples[("flowserve:generation_tokens_total", model)] >= 3
+    assert samples[("flowserve:prompt_tokens_total", model)] >= 1
+    # a finished request of 3 tokens (max_tokens 3): the per-request histograms saw it
+    for name in ("request_generation_tokens", "request_prompt_tokens", "request_params_max_tokens",
+                 "request_inference_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_time_per_output_token_seconds"):
+        assert samples[(f"flowserve:{name}_count", model)] >= 1, name
+    generated = samples[("flowserve:request_generation_tokens_count", model)]
+    assert samples[("flowserve:request_generation_tokens_bucket", (("le", "2.0"), *model))] < generated
+    assert samples[("flowserve:request_params_max_tokens_bucket", (("le", "5.0"), *model))] >= 1
+    # every instance started and not ended is in the pool, by its start path
+    up = samples[("flowserve:scale_events_total", (("direction", "up"), *model))]
+    down = samples[("flowserve:scale_events_total", (("direction", "down"), *model))]
+    live = sum(v for (name, _), v in samples.items() if name == "flowserve:num_instances_by_start_path")
+    assert up >= 1 and up - down == live >= 1
+    assert samples[("flowserve:num_preemptions_total", model)] == 0
 
 
 def test_openapi_describes_the_endpoints_and_bodies(toy_server):

@@ -10,7 +10,7 @@ from openai_live import MODEL
 
 def test_a_client_that_disconnects_mid_stream_aborts_its_request(toy_server):
     generated = toy_server.metric("flowserve:generation_tokens_total")
-    aborted = toy_server.metric("flowserve:request_success_total", finish_reason="abort")
+    aborted = toy_server.metric("flowserve:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": "t1", "max_tokens": 240, "stream": True}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", toy_server.base_url + "/completions", json=body) as response:
@@ -25,7 +25,7 @@ def test_a_client_that_disconnects_mid_stream_aborts_its_request(toy_server):
     assert toy_server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0
     assert toy_server.wait_metric("flowserve:kv_cache_usage_perc", lambda v: v == 0) == 0
     assert toy_server.wait_metric("flowserve:request_success_total", lambda v: v == aborted + 1,
-                                  finish_reason="abort") == aborted + 1
+                                  finished_reason="abort") == aborted + 1
     # it was stopped, not run to its 240 tokens
     assert toy_server.metric("flowserve:generation_tokens_total") - generated < 240
 
@@ -57,10 +57,10 @@ async def test_fifty_concurrent_streams_match_their_solo_runs(toy_server):
 
 
 def test_a_client_that_gives_up_on_a_non_streamed_request_aborts_it(toy_server):
-    aborted = toy_server.metric("flowserve:request_success_total", finish_reason="abort")
+    aborted = toy_server.metric("flowserve:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "prompt": "t1", "max_tokens": 240}
     with pytest.raises(httpx.ReadTimeout):  # the client closes the connection when it gives up
         httpx.post(toy_server.base_url + "/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
     assert toy_server.wait_metric("flowserve:request_success_total", lambda v: v == aborted + 1,
-                                  finish_reason="abort") == aborted + 1
+                                  finished_reason="abort") == aborted + 1
     assert toy_server.wait_metric("flowserve:num_requests_running", lambda v: v == 0) == 0

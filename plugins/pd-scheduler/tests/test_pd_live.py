@@ -63,14 +63,14 @@ def test_disaggregated_serving_matches_hf_and_survives_a_killed_decode_instance(
         assert answer.choices[0].text == hf_text(path, hf_greedy(model, prompt, 12))
         assert answer.usage.completion_tokens == 12
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
-        assert 'flowserve:kv_transfer_bytes_total{model="tiny"}' in metrics
-        moved = float(metrics.split('flowserve:kv_transfer_bytes_total{model="tiny"} ')[1].split()[0])
+        assert 'flowserve:kv_transfer_bytes_total{model_name="tiny"}' in metrics
+        moved = float(metrics.split('flowserve:kv_transfer_bytes_total{model_name="tiny"} ')[1].split()[0])
         assert moved > 0
-        fetching = float(metrics.split('flowserve:kv_transfer_seconds_total{model="tiny"} ')[1].split()[0])
+        fetching = float(metrics.split('flowserve:kv_transfer_seconds_total{model_name="tiny"} ')[1].split()[0])
         assert fetching > 0
         for role in ("prefill", "decode"):  # per-role queues (idle now: nothing waits)
             for family in ("flowserve:role_num_requests_waiting", "flowserve:role_waiting_prefill_tokens"):
-                assert f'{family}{{model="tiny",role="{role}"}} 0.0' in metrics, (family, role)
+                assert f'{family}{{model_name="tiny",role="{role}"}} 0.0' in metrics, (family, role)
 
         # A long stream; its decode instance is killed mid-way: the rest is decoded elsewhere.
         long_prompt, new = list(range(100, 140)), 150

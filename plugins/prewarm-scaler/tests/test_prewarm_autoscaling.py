@@ -92,7 +92,7 @@ def check_metrics(deployment: Deployment) -> None:
     assert counted == len(ready), text
     for path in {i.info.start_path for i in ready}:
         assert f'path="{path}"' in text
-    assert f'flowserve:num_instances{{model="toy",state="ready"}} {float(len(ready))}' in text
+    assert f'flowserve:num_instances{{model_name="toy",state="ready"}} {float(len(ready))}' in text
 
 
 async def test_scale_up_scale_down_and_scale_to_zero_under_scripted_load(pm):

@@ -252,8 +252,10 @@ def load_weights(model: CausalLM, resolved: ResolvedWeights, *, show_progress: b
         for name, source in iter_checkpoint(resolved):
             progress.advance(task)
             target, shard_id = model.checkpoint_target(name)
+            if target is None:
+                continue  # another tower of a multimodal checkpoint
             if target == "lm_head.weight" and config.tie_word_embeddings:
-                if "model.embed_tokens.weight" in names:
+                if any(n.endswith("embed_tokens.weight") for n in names):
                     continue  # tied: the embedding already provides it
                 target = "model.embed_tokens.weight"
             param = params.get(target)

@@ -129,8 +129,13 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "config.json",
                            plugins: PluginLookup | None = None) -> ModelConfig:
     """Build a ``ModelConfig`` from a transformers config dictionary; its ``model_type`` (or one
     of its ``architectures``) must be an architecture ``plugins`` registers (``architectures.py``)."""
-    from flowserve_spmd_executor.architectures import BUILTIN_ARCHITECTURES, architecture_of
+    from flowserve_spmd_executor.architectures import BUILTIN_ARCHITECTURES, architecture_of, architectures
 
+    text = raw.get("text_config")
+    if isinstance(text, dict) and raw.get("model_type") not in architectures(plugins) \
+            and text.get("model_type") in architectures(plugins):
+        # A multimodal checkpoint (Gemma 3 4B and up): serve its language model, text only.
+        raw = {**{k: raw[k] for k in ("tie_word_embeddings", "eos_token_id") if k in raw}, **text}
     model_type = architecture_of(raw, source, plugins)
 
     def need(key: str) -> Any:

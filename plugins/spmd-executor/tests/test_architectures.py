@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from spmd_helpers import ARCHITECTURES, WINDOW, Driver, hf_greedy, load_hf, random_prompt, save_tiny_architecture
 
 from flowserve_core.types import DeploymentSpec
@@ -45,6 +46,39 @@ async def test_greedy_tokens_equal_transformers(architecture, tensor_parallel):
         executor.close()
     for seq_id, prompt in prompts.items():
         assert outputs[seq_id] == hf_greedy(hf, prompt, 10), f"{model_type} tp={tensor_parallel} {seq_id}"
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+async def test_a_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path, tensor_parallel):
+    # Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: a vision tower and projector
+    # around a gemma3_text model under language_model.*; text prompts use the language model.
+    from spmd_helpers import COMMON
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = {**COMMON, **ARCHITECTURES["gemma3_text"]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=300,
+                          boi_token_index=301, eoi_token_index=302, tie_word_embeddings=False)
+    torch.manual_seed(71)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "language_model" in name and "norm" in name:
+                param.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path)
+    executor = make_executor(tmp_path, tensor_parallel)
+    try:
+        assert executor.config.model_type == "gemma3_text" and executor.config.sliding_windows == (WINDOW, 0)
+        prompts = {f"len{n}": random_prompt(n, seed=1800 + n) for n in (5, 2 * WINDOW + 3)}
+        driver = Driver(executor)
+        for seq_id, prompt in prompts.items():
+            driver.add(seq_id, prompt, max_tokens=10)
+        outputs = await driver.run(chunk=16)
+    finally:
+        executor.close()
+    for seq_id, prompt in prompts.items():
+        assert outputs[seq_id] == hf_greedy(model, prompt, 10), seq_id
 
 
 async def test_olmo2_k_norm_over_a_kv_head_replicated_on_both_ranks(tmp_path):

@@ -249,7 +249,8 @@ class RequestHandle:
         job = self.deployment.job_scheduler.make_job(self.request)
         async with self.send:
             try:
-                await self.deployment.job_scheduler.run_job(job, self.deployment.pool, self.emit)
+                with telemetry.job_span(job, self.deployment.name):
+                    await self.deployment.job_scheduler.run_job(job, self.deployment.pool, self.emit)
                 if self.output.finish_reason is None:
                     await self._fail("the job ended without a last event")
             except (EngineDeadError, TimeoutError) as exc:

@@ -1,5 +1,7 @@
-"""Telemetry: a span per request and request metrics through OpenTelemetry, exported where
-the standard ``OTEL_*`` variables say; with none set, nothing is installed.
+"""Telemetry: a span per request (GenAI semantic conventions) with its job and task spans,
+and request metrics through OpenTelemetry (the conventions' ``gen_ai.server.*`` names),
+exported where the standard ``OTEL_*`` variables say; with none set, nothing is installed.
+(plugins/openai/tests/test_tracing.py follows a caller's traceparent through a live server.)
 
 Each case runs in a fresh interpreter, because OpenTelemetry's global providers can be set
 only once per process."""
@@ -64,7 +66,7 @@ def test_without_otel_variables_nothing_is_installed_and_no_instrument_is_made()
     assert result["tracer_provider"] in ("ProxyTracerProvider", "NoOpTracerProvider")
     assert result["meter_provider"] in ("_ProxyMeterProvider", "NoOpMeterProvider")
     assert result["instruments"] == []
-    assert "flowserve.request" not in out
+    assert "text_completion toy" not in out and "gen_ai" not in out
 
 
 def test_console_exporters_get_a_span_per_request_and_the_request_metrics():
@@ -72,22 +74,33 @@ def test_console_exporters_get_a_span_per_request_and_the_request_metrics():
                       OTEL_SERVICE_NAME="flowserve-test")
     assert result["tracing"] is True and result["tracer_provider"] == "TracerProvider"
     assert result["meter_provider"] == "MeterProvider"
-    assert result["instruments"] == ["e2e", "generation", "prompt", "ttft"]
-    spans = [json.loads(block) for block in _json_blocks(out) if '"name": "flowserve.request"' in block]
+    assert result["instruments"] == ["duration", "generation", "prompt", "tpot", "ttft"]
+    blocks = [b for b in map(json.loads, _json_blocks(out)) if "context" in b and "name" in b]  # the spans
+    spans = [s for s in blocks if s["name"] == "text_completion toy"]  # no frontend: the kernel's operation
     assert len(spans) == 3
-    assert {s["attributes"]["flowserve.prompt_tokens"] for s in spans} == {2}
-    assert {s["attributes"]["flowserve.deployment"] for s in spans} == {"toy"}
-    assert len({s["attributes"]["flowserve.request_id"] for s in spans}) == 3
+    assert {s["attributes"]["gen_ai.usage.input_tokens"] for s in spans} == {2}
+    assert {s["attributes"]["gen_ai.usage.output_tokens"] for s in spans} == {4}
+    assert {s["attributes"]["gen_ai.request.max_tokens"] for s in spans} == {4}
+    assert {s["attributes"]["gen_ai.request.model"] for s in spans} == {"toy"}
+    assert {tuple(s["attributes"]["gen_ai.response.finish_reasons"]) for s in spans} == {("length",)}
+    assert len({s["attributes"]["gen_ai.response.id"] for s in spans}) == 3
     assert spans[0]["resource"]["attributes"]["service.name"] == "flowserve-test"
+    # under each request span its job (task spans come from the job schedulers that open them:
+    # colocated's and the PD ones, not the toy least-tasks scheduler of these tests)
+    jobs = [s for s in blocks if s["name"] == "flowserve.job"]
+    assert sorted(j["parent_id"] for j in jobs) == sorted(s["context"]["span_id"] for s in spans)
     # the metrics export: 3 requests of 2 prompt and 4 generated tokens each
     exported = json.loads(next(b for b in _json_blocks(out) if '"resource_metrics"' in b))
     points = {m["name"]: m["data"]["data_points"]
               for rm in exported["resource_metrics"] for sm in rm["scope_metrics"] for m in sm["metrics"]}
     assert sum(p["value"] for p in points["flowserve.generation_tokens"]) == 12
     assert sum(p["value"] for p in points["flowserve.prompt_tokens"]) == 6
-    assert sum(p["count"] for p in points["flowserve.time_to_first_token"]) == 3
-    assert points["flowserve.generation_tokens"][0]["attributes"] == {"deployment": "toy",
-                                                                      "finish_reason": "length"}
+    assert sum(p["count"] for p in points["gen_ai.server.time_to_first_token"]) == 3
+    assert sum(p["count"] for p in points["gen_ai.server.request.duration"]) == 3
+    assert sum(p["count"] for p in points["gen_ai.server.time_per_output_token"]) == 3
+    assert points["flowserve.generation_tokens"][0]["attributes"] == {
+        "gen_ai.operation.name": "text_completion", "gen_ai.provider.name": "flowserve",
+        "gen_ai.request.model": "toy", "gen_ai.response.model": "toy"}
 
 
 def test_an_exporter_that_is_not_installed_is_named_and_telemetry_stays_off():

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 
 from flowserve_colocated.estimate import LinearFit
+from flowserve_core import telemetry
 from flowserve_core.deployment import InstancePool
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import EmitEvent, Instance, KVTransports
@@ -147,16 +149,19 @@ class ColocatedJobScheduler:
         produced = False
         ahead = instance.num_tasks
         try:
-            async with instance.submit(task) as events:
-                async for event in events:
-                    if event.instance_failed and not produced:
-                        raise InstanceDied(event.error or "the instance died")
-                    if event.token_ids and not produced:
-                        produced = True
-                        self.ttft_by_tasks_ahead.add(ahead, time.time() - task.request.arrival_time)
-                    await emit(event)
-                    if event.finish_reason:
-                        return event
+            with telemetry.task_span(task, instance.info), ExitStack() as importing:
+                importing.enter_context(telemetry.kv_transfer_span(task, instance.info))
+                async with instance.submit(task) as events:
+                    async for event in events:
+                        importing.close()  # the first event: the KV is in (or the task failed)
+                        if event.instance_failed and not produced:
+                            raise InstanceDied(event.error or "the instance died")
+                        if event.token_ids and not produced:
+                            produced = True
+                            self.ttft_by_tasks_ahead.add(ahead, time.time() - task.request.arrival_time)
+                        await emit(event)
+                        if event.finish_reason:
+                            return event
         except EngineDeadError as exc:  # it was no longer ready when we submitted
             if produced:
                 raise

@@ -2,7 +2,8 @@
 
 Built in a function, not at import, so tests compose several apps (each with its own
 Prometheus registry). Middleware is pure ASGI, so streamed responses are never buffered:
-CORS (only when ``cors_origins`` is set) outside, bearer keys inside, then the routes.
+CORS (only when ``cors_origins`` is set) outside, bearer keys inside, then the caller's trace
+context, then the routes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from flowserve_openai.auth import BearerKeyMiddleware
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
 from flowserve_openai.responses import error_response
+from flowserve_openai.tracing import TraceContextMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ def build_app(server: Any) -> Starlette:
                                      allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                                      allow_headers=["authorization", "content-type"]))
     middleware.append(Middleware(BearerKeyMiddleware, api_key=config.api_key, admin_key=config.admin_key))
+    middleware.append(Middleware(TraceContextMiddleware))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.flowserve = context

@@ -1,6 +1,8 @@
 """The Grafana dashboard shipped in deploy/grafana reads only series that a live server's
-/metrics has, with the label names its queries select on; and the Prometheus scrape example
-points at /metrics."""
+/metrics has, with the label names its queries select on; the Prometheus scrape examples
+point at /metrics, and compose.yaml mounts them and the dashboard where Prometheus and
+Grafana read them. (Running compose needs a container engine; tests/test_container.py runs
+the image where one is.)"""
 
 from __future__ import annotations
 
@@ -50,9 +52,22 @@ def test_every_metric_the_dashboard_queries_is_on_a_live_servers_metrics(toy_ser
     assert "model_name" in samples["flowserve:num_requests_running"]
 
 
-def test_the_prometheus_example_scrapes_metrics():
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    (job,) = config["scrape_configs"]
-    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"]
+def test_the_prometheus_examples_scrape_metrics_and_compose_wires_them_to_the_dashboard():
+    for name, target in (("prometheus.yml", "127.0.0.1:8000"), ("compose.yml", "flowserve:8000")):
+        config = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
+        (job,) = config["scrape_configs"]
+        assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == [target]
+
+    compose = yaml.safe_load((DEPLOY.parent / "compose.yaml").read_text())["services"]
+    assert compose["flowserve"]["build"] == "." and compose["flowserve"]["ports"] == ["127.0.0.1:8000:8000"]
+    mounts = {target.split(":")[0]: source for volumes in (s.get("volumes", []) for s in compose.values())
+              for source, target in (v.split(":", 1) for v in volumes)}
+    for source in mounts.values():  # every file compose mounts is in the repository
+        assert (DEPLOY.parent / source).exists(), source
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus/compose.yml"
     provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "flowserve.yml").read_text())
-    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    dashboards = provider["providers"][0]["options"]["path"]
+    assert mounts[dashboards] == "./deploy/grafana" and (DEPLOY / "grafana" / "flowserve.json").is_file()
+    (source,) = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml")
+                               .read_text())["datasources"]
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in compose

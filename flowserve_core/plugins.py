@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import os
 import traceback
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import msgspec
@@ -181,7 +183,8 @@ class PluginManager:
 
     def build(self, kind: str, name: str, *args: Any) -> Any:
         """Resolve ``name`` and call its factory with ``args``."""
-        return self.get(kind, name).factory(*args)
+        component = self.get(kind, name)
+        return component.factory(*_arguments_for(component, args))
 
     def kv_transports(self, spec: DeploymentSpec) -> KVTransports:
         """The ``kv_transports(name)`` that schedulers' factories receive: it builds each of the
@@ -194,6 +197,37 @@ class PluginManager:
             return built[name]
 
         return transport
+
+
+#: Kinds whose factory signature grew a last argument, and that argument: a factory written
+#: before still works for one minor version, with a DeprecationWarning (docs/plugins/publishing.md).
+_GROWN_FACTORIES = {"batch_scheduler": "kv_transports", "job_scheduler": "kv_transports"}
+
+
+def _arguments_for(component: Component, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args``, or, for a factory of the older signature, ``args`` without the argument its kind
+    gained (warning that it becomes required in FlowServe 0.2)."""
+    grown = _GROWN_FACTORIES.get(component.kind)
+    if grown is None:
+        return args
+    try:
+        signature = inspect.signature(component.factory)
+    except (TypeError, ValueError):  # no introspectable signature: call it as documented
+        return args
+    if _accepts(signature, args) or not _accepts(signature, args[:-1]):
+        return args
+    warnings.warn(f"{component.kind} {component.name!r} ({component.distribution}): its factory takes no "
+                  f"{grown!r}; FlowServe passes it as the last argument and will require it from 0.2 "
+                  "(see the interfaces module's factory Protocols)", DeprecationWarning, stacklevel=3)
+    return args[:-1]
+
+
+def _accepts(signature: inspect.Signature, args: tuple[Any, ...]) -> bool:
+    try:
+        signature.bind(*args)
+    except TypeError:
+        return False
+    return True
 
 
 def _env_list(variable: str) -> list[str] | None:

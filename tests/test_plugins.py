@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import types
+import warnings
 
 import pytest
 
@@ -92,3 +93,33 @@ def test_register_and_unregister_a_small_plugin(pm):
     assert pm.build("executor", "mine", ) == {}
     pm.unregister("mine")
     assert "mine" not in pm.components("executor")
+
+
+def test_a_scheduler_factory_of_the_older_signature_still_builds_with_a_deprecation_warning():
+    """``kv_transports`` joined the batch and job scheduler factories; one written before keeps
+    working for a minor version, and says what to change."""
+    from flowserve_core.types import DeploymentSpec
+
+    built: list[tuple] = []
+
+    def old_batch_scheduler(spec, kv_cache):
+        built.append((spec, kv_cache))
+        return "old"
+
+    def new_job_scheduler(spec, kv_transports):
+        built.append((spec, kv_transports))
+        return "new"
+
+    pm = PluginManager(load_entrypoints=False)
+    pm.register(types.SimpleNamespace(
+        flowserve_register_batch_schedulers=hookimpl(lambda register: register("old", old_batch_scheduler)),
+        flowserve_register_job_schedulers=hookimpl(lambda register: register("new", new_job_scheduler))),
+        name="factories")
+    spec = DeploymentSpec()
+    with pytest.warns(DeprecationWarning, match="its factory takes no 'kv_transports'"):
+        assert pm.build("batch_scheduler", "old", spec, "kv", pm.kv_transports(spec)) == "old"
+    assert built[-1] == (spec, "kv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pm.build("job_scheduler", "new", spec, "transports") == "new"
+    assert built[-1] == (spec, "transports")

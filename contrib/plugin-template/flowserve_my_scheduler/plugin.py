@@ -14,8 +14,8 @@ import logging
 from typing import Any
 
 from flowserve_colocated import ContinuousBatchScheduler, Sequence
-from flowserve_core.interfaces import BatchSchedulerFactory, KVCacheManager, KVTransports, Register
 from flowserve_core import hookimpl
+from flowserve_core.interfaces import BatchSchedulerFactory, KVCacheManager, KVTransports, Register
 from flowserve_core.types import DeploymentSpec, Task
 
 log = logging.getLogger(__name__)

@@ -56,13 +56,13 @@ def placeholders(name: str, kind: str) -> dict[str, str]:
     snake = name.replace("-", "_")
 
     def quoted(items: tuple[str, ...]) -> str:
-        return ", ".join(f'"{item}"' for item in items)
+        return ", ".join(f'"{_bounded(item)}"' for item in items)
 
     values = {
         "name": name, "snake": snake, "dist": f"flowserve-{name}", "package": f"flowserve_{snake}",
         "Class": words if words.endswith(spec.class_suffix) else words + spec.class_suffix,
         "title": spec.title,
-        "dependencies": quoted((f"flowserve-core>={'.'.join(__version__.split('.')[:2])}", *spec.dependencies)),
+        "dependencies": quoted((_core_bound(), *spec.dependencies)),
         "test_dependencies": quoted(("pytest>=8", "flowserve-testing", *spec.test_dependencies)),
     }
     values["usage"] = fill(spec.usage, values)
@@ -116,3 +116,18 @@ def new_project(name: str, kind: str, directory: Optional[Path]) -> None:
                f"  pip install -e '{root}[test]'\n  pytest {root}\n"
                f"  {'flowserve --help' if kind == 'command' else 'flowserve plugins'}\n"
                f"  {placeholders(name, kind)['usage']}")
+
+
+def _core_bound() -> str:
+    """``flowserve-core`` from this minor version up to the next: before 1.0 a minor version
+    may change the hooks, so a plugin says which ones it was written against."""
+    return _bounded("flowserve-core")
+
+
+def _bounded(requirement: str) -> str:
+    """A bare requirement on one of FlowServe's distributions, bounded to this minor version
+    (they are released together); any other requirement as it is."""
+    if not requirement.startswith("flowserve-") or not requirement.replace("-", "").isalnum():
+        return requirement
+    major, minor = (int(part) for part in __version__.split(".")[:2])
+    return f"{requirement}>={major}.{minor},<{major}.{minor + 1}"

@@ -15,12 +15,8 @@ import msgspec
 from flowserve_core.structured_output import StructuredOutputBackend, UnsupportedConstraint
 from flowserve_core.types import StructuredOutput
 from flowserve_openai.errors import APIError
-from flowserve_openai.protocol import (
-    JSONObjectResponseFormat,
-    JSONSchemaResponseFormat,
-    SamplingFields,
-    StructuredOutputsParam,
-)
+from flowserve_openai.protocol import SamplingFields
+from flowserve_openai.protocol_tools import JSONObjectResponseFormat, JSONSchemaResponseFormat, StructuredOutputsParam
 
 
 def structured_output(body: SamplingFields) -> tuple[StructuredOutput, str] | None:

@@ -19,7 +19,8 @@ from flowserve_openai import tools
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
 from flowserve_openai.prompts import chat_prompt, check_prompt_chars, message_list
-from flowserve_openai.protocol import MAX_TOOLS, ChatCompletionRequest, MessageParam, TokenId, ToolParam
+from flowserve_openai.protocol import MAX_TOOLS, ChatCompletionRequest, MessageParam, TokenId
+from flowserve_openai.protocol_tools import ToolParam
 from flowserve_openai.responses import json_response
 
 

@@ -27,16 +27,13 @@ from flowserve_core.tool_calls import ParsedOutput, ParsedToolCall, RendersTools
 from flowserve_core.types import StructuredOutput
 from flowserve_openai.errors import APIError
 from flowserve_openai.prompts import check_prompt_chars
-from flowserve_openai.protocol import (
-    AssistantMessageParam,
-    ChatCompletionRequest,
-    ChatDelta,
+from flowserve_openai.protocol import AssistantMessageParam, ChatCompletionRequest, ChatDelta, ToolMessageParam
+from flowserve_openai.protocol_tools import (
     NamedToolChoice,
     ToolCall,
     ToolCallDelta,
     ToolCallFunction,
     ToolCallFunctionDelta,
-    ToolMessageParam,
 )
 
 #: Chat-template markup → the parser that reads it, for deployments that name none.

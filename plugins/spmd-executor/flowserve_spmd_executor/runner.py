@@ -12,14 +12,14 @@ import torch
 from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.kv_cache import KVCache
 from flowserve_spmd_executor.layers.attention import GatherWorkspace, build_attention_metadata
-from flowserve_spmd_executor.models.llama import LlamaForCausalLM
+from flowserve_spmd_executor.models.base import CausalLM
 from flowserve_spmd_executor.plan import StepPlan
 
 
 class ModelRunner:
     """Runs step plans on one rank's model and KV cache."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, group: TensorParallelGroup,
+    def __init__(self, model: CausalLM, kv_cache: KVCache, group: TensorParallelGroup,
                  device: torch.device):
         self.model = model
         self.kv_cache = kv_cache

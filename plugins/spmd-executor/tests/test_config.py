@@ -93,7 +93,7 @@ def test_family_differences_come_from_the_config():
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type 'gpt2'"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"hidden_act": "relu"}, "hidden activation 'relu'"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "rope type 'dynamic'"),
     ({"num_attention_heads": None}, "no 'num_attention_heads'"),
 ])

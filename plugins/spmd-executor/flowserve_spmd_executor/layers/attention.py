@@ -136,12 +136,16 @@ class PagedAttention(nn.Module):
     views of the executor's KV tensor, attached by the runner once allocated.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int = 0):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int = 0,
+                 scale: float | None = None, softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        #: Gemma 2's ``cap * tanh(scores / cap)`` before the softmax (SDPA cannot, so such
+        #: layers take ``_softcapped_attention``)
+        self.softcap = softcap
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -152,6 +156,17 @@ class PagedAttention(nn.Module):
         else:
             blocks = torch.index_select(cache, 0, tables.view(-1), out=out)
         return blocks.view(num, width * cache.shape[1], self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of ``q`` over ``k``/``v`` where boolean ``mask`` (None: everywhere) allows."""
+        if self.softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """``q [T, heads, hd]``, ``k``/``v [T, kv_heads, hd]`` → ``[T, heads * hd]``."""
@@ -170,8 +185,7 @@ class PagedAttention(nn.Module):
             keys, values = self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1])
             if mask is None:
                 keys, values = keys[:, :, :meta.decode_key_len], values[:, :, :meta.decode_key_len]
-            out = F.scaled_dot_product_attention(q[:num_decode].view(num_decode, kvh, group, hd), keys, values,
-                                                 attn_mask=mask, scale=self.scale)
+            out = self._attend(q[:num_decode].view(num_decode, kvh, group, hd), keys, values, mask)
             outputs.append(out.reshape(num_decode, -1))
         if meta.num_prefill:
             num, longest = meta.num_prefill, meta.prefill_max_len
@@ -180,9 +194,8 @@ class PagedAttention(nn.Module):
             assert tables is not None and gather is not None and unpad is not None  # set with num_prefill
             qp = q[num_decode:].index_select(0, gather)
             qp = qp.view(num, longest, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(num, kvh, group * longest, hd)
-            out = F.scaled_dot_product_attention(
-                qp, self._gather(k_cache, tables, buffers[0]), self._gather(v_cache, tables, buffers[1]),
-                attn_mask=meta.prefill_masks[self.sliding_window], scale=self.scale)
+            out = self._attend(qp, self._gather(k_cache, tables, buffers[0]),
+                               self._gather(v_cache, tables, buffers[1]), meta.prefill_masks[self.sliding_window])
             out = out.view(num, kvh, group, longest, hd).permute(0, 3, 1, 2, 4).reshape(num * longest, -1)
             outputs.append(out.index_select(0, unpad))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -92,9 +92,29 @@ class HeadShard:
                                  "nor replicated evenly")
             self.kv_heads = 1
             self.kv_start = rank // (world_size // num_kv_heads)
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.heads = num_heads // world_size
         self.start = rank * self.heads
         self.replicated_kv = num_kv_heads < world_size
+
+
+class SourceRows:
+    """Rows ``[offset, offset + rows)`` of a checkpoint tensor source, read like the source itself:
+    one part of a tensor the checkpoint stores fused (Phi-3's ``qkv_proj``/``gate_up_proj``)."""
+
+    def __init__(self, source: Any, offset: int, rows: int):
+        self.source, self.offset = source, offset
+        self.shape = (rows, *source.shape[1:])
+        self.ndim = len(self.shape)
+
+    def read(self, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+        if dim not in (None, 0):
+            raise ValueError("a fused tensor's parts are read by rows")
+        if dim is None:
+            start, length = 0, self.shape[0]
+        elif length is None:
+            length = self.shape[0] - start
+        return self.source.read(0, self.offset + start, length)
 
 
 class ParallelLinear(nn.Module):
@@ -155,6 +175,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, group)
 
     def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        """Copy this rank's part of output block ``shard_id``; with ``shard_id`` None, ``source``
+        holds every block one after another (a checkpoint that stores them fused)."""
+        if shard_id is None:
+            start = 0
+            for index, size in enumerate(self.output_sizes):
+                self.weight_loader(param, SourceRows(source, start, size), index)
+                start += size
+            return
         world = self.group.world_size
         offset = sum(self.output_sizes[:shard_id]) // world
         size = self.output_sizes[shard_id] // world
@@ -174,7 +202,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, out, bias, group)
 
     def weight_loader(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        """Copy this rank's heads of ``shard_id`` ("q", "k" or "v"); with ``shard_id`` None,
+        ``source`` is q, k and v fused in that order (Phi-3's ``qkv_proj``)."""
         hd, shard = self.head_dim, self.shard
+        if shard_id is None:
+            q_rows, kv_rows = shard.num_heads * hd, shard.num_kv_heads * hd
+            for part, start, rows in (("q", 0, q_rows), ("k", q_rows, kv_rows), ("v", q_rows + kv_rows, kv_rows)):
+                self.weight_loader(param, SourceRows(source, start, rows), part)
+            return
         if shard_id == "q":
             offset, start, size = 0, shard.start * hd, self.q_size
         else:

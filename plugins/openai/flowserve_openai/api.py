@@ -8,6 +8,7 @@ one kernel request per choice and answers (streamed or not).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -24,6 +25,7 @@ from flowserve_openai.rendering import ChatRenderer, CompletionRenderer
 from flowserve_openai.responses import GenerationResponse, json_response
 from flowserve_openai.sampling import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ChoicePlan,
     check_context,
     check_request,
     fan_out,
@@ -107,11 +109,22 @@ async def create_completion(request: Request) -> Any:
     return GenerationResponse(generation, renderer, body.stream)
 
 
-async def create_chat_completion(request: Request) -> Any:
-    """``POST /v1/chat/completions``."""
-    received = time.time()  # the request's arrival: its TTFT includes parsing and tokenizing
-    ctx = _ctx(request)
-    body = await ctx.decode(request, ChatCompletionRequest)
+@dataclass
+class ChatPlan:
+    """A chat request made ready to run: its deployment, its choices (kernel requests), its
+    prompt, the logprobs asked for and how replies are read for tools (None: no tools)."""
+
+    deployment: Any
+    plans: list[ChoicePlan]
+    prompts: list[tuple[list[int], str]]
+    logprobs: int | None
+    tools: tools.ToolPlan | None
+
+
+async def plan_chat(ctx: AppContext, body: ChatCompletionRequest) -> ChatPlan:
+    """Everything a chat request is checked for before anything is admitted (the body, the
+    model, the prompt's fit, structured output, tools), and its choices; also used by
+    ``/v1/responses``, which is a chat underneath."""
     check_request(body, ctx.config)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs",
@@ -150,8 +163,16 @@ async def create_chat_completion(request: Request) -> Any:
     params = sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, vocab_size=tokenizer.vocab_size,
                              names={"max_tokens": name, "logprobs": "top_logprobs"}, structured_output=constraint)
     prompts = [(prompt_ids, "")]
-    plans = fan_out(prompts, params, body.n)
-    renderer = ChatRenderer(tools=tool_plan,
-                            **_renderer_args(ctx, deployment, body, "chatcmpl", plans, prompts, logprobs))
-    generation = Generation(deployment, plans, ctx.metrics, arrival_time=received)
+    return ChatPlan(deployment, fan_out(prompts, params, body.n), prompts, logprobs, tool_plan)
+
+
+async def create_chat_completion(request: Request) -> Any:
+    """``POST /v1/chat/completions``."""
+    received = time.time()  # the request's arrival: its TTFT includes parsing and tokenizing
+    ctx = _ctx(request)
+    body = await ctx.decode(request, ChatCompletionRequest)
+    chat = await plan_chat(ctx, body)
+    renderer = ChatRenderer(tools=chat.tools, **_renderer_args(ctx, chat.deployment, body, "chatcmpl", chat.plans,
+                                                               chat.prompts, chat.logprobs))
+    generation = Generation(chat.deployment, chat.plans, ctx.metrics, arrival_time=received)
     return GenerationResponse(generation, renderer, body.stream)

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from flowserve_openai import admin, api, deployments, ops, tokenize
+from flowserve_openai import admin, api, deployments, ops, responses_api, tokenize
 from flowserve_openai.auth import BearerKeyMiddleware
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
@@ -51,6 +51,7 @@ def build_app(server: Any) -> Starlette:
         Route("/v1/chat/completions", api.create_chat_completion, methods=["POST"]),
         Route("/tokenize", tokenize.tokenize, methods=["POST"]),
         Route("/detokenize", tokenize.detokenize, methods=["POST"]),
+        Route("/v1/responses", responses_api.create_response, methods=["POST"]),
         Route("/health", ops.health, methods=["GET"]),
         Route("/ready", ops.ready, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),

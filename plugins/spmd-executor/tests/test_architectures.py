@@ -81,6 +81,30 @@ async def test_a_multimodal_gemma3_checkpoint_serves_its_language_model(tmp_path
         assert outputs[seq_id] == hf_greedy(model, prompt, 10), seq_id
 
 
+@pytest.mark.parametrize("model_type", ["gemma3_text", "qwen3_moe"])
+async def test_a_model_preloaded_from_its_dram_image_gives_the_same_tokens(model_type, tmp_path, monkeypatch):
+    # The prewarm scaler's fast start: weights written once as a DRAM image, then mapped.
+    from flowserve_spmd_executor import image_store
+    from flowserve_spmd_executor.preload import preload
+
+    monkeypatch.setenv("FLOWSERVE_SHM_DIR", str(tmp_path / "shm"))
+    monkeypatch.setenv("FLOWSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(image_store.SESSION_VARIABLE, "")
+    path = save_tiny_architecture(tmp_path / "model", model_type, seed=81)
+    spec = DeploymentSpec(model=str(path), dtype="float32", device="cpu", kv_cache_memory="4MiB", block_size=16)
+    preload(spec)
+    executor = SpmdExecutor(spec)
+    try:
+        assert executor.rank.weights_path == "preloaded"
+        prompt = random_prompt(2 * WINDOW + 4, seed=1981)
+        driver = Driver(executor)
+        driver.add("x", prompt, max_tokens=10)
+        outputs = await driver.run()
+    finally:
+        executor.close()
+    assert outputs["x"] == hf_greedy(load_hf(path), prompt, 10)
+
+
 async def test_olmo2_k_norm_over_a_kv_head_replicated_on_both_ranks(tmp_path):
     # One KV head, two ranks: each holds the same head, and the norm's all-reduced sum of
     # squares must count it once.

@@ -34,7 +34,18 @@ def build_all(out: Path) -> list[Path]:
         if result.returncode != 0:
             raise SystemExit(f"building {directory.relative_to(ROOT) or '.'} failed:\n{result.stdout[-3000:]}"
                              f"{result.stderr[-3000:]}")
+        _remove_scratch(directory / "build", keep=out)
     return sorted(out.iterdir())
+
+
+def _remove_scratch(build_dir: Path, keep: Path) -> None:
+    """setuptools' scratch copies of the packages (``build/lib``, ``build/bdist.*``): left in
+    place they would be found by every grep and tool that walks the tree."""
+    for entry in build_dir.glob("*") if build_dir.is_dir() else []:
+        if entry.resolve() != keep.resolve() and (entry.name == "lib" or entry.name.startswith("bdist.")):
+            shutil.rmtree(entry)
+    if build_dir.is_dir() and not any(build_dir.iterdir()):
+        build_dir.rmdir()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -29,6 +29,9 @@ from flowserve_ray.cluster import connect, read_options
 from flowserve_ray.instance import RayInstance
 from flowserve_ray.pool import ActorPool
 from flowserve_ray.weights import SharedWeights, publish_weights, why_not_shared
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class RayScaler(TargetScaler):
         self.pool = ActorPool(spec, self.options) if self.options.pool_size else None
         self.resources: dict[str, Any] = {}
 
-    async def run(self, deployment: Any) -> None:
+    async def run(self, deployment: Deployment) -> None:
         self.resources = await anyio.to_thread.run_sync(
             connect, self.options.ray_address, self.options.ray_namespace)
         log.info("deployment %s runs on Ray (cluster resources: %s)", self.spec.name, self.resources,
@@ -76,7 +79,7 @@ class RayScaler(TargetScaler):
         log.info("weights of %s are not shared through the object store (%s); every actor loads "
                  "them itself", self.spec.name, why_not, extra={"deployment": self.spec.name})
 
-    def make_instance(self, deployment: Any, role: TaskRole) -> RayInstance:
+    def make_instance(self, deployment: Deployment, role: TaskRole) -> RayInstance:
         info = InstanceInfo(deployment=self.spec.name, role=role)
         return RayInstance(self.spec, info, self.options, weights=self.weights, pool=self.pool,
                            log_level=os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))
@@ -87,6 +90,6 @@ class RayScaler(TargetScaler):
         """Note a finished request's TTFT (the SLO check reads the last minute of them)."""
         self.ttfts.observe(output)
 
-    async def _autoscale(self, deployment: Any) -> None:
+    async def _autoscale(self, deployment: Deployment) -> None:
         """Every scale interval: sample the load, ask the shared policy, move the target."""
         await autoscale(self, deployment, self.options.scale_interval, "Ray actors")

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import msgspec
@@ -31,6 +31,7 @@ from flowserve_core.types import DeploymentSpec
 
 if TYPE_CHECKING:
     from flowserve_core.deployment import Deployment
+    from flowserve_core.types import RequestOutput
 
 
 class ScalingPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -122,7 +123,7 @@ class TtftWindow:
     def __init__(self, maxlen: int = 1024):
         self.samples: deque[tuple[float, float]] = deque(maxlen=maxlen)
 
-    def observe(self, output: Any) -> None:
+    def observe(self, output: RequestOutput) -> None:
         """Note a finished request's TTFT (``RequestOutput``; none when it never produced one)."""
         ttft = output.metrics.ttft if output.metrics else None
         if ttft is not None:

@@ -4,7 +4,7 @@ key) when keys are configured."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,12 +14,15 @@ from flowserve_openai.errors import APIError
 from flowserve_openai.ops_protocol import InstanceStatus, ScaleRequest, ScaleResponse, StatusResponse
 from flowserve_openai.responses import json_response
 
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
+
 
 def _ctx(request: Request) -> AppContext:
     return request.app.state.flowserve
 
 
-def _target(deployment: Any) -> int:
+def _target(deployment: Deployment) -> int:
     """How many instances the deployment aims for (the scaler's override, else its spec)."""
     return len(deployment.role_targets(deployment.scaler.target))
 

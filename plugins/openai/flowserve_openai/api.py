@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,12 +34,15 @@ from flowserve_openai.sampling import (
 )
 from flowserve_openai.structured import check_structured_output, structured_output
 
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
+
 
 def _ctx(request: Request) -> AppContext:
     return request.app.state.flowserve
 
 
-def _card(ctx: AppContext, model_id: str, deployment: Any) -> ModelCard:
+def _card(ctx: AppContext, model_id: str, deployment: Deployment) -> ModelCard:
     return ModelCard(id=model_id, created=ctx.created(deployment.name), root=deployment.name,
                      max_model_len=deployment.max_model_len)
 
@@ -61,7 +64,7 @@ async def retrieve_model(request: Request) -> Response:
     return json_response(_card(ctx, model_id, ctx.lookup(model_id)))
 
 
-def _renderer_args(ctx: AppContext, deployment: Any, body: Any, prefix: str, plans: list, prompts: list,
+def _renderer_args(ctx: AppContext, deployment: Deployment, body: Any, prefix: str, plans: list, prompts: list,
                    logprobs: int | None) -> dict[str, Any]:
     return dict(id=new_id(prefix), model=body.model or deployment.name, created=int(time.time()),
                 fingerprint=ctx.fingerprint(deployment), tokenizer=deployment.tokenizer, choices=plans,
@@ -69,7 +72,7 @@ def _renderer_args(ctx: AppContext, deployment: Any, body: Any, prefix: str, pla
                 include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
 
 
-async def _constraint(ctx: AppContext, deployment: Any, body: Any) -> Any:
+async def _constraint(ctx: AppContext, deployment: Deployment, body: Any) -> Any:
     """The body's structured-output constraint, checked by the deployment's backend (or None)."""
     asked = structured_output(body)
     if asked is None:
@@ -79,7 +82,7 @@ async def _constraint(ctx: AppContext, deployment: Any, body: Any) -> Any:
     return constraint
 
 
-async def _chat_prompt_ids(ctx: AppContext, deployment: Any, body: ChatCompletionRequest) -> list[int]:
+async def _chat_prompt_ids(ctx: AppContext, deployment: Deployment, body: ChatCompletionRequest) -> list[int]:
     """The chat's prompt: through the tool-aware template when the chat has tools or tool turns."""
     messages = chat_messages(body)
     if not tools.uses_tools(body):

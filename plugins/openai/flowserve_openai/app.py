@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import anyio
 from starlette.applications import Starlette
@@ -28,10 +28,13 @@ from flowserve_openai.errors import APIError
 from flowserve_openai.responses import error_response
 from flowserve_openai.tracing import TraceContextMiddleware
 
+if TYPE_CHECKING:
+    from flowserve_core.server import Server
+
 log = logging.getLogger(__name__)
 
 
-def build_app(server: Any) -> Starlette:
+def build_app(server: Server) -> Starlette:
     """The ASGI app serving ``server``'s deployments with the OpenAI API."""
     config = server.config
     context = AppContext(server)

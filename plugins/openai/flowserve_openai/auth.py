@@ -8,9 +8,12 @@ compared in constant time and never logged.
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowserve_openai.errors import APIError
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
 
@@ -19,7 +22,7 @@ class BearerKeyMiddleware:
     """Pure ASGI middleware (it must not buffer streamed responses) answering 401 in
     OpenAI's shape when a guarded path lacks the right ``Authorization: Bearer`` key."""
 
-    def __init__(self, app: Any, api_key: str | None, admin_key: str | None):
+    def __init__(self, app: ASGIApp, api_key: str | None, admin_key: str | None):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         admin = admin_key or api_key

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import msgspec
@@ -20,6 +20,10 @@ from flowserve_openai.openapi import openapi_schema
 from flowserve_openai.prompts import TokenizingLanes
 from flowserve_openai.protocol import encoder
 
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
+    from flowserve_core.server import Server
+
 T = TypeVar("T")
 
 #: Seconds an inference request waits for a deployment added at run time to finish starting.
@@ -29,7 +33,7 @@ START_WAIT = 300.0
 class AppContext:
     """The state of one app built by ``build_app(server)`` (its own Prometheus registry)."""
 
-    def __init__(self, server: Any):
+    def __init__(self, server: Server):
         self.server = server
         self.config = server.config
         self.health = HealthMonitor(server)
@@ -37,7 +41,8 @@ class AppContext:
         self.tokenizing = TokenizingLanes()
         deployments = list(server.deployments.values())
         self.openapi = encoder.encode(openapi_schema(
-            self.config, max((d.spec.max_instances for d in deployments), default=None),
+            # max_instances is set by DeploymentSpec.__post_init__ (its type says "may be unset")
+            self.config, max((d.spec.max_instances or d.spec.min_instances for d in deployments), default=None),
             max((d.max_model_len for d in deployments), default=None)))
         self._created: dict[str, int] = {}
         for name in server.deployments:
@@ -47,14 +52,14 @@ class AppContext:
         self._backends: dict[str, tuple[Any, Any]] = {}
         self._backends_lock = anyio.Lock()
 
-    async def structured_output_backend(self, deployment: Any) -> Any:
+    async def structured_output_backend(self, deployment: Deployment) -> Any:
         """``deployment``'s structured-output backend (``spec.structured_output_backend``), built
         when a constrained request first comes, then kept; a 400 when no plugin of that name is
         installed."""
         return await self.component(deployment, "structured_output", deployment.spec.structured_output_backend,
                                     "Structured output", "unsupported_structured_output")
 
-    async def component(self, deployment: Any, kind: str, name: str, what: str, code: str) -> Any:
+    async def component(self, deployment: Deployment, kind: str, name: str, what: str, code: str) -> Any:
         """The component ``kind:name`` built for ``deployment`` (in a worker thread, once per
         deployment), or a 400 saying ``what`` is not available and why."""
         async with self._backends_lock:
@@ -111,7 +116,7 @@ class AppContext:
         return deployment
 
     @staticmethod
-    def fingerprint(deployment: Any) -> str:
+    def fingerprint(deployment: Deployment) -> str:
         """OpenAI's ``system_fingerprint``: changes when the software or the model setup does."""
         spec = deployment.spec
         key = f"{__version__}|{spec.model}|{spec.executor}|{spec.dtype}|{spec.tensor_parallel}|{spec.tokenizer}"

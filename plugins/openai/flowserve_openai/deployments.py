@@ -18,7 +18,7 @@ Names of deployments and aliases follow ``names.py`` (1 to 128 characters of
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -39,6 +39,9 @@ from flowserve_openai.ops_protocol import (
 )
 from flowserve_openai.responses import json_response
 
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
+
 log = logging.getLogger(__name__)
 
 
@@ -46,14 +49,15 @@ def _ctx(request: Request) -> AppContext:
     return request.app.state.flowserve
 
 
-def deployment_status(ctx: AppContext, deployment: Any) -> DeploymentStatus:
+def deployment_status(ctx: AppContext, deployment: Deployment) -> DeploymentStatus:
     """How ``deployment`` stands now, for the admin API."""
     spec, stats = deployment.spec, deployment.stats()
     aliases = sorted(a for a, name in ctx.server.aliases.items() if name == deployment.name)
     return DeploymentStatus(
         name=deployment.name, model=spec.model, state=ctx.health.health(deployment).state,
         target=len(deployment.role_targets(deployment.scaler.target)),
-        min_instances=spec.min_instances, max_instances=spec.max_instances, scaler=spec.scaler,
+        # max_instances is set by DeploymentSpec.__post_init__ (its type says "may be unset")
+        min_instances=spec.min_instances, max_instances=spec.max_instances or spec.min_instances, scaler=spec.scaler,
         job_scheduler=spec.job_scheduler, instances=stats.instances, aliases=aliases,
         num_running=stats.num_running, num_waiting=stats.num_waiting, dtype=spec.dtype,
         slo_ttft_seconds=spec.slo_ttft_seconds, slo_tpot_seconds=spec.slo_tpot_seconds,

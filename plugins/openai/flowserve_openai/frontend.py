@@ -18,7 +18,7 @@ import logging
 import signal
 import socket
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import uvicorn
 
@@ -27,6 +27,9 @@ from flowserve_core.errors import ConfigError, FlowServeError
 from flowserve_openai.app import build_app
 from flowserve_openai.connections import guarded_protocol
 from flowserve_openai.names import check_server_names
+
+if TYPE_CHECKING:
+    from flowserve_core.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +114,7 @@ class OpenAIFrontend:
         check_admin_exposure(config)
         self.config = config
 
-    async def serve(self, server: Any) -> None:
+    async def serve(self, server: Server) -> None:
         """Run uvicorn in the current event loop until a shutdown signal; then return."""
         config = self.config
         sockets = bind(config.host, config.port)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -24,6 +24,9 @@ from flowserve_core.types import Request, TokenLogprob
 from flowserve_openai.errors import APIError
 from flowserve_openai.protocol import FinishReason
 from flowserve_openai.sampling import ChoicePlan
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 
 @dataclass
@@ -48,7 +51,7 @@ OnEvent = Callable[[ChoiceEvent], Awaitable[None]]
 class Generation:
     """The choices of one call on one deployment; ``run`` drives them to the end."""
 
-    def __init__(self, deployment: Any, choices: list[ChoicePlan], metrics: Any = None,
+    def __init__(self, deployment: Deployment, choices: list[ChoicePlan], metrics: Any = None,
                  arrival_time: float | None = None):
         self.deployment = deployment
         self.choices = choices

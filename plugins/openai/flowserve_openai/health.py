@@ -18,12 +18,16 @@ ending is counted once, however long the ended instance stays in the pool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from flowserve_core.types import InstanceInfo, InstanceState
 from flowserve_openai.ops_protocol import DeploymentHealth
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
+    from flowserve_core.server import Server
 
 #: Start failures in a row, without a ready instance between them, that make a crash loop.
 CRASH_LOOP = 2
@@ -31,7 +35,7 @@ CRASH_LOOP = 2
 
 @dataclass
 class _History:
-    deployment: Any
+    deployment: Deployment
     infos: dict[str, InstanceInfo] = field(default_factory=dict)
     last_state: dict[str, InstanceState] = field(default_factory=dict)
     #: instances seen ready (their crash is replaced, not a start failure)
@@ -45,11 +49,11 @@ class _History:
 class HealthMonitor:
     """Follows the instances of a server's deployments and judges their health."""
 
-    def __init__(self, server: Any):
+    def __init__(self, server: Server):
         self.server = server
         self._history: dict[str, _History] = {}
 
-    def observe(self, deployment: Any) -> _History:
+    def observe(self, deployment: Deployment) -> _History:
         """Take note of ``deployment``'s instances now; count those that failed to start."""
         history = self._history.get(deployment.name)
         if history is None or history.deployment is not deployment:
@@ -79,7 +83,7 @@ class HealthMonitor:
                 history.last_state[instance_id] = state
         return history
 
-    def health(self, deployment: Any) -> DeploymentHealth:
+    def health(self, deployment: Deployment) -> DeploymentHealth:
         """The state of ``deployment`` as /health, /ready and the API see it."""
         if deployment.tokenizer is None or not deployment.ready.is_set():
             return DeploymentHealth(state="starting", instances=deployment.pool.by_state())
@@ -113,7 +117,7 @@ class HealthMonitor:
                         tg.start_soon(self._watch_one, deployment)
                 await anyio.sleep(0.5)
 
-    async def _watch_one(self, deployment: Any) -> None:
+    async def _watch_one(self, deployment: Deployment) -> None:
         while self.server.deployments.get(deployment.name) is deployment:
             self.observe(deployment)
             with anyio.move_on_after(1.0):

@@ -12,10 +12,14 @@ docs/observability.md lists them, and the vLLM metrics FlowServe does not have.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
+    from flowserve_core.server import Server
 
 # vLLM's buckets, so that dashboards built for vLLM read these the same way.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -37,7 +41,7 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, server: Any):
+    def __init__(self, server: Server):
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("flowserve:time_to_first_token_seconds", "Time to first token.",
@@ -137,7 +141,7 @@ class _DeploymentCollector:
     """Reads the deployments' load when scraped. Prefix-cache counters sum the instances'
     own counters, keeping what instances that went away had counted."""
 
-    def __init__(self, server: Any):
+    def __init__(self, server: Server):
         self.server = server
         self._retired: dict[str, list[float]] = {}
         self._last: dict[str, dict[str, tuple]] = {}
@@ -218,7 +222,7 @@ class _DeploymentCollector:
         return [running, waiting, kv, instances, by_path, scale_events, hits, queries, preemptions, role_waiting,
                 role_prefill, kv_bytes, kv_seconds, self._cold_starts.family()]
 
-    def _totals(self, name: str, deployment: Any) -> list[float]:
+    def _totals(self, name: str, deployment: Deployment) -> list[float]:
         """Prefix hits, prefix queries, KV bytes and seconds imported, preemptions: what the
         instances count, plus what instances that went away had counted."""
         current = {instance_id: (instance.stats.kv.prefix_hits, instance.stats.kv.prefix_queries,
@@ -244,7 +248,7 @@ class _ColdStarts:
         self._sums: dict[tuple[str, str], float] = {}
         self._seen: dict[str, set[str]] = {}
 
-    def note(self, name: str, deployment: Any) -> None:
+    def note(self, name: str, deployment: Deployment) -> None:
         seen, live = self._seen.setdefault(name, set()), set()
         for instance_id, instance in list(deployment.pool.instances.items()):
             live.add(instance_id)

@@ -9,9 +9,12 @@ start inside it and inherit it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowserve_core import telemetry
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 #: the GenAI operation of each generating endpoint (the conventions' well-known names)
 OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
@@ -20,7 +23,7 @@ OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completio
 class TraceContextMiddleware:
     """Wraps the generating endpoints in ``telemetry.incoming_call``."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -21,6 +21,9 @@ from flowserve_instance_runtime import (
     autoscale,
     spawn_instance_process,
 )
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class PrewarmScaler(TargetScaler):
     def forking(self) -> bool:
         return self.start_path in ("auto", "fork")
 
-    async def run(self, deployment: Any) -> None:
+    async def run(self, deployment: Deployment) -> None:
         from flowserve_prewarm_scaler.pool import shared_resources
 
         self.resources = shared_resources()
@@ -87,7 +90,7 @@ class PrewarmScaler(TargetScaler):
             with anyio.CancelScope(shield=True):
                 await self.resources.detach(self.spec)
 
-    def make_instance(self, deployment: Any, role: TaskRole) -> RemoteInstance:
+    def make_instance(self, deployment: Deployment, role: TaskRole) -> RemoteInstance:
         info = InstanceInfo(deployment=self.spec.name, role=role)
         if self.start_path == "naive":
             process, sock = spawn_instance_process()
@@ -117,7 +120,7 @@ class PrewarmScaler(TargetScaler):
         """Note a finished request's TTFT (the SLO check reads the last minute of them)."""
         self.ttfts.observe(output)
 
-    async def _autoscale(self, deployment: Any) -> None:
+    async def _autoscale(self, deployment: Deployment) -> None:
         """Every scale interval: sample the load, ask the shared policy, move the target."""
         await autoscale(self, deployment, self.interval, "instances")
 

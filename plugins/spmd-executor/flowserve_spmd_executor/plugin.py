@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowserve_core import hookimpl
 from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 
 class SpmdExecutorFactory:
@@ -66,7 +69,7 @@ def flowserve_check_deployment(spec: DeploymentSpec, plugins: PluginLookup) -> N
 
 
 @hookimpl
-def flowserve_startup(deployment: Any) -> None:
+def flowserve_startup(deployment: Deployment) -> None:
     """Open this server's private session for DRAM images before the deployment's scaler starts
     processes (they inherit it), and remove the images of servers that died; the session and
     its images go when the server exits cleanly (``flowserve_spmd_executor.image_store``)."""

@@ -11,7 +11,7 @@ when a deployment with scaler ``inproc`` is made.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -19,6 +19,9 @@ from flowserve_core.engine import Engine, build_engine
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec, InstanceInfo, InstanceState, Task, TaskRole, TokenEvent
 from flowserve_instance_runtime import InstanceBase, TargetScaler
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 
 class LocalInstance(InstanceBase):
@@ -66,5 +69,5 @@ class LocalInstance(InstanceBase):
 class InprocScaler(TargetScaler):
     """Scaler ``inproc``: keeps the deployment's target of ``LocalInstance``s in this process."""
 
-    def make_instance(self, deployment: Any, role: TaskRole) -> LocalInstance:
+    def make_instance(self, deployment: Deployment, role: TaskRole) -> LocalInstance:
         return LocalInstance(self.spec, deployment.pm, InstanceInfo(deployment=self.spec.name, role=role))

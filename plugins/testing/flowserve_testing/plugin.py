@@ -15,6 +15,8 @@ from flowserve_core import hookimpl
 from flowserve_core.interfaces import Register, ScalerFactory
 
 if TYPE_CHECKING:
+    import typer
+
     from flowserve_core.plugins import PluginManager
     from flowserve_core.types import DeploymentSpec
 
@@ -41,7 +43,7 @@ def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
 
 
 @hookimpl
-def flowserve_register_commands(app: Any) -> None:
+def flowserve_register_commands(app: typer.Typer) -> None:
     import typer
 
     plugin_app = typer.Typer(no_args_is_help=True, help="Write FlowServe plugins.")

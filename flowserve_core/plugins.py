@@ -238,5 +238,7 @@ def _env_list(variable: str) -> list[str] | None:
 
 @functools.cache
 def get_plugin_manager() -> PluginManager:
-    """This process's manager, loaded once (worker processes call this too)."""
+    """A manager loaded once per process, for entry points and tools (the CLI, tests). A
+    component never calls it: it is handed what it needs by its factory (``kv_transports``,
+    ``plugins``), and each worker process's entry point builds its own ``PluginManager``."""
     return PluginManager()

@@ -26,8 +26,8 @@ def architecture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     return model_type, path, load_hf(path)
 
 
-def make_executor(model: Path, tensor_parallel: int) -> SpmdExecutor:
-    return SpmdExecutor(DeploymentSpec(model=str(model), dtype="float32", device="cpu", kv_cache_memory="4MiB",
+def make_executor(model: Path, tensor_parallel: int, dtype: str = "float32") -> SpmdExecutor:
+    return SpmdExecutor(DeploymentSpec(model=str(model), dtype=dtype, device="cpu", kv_cache_memory="4MiB",
                                        block_size=16, tensor_parallel=tensor_parallel))
 
 
@@ -103,6 +103,25 @@ async def test_a_model_preloaded_from_its_dram_image_gives_the_same_tokens(model
     finally:
         executor.close()
     assert outputs["x"] == hf_greedy(load_hf(path), prompt, 10)
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+async def test_bfloat16_agrees_with_transformers_in_bfloat16_until_a_near_tie(model_type, tmp_path):
+    from test_models import _agree_until_a_near_tie
+
+    path = save_tiny_architecture(tmp_path, model_type, seed=91)
+    executor = make_executor(path, 1, dtype="bfloat16")
+    try:
+        prompts = {f"len{n}": random_prompt(n, seed=1990 + n) for n in (4, 2 * WINDOW + 6)}
+        driver = Driver(executor)
+        for seq_id, prompt in prompts.items():
+            driver.add(seq_id, prompt, max_tokens=8)
+        outputs = await driver.run(chunk=16)
+    finally:
+        executor.close()
+    hf = load_hf(path, torch.bfloat16)
+    for prompt, ours in zip(prompts.values(), outputs.values()):
+        _agree_until_a_near_tie(hf, prompt, ours, margin=0.1)
 
 
 async def test_olmo2_k_norm_over_a_kv_head_replicated_on_both_ranks(tmp_path):

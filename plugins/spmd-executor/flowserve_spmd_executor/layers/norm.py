@@ -38,6 +38,16 @@ class RMSNorm(nn.Module):
         return self._norm(x), x
 
 
+class FloatWeightRMSNorm(RMSNorm):
+    """``weight * x / rms(x)`` with the weight applied in float32 before the cast back (OLMo 2's
+    order; Llama casts first). The same numbers in float32; in bfloat16 the rounding differs."""
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(x.dtype)
+
+
 class GemmaRMSNorm(RMSNorm):
     """Gemma's ``x / rms(x) * (1 + weight)``, all in float32 and cast back at the end (its
     checkpoints store ``weight`` as the offset from one)."""

@@ -47,12 +47,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm."""
 
-    def __init__(self, config: ModelConfig, group: TensorParallelGroup, layers: list[nn.Module] | None = None):
+    def __init__(self, config: ModelConfig, group: TensorParallelGroup, layers: list[nn.Module] | None = None,
+                 norm_class: type[RMSNorm] = RMSNorm):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
         self.layers = nn.ModuleList(layers if layers is not None else
                                     (LlamaDecoderLayer(config, i, group) for i in range(config.num_layers)))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm_class(config.hidden_size, config.rms_norm_eps)
         self.embedding_multiplier = config.embedding_multiplier  # Granite's; 1 elsewhere
 
     def forward(self, token_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -73,11 +74,14 @@ class LlamaForCausalLM(CausalLM):
     of the rows asked for (only the tokens that are sampled pay for the LM head). Qwen3 and
     the MoE models reuse it with other decoder layers (``build_layers``)."""
 
+    #: the final norm's kind
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: ModelConfig, group: TensorParallelGroup, max_positions: int,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, group, self.build_layers(config, group))
+        self.model = LlamaModel(config, group, self.build_layers(config, group), self.norm_class)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group)
         if config.tie_word_embeddings:
             self.tie_weights()

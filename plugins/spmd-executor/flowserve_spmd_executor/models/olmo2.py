@@ -10,7 +10,7 @@ from torch import nn
 from flowserve_spmd_executor.distributed import TensorParallelGroup
 from flowserve_spmd_executor.layers.attention import AttentionMetadata
 from flowserve_spmd_executor.layers.mlp import GatedMLP
-from flowserve_spmd_executor.layers.norm import RMSNorm
+from flowserve_spmd_executor.layers.norm import FloatWeightRMSNorm, RMSNorm
 from flowserve_spmd_executor.layers.self_attention import DecoderAttention
 from flowserve_spmd_executor.model_config import ModelConfig
 from flowserve_spmd_executor.models.llama import LlamaForCausalLM
@@ -23,8 +23,8 @@ class Olmo2DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(config, layer, group, qk_norm="projection")
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, config.hidden_act, group)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = FloatWeightRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = FloatWeightRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, None]:
@@ -35,7 +35,10 @@ class Olmo2DecoderLayer(nn.Module):
 
 
 class Olmo2ForCausalLM(LlamaForCausalLM):
-    """OLMo 2: Llama's embedding, final norm and head around post-norm layers."""
+    """OLMo 2: Llama's embedding and head around post-norm layers; its norms apply their weight
+    before casting back (``FloatWeightRMSNorm``)."""
+
+    norm_class: type[RMSNorm] = FloatWeightRMSNorm
 
     def build_layers(self, config: ModelConfig, group: TensorParallelGroup) -> list[nn.Module]:
         return [Olmo2DecoderLayer(config, i, group) for i in range(config.num_layers)]

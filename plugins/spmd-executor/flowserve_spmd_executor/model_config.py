@@ -280,6 +280,10 @@ def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> t
     if model_type in ("qwen2", "qwen3") and window:
         first = int(raw.get("max_window_layers") or 0)
         return tuple(window if i >= first else 0 for i in range(num_layers))
+    # Gemma configs written before ``layer_types`` existed: every ``pattern``-th layer is global.
+    pattern = {"gemma2": 2, "gemma3_text": int(raw.get("sliding_window_pattern") or 6)}.get(model_type)
+    if pattern:
+        return tuple(window if (i + 1) % pattern else 0 for i in range(num_layers))
     return (window,) * num_layers
 
 

@@ -232,3 +232,22 @@ def test_each_config_reads_its_family_features(tmp_path):
     assert configs["mixtral"].num_experts == 4 and configs["mixtral"].norm_topk_prob
     moe = configs["qwen3_moe"]
     assert moe.moe_layers == (False, True) and moe.num_experts_per_tok == 3 and not moe.norm_topk_prob
+
+
+
+def test_gemma_configs_from_before_layer_types_interleave_their_windows():
+    from flowserve_spmd_executor.model_config import model_config_from_dict
+
+    # as the Hub's Gemma 2 and Gemma 3 config.json files say it (transformers 4)
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096)
+    gemma2 = model_config_from_dict({**base, "model_type": "gemma2", "num_hidden_layers": 4,
+                                     "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0})
+    assert gemma2.sliding_windows == (4096, 0, 4096, 0)
+    gemma3 = model_config_from_dict({**base, "model_type": "gemma3_text", "num_hidden_layers": 7,
+                                     "sliding_window_pattern": 6, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                     "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert gemma3.sliding_windows == (4096,) * 5 + (0, 4096)
+    assert (gemma3.rope.theta, gemma3.rope.type, gemma3.rope.factor) == (1e6, "linear", 8.0)
+    assert gemma3.local_rope is not None
+    assert (gemma3.local_rope.theta, gemma3.local_rope.type, gemma3.local_rope.factor) == (1e4, "default", 1.0)

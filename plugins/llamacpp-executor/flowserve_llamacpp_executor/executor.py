@@ -39,6 +39,7 @@ import torch
 
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError, EngineDeadError
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
 from flowserve_llamacpp_executor.model import LlamaModel, load_model, option_flag
 from flowserve_llamacpp_executor.slots import Slot, SlotTable
@@ -80,9 +81,10 @@ class LlamaCppExecutor:
 
     Construction loads the model (or takes the one ``preload`` left) and makes the context
     (blocking). ``execute`` computes in a worker thread; ``close`` frees the context.
+    ``plugins``: the manager that built it, which builds the sampler's structured-output backend.
     """
 
-    def __init__(self, spec: DeploymentSpec):
+    def __init__(self, spec: DeploymentSpec, plugins: PluginLookup | None = None):
         if spec.tensor_parallel != 1:
             raise ConfigError(f"executor 'llamacpp' runs a model in one process; tensor_parallel="
                               f"{spec.tensor_parallel} needs executor 'spmd'")
@@ -129,7 +131,7 @@ class LlamaCppExecutor:
         self.max_model_len = min(spec.max_model_len or self.model.n_ctx_train or self.n_ctx_seq, self.n_ctx_seq)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = SlotTable(self.n_slots)
-        self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"), deployment_backend(spec))
+        self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"), deployment_backend(spec, plugins))
         self._lock = threading.Lock()
         self._dead: str | None = None
         log.info("llamacpp executor ready: %s (%s), %d threads, KV cache %d tokens × %d bytes = %.1f MiB, "

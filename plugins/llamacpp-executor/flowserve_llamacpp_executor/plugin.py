@@ -5,20 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import ExecutorFactory, Register
+from flowserve_core.interfaces import ExecutorFactory, PluginLookup, Register
 from flowserve_core.types import DeploymentSpec
 
 
 class LlamaCppExecutorFactory:
     """Factory of executor ``llamacpp``, with the fast-start steps scalers may run before it
     (``FastStartExecutorFactory`` of ``flowserve_core.interfaces``). Each method imports what
-    it needs when called, so that this hook module stays light."""
+    it needs when called, so that this hook module stays light. ``plugins``: the manager that
+    registered it (its executors' samplers build structured-output backends with it)."""
+
+    def __init__(self, plugins: PluginLookup | None = None):
+        self.plugins = plugins
 
     def __call__(self, spec: DeploymentSpec) -> Any:
         """Load ``spec.model``'s GGUF and make a context (blocks; the kernel calls it in a thread)."""
         from flowserve_llamacpp_executor.executor import LlamaCppExecutor
 
-        return LlamaCppExecutor(spec)
+        return LlamaCppExecutor(spec, self.plugins)
 
     def prewarm(self, device: str = "auto") -> None:
         """Import llama.cpp and its Python bindings (a pre-warmed process, no model yet)."""
@@ -48,6 +52,6 @@ def flowserve_check_deployment(spec: DeploymentSpec) -> None:
 
 
 @hookimpl
-def flowserve_register_executors(register: Register[ExecutorFactory]) -> None:
+def flowserve_register_executors(register: Register[ExecutorFactory], plugins: PluginLookup) -> None:
     """Register ``llamacpp``: GGUF models on llama.cpp's quantized CPU kernels."""
-    register("llamacpp", build_executor)
+    register("llamacpp", LlamaCppExecutorFactory(plugins))

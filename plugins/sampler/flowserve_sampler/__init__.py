@@ -3,7 +3,7 @@
 Executors compute logits their own way (``spmd`` with torch, ``llamacpp`` with ggml) and hand
 them to ``Sampler``, so seeds, penalties, ``min_tokens``, top-k/top-p/min-p and logprobs behave
 identically whichever executor runs a deployment; so do structured-output constraints, whose
-token masks the sampler applies (``deployment_backend(spec)`` is what executors pass it).
+token masks the sampler applies (``deployment_backend(spec, plugins)`` is what executors pass it).
 """
 
 from flowserve_sampler.constraints import allowed_tokens, deployment_backend, fill_from_ids

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.structured_output import GrammarMatcher, StructuredOutputBackend
 from flowserve_core.types import DeploymentSpec, ScheduledSequence
 
@@ -177,15 +178,16 @@ def apply_masks(scores: torch.Tensor, raw: torch.Tensor, rows: list[int], allowe
     scores.index_copy_(0, index, masked)
 
 
-def deployment_backend(spec: DeploymentSpec) -> BackendFactory:
+def deployment_backend(spec: DeploymentSpec, plugins: PluginLookup | None) -> BackendFactory | None:
     """What executors give their ``Sampler``: builds ``spec``'s structured-output backend (the
-    plugin named by ``structured_output_backend``) when the first constrained sequence comes."""
+    plugin named by ``structured_output_backend``) with ``plugins``, the manager that built the
+    executor, when the first constrained sequence comes (None without a manager: an executor
+    built by hand constrains nothing, and says so when asked to)."""
+    if plugins is None:
+        return None
 
     def build() -> StructuredOutputBackend:
-        from flowserve_core.plugins import get_plugin_manager
-
-        backend: StructuredOutputBackend = get_plugin_manager().build(
-            "structured_output", spec.structured_output_backend, spec)
+        backend: StructuredOutputBackend = plugins.build("structured_output", spec.structured_output_backend, spec)
         return backend
 
     return build

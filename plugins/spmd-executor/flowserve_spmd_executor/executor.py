@@ -97,7 +97,7 @@ class SpmdExecutor:
             if self._gang is not None:
                 self._gang.close()
             raise
-        self.sampler = Sampler(self.config.vocab_size, self.rank.device, deployment_backend(spec))
+        self.sampler = Sampler(self.config.vocab_size, self.rank.device, deployment_backend(spec, plugins))
         self.kv_block_shape = (self.config.num_layers, 2, spec.block_size, self.config.num_kv_heads,
                                self.config.head_dim)
         log.info("spmd executor ready: %s on %s × %d (%s), KV cache %d blocks × %d tokens = %.1f MiB per "

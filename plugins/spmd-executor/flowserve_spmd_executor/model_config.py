@@ -135,7 +135,8 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "config.json",
     if isinstance(text, dict) and raw.get("model_type") not in architectures(plugins) \
             and text.get("model_type") in architectures(plugins):
         # A multimodal checkpoint (Gemma 3 4B and up): serve its language model, text only.
-        raw = {**{k: raw[k] for k in ("tie_word_embeddings", "eos_token_id") if k in raw}, **text}
+        # The top level's end tokens and tying are what the checkpoint's model class uses.
+        raw = {**_full_text_config(raw), **{k: raw[k] for k in ("tie_word_embeddings", "eos_token_id") if k in raw}}
     model_type = architecture_of(raw, source, plugins)
 
     def need(key: str) -> Any:
@@ -194,6 +195,19 @@ def model_config_from_dict(raw: dict[str, Any], source: str = "config.json",
         moe_layers=_moe_layers(raw, num_layers, num_experts),
         raw=raw,
     )
+
+
+def _full_text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config's ``text_config`` with transformers' defaults filled in: the Hub's
+    files keep only what differs from them (Gemma 3 4B's names no head counts)."""
+    try:
+        from transformers import AutoConfig
+
+        extra = {k: v for k, v in raw.items() if k != "model_type"}
+        full: dict[str, Any] = AutoConfig.for_model(raw["model_type"], **extra).get_text_config().to_dict()
+        return full
+    except Exception:  # an unknown or broken config (transformers raises many kinds): as written
+        return dict(raw["text_config"])
 
 
 def _optional_float(value: Any) -> float | None:

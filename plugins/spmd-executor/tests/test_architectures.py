@@ -251,3 +251,24 @@ def test_gemma_configs_from_before_layer_types_interleave_their_windows():
     assert (gemma3.rope.theta, gemma3.rope.type, gemma3.rope.factor) == (1e6, "linear", 8.0)
     assert gemma3.local_rope is not None
     assert (gemma3.local_rope.theta, gemma3.local_rope.type, gemma3.local_rope.factor) == (1e4, "default", 1.0)
+
+
+def test_a_multimodal_gemma3_config_that_names_only_what_differs_gets_the_defaults():
+    from flowserve_spmd_executor.model_config import model_config_from_dict
+
+    # gemma-3-4b-it's config.json as the Hub has it: its text_config omits the defaults
+    config = model_config_from_dict({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                          "patch_size": 14, "vision_use_head": False}})
+    assert config.model_type == "gemma3_text" and config.num_layers == 34 and config.hidden_size == 2560
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (8, 4, 256)
+    assert config.attention_scale == 256 ** -0.5 and config.eos_token_ids == (1, 106)
+    assert config.sliding_windows[:6] == (1024,) * 5 + (0,) and config.sliding_windows.count(0) == 5
+    assert config.rope.type == "linear" and config.rope.factor == 8.0
+    assert config.local_rope is not None and config.local_rope.theta == 10000.0
+

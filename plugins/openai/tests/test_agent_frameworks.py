@@ -71,3 +71,28 @@ async def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(smol):
     result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
     assert len(calls) == 1 and isinstance(calls[0], str) and calls[0], [r.output for r in result.raw_responses]
     assert isinstance(result.final_output, str) and result.final_output
+
+
+async def test_openai_agents_sdk_through_the_responses_api(smol):
+    """The SDK's default model speaks /v1/responses: function_call and function_call_output
+    items go back and forth."""
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: Annotated[str, Field(max_length=20)]) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"It is sunny and 21 degrees in {city}."
+
+    client = AsyncOpenAI(base_url=smol.base_url, api_key="unused", max_retries=0)
+    agent = agents.Agent(
+        name="weather", instructions="Answer questions about the weather with the get_weather tool.",
+        tools=[get_weather], model=agents.OpenAIResponsesModel(model=NAME, openai_client=client),
+        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=150))
+    result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
+    assert len(calls) == 1 and calls[0]
+    assert isinstance(result.final_output, str) and result.final_output

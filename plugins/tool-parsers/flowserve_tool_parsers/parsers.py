@@ -31,7 +31,8 @@ def _call(name: Any, arguments: Any) -> ParsedToolCall | None:
 def _objects(text: str, separators: str = " \t\r\n") -> list[Any] | None:
     """Every JSON value in ``text`` one after another (``separators`` between them), or None
     when anything else is there."""
-    values, at = [], 0
+    values: list[Any] = []
+    at = 0
     while True:
         while at < len(text) and text[at] in separators:
             at += 1
@@ -50,14 +51,14 @@ def _content(text: str) -> str | None:
 
 class HermesParser:
     """``<tool_call>{"name": …, "arguments": {…}}</tool_call>``, one block per call (Hermes 2/3,
-    Qwen 2.5/3); the text before the first block is content. A last block the reply cut short
-    (no closing tag) is read up to the end."""
+    Qwen 2.5/3); the text around the blocks is content. A last block the reply cut short (no
+    closing tag) is read up to the end."""
 
     start_marker = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
 
     def parse(self, text: str) -> ParsedOutput:
-        """Content before the first ``<tool_call>``, and each block's call."""
+        """The text outside the ``<tool_call>`` blocks, and each block's call."""
         start = text.find(self.start_marker)
         if start < 0:
             return ParsedOutput(content=_content(text))
@@ -70,7 +71,8 @@ class HermesParser:
             if call is None:
                 return ParsedOutput(content=_content(text))
             calls.append(call)
-        return ParsedOutput(content=_content(text[:start]), tool_calls=calls)
+        outside = self._BLOCK.sub("", text[start:])
+        return ParsedOutput(content=_content(text[:start] + outside), tool_calls=calls)
 
 
 class Llama3JSONParser:

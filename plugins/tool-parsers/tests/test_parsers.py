@@ -37,6 +37,8 @@ def test_hermes(parsers):
     cut = hermes.parse('<tool_call>\n{"name": "f", "arguments": {"x": 1}}')  # no closing tag: ended by EOS
     assert cut.content is None and cut.tool_calls == calls(("f", {"x": 1}))
     assert hermes.parse("No tools needed.").content == "No tools needed."
+    around = hermes.parse('Checking.\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\nDone.')
+    assert around.content == "Checking.\n\nDone." and around.tool_calls == calls(("f", {}))
     broken = '<tool_call>{"name": "f", "arguments": {"x": </tool_call>'
     assert hermes.parse(broken).content == broken and not hermes.parse(broken).tool_calls
 

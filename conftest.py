@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from flowserve_core.plugins import PluginManager
+# No test downloads from the Hugging Face Hub (FlowServe downloads a Hub id that is not in the
+# local cache): set before huggingface_hub is imported, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402  (after HF_HUB_OFFLINE is set)
+
+from flowserve_core.plugins import PluginManager  # noqa: E402  (after HF_HUB_OFFLINE is set)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Find and load a model's tokenizer (directory, GGUF file or local Hub cache), never downloading.
+"""Find and load a model's tokenizer: a directory, a GGUF file, or a Hub id (downloaded when missing).
 
 A GGUF tokenizer is rebuilt by transformers from the file's vocabulary and merges, which
 takes ~10 s; the result is saved once (``save_pretrained``) under
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 #: Bump when what the cache holds changes, so old entries are ignored.
 CACHE_FORMAT = 1
 FACTS_FILE = "flowserve-tokenizer.json"
+#: What a tokenizer reads from a Hub repository (never the weights).
+_HUB_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # Config keys that hold a model's context length, most common first.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -55,9 +57,9 @@ def cache_root() -> Path:
 
 
 def load_tokenizer(model: str) -> LoadedTokenizer:
-    """Load the tokenizer of ``model``: a ``.gguf`` file, a model directory, or a Hub id
-    already in the local Hugging Face cache. Raises ``ConfigError`` naming what is wrong."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Load the tokenizer of ``model``: a ``.gguf`` file, a model directory, or a Hub id (from
+    the local Hugging Face cache; its tokenizer files are downloaded first when missing and
+    the Hub may be asked). Raises ``ConfigError`` naming what is wrong."""
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -74,21 +76,30 @@ def load_tokenizer(model: str) -> LoadedTokenizer:
             f"none of {', '.join(_TOKENIZER_FILES)} and no .gguf file"
         raise ConfigError(f"model directory {model!r} has no tokenizer: it has {found}")
     if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        return _load_directory(_local_hub_snapshot(model))
+        return _load_directory(_hub_snapshot(model))
     raise ConfigError(f"model {model!r} does not exist: give a model directory, a .gguf file, "
-                      "or a Hugging Face id already downloaded (FlowServe never downloads)")
+                      "or a Hugging Face id (owner/name)")
 
 
-def _local_hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of ``repo_id``'s tokenizer files; downloaded (with progress) when
+    missing, unless ``HF_HUB_OFFLINE`` is set or the Hub cannot be reached."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, ValueError, OSError) as exc:
-        raise ConfigError(f"model {repo_id!r} is not a path and is not in the local Hugging Face "
-                          f"cache; FlowServe never downloads: run `hf download {repo_id}` first "
-                          f"({type(exc).__name__})") from None
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set"
+        else:
+            try:
+                return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+            except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError) as exc:
+                why = f"the Hugging Face Hub cannot give it ({type(exc).__name__})"
+    raise ConfigError(f"model {repo_id!r} is not in the local Hugging Face cache and {why}: pass a local "
+                      f"path (a model directory or a .gguf file), or run `hf download {repo_id}` where the "
+                      "Hub is reachable") from None
 
 
 def _load_directory(directory: Path) -> LoadedTokenizer:

@@ -121,9 +121,21 @@ def test_a_bad_model_path_is_named_in_the_error(tmp_path, cache_dir, make, messa
     assert repr(model) in str(error.value)
 
 
-def test_a_hub_id_that_is_not_downloaded_is_refused_not_downloaded():
-    with pytest.raises(ConfigError, match="never downloads.*hf download flowserve-tests/no-such-model"):
-        build_hf_tokenizer(DeploymentSpec(model="flowserve-tests/no-such-model"))
+def test_a_hub_id_that_is_not_downloaded_is_refused_offline_and_when_the_hub_is_unreachable(tmp_path):
+    """HF_HUB_OFFLINE (the test session sets it) refuses at once; without it, a Hub that cannot be
+    reached (here a closed port) refuses too; both name the id and the way out."""
+    code = ("from flowserve_core.types import DeploymentSpec\n"
+            "from flowserve_hf_tokenizer.tokenizer import build_hf_tokenizer\n"
+            "try:\n    build_hf_tokenizer(DeploymentSpec(model='flowserve-tests/no-such-model'))\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    base = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | {"HF_HOME": str(tmp_path / "hf")}
+    for env, why in (({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                     ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "the Hugging Face Hub cannot give it")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                env=base | env)
+        assert result.stdout.startswith("ConfigError"), result.stdout + result.stderr
+        assert "'flowserve-tests/no-such-model'" in result.stdout and why in result.stdout
+        assert "hf download flowserve-tests/no-such-model" in result.stdout and "local path" in result.stdout
 
 
 def test_a_model_directory_loads_with_its_configs(tmp_path):

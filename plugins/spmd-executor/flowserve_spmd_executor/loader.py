@@ -34,6 +34,7 @@ from flowserve_core.errors import ConfigError
 from flowserve_core.interfaces import PluginLookup
 from flowserve_spmd_executor.architectures import model_factory
 from flowserve_spmd_executor.distributed import TensorParallelGroup
+from flowserve_spmd_executor.hub import hub_snapshot, looks_like_hub_id
 from flowserve_spmd_executor.model_config import ModelConfig
 from flowserve_spmd_executor.options import cache_root
 
@@ -58,9 +59,9 @@ class ResolvedWeights(msgspec.Struct, frozen=True, kw_only=True):
 
 def resolve_weights(model: str) -> ResolvedWeights:
     """Locate (and for GGUF, convert once) the weights of ``model``: a HF model directory,
-    a ``.gguf`` file (or a directory holding exactly one), or a Hub id already in the local
-    Hugging Face cache. Never downloads. Raises ``ConfigError`` naming what is wrong."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    a ``.gguf`` file (or a directory holding exactly one), or a Hub id (from the local Hugging
+    Face cache, downloaded into it first when missing: ``hub.py``). Raises ``ConfigError``
+    naming what is wrong."""
     if not model:
         raise ConfigError("no model given: set the deployment's model to a model directory or a .gguf file")
     path = Path(model).expanduser()
@@ -78,23 +79,10 @@ def resolve_weights(model: str) -> ResolvedWeights:
         raise ConfigError(f"model directory {model!r} has no config.json" +
                           (f" and several GGUF files ({', '.join(p.name for p in ggufs)}); name one"
                            if ggufs else " and no .gguf file"))
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        return _resolve_directory(_local_hub_snapshot(model), model)
+    if looks_like_hub_id(model):
+        return _resolve_directory(hub_snapshot(model), model)
     raise ConfigError(f"model {model!r} does not exist: give a model directory, a .gguf file, or a "
-                      "Hugging Face id already downloaded (FlowServe never downloads)")
-
-
-def _local_hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception as exc:  # huggingface_hub raises several unrelated types here
-        raise ConfigError(
-            f"model {repo_id!r} is neither a local path nor in the local Hugging Face cache "
-            f"({type(exc).__name__}), and FlowServe does not download: fetch it first with "
-            f"`hf download {repo_id}` (then serve it by the same id), or pass a local path: a model "
-            "directory with config.json and *.safetensors, or a .gguf file") from None
+                      "Hugging Face id (owner/name)")
 
 
 def _resolve_directory(directory: Path, source: str) -> ResolvedWeights:

@@ -5,6 +5,9 @@ prompts shorter and longer than the sliding window, prefilled in chunks."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +216,20 @@ def test_a_hub_id_not_in_the_local_cache_is_refused_naming_it_and_the_way_out():
     message = str(refused.value)
     assert "'flowserve-tests/no-such-model'" in message and "hf download flowserve-tests/no-such-model" in message
     assert "model directory with config.json" in message and ".gguf file" in message
+    assert "HF_HUB_OFFLINE is set" in message
+
+
+def test_serve_with_a_hub_id_it_cannot_download_exits_with_the_way_out(tmp_path):
+    """Without HF_HUB_OFFLINE FlowServe would download the id; a Hub it cannot reach (a closed
+    port here) is a clear error, not a hang or a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "COLUMNS": "300"}
+    result = subprocess.run([sys.executable, "-m", "flowserve_core.cli", "serve", "flowserve-tests/no-such-model",
+                             "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "'flowserve-tests/no-such-model' is not in the local Hugging Face cache and the Hub cannot be reached" \
+        in result.stderr
+    assert "pass a local path" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_each_config_reads_its_family_features(tmp_path):

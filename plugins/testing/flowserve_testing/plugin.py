@@ -51,7 +51,7 @@ def flowserve_register_commands(app: typer.Typer) -> None:
     @plugin_app.command("new")
     def plugin_new(
         name: str = typer.Argument(..., help="The plugin's name, e.g. fair-share (distribution flowserve-fair-share)."),
-        kind: str = typer.Option(..., "--kind", help="scheduler|executor|kv-cache|scaler|tokenizer|frontend|command."),
+        kind: str = typer.Option(..., "--kind", help="scheduler|executor|kv-cache|scaler|tokenizer|frontend|command|model-architecture."),
         directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Where (default ./flowserve-NAME)."),
     ) -> None:
         """Write a plugin project (pyproject, hook implementation, tests) ready to test."""

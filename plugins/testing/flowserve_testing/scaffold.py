@@ -46,6 +46,11 @@ KINDS: dict[str, Kind] = {
                      tests="plugin registration, a live server answering over HTTP"),
     "command": Kind("command", "Command", "flowserve {{name}} --help", ("typer>=0.12",),
                     tests="the command run on a config file"),
+    "model-architecture": Kind("model architecture", "ForCausalLM", "flowserve serve MODEL_DIR --executor spmd",
+                               ("flowserve-spmd-executor", "torch>=2.4"),
+                               ("flowserve-hf-tokenizer", "flowserve-paged-kv", "flowserve-colocated",
+                                "transformers>=4.46"),
+                               tests="registration, a tiny checkpoint served greedy-exact against transformers"),
 }
 
 
@@ -67,10 +72,18 @@ def placeholders(name: str, kind: str) -> dict[str, str]:
     }
     values["usage"] = fill(spec.usage, values)
     values["tests"] = spec.tests
-    # `flowserve plugins` lists components; a command shows in `flowserve --help` instead.
-    values["listing"] = (f"flowserve --help             # lists the command '{name}'" if kind == "command" else
-                         f"flowserve plugins            # lists {values['dist']} and its {spec.title} '{name}'")
+    values["listing"] = LISTING.get(kind, "flowserve plugins            # lists {dist} and its {title} '{name}'"
+                                    ).format(**values)
     return values
+
+
+#: How to see the plugin installed, where ``flowserve plugins`` (which lists components) does not
+#: show it: a command is in ``flowserve --help``, an architecture in the executor's registry.
+LISTING = {
+    "command": "flowserve --help             # lists the command '{name}'",
+    "model-architecture": ("python -c 'from flowserve_spmd_executor.architectures import architectures; "
+                           "print(sorted(architectures()))'   # lists the model_type {name} registers"),
+}
 
 
 def fill(text: str, values: dict[str, str]) -> str:
@@ -114,7 +127,7 @@ def new_project(name: str, kind: str, directory: Optional[Path]) -> None:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"wrote {len(files)} files in {root}/. Next:\n"
                f"  pip install -e '{root}[test]'\n  pytest {root}\n"
-               f"  {'flowserve --help' if kind == 'command' else 'flowserve plugins'}\n"
+               f"  {placeholders(name, kind)['listing'].split('  #')[0].strip()}\n"
                f"  {placeholders(name, kind)['usage']}")
 
 

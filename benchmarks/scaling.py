@@ -186,7 +186,7 @@ def prepare_image(args: argparse.Namespace) -> float:
     from flowserve_spmd_executor.preload import ensure_image
 
     started = time.monotonic()
-    ensure_image(spec_for(args, "preloaded", 1))
+    ensure_image(spec_for(args, "preloaded", 1), None)  # built-in architectures only
     return time.monotonic() - started
 
 

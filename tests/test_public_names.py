@@ -185,3 +185,24 @@ def test_no_plugin_subclass_overrides_or_uses_a_private_member_of_another_distri
                              for finding in subclass_reach_ins(path.read_text(), own, dists)]
     assert not findings, ("a subclass may change only the public members of another "
                           "distribution's class:\n" + "\n".join(findings))
+
+
+def uses_of_the_global_manager(source: str) -> list[str]:
+    """Where ``source`` names ``get_plugin_manager`` (imported or called); one line per finding."""
+    return [f"line {node.lineno}: {ast.unparse(node)}" for node in ast.walk(ast.parse(source))
+            if (isinstance(node, ast.Name) and node.id == "get_plugin_manager")
+            or (isinstance(node, ast.Attribute) and node.attr == "get_plugin_manager")
+            or (isinstance(node, ast.ImportFrom) and any(a.name == "get_plugin_manager" for a in node.names))]
+
+
+def test_no_component_fetches_the_process_global_plugin_manager():
+    """A component is handed what it needs (``kv_transports``, a manager built by its process's
+    entry point), so a test that composes its own manager is never bypassed. The test kit is
+    exempt: composing managers for tests is its job."""
+    findings = []
+    for directory, own in distributions().items():
+        for package in sorted(own - {"flowserve_testing"}):
+            for path in sorted((directory / package).rglob("*.py")):
+                findings += [f"{path.relative_to(ROOT)} {finding}"
+                             for finding in uses_of_the_global_manager(path.read_text())]
+    assert not findings, "components must not call get_plugin_manager():\n" + "\n".join(findings)

@@ -89,7 +89,7 @@ class EngineActor:
             from flowserve_ray.weights import map_shared_weights
 
             note, self._mapped_weights = await anyio.to_thread.run_sync(
-                map_shared_weights, self.spec, weights[0], index)
+                map_shared_weights, self.spec, weights[0], index, self.pm)
             start_path = "object-store" if not note else "loaded"
         if placement_group is not None and self.spec.tensor_parallel > 1:
             self.engine = await self._build_with_rank_actors(request, placement_group)

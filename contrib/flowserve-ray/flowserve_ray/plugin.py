@@ -6,15 +6,21 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import KVTransportFactory, Register, ScalerFactory
+from flowserve_core.interfaces import KVTransportFactory, PluginLookup, Register, ScalerFactory
 from flowserve_core.types import DeploymentSpec
 
 
-def build_ray_scaler(spec: DeploymentSpec) -> Any:
-    """Factory of scaler ``ray``: engine instances as Ray actors (see ``flowserve_ray.scaler``)."""
-    from flowserve_ray.scaler import RayScaler
+class RayScalerFactory:
+    """Factory of scaler ``ray``: engine instances as Ray actors (see ``flowserve_ray.scaler``),
+    with the manager that registered it (the model's architecture, for the shared weights)."""
 
-    return RayScaler(spec)
+    def __init__(self, plugins: PluginLookup):
+        self.plugins = plugins
+
+    def __call__(self, spec: DeploymentSpec) -> Any:
+        from flowserve_ray.scaler import RayScaler
+
+        return RayScaler(spec, self.plugins)
 
 
 def build_ray_transport(spec: DeploymentSpec) -> Any:
@@ -25,8 +31,8 @@ def build_ray_transport(spec: DeploymentSpec) -> Any:
 
 
 @hookimpl
-def flowserve_register_scalers(register: Register[ScalerFactory]) -> None:
-    register("ray", build_ray_scaler)
+def flowserve_register_scalers(register: Register[ScalerFactory], plugins: PluginLookup) -> None:
+    register("ray", RayScalerFactory(plugins))
 
 
 @hookimpl

@@ -35,6 +35,7 @@ class RankActor:
         loop; the loop's exit code (0: told to stop, or rank 0 went away)."""
         import ray
 
+        from flowserve_core.plugins import PluginManager
         from flowserve_spmd_executor.launch import ControlAddress
         from flowserve_spmd_executor.worker import connect_to_rank0, serve
 
@@ -42,7 +43,8 @@ class RankActor:
         channel = connect_to_rank0(control)
         try:
             # Ray shows a rank only the accelerator it reserved, as index 0.
-            return serve(channel, local_device_index=0 if ray.get_gpu_ids() else None)
+            # this actor's process is the rank's entry point: it builds its own manager
+            return serve(channel, plugins=PluginManager(), local_device_index=0 if ray.get_gpu_ids() else None)
         finally:
             channel.close()
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 from flowserve_instance_runtime import Autoscaler, ScalingPolicy, TargetScaler, TtftWindow, autoscale
 from flowserve_ray.cluster import connect, read_options
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 class RayScaler(TargetScaler):
     """Runs a deployment's instances as Ray actors (see the module docstring)."""
 
-    def __init__(self, spec: DeploymentSpec):
+    def __init__(self, spec: DeploymentSpec, plugins: PluginLookup):
         super().__init__(spec)
+        self.plugins = plugins  # the server's manager: the model's architecture, for the shared image
         self.options = read_options(spec)
         self.policy = ScalingPolicy.from_spec(spec)
         self.autoscaler = Autoscaler(self.policy, now=time.monotonic())
@@ -72,7 +74,7 @@ class RayScaler(TargetScaler):
         why_not = why_not_shared(self.spec)
         if not why_not:
             try:
-                self.weights = await anyio.to_thread.run_sync(publish_weights, self.spec)
+                self.weights = await anyio.to_thread.run_sync(publish_weights, self.spec, self.plugins)
                 return
             except Exception as exc:
                 why_not = f"{type(exc).__name__}: {exc}"

@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def why_not_shared(spec: DeploymentSpec) -> str:
     return ""
 
 
-def publish_weights(spec: DeploymentSpec) -> SharedWeights:
+def publish_weights(spec: DeploymentSpec, plugins: PluginLookup) -> SharedWeights:
     """Build (once) the DRAM image of ``spec``'s weights and put it into the object store.
     Blocks (call it in a thread); raises where the executor cannot pre-load."""
     import numpy as np
@@ -51,10 +52,10 @@ def publish_weights(spec: DeploymentSpec) -> SharedWeights:
 
     from flowserve_spmd_executor.preload import ensure_image, image_paths, model_key
 
-    key = model_key(spec)
+    key = model_key(spec, plugins)
     if key.device_type != "cpu":
         raise RuntimeError(f"weights of device {key.device_type!r} do not go through the object store")
-    data = ensure_image(spec)
+    data = ensure_image(spec, plugins)
     _, index = image_paths(key)
     image = np.memmap(data, dtype=np.uint8, mode="r")
     ref = ray.put(np.asarray(image))  # a plain ndarray travels out of band (a memmap pickles a copy)
@@ -63,30 +64,30 @@ def publish_weights(spec: DeploymentSpec) -> SharedWeights:
     return SharedWeights(ref=ref, index=index.read_bytes(), nbytes=int(image.nbytes))
 
 
-def map_shared_weights(spec: DeploymentSpec, ref: Any, index: bytes) -> tuple[str, list[int]]:
+def map_shared_weights(spec: DeploymentSpec, ref: Any, index: bytes, plugins: PluginLookup) -> tuple[str, list[int]]:
     """In an actor: build ``spec``'s model over the object-store image and leave it for this
     process's next ``spmd`` executor. ``('', the data address of every weight)`` if done, else
     ``(why not, [])`` (the executor then loads)."""
     try:
-        return "", _map(spec, ref, index)
+        return "", _map(spec, ref, index, plugins)
     except Exception as exc:
         log.warning("could not map the weights from the object store", exc_info=True)
         return f"mapping weights from the object store failed ({type(exc).__name__}: {exc})", []
 
 
-def _map(spec: DeploymentSpec, ref: Any, raw_index: bytes) -> list[int]:
+def _map(spec: DeploymentSpec, ref: Any, raw_index: bytes, plugins: PluginLookup) -> list[int]:
     import ray
     import torch
 
     from flowserve_spmd_executor import preload
 
-    key = preload.model_key(spec)
+    key = preload.model_key(spec, plugins)
     index = msgspec.json.decode(raw_index, type=preload.ImageIndex)
     image = ray.get(ref)  # read-only numpy view of the node's shared copy
     with warnings.catch_warnings():  # read-only on purpose: the weights are never written
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         storage = torch.from_numpy(image)
-    model = preload.model_over_image(key, storage, index, where="the object-store image")
+    model = preload.model_over_image(key, storage, index, plugins, where="the object-store image")
     model._flowserve_image = image  # keep the mapping alive as long as the model
     preload.hand_over(key, model)
     return [param.data_ptr() for param in model.parameters()]

@@ -15,7 +15,7 @@ class LlamaCppExecutorFactory:
     it needs when called, so that this hook module stays light. ``plugins``: the manager that
     registered it (its executors' samplers build structured-output backends with it)."""
 
-    def __init__(self, plugins: PluginLookup | None = None):
+    def __init__(self, plugins: PluginLookup):
         self.plugins = plugins
 
     def __call__(self, spec: DeploymentSpec) -> Any:
@@ -37,8 +37,6 @@ class LlamaCppExecutorFactory:
 
         return str(preload_model(spec).path)
 
-
-build_executor = LlamaCppExecutorFactory()
 
 
 @hookimpl

@@ -84,13 +84,9 @@ class Architecture:
 def architectures(plugins: PluginLookup | None = None) -> dict[str, Architecture]:
     """Every architecture ``plugins`` knows: the built-ins, then what its plugins register (a
     name registered twice with different factories is an error naming both plugins). Without
-    ``plugins``, this process's own manager: a worker rank's, or a tool's outside a server.
-    Asked afresh each time (a dozen calls, once per model load or check), so a plugin
-    registered later counts."""
-    if plugins is None:
-        from flowserve_core.plugins import get_plugin_manager
-
-        plugins = get_plugin_manager()
+    ``plugins``, the built-ins only: whoever serves plugin architectures passes the manager it
+    was built by (an executor's factory, a worker process's entry point). Asked afresh each
+    time (a dozen calls, once per model load or check), so a plugin registered later counts."""
     found: dict[str, Architecture] = {}
 
     def registrar(plugin: str) -> Callable[..., None]:
@@ -105,7 +101,7 @@ def architectures(plugins: PluginLookup | None = None) -> dict[str, Architecture
         return register
 
     register_builtin_architectures(registrar("spmd_executor"))
-    for impl in plugins.hook.flowserve_register_model_architectures.get_hookimpls():
+    for impl in plugins.hook.flowserve_register_model_architectures.get_hookimpls() if plugins else []:
         offered = {"register": registrar(impl.plugin_name), "plugins": plugins}
         impl.function(**{name: offered[name] for name in impl.argnames})
     return found

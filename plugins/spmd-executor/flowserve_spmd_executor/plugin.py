@@ -17,9 +17,10 @@ class SpmdExecutorFactory:
     (``FastStartExecutorFactory`` and ``DeviceSharingExecutorFactory`` of
     ``flowserve_core.interfaces``; see ``flowserve_spmd_executor.preload``). Each method imports
     what it needs when called, so that this hook module stays light. ``plugins``: the manager
-    whose model architectures its executors build (None: this process's)."""
+    that registered it: the model architectures its executors build, and the structured-output
+    backends their samplers use."""
 
-    def __init__(self, plugins: PluginLookup | None = None):
+    def __init__(self, plugins: PluginLookup):
         self.plugins = plugins
 
     def __call__(self, spec: DeploymentSpec) -> Any:
@@ -39,22 +40,20 @@ class SpmdExecutorFactory:
         raises ``PreloadUnsupported`` where it cannot."""
         from flowserve_spmd_executor.preload import preload
 
-        return preload(spec)
+        return preload(spec, self.plugins)
 
     def share(self, spec: DeploymentSpec) -> bytes:
         """Hold ``spec``'s model on its device here; IPC handles for ``attach`` (CUDA, NPU)."""
         from flowserve_spmd_executor.preload import share
 
-        return share(spec)
+        return share(spec, self.plugins)
 
     def attach(self, spec: DeploymentSpec, handles: bytes) -> None:
         """Take a holder's device weights (``share``) for this process's next executor."""
         from flowserve_spmd_executor.preload import attach
 
-        attach(spec, handles)
+        attach(spec, handles, self.plugins)
 
-
-build_executor = SpmdExecutorFactory()
 
 
 @hookimpl

@@ -1,8 +1,9 @@
 """Fast instance starts for scalers: pre-warming, DRAM images of weights, pre-loaded models.
 
-A plugin-level API of the ``spmd`` executor (the factory ``build_executor`` carries
-``prewarm`` and ``preload`` as attributes, so a scaler finds them without importing this
-package by name):
+A plugin-level API of the ``spmd`` executor (its factory, ``SpmdExecutorFactory``, offers
+``prewarm``, ``preload``, ``share`` and ``attach`` as the ``FastStartExecutorFactory`` and
+``DeviceSharingExecutorFactory`` Protocols, so a scaler finds them without importing this
+package by name). Each takes the plugin manager that knows the model's architecture:
 
 - ``prewarm(device)`` — import torch and the executor's modules and open the device, so a
   pre-warmed process pays none of it when a model is assigned.
@@ -48,6 +49,7 @@ from typing import Any
 import msgspec
 
 from flowserve_core.errors import ConfigError
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
 from flowserve_spmd_executor import image_store
 from flowserve_spmd_executor.image_store import image_dir  # noqa: F401  (callers find it here)
@@ -109,7 +111,7 @@ def prewarm(device: str = "auto") -> None:
         torch.npu.init()  # type: ignore[attr-defined]  # added by torch_npu
 
 
-def model_key(spec: DeploymentSpec, *, devices: tuple[str, ...] = ("cpu",)) -> ModelKey:
+def model_key(spec: DeploymentSpec, plugins: PluginLookup | None, *, devices: tuple[str, ...] = ("cpu",)) -> ModelKey:
     """The key of ``spec``'s model, derived the way ``SpmdExecutor`` derives its settings
     (resolving the weights converts a GGUF file once, as the executor would)."""
     from flowserve_spmd_executor.executor import _flag
@@ -124,7 +126,7 @@ def model_key(spec: DeploymentSpec, *, devices: tuple[str, ...] = ("cpu",)) -> M
         raise PreloadUnsupported(f"DRAM images are mapped on CPU; device {device_type!r} attaches "
                                  "shared weights through IPC handles instead")
     weights = resolve_weights(spec.model)
-    config = load_model_config(weights.directory)
+    config = load_model_config(weights.directory, plugins)
     return ModelKey(weights=weights.directory, dtype=dtype_name(resolve_dtype(spec.dtype, device_type)),
                     device_type=device_type, max_model_len=spec.max_model_len or config.max_position_embeddings,
                     packed_linear=_flag(spec.options.get("packed_linear", True)))
@@ -140,9 +142,10 @@ def image_paths(key: ModelKey) -> tuple[Path, Path]:
     return image_dir() / f"{stem}.weights", image_dir() / f"{stem}.json"
 
 
-def ensure_image(spec: DeploymentSpec, timeout: float = 1800.0) -> Path:
-    """The image of ``spec``'s weights, built first (in a child process) if absent."""
-    key = model_key(spec)
+def ensure_image(spec: DeploymentSpec, plugins: PluginLookup | None, timeout: float = 1800.0) -> Path:
+    """The image of ``spec``'s weights, built first (in a child process, whose own manager
+    must know the model's architecture: an installed plugin does) if absent."""
+    key = model_key(spec, plugins)
     data, index = image_paths(key)
     with os.fdopen(image_store.create_private(data.parent / f".{data.stem}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # not while a builder writes it
@@ -174,7 +177,7 @@ def _mismatch(data: Path, index_path: Path) -> str:
     return image_store.verify(data, index.nbytes, index.sha256)
 
 
-def write_image(key: ModelKey) -> None:
+def write_image(key: ModelKey, plugins: PluginLookup | None) -> None:
     """Load ``key``'s model the ordinary way and write its parameters as an image (the work of
     ``python -m flowserve_spmd_executor.preload``)."""
     import torch
@@ -184,9 +187,10 @@ def write_image(key: ModelKey) -> None:
     from flowserve_spmd_executor.model_config import load_model_config
 
     weights = resolve_weights(key.weights)
-    config = load_model_config(weights.directory)
+    config = load_model_config(weights.directory, plugins)
     model = load_model(weights, config, TensorParallelGroup(), dtype=getattr(torch, key.dtype),
-                       device=torch.device("cpu"), max_positions=key.max_model_len, show_progress=False)
+                       device=torch.device("cpu"), max_positions=key.max_model_len, show_progress=False,
+                       plugins=plugins)
     data, index = image_paths(key)
     tensors, offset = [], 0
     staging = data.with_name(f".{data.name}.{os.getpid()}")
@@ -212,7 +216,7 @@ def write_image(key: ModelKey) -> None:
     os.rename(index_staging, index)  # last: the index existing means the image is complete
 
 
-def map_image(key: ModelKey) -> Any:
+def map_image(key: ModelKey, plugins: PluginLookup | None) -> Any:
     """Build ``key``'s model with every parameter a copy-on-write view into its image."""
     import torch
 
@@ -221,10 +225,11 @@ def map_image(key: ModelKey) -> Any:
     if index.format != IMAGE_FORMAT:
         raise PreloadUnsupported(f"image {data} has format {index.format}, not {IMAGE_FORMAT}")
     storage = torch.from_file(str(data), shared=False, size=index.nbytes, dtype=torch.uint8)
-    return model_over_image(key, storage, index, where=str(data))
+    return model_over_image(key, storage, index, plugins, where=str(data))
 
 
-def model_over_image(key: ModelKey, storage: Any, index: ImageIndex, *, where: str = "the image") -> Any:
+def model_over_image(key: ModelKey, storage: Any, index: ImageIndex, plugins: PluginLookup | None, *,
+                     where: str = "the image") -> Any:
     """Build ``key``'s model with every parameter a view into ``storage`` (a flat uint8 tensor
     laid out as ``index`` says: a mapped image file, or an image shared another way, such as
     Ray's object store). Raises ``PreloadUnsupported`` if the image lacks a tensor."""
@@ -235,11 +240,11 @@ def model_over_image(key: ModelKey, storage: Any, index: ImageIndex, *, where: s
     from flowserve_spmd_executor.loader import build_model
     from flowserve_spmd_executor.model_config import load_model_config
 
-    config = load_model_config(key.weights)
+    config = load_model_config(key.weights, plugins)
     # Parameters stay on "meta" (no memory) until swapped for views of the image; swapping
     # keeps each Parameter object, so tied weights stay tied.
     model = build_model(config, TensorParallelGroup(), dtype=getattr(torch, key.dtype),
-                        device=torch.device("cpu"), max_positions=key.max_model_len, allocate=False)
+                        device=torch.device("cpu"), max_positions=key.max_model_len, allocate=False, plugins=plugins)
     params = dict(model.named_parameters())
     for entry in index.tensors:
         view = storage[entry.offset:entry.offset + entry.nbytes].view(getattr(torch, entry.dtype))
@@ -262,13 +267,13 @@ def hand_over(key: ModelKey, model: Any) -> None:
     _preloaded[key] = model
 
 
-def preload(spec: DeploymentSpec) -> str:
+def preload(spec: DeploymentSpec, plugins: PluginLookup | None) -> str:
     """Map ``spec``'s image (building it once) and keep the model for this process's next
     ``SpmdExecutor(spec)``; returns the image's path. Computes nothing (safe before a fork)."""
-    key = model_key(spec)
-    data = ensure_image(spec)
+    key = model_key(spec, plugins)
+    data = ensure_image(spec, plugins)
     if key not in _preloaded:
-        _preloaded[key] = map_image(key)
+        _preloaded[key] = map_image(key, plugins)
     return str(data)
 
 
@@ -295,7 +300,7 @@ def _reductions(device_type: str) -> Any:
     raise PreloadUnsupported("IPC handles are for device weights; on CPU map the DRAM image (preload)")
 
 
-def share(spec: DeploymentSpec) -> bytes:
+def share(spec: DeploymentSpec, plugins: PluginLookup | None) -> bytes:
     """Load ``spec``'s model onto its device once, keep it alive in this process (the
     holder), and return IPC handles of its parameters (``torch.multiprocessing``
     reductions) for ``attach`` in other processes on the same device."""
@@ -306,19 +311,19 @@ def share(spec: DeploymentSpec) -> bytes:
     from flowserve_spmd_executor.model_config import load_model_config
     from flowserve_spmd_executor.options import device_base_index, rank_device
 
-    key = model_key(spec, devices=("cuda", "npu"))
+    key = model_key(spec, plugins, devices=("cuda", "npu"))
     reductions = _reductions(key.device_type)
     if key not in _holding:
         weights = resolve_weights(key.weights)
-        _holding[key] = load_model(weights, load_model_config(weights.directory), TensorParallelGroup(),
+        _holding[key] = load_model(weights, load_model_config(weights.directory, plugins), TensorParallelGroup(),
                                    dtype=getattr(torch, key.dtype), max_positions=key.max_model_len,
                                    device=rank_device(key.device_type, 0, device_base_index(spec.device)),
-                                   show_progress=False)
+                                   show_progress=False, plugins=plugins)
     return pickle.dumps([(name, *reductions.reduce_tensor(param.data))
                          for name, param in _holding[key].named_parameters()])
 
 
-def attach(spec: DeploymentSpec, handles: bytes) -> None:
+def attach(spec: DeploymentSpec, handles: bytes, plugins: PluginLookup | None) -> None:
     """Build ``spec``'s model from a holder's IPC handles (``share``): every parameter is the
     holder's device memory, nothing is copied; the next ``SpmdExecutor(spec)`` here takes it."""
     import torch
@@ -328,11 +333,12 @@ def attach(spec: DeploymentSpec, handles: bytes) -> None:
     from flowserve_spmd_executor.model_config import load_model_config
     from flowserve_spmd_executor.options import device_base_index, rank_device
 
-    key = model_key(spec, devices=("cuda", "npu"))
+    key = model_key(spec, plugins, devices=("cuda", "npu"))
     _reductions(key.device_type)  # imports what the handles' rebuild functions need
     device = rank_device(key.device_type, 0, device_base_index(spec.device))
-    model = build_model(load_model_config(key.weights), TensorParallelGroup(), dtype=getattr(torch, key.dtype),
-                        device=device, max_positions=key.max_model_len, allocate=False)
+    model = build_model(load_model_config(key.weights, plugins), TensorParallelGroup(),
+                        dtype=getattr(torch, key.dtype), device=device, max_positions=key.max_model_len,
+                        allocate=False, plugins=plugins)
     params = dict(model.named_parameters())
     for name, rebuild, args in _TorchHandleUnpickler(io.BytesIO(handles)).load():
         torch.utils.swap_tensors(params.pop(name), torch.nn.Parameter(rebuild(*args), requires_grad=False))
@@ -357,7 +363,10 @@ class _TorchHandleUnpickler(pickle.Unpickler):
 def main() -> None:
     """``python -m flowserve_spmd_executor.preload`` with a ``ModelKey`` (JSON) on stdin."""
     logging.basicConfig(level=os.environ.get("FLOWSERVE_LOG_LEVEL", "WARNING").upper())
-    write_image(msgspec.json.decode(sys.stdin.buffer.read(), type=ModelKey))
+    from flowserve_core.plugins import PluginManager
+
+    # this builder process is an entry point: it builds its own manager, once
+    write_image(msgspec.json.decode(sys.stdin.buffer.read(), type=ModelKey), PluginManager())
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import threading
 import time
 
+from flowserve_core.interfaces import PluginLookup
+from flowserve_core.plugins import PluginManager
 from flowserve_spmd_executor.launch import ControlAddress
 from flowserve_spmd_executor.protocol import (
     Channel,
@@ -52,10 +54,11 @@ def connect_to_rank0(address: ControlAddress, timeout: float = 60.0) -> Channel:
     return Channel(sock)
 
 
-def serve(channel: Channel, *, local_device_index: int | None = None) -> int:
+def serve(channel: Channel, *, plugins: PluginLookup, local_device_index: int | None = None) -> int:
     """Build this rank and run rank 0's announcements; the exit code (0: told to stop or
-    rank 0 went away). ``local_device_index``: the accelerator this process was given (its
-    host chose it), instead of rank 0's base index plus the rank."""
+    rank 0 went away). ``plugins``: this process's manager (the model architectures it
+    knows). ``local_device_index``: the accelerator this process was given (its host chose
+    it), instead of rank 0's base index plus the rank."""
     init = channel.recv()
     if not isinstance(init, Init):
         return 2
@@ -68,7 +71,7 @@ def serve(channel: Channel, *, local_device_index: int | None = None) -> int:
         setup = init.setup
         if local_device_index is not None and setup.device_type != "cpu":
             setup = msgspec.structs.replace(setup, local_device_index=local_device_index)
-        rank = Rank(setup, show_progress=False)
+        rank = Rank(setup, show_progress=False, plugins=plugins)
         channel.send(Ready(rank=rank_index, load_seconds=rank.load_seconds))
         rank.connect()
         while True:
@@ -98,7 +101,7 @@ def main() -> None:
                         format="%(asctime)s rank-worker %(levelname)s %(name)s: %(message)s")
     sock = socket.socket(fileno=int(sys.argv[1]))
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    code = serve(Channel(sock))
+    code = serve(Channel(sock), plugins=PluginManager())  # this process's own manager, built once
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: torch's process-group threads may still be blocked.

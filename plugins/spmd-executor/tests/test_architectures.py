@@ -95,7 +95,7 @@ async def test_a_model_preloaded_from_its_dram_image_gives_the_same_tokens(model
     monkeypatch.setenv(image_store.SESSION_VARIABLE, "")
     path = save_tiny_architecture(tmp_path / "model", model_type, seed=81)
     spec = DeploymentSpec(model=str(path), dtype="float32", device="cpu", kv_cache_memory="4MiB", block_size=16)
-    preload(spec)
+    preload(spec, None)  # built-in architectures: no plugin manager needed
     executor = SpmdExecutor(spec)
     try:
         assert executor.rank.weights_path == "preloaded"

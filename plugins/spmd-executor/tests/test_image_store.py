@@ -39,27 +39,27 @@ def root(tmp_path, monkeypatch) -> Path:
 
 def test_an_image_is_private_and_a_tampered_one_is_refused_and_rebuilt(root, tiny_llama, caplog):
     spec = DeploymentSpec(model=str(tiny_llama), dtype="float32", device="cpu")
-    data = ensure_image(spec)
-    _, index_path = image_paths(model_key(spec))
+    data = ensure_image(spec, None)
+    _, index_path = image_paths(model_key(spec, None))
     assert data.parent.parent == root and mode(root) == 0o700 and mode(data.parent) == 0o700
     assert mode(data) == 0o600 and mode(index_path) == 0o600
     index = msgspec.json.decode(index_path.read_bytes(), type=ImageIndex)
     good = image_store.digest(data)
     assert index.sha256 == good and index.nbytes == data.stat().st_size
-    original = {name: t.clone() for name, t in map_image(model_key(spec)).state_dict().items()}
+    original = {name: t.clone() for name, t in map_image(model_key(spec, None), None).state_dict().items()}
 
     with open(data, "r+b") as image:  # overwrite weights in place, as another user did before
         image.seek(index.tensors[0].offset)
         image.write(b"\x7f" * 64)
     assert image_store.digest(data) != good
-    assert ensure_image(spec) == data
+    assert ensure_image(spec, None) == data
     assert "is refused (its content does not match the SHA-256" in caplog.text
     assert image_store.digest(data) == good  # built again from the checkpoint
-    rebuilt = map_image(model_key(spec)).state_dict()
+    rebuilt = map_image(model_key(spec, None), None).state_dict()
     assert all(rebuilt[name].equal(tensor) for name, tensor in original.items())
 
     data.write_bytes(data.read_bytes()[:1000])  # cut short
-    ensure_image(spec)
+    ensure_image(spec, None)
     assert "it has 1000 bytes" in caplog.text and image_store.digest(data) == good
 
 

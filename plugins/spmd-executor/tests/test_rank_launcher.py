@@ -26,9 +26,10 @@ pytestmark = pytest.mark.anyio
 _CONNECTING_WORKER = """
 import os, sys, msgspec
 from flowserve_spmd_executor.launch import ControlAddress
+from flowserve_core.plugins import PluginManager
 from flowserve_spmd_executor.worker import connect_to_rank0, serve
 address = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=ControlAddress)
-os._exit(serve(connect_to_rank0(address)))
+os._exit(serve(connect_to_rank0(address), plugins=PluginManager()))
 """
 
 

@@ -18,7 +18,7 @@ import time
 
 import msgspec
 
-from flowserve_spmd_executor.launch import ControlAddress, RankHandle, RankLauncher, rank_launcher
+from flowserve_spmd_executor.launch import ControlAddress, RankHandle, RankLauncher, SubprocessHandle, rank_launcher
 from flowserve_spmd_executor.protocol import (
     Channel,
     Failed,
@@ -85,7 +85,7 @@ class WorkerGang:
     @property
     def processes(self) -> list:
         """The ``subprocess.Popen`` of each worker that is a child process (tests kill them)."""
-        return [h.process for h in self.handles if hasattr(h, "process")]
+        return [h.process for h in self.handles if isinstance(h, SubprocessHandle)]
 
     def _accept(self, setups: list[RankSetup], tokens: dict[int, str]) -> None:
         """Take each worker's connection once it proves its rank; then stop listening."""

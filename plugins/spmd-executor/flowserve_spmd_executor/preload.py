@@ -362,7 +362,9 @@ class _TorchHandleUnpickler(pickle.Unpickler):
 
 def main() -> None:
     """``python -m flowserve_spmd_executor.preload`` with a ``ModelKey`` (JSON) on stdin."""
-    logging.basicConfig(level=os.environ.get("FLOWSERVE_LOG_LEVEL", "WARNING").upper())
+    from flowserve_core.telemetry import setup_logging
+
+    setup_logging(os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))  # the server's format: JSON lines
     from flowserve_core.plugins import PluginManager
 
     # this builder process is an entry point: it builds its own manager, once

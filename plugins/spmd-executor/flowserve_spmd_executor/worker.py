@@ -20,6 +20,7 @@ import time
 
 from flowserve_core.interfaces import PluginLookup
 from flowserve_core.plugins import PluginManager
+from flowserve_core.telemetry import setup_logging
 from flowserve_spmd_executor.launch import ControlAddress
 from flowserve_spmd_executor.protocol import (
     Channel,
@@ -97,8 +98,8 @@ def serve(channel: Channel, *, plugins: PluginLookup, local_device_index: int | 
 
 def main() -> None:
     """Entry point: ``python -m flowserve_spmd_executor.worker FD``."""
-    logging.basicConfig(level=os.environ.get("FLOWSERVE_LOG_LEVEL", "WARNING").upper(),
-                        format="%(asctime)s rank-worker %(levelname)s %(name)s: %(message)s")
+    # the server's log format and level (JSON lines unless on a terminal), as instance processes
+    setup_logging(os.environ.get("FLOWSERVE_LOG_LEVEL", "warning"))
     sock = socket.socket(fileno=int(sys.argv[1]))
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     code = serve(Channel(sock), plugins=PluginManager())  # this process's own manager, built once

@@ -117,7 +117,7 @@ class ChatPlan:
     """A chat request made ready to run: its deployment, its choices (kernel requests), its
     prompt, the logprobs asked for and how replies are read for tools (None: no tools)."""
 
-    deployment: Any
+    deployment: Deployment
     plans: list[ChoicePlan]
     prompts: list[tuple[list[int], str]]
     logprobs: int | None

@@ -7,7 +7,7 @@ anything is admitted, so a constraint it cannot enforce is a 400 naming the feat
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -17,6 +17,9 @@ from flowserve_core.types import StructuredOutput
 from flowserve_openai.errors import APIError
 from flowserve_openai.protocol import SamplingFields
 from flowserve_openai.protocol_tools import JSONObjectResponseFormat, JSONSchemaResponseFormat, StructuredOutputsParam
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
 
 
 def structured_output(body: SamplingFields) -> tuple[StructuredOutput, str] | None:
@@ -76,7 +79,7 @@ def _schema_text(schema: dict[str, Any] | str, param: str) -> str:
     return msgspec.json.encode(schema, order="sorted").decode()
 
 
-async def check_structured_output(backends: Any, deployment: Any, constraint: StructuredOutput, param: str) -> None:
+async def check_structured_output(backends: Any, deployment: Deployment, constraint: StructuredOutput, param: str) -> None:
     """Compile ``constraint`` with ``deployment``'s backend in a worker thread: a 400 naming the
     feature when the backend cannot enforce it."""
     backend: StructuredOutputBackend = await backends(deployment)

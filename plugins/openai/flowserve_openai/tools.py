@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -35,6 +35,11 @@ from flowserve_openai.protocol_tools import (
     ToolCallFunction,
     ToolCallFunctionDelta,
 )
+
+if TYPE_CHECKING:
+    from flowserve_core.deployment import Deployment
+    from flowserve_core.interfaces import Tokenizer
+    from flowserve_openai.context import AppContext
 
 #: Chat-template markup → the parser that reads it, for deployments that name none.
 DETECT = (("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"), ("<|python_tag|>", "llama3_json"))
@@ -150,7 +155,7 @@ async def render_tool_chat(tokenizer: Any, messages: list[dict[str, Any]], tools
     return list(ids)
 
 
-def parser_name(deployment: Any, tokenizer: Any) -> str | None:
+def parser_name(deployment: Deployment, tokenizer: Tokenizer) -> str | None:
     """The deployment's ``tool_call_parser``, else the one whose markup its chat template uses."""
     if deployment.spec.tool_call_parser:
         return str(deployment.spec.tool_call_parser)
@@ -270,7 +275,7 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-async def parser_for(ctx: Any, deployment: Any, name: str | None) -> ToolCallParser | None:
+async def parser_for(ctx: AppContext, deployment: Deployment, name: str | None) -> ToolCallParser | None:
     """The named parser of the deployment (a 400 when it is not installed), or None."""
     if name is None:
         return None

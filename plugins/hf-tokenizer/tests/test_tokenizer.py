@@ -116,3 +116,42 @@ def test_token_bytes_concatenate_to_the_text(smollm2, llama_style, text):
     # SentencePiece encodes a leading "▁": mid-text that token reads as a space.
     pieces = llama_style.encode(text, add_special_tokens=False)
     assert b"".join(llama_style.token_bytes(i) for i in pieces) == (" " + text if text else "").encode()
+
+
+# Gemma's chat template (as its checkpoints ship it, in chat_template.jinja): no system role, so
+# a system message becomes the first user turn's prefix; "assistant" is "model"; BOS comes
+# from the template, not from tokenizing.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + "
+    "'\\n\\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages "
+    "= messages %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % "
+    "2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = "
+    "message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_the_checkpoints_own_template_file_renders_as_transformers_renders_it(llama_style_dir, tmp_path,
+                                                                               add_generation_prompt):
+    """chat_template.jinja in the model directory is the template (transformers reads it so);
+    Gemma's system-role quirk and BOS handling come out exactly as transformers has them."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "gemma-like"
+    shutil.copytree(llama_style_dir, model)
+    (model / "chat_template.jinja").write_text(GEMMA_TEMPLATE)
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi there"},
+                    {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+    ours = build_hf_tokenizer(DeploymentSpec(model=str(model)))
+    ids = ours.apply_chat_template([ChatMessage(**m) for m in conversation], add_generation_prompt=add_generation_prompt)
+    reference = AutoTokenizer.from_pretrained(str(model)).apply_chat_template(
+        conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
+    assert ids == list(reference)
+    text = ours.decode(ids, skip_special_tokens=False)
+    assert text.count("<s>") == 1 and "system" not in text.replace("Answer", "")  # no system turn, one BOS
+    assert "<start_of_turn>user\nAnswer briefly.\n\nHi there<end_of_turn>" in text
+    assert text.endswith("<start_of_turn>model\n") == add_generation_prompt

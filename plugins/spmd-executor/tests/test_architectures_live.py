@@ -37,9 +37,13 @@ def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-#: the families: dense with q/k norm and a sliding layer, Gemma (GeGLU, soft-capping, local
-#: rope), and a mixture of experts under tensor parallelism
-@pytest.mark.parametrize("model_type, tensor_parallel", [("qwen3", 1), ("gemma2", 1), ("qwen3_moe", 2)])
+#: every architecture the executor adds to Llama/Mistral/Qwen2 (served live elsewhere): dense
+#: with q/k norm and a sliding layer, Gemma 2 and 3 (GeGLU, soft-capping, local rope), fused
+#: Phi-3, post-norm OLMo 2, Granite's multipliers, and both mixtures of experts, one of each
+#: kind under tensor parallelism
+@pytest.mark.parametrize("model_type, tensor_parallel", [
+    ("qwen3", 1), ("gemma2", 1), ("gemma3_text", 1), ("phi3", 1), ("olmo2", 2), ("granite", 1), ("mixtral", 1),
+    ("qwen3_moe", 2)])
 def test_a_live_server_answers_with_transformers_greedy_text(model_type, tensor_parallel, smollm2_tokenizer,
                                                              tmp_path):
     import openai

@@ -205,6 +205,17 @@ class BlockCopySource(Protocol):
 
 
 @runtime_checkable
+class ReleasesOutOfWindow(Protocol):
+    """Optional, for a KV cache manager built with a ``KVCacheSpec.sliding_window``: the batch
+    scheduler asks it, after each commit, to give back the blocks of a sequence that no layer
+    reads again, so a long sliding-window sequence holds only its window. Not asked for a
+    sequence whose blocks are exported afterwards (PD prefill)."""
+
+    def release_out_of_window(self, seq_id: str) -> int:
+        """Free the blocks wholly behind the window of ``seq_id``'s next query; how many."""
+
+
+@runtime_checkable
 class ReportsContextLength(Protocol):
     """Optional, for a tokenizer or KV cache manager: the model's context length, where known.
     The smallest one known (``DeploymentSpec.max_model_len`` first) bounds prompt and output."""

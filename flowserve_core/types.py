@@ -332,6 +332,9 @@ class KVCacheSpec(msgspec.Struct, kw_only=True):
     block_size: int
     bytes_per_block: int = 0
     max_model_len: int = 2048
+    #: every layer attends at most this many positions back (0: some layer reads the whole
+    #: history), so KV wholly behind that window of the next query is never read again
+    sliding_window: int = 0
 
 
 class ScheduledSequence(msgspec.Struct, kw_only=True):

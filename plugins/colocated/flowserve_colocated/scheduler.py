@@ -27,7 +27,14 @@ from typing import Any
 
 from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
-from flowserve_core.interfaces import BlockCopySource, KVCacheManager, KVTransport, KVTransports, ReportsContextLength
+from flowserve_core.interfaces import (
+    BlockCopySource,
+    KVCacheManager,
+    KVTransport,
+    KVTransports,
+    ReleasesOutOfWindow,
+    ReportsContextLength,
+)
 from flowserve_core.types import (
     DeploymentSpec,
     FinishReason,
@@ -66,6 +73,7 @@ class ContinuousBatchScheduler:
         self.kv = kv_cache
         # Asked once: an isinstance against a runtime Protocol costs microseconds, every step.
         self._copies_from: BlockCopySource | None = kv_cache if isinstance(kv_cache, BlockCopySource) else None
+        self._window: ReleasesOutOfWindow | None = kv_cache if isinstance(kv_cache, ReleasesOutOfWindow) else None
         self.max_num_seqs = spec.max_num_seqs
         self.token_budget = spec.max_num_batched_tokens
         from_cache = kv_cache.max_model_len if isinstance(kv_cache, ReportsContextLength) else None
@@ -253,6 +261,8 @@ class ContinuousBatchScheduler:
                 continue
             seq.num_computed = scheduled.start_pos + len(scheduled.token_ids)
             self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            if self._window is not None and seq.role is not TaskRole.PREFILL:  # a prefill's KV is exported whole
+                self._window.release_out_of_window(seq.seq_id)
             if not scheduled.sample:
                 continue
             token = result.token_ids.get(seq.seq_id)

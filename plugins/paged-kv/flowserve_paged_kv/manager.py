@@ -22,14 +22,18 @@ log = logging.getLogger(__name__)
 class _SequenceBlocks:
     """One sequence's block table and how far it is reserved and computed."""
 
-    __slots__ = ("blocks", "num_tokens", "num_computed", "hashes")
+    __slots__ = ("blocks", "num_tokens", "num_computed", "hashes", "released")
 
-    def __init__(self, blocks: list[int], num_tokens: int, num_computed: int, hashes: list[int]):
+    def __init__(self, blocks: list[int], num_tokens: int, num_computed: int, hashes: list[int],
+                 released: int = 0):
         self.blocks = blocks
         self.num_tokens = num_tokens
         self.num_computed = num_computed
         #: chained hashes of the leading full computed blocks, as far as ``commit`` got
         self.hashes = hashes
+        #: leading blocks given back because no layer reads them again (sliding window); their
+        #: ids stay in ``blocks`` (attention masks them out) but this sequence no longer holds them
+        self.released = released
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -50,6 +54,7 @@ class PagedKVCacheManager:
         self.block_size = kv.block_size
         self.num_blocks = kv.num_blocks
         self.max_model_len = kv.max_model_len
+        self.sliding_window = kv.sliding_window
         self.pool = BlockPool(kv.num_blocks)
         self._seqs: dict[str, _SequenceBlocks] = {}
         self._pending_copies: list[tuple[int, int]] = []
@@ -190,13 +195,28 @@ class PagedKVCacheManager:
             seq.hashes.append(block_hash)
             self.pool.register(seq.blocks[index], block_hash, parent, tokens)
 
+    def release_out_of_window(self, seq_id: str) -> int:
+        """Give back ``seq_id``'s leading blocks that no layer reads again: with every layer's
+        window at most ``sliding_window``, the next query (position ``num_computed``) reads keys
+        from ``num_computed - sliding_window + 1`` on. Hashed blocks stay cached (intact until
+        evicted), the others become free. Returns how many blocks were given back."""
+        seq = self._get(seq_id)
+        if not self.sliding_window:
+            return 0
+        behind = max(0, seq.num_computed - self.sliding_window + 1) // self.block_size
+        for block in seq.blocks[seq.released:behind]:
+            self.pool.release(block)
+        count = max(0, behind - seq.released)
+        seq.released = max(seq.released, behind)
+        return count
+
     def free(self, seq_id: str) -> None:
         """Return ``seq_id``'s blocks: hashed ones stay cached (tail blocks evicted first),
         the others become free. Unknown ids are ignored."""
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return
-        released = [block for block in reversed(seq.blocks) if self.pool.release(block)]
+        released = [block for block in reversed(seq.blocks[seq.released:]) if self.pool.release(block)]
         if released and self._pending_copies:
             gone = set(released)  # a copy into a block nobody holds any more is pointless
             self._pending_copies = [c for c in self._pending_copies if c[1] not in gone]
@@ -208,10 +228,10 @@ class PagedKVCacheManager:
             raise ValueError(f"sequence {child_seq_id!r} already has blocks; free it first")
         parent = self._get(parent_seq_id)
         blocks = parent.blocks[:_ceil_div(parent.num_computed, self.block_size)]
-        for block in blocks:
+        for block in blocks[parent.released:]:  # the released ones are nobody's to share
             self.pool.acquire(block)
         self._seqs[child_seq_id] = _SequenceBlocks(list(blocks), parent.num_computed,
-                                                   parent.num_computed, list(parent.hashes))
+                                                   parent.num_computed, list(parent.hashes), parent.released)
 
     def take_block_copies(self) -> list[tuple[int, int]]:
         """The ``(source, destination)`` copies copy-on-write asked for since the last call;
@@ -228,6 +248,9 @@ class PagedKVCacheManager:
         that does not fill a block (it has no hash), so ``len(ids)`` may be ``len(hashes) + 1``.
         """
         seq = self._get(seq_id)
+        if seq.released:
+            raise ValueError(f"sequence {seq_id!r} gave back blocks behind its sliding window; they cannot be "
+                             "exported (release_out_of_window is not for sequences whose KV moves)")
         full = len(seq.hashes)
         ids = seq.blocks[:full]
         if include_partial and seq.num_computed > full * self.block_size:

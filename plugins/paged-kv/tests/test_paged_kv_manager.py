@@ -208,3 +208,35 @@ def test_import_refuses_mismatched_hashes_and_lack_of_blocks():
         kv.import_blocks("d", list(range(8)), [123])
     assert kv.import_blocks("d", list(range(12)), []) is None
     assert kv.usage().free_blocks == 2
+
+
+def test_blocks_behind_every_window_are_given_back_once_and_stay_cached():
+    """With sliding_window 8 and blocks of 4, the next query after 20 computed tokens (position
+    20) reads keys 13.. on: blocks 0-2 (positions 0-11) are never read again."""
+    kv = PagedKVCacheManager(None, KVCacheSpec(num_blocks=12, block_size=BS, sliding_window=8))
+    tokens = list(range(100, 120))
+    computed(kv, "a", tokens)
+    table = kv.block_table("a")
+    assert kv.release_out_of_window("a") == 3 and kv.release_out_of_window("a") == 0
+    assert [kv.ref_count(b) for b in table] == [0, 0, 0, 1, 1]
+    usage = kv.usage()
+    assert usage.used_blocks == 2 and usage.cached_blocks == 3  # hashed: a later prompt may reuse them
+    assert kv.block_table("a") == table  # the ids stay (attention masks them out)
+    kv.fork("a", "b")  # a child shares only what its parent still holds
+    assert [kv.ref_count(b) for b in table] == [0, 0, 0, 2, 2]
+    kv.free("a")
+    kv.free("b")  # nothing is given back twice
+    usage = kv.usage()
+    assert usage.used_blocks == 0 and usage.used_blocks + usage.cached_blocks + usage.free_blocks == 12
+    assert kv.allocate("c", tokens + [1]) == 20  # the released blocks were still cached, intact
+
+
+def test_without_a_window_nothing_is_given_back_and_a_released_sequence_cannot_be_exported():
+    kv = manager(num_blocks=8)
+    computed(kv, "a", list(range(16)))
+    assert kv.release_out_of_window("a") == 0 and kv.usage().used_blocks == 4
+    windowed = PagedKVCacheManager(None, KVCacheSpec(num_blocks=8, block_size=BS, sliding_window=4))
+    computed(windowed, "a", list(range(16)))
+    assert windowed.release_out_of_window("a") == 3
+    with pytest.raises(ValueError, match="cannot be exported"):
+        windowed.export_blocks("a")

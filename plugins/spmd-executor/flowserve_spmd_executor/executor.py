@@ -122,8 +122,11 @@ class SpmdExecutor:
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """The KV blocks this executor reserved (per rank; every rank has as many)."""
+        windows = self.config.sliding_windows
         return KVCacheSpec(num_blocks=self.num_blocks, block_size=self.spec.block_size,
-                           bytes_per_block=self.bytes_per_block, max_model_len=self.max_model_len)
+                           bytes_per_block=self.bytes_per_block, max_model_len=self.max_model_len,
+                           # blocks fall out only of a window every layer has (0: a global layer)
+                           sliding_window=max(windows) if windows and all(windows) else 0)
 
     async def execute(self, batch: StepBatch) -> StepResult:
         """Run one step in a worker thread; ``EngineDeadError`` once a rank is gone."""

@@ -62,13 +62,15 @@ async def test_openai_agents_sdk_runs_an_agent_with_a_function_tool(smol):
         calls.append(city)
         return f"It is sunny and 21 degrees in {city}."
 
-    client = AsyncOpenAI(base_url=smol.base_url, api_key="unused", max_retries=0)
-    agent = agents.Agent(
-        name="weather", instructions="Answer questions about the weather with the get_weather tool.",
-        tools=[get_weather], model=agents.OpenAIChatCompletionsModel(model=NAME, openai_client=client),
-        # the first turn must call the tool; the SDK resets the choice to auto after it ran
-        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=150))
-    result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
+    # closed inside this test's event loop: a client left to the garbage collector closes its
+    # connections in whichever loop runs next, after this one is gone
+    async with AsyncOpenAI(base_url=smol.base_url, api_key="unused", max_retries=0) as client:
+        agent = agents.Agent(
+            name="weather", instructions="Answer questions about the weather with the get_weather tool.",
+            tools=[get_weather], model=agents.OpenAIChatCompletionsModel(model=NAME, openai_client=client),
+            # the first turn must call the tool; the SDK resets the choice to auto after it ran
+            model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=150))
+        result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
     assert len(calls) == 1 and isinstance(calls[0], str) and calls[0], [r.output for r in result.raw_responses]
     assert isinstance(result.final_output, str) and result.final_output
 
@@ -88,11 +90,11 @@ async def test_openai_agents_sdk_through_the_responses_api(smol):
         calls.append(city)
         return f"It is sunny and 21 degrees in {city}."
 
-    client = AsyncOpenAI(base_url=smol.base_url, api_key="unused", max_retries=0)
-    agent = agents.Agent(
-        name="weather", instructions="Answer questions about the weather with the get_weather tool.",
-        tools=[get_weather], model=agents.OpenAIResponsesModel(model=NAME, openai_client=client),
-        model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=150))
-    result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
+    async with AsyncOpenAI(base_url=smol.base_url, api_key="unused", max_retries=0) as client:
+        agent = agents.Agent(
+            name="weather", instructions="Answer questions about the weather with the get_weather tool.",
+            tools=[get_weather], model=agents.OpenAIResponsesModel(model=NAME, openai_client=client),
+            model_settings=agents.ModelSettings(tool_choice="required", temperature=0, max_tokens=150))
+        result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=4)
     assert len(calls) == 1 and calls[0]
     assert isinstance(result.final_output, str) and result.final_output

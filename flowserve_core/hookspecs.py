@@ -4,7 +4,7 @@ A plugin is a module with functions marked ``@flowserve_core.hookimpl`` named as
 through the ``flowserve`` entry-point group; it may take fewer arguments than a specification.
 Components are registered by name, ``register(name, factory)``, and chosen by name; once built
 they are called directly: hooks never sit in the per-token loop. Each kind's factory signature
-is a Protocol in ``flowserve_core.interfaces`` (``ExecutorFactory``, ...)."""
+is a Protocol in ``flowserve_core.factories`` (``ExecutorFactory``, ...)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
-from flowserve_core.interfaces import (
+from flowserve_core.factories import (
     BatchSchedulerFactory,
     ExecutorFactory,
     FrontendFactory,
     JobSchedulerFactory,
     KVCacheManagerFactory,
     KVTransportFactory,
-    PluginLookup,
     Register,
     ScalerFactory,
     TokenizerFactory,
 )
+from flowserve_core.interfaces import PluginLookup
 
 if TYPE_CHECKING:
     import typer
@@ -80,7 +80,7 @@ def flowserve_register_batch_schedulers(register: Register[BatchSchedulerFactory
     """Register batch schedulers (what runs in each engine step). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec, kv_cache, kv_transports)``
-        (``interfaces.BatchSchedulerFactory``) returns an ``interfaces.BatchScheduler``. Called
+        (``factories.BatchSchedulerFactory``) returns an ``interfaces.BatchScheduler``. Called
         in the process that hosts an engine instance.
     :param plugins: the manager registering it (take it only if a factory needs it)."""
 
@@ -90,7 +90,7 @@ def flowserve_register_job_schedulers(register: Register[JobSchedulerFactory], p
     """Register job schedulers (request → job → tasks → instances). Not firstresult.
 
     :param register: ``register(name, factory)``; ``factory(spec, kv_transports)``
-        (``interfaces.JobSchedulerFactory``) returns an ``interfaces.JobScheduler``. Called in
+        (``factories.JobSchedulerFactory``) returns an ``interfaces.JobScheduler``. Called in
         the server process, once per deployment.
     :param plugins: the manager registering it (take it only if a factory needs it)."""
 

@@ -22,7 +22,8 @@ from flowserve_core import hookspecs
 from flowserve_core.errors import ComponentNotFoundError, PluginError
 
 if TYPE_CHECKING:
-    from flowserve_core.interfaces import KVTransport, KVTransports
+    from flowserve_core.factories import KVTransports
+    from flowserve_core.interfaces import KVTransport
     from flowserve_core.types import DeploymentSpec
 
 ENTRY_POINT_GROUP = "flowserve"
@@ -218,7 +219,7 @@ def _arguments_for(component: Component, args: tuple[Any, ...]) -> tuple[Any, ..
         return args
     warnings.warn(f"{component.kind} {component.name!r} ({component.distribution}): its factory takes no "
                   f"{grown!r}; FlowServe passes it as the last argument and will require it from 0.2 "
-                  "(see the interfaces module's factory Protocols)", DeprecationWarning, stacklevel=3)
+                  "(see the factory Protocols in flowserve_core.factories)", DeprecationWarning, stacklevel=3)
     return args[:-1]
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import KVTransportFactory, PluginLookup, Register, ScalerFactory
+from flowserve_core.factories import KVTransportFactory, Register, ScalerFactory
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
 
 

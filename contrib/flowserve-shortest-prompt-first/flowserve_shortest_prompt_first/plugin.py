@@ -14,7 +14,7 @@ from typing import Any
 
 from flowserve_colocated import ContinuousBatchScheduler, Sequence
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import BatchSchedulerFactory, Register
+from flowserve_core.factories import BatchSchedulerFactory, Register
 
 
 class ShortestPromptFirstScheduler(ContinuousBatchScheduler):

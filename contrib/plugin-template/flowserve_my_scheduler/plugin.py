@@ -15,7 +15,8 @@ from typing import Any
 
 from flowserve_colocated import ContinuousBatchScheduler, Sequence
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import BatchSchedulerFactory, KVCacheManager, KVTransports, Register
+from flowserve_core.factories import BatchSchedulerFactory, KVTransports, Register
+from flowserve_core.interfaces import KVCacheManager
 from flowserve_core.types import DeploymentSpec, Task
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ import time
 from typing import Any, Callable
 
 from flowserve_colocated.sequence import Sequence
-from flowserve_core.interfaces import KVCacheManager, KVTransport, KVTransports
+from flowserve_core.factories import KVTransports
+from flowserve_core.interfaces import KVCacheManager, KVTransport
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVHandoff, TaskRole
 
 log = logging.getLogger(__name__)

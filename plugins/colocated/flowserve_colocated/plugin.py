@@ -7,7 +7,7 @@ from __future__ import annotations
 from flowserve_colocated.router import ColocatedJobScheduler
 from flowserve_colocated.scheduler import ContinuousBatchScheduler
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import BatchSchedulerFactory, JobSchedulerFactory, Register
+from flowserve_core.factories import BatchSchedulerFactory, JobSchedulerFactory, Register
 
 
 @hookimpl

@@ -26,7 +26,8 @@ from flowserve_colocated.estimate import LinearFit
 from flowserve_core import telemetry
 from flowserve_core.deployment import InstancePool
 from flowserve_core.errors import EngineDeadError
-from flowserve_core.interfaces import EmitEvent, Instance, KVTransports
+from flowserve_core.factories import KVTransports
+from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
     DeploymentSpec,
     Job,

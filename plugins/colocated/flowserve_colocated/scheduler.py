@@ -27,11 +27,11 @@ from typing import Any
 
 from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
+from flowserve_core.factories import KVTransports
 from flowserve_core.interfaces import (
     BlockCopySource,
     KVCacheManager,
     KVTransport,
-    KVTransports,
     ReleasesOutOfWindow,
     ReportsContextLength,
 )

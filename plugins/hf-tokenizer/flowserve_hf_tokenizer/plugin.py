@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import Register, TokenizerFactory
+from flowserve_core.factories import Register, TokenizerFactory
 from flowserve_core.types import DeploymentSpec
 
 

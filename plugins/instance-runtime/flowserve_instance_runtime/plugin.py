@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import Register, ScalerFactory
+from flowserve_core.factories import Register, ScalerFactory
 from flowserve_core.types import InstanceInfo, TaskRole
 from flowserve_instance_runtime.remote import RemoteInstance, spawn_instance_process
 from flowserve_instance_runtime.target import TargetScaler

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import ExecutorFactory, PluginLookup, Register
+from flowserve_core.factories import ExecutorFactory, Register
+from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import FrontendFactory, Register
+from flowserve_core.factories import FrontendFactory, Register
 
 if TYPE_CHECKING:
     import typer

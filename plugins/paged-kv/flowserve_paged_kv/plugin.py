@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import KVCacheManagerFactory, Register
+from flowserve_core.factories import KVCacheManagerFactory, Register
 from flowserve_paged_kv.manager import PagedKVCacheManager
 
 

@@ -42,7 +42,8 @@ import msgspec
 from flowserve_colocated.estimate import Ewma, LinearFit
 from flowserve_colocated.router import ColocatedJobScheduler, InstanceDied
 from flowserve_core.deployment import InstancePool
-from flowserve_core.interfaces import EmitEvent, Instance, KVTransports
+from flowserve_core.factories import KVTransports
+from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import (
     DeploymentSpec,
     InstanceState,

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from flowserve_colocated.router import ColocatedJobScheduler
 from flowserve_core.deployment import InstancePool
-from flowserve_core.interfaces import EmitEvent, Instance, KVTransports
+from flowserve_core.factories import KVTransports
+from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import DeploymentSpec, Job, Rejection, Request, Task, TaskRole, TaskState
 from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler, _waiting_tokens
 

@@ -6,7 +6,7 @@ as for every job scheduler built on ``ColocatedJobScheduler``."""
 from __future__ import annotations
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import JobSchedulerFactory, KVTransportFactory, Register
+from flowserve_core.factories import JobSchedulerFactory, KVTransportFactory, Register
 from flowserve_pd_scheduler.disaggregated import DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
 from flowserve_pd_scheduler.shm import SharedMemoryTransport

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import Register, ScalerFactory
+from flowserve_core.factories import Register, ScalerFactory
 from flowserve_core.types import DeploymentSpec, InstanceInfo, RequestOutput, TaskRole
 from flowserve_instance_runtime import (
     Autoscaler,

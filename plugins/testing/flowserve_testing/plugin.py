@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from flowserve_core import hookimpl
-from flowserve_core.interfaces import Register, ScalerFactory
+from flowserve_core.factories import Register, ScalerFactory
 
 if TYPE_CHECKING:
     import typer

@@ -30,18 +30,16 @@ import msgspec
 from flowserve_core import hookimpl
 from flowserve_core.deployment import InstancePool
 from flowserve_core.errors import EngineDeadError
-from flowserve_core.interfaces import (
+from flowserve_core.factories import (
     BatchSchedulerFactory,
-    EmitEvent,
     ExecutorFactory,
     JobSchedulerFactory,
-    KVCacheManager,
     KVCacheManagerFactory,
     KVTransports,
     Register,
-    TextDelta,
     TokenizerFactory,
 )
+from flowserve_core.interfaces import EmitEvent, KVCacheManager, TextDelta
 from flowserve_core.types import (
     DeploymentSpec,
     FinishReason,

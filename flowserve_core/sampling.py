@@ -53,6 +53,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    #: also score the prompt: each prompt token's logprob (the first has none) with this many
+    #: alternatives (vLLM's ``prompt_logprobs``; the prompt is then computed whole, no prefix-cache hits)
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -75,6 +78,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens, "must not exceed max_tokens"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
@@ -101,8 +105,10 @@ class TopLogprob(msgspec.Struct, array_like=True):
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
-    """The log-probability of a sampled token, with the ``top`` alternatives asked for."""
+    """The log-probability of a sampled (or prompt) token, with the ``top`` alternatives asked
+    for, and its ``rank`` in the vocabulary (1: the most likely; 0: not computed)."""
 
     token_id: int
     logprob: float
     top: list[TopLogprob] = []
+    rank: int = 0

@@ -59,9 +59,24 @@ class RequestState(enum.Enum):
     FAILED = "failed"
 
 
+PoolingKind = Literal["last", "mean"]
+
+
+class PoolingParams(msgspec.Struct, kw_only=True, frozen=True):
+    """An embedding request: its prompt is computed (no token is sampled) and pooled into one
+    vector of the final hidden state (after the model's final norm): the ``last`` token's, or
+    the ``mean`` over every prompt position; cut to its first ``dimensions`` values (None:
+    all; Matryoshka models), then L2-normalized when ``normalize``."""
+
+    kind: PoolingKind = "last"
+    normalize: bool = True
+    dimensions: int | None = None
+
+
 class Request(_StateMachine, kw_only=True):
     """One user call: prompt tokens, sampling parameters and deadline. States: waiting →
-    running → finished | aborted | failed (waiting may also end directly)."""
+    running → finished | aborted | failed (waiting may also end directly). With ``pooling``
+    it is an embedding: prefill only, its last event carries ``TokenEvent.embedding``."""
 
     _transitions: ClassVar[dict[enum.Enum, set[enum.Enum]]] = {
         RequestState.WAITING: {RequestState.RUNNING, RequestState.ABORTED, RequestState.FAILED},
@@ -77,6 +92,7 @@ class Request(_StateMachine, kw_only=True):
     arrival_time: float = msgspec.field(default_factory=time.time)
     deadline: float | None = None
     state: RequestState = RequestState.WAITING
+    pooling: PoolingParams | None = None
 
 
 class TaskRole(enum.Enum):
@@ -147,12 +163,16 @@ class TokenEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     task_id: str
     token_ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
+    #: with ``params.prompt_logprobs``, on the task's first event: prompt tokens 1.. scored
+    prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     kv_handoff: KVHandoff | None = None
     instance_failed: bool = False
+    #: a pooling request's vector (``Request.pooling``), on its last event, which has no tokens
+    embedding: list[float] | None = None
 
 
 class RequestMetrics(msgspec.Struct, kw_only=True):
@@ -233,6 +253,8 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prefill_instances: Annotated[int, Meta(description="PD: prefill instances (pd-disaggregated, pd-hybrid).")] = 0
     decode_instances: Annotated[int, Meta(description="PD: decode instances (pd-disaggregated, pd-hybrid).")] = 0
     max_queue: Annotated[int, Meta(description="Requests queued per deployment before a 429.")] = 1024
+    pooling: Annotated[PoolingKind, Meta(
+        description="How /v1/embeddings pools a prompt's final hidden states: the last token's, or their mean.")] = "last"
     slo_ttft_seconds: Annotated[float | None, Meta(
         description="Time-to-first-token target: colocated refuses a request that would miss it.")] = None
     slo_tpot_seconds: Annotated[float | None, Meta(
@@ -351,6 +373,9 @@ class ScheduledSequence(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int] = []
     output_token_ids: list[int] = []
     eos_token_ids: list[int] = []
+    #: an embedding's chunk (``Request.pooling``): nothing is sampled; the chunk with
+    #: ``sample`` set (the prompt's end) gets ``StepResult.embeddings`` instead of a token
+    pooling: PoolingParams | None = None
 
 
 class KVBlockTransfer(msgspec.Struct, kw_only=True):
@@ -379,8 +404,13 @@ class StepBatch(msgspec.Struct, kw_only=True):
 
 
 class StepResult(msgspec.Struct, kw_only=True):
-    """One sampled token per sequence with ``sample`` set, and the ``kv_exports``' data."""
+    """One sampled token per sequence with ``sample`` set, and the ``kv_exports``' data. For a
+    sequence whose ``params.prompt_logprobs`` is set, ``prompt_logprobs`` scores the prompt tokens
+    its chunk predicts: positions ``start_pos ..`` predict prompt tokens ``start_pos + 1 ..``."""
 
     token_ids: dict[str, int] = {}
     logprobs: dict[str, TokenLogprob] = {}
+    prompt_logprobs: dict[str, list[TokenLogprob]] = {}
     kv_exports: list[KVBlockTransfer] = []
+    #: per pooling sequence whose prompt ends this step: its vector (``PoolingParams`` applied)
+    embeddings: dict[str, list[float]] = {}

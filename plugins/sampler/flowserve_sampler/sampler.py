@@ -226,21 +226,53 @@ class Sampler:
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: list[ScheduledSequence],
                   wanted: list[int]) -> dict[str, TokenLogprob]:
         rows = self._index(wanted)
-        logprobs = torch.log_softmax(raw.index_select(0, rows), dim=-1)
-        chosen_ids = tokens.index_select(0, rows)
-        chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
-        most = max(seqs[i].params.logprobs or 0 for i in wanted)
-        top_values: list[list[float]] = [[] for _ in wanted]
-        top_ids: list[list[int]] = [[] for _ in wanted]
-        if most:
-            values, ids = logprobs.topk(most, dim=-1)
-            top_values, top_ids = values.tolist(), ids.tolist()
-        out: dict[str, TokenLogprob] = {}
-        for j, (i, token) in enumerate(zip(wanted, chosen_ids.tolist())):
-            n = seqs[i].params.logprobs or 0
-            top = [TopLogprob(token_id=t, logprob=v) for t, v in zip(top_ids[j][:n], top_values[j][:n])]
-            out[seqs[i].seq_id] = TokenLogprob(token_id=token, logprob=chosen[j], top=top)
-        return out
+        scored = score_tokens(raw.index_select(0, rows), tokens.index_select(0, rows).tolist(),
+                              [seqs[i].params.logprobs or 0 for i in wanted])
+        return {seqs[i].seq_id: logprob for i, logprob in zip(wanted, scored)}
+
+
+def score_tokens(logits: torch.Tensor, token_ids: Sequence[int], top: Sequence[int]) -> list[TokenLogprob]:
+    """Per row of ``logits [rows, vocab]``: the log-softmax of ``token_ids[row]``, its rank and
+    the ``top[row]`` most likely alternatives. Logprobs are of the raw logits (no penalty, no
+    temperature), as vLLM reports them; sampled tokens and prompt tokens are scored alike."""
+    if not token_ids:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(token_ids, dtype=torch.long, device=logits.device)
+    chosen_values = logprobs.gather(1, ids.unsqueeze(1))
+    ranks = ((logprobs > chosen_values).sum(dim=-1) + 1).tolist()
+    chosen = chosen_values.squeeze(1).tolist()
+    most = max(top)
+    top_values: list[list[float]] = [[] for _ in token_ids]
+    top_ids: list[list[int]] = [[] for _ in token_ids]
+    if most:
+        values, best = logprobs.topk(most, dim=-1)
+        top_values, top_ids = values.tolist(), best.tolist()
+    return [TokenLogprob(token_id=int(token), logprob=chosen[j], rank=ranks[j],
+                         top=[TopLogprob(token_id=t, logprob=v) for t, v in zip(top_ids[j][:top[j]], top_values[j][:top[j]])])
+            for j, token in enumerate(token_ids)]
+
+
+def score_prompts(logits: torch.Tensor, scored: Sequence[tuple[ScheduledSequence, list[int]]]
+                  ) -> dict[str, list[TokenLogprob]]:
+    """``StepResult.prompt_logprobs`` from the logits of every scored row, sequence after
+    sequence as in ``scored`` (each with its ``prompt_targets``)."""
+    targets = [token for _, tokens in scored for token in tokens]
+    top = [seq.params.prompt_logprobs or 0 for seq, tokens in scored for _ in tokens]
+    scores = iter(score_tokens(logits, targets, top))
+    return {seq.seq_id: [next(scores) for _ in tokens] for seq, tokens in scored}
+
+
+def prompt_targets(seq: ScheduledSequence) -> list[int]:
+    """The prompt tokens that ``seq``'s chunk predicts, when its prompt is scored
+    (``params.prompt_logprobs``): position ``p`` of the chunk predicts prompt token ``p + 1``,
+    so the chunk's first ``len(result)`` rows score them. Empty when not asked for, or when the
+    chunk lies past the prompt (a decode step, or outputs recomputed after a preemption)."""
+    if seq.params.prompt_logprobs is None:
+        return []
+    start = seq.start_pos
+    end = min(start + len(seq.token_ids), len(seq.prompt_token_ids) - 1)
+    return list(seq.prompt_token_ids[start + 1:end + 1]) if end > start else []
 
 
 def _is_greedy(params: SamplingParams) -> bool:

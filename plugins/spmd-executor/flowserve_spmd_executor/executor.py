@@ -4,7 +4,9 @@ Rank 0 lives in the executor's own process and computes in a worker thread (the 
 never blocks); ranks 1 … N-1 are worker processes (``gang.py``), or whatever the installed
 rank launcher starts (``launch.py``: the Ray scaler's are actors). Each step rank 0 builds a
 compact ``StepPlan``, announces it to the workers, runs its own shard of the forward pass
-(the collectives line the ranks up), and samples from the gathered logits.
+(the collectives line the ranks up), and samples from the gathered logits. For embeddings
+(``ScheduledSequence.pooling``) the runner sums the pooled rows' final hidden states and rank
+0's ``Pooler`` (flowserve-sampler) finishes the vectors.
 
 A worker that dies, or a collective that fails or times out, makes ``execute`` raise
 ``EngineDeadError`` within a bounded time: a watcher polls the worker processes while a step
@@ -32,7 +34,7 @@ import torch
 from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
-from flowserve_sampler import Sampler, deployment_backend
+from flowserve_sampler import Pooler, Sampler, deployment_backend, score_prompts
 from flowserve_spmd_executor.checks import plan_kv_cache
 from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
 from flowserve_spmd_executor.gang import WorkerGang
@@ -98,6 +100,7 @@ class SpmdExecutor:
                 self._gang.close()
             raise
         self.sampler = Sampler(self.config.vocab_size, self.rank.device, deployment_backend(spec, plugins))
+        self.pooler = Pooler()
         self.kv_block_shape = (self.config.num_layers, 2, spec.block_size, self.config.num_kv_heads,
                                self.config.head_dim)
         log.info("spmd executor ready: %s on %s × %d (%s), KV cache %d blocks × %d tokens = %.1f MiB per "
@@ -139,17 +142,24 @@ class SpmdExecutor:
         with self._lock:
             self._check_alive()
             self.sampler.forget(batch.finished_seq_ids)
+            self.pooler.forget(batch.finished_seq_ids)
             for transfer in batch.kv_imports:  # PD decode: the prefill's KV, before computing
                 self._import_locked(transfer.block_ids, transfer.data, transfer.first_block)
-            plan, sampled = build_step_plan(batch, block_size=self.spec.block_size,
-                                            max_model_len=self.max_model_len, num_blocks=self.num_blocks)
+            plan, sampled, scored, pooled = build_step_plan(batch, block_size=self.spec.block_size,
+                                                            max_model_len=self.max_model_len,
+                                                            num_blocks=self.num_blocks)
             self.sampler.prepare(sampled)  # structured-output masks, while the model runs
-            logits = self._announced(RunStep(plan=plan), lambda: self.rank.run(plan))
+            logits, sums = self._announced(RunStep(plan=plan), lambda: self.rank.run(plan))
+            result = StepResult()
             if sampled:
                 assert logits is not None  # the rows to sample have logits
-                result = self.sampler(logits, sampled)
-            else:
-                result = StepResult()
+                result = self.sampler(logits[:len(sampled)], sampled)
+            if scored:
+                assert logits is not None  # so do the prompt rows to score
+                result.prompt_logprobs = score_prompts(logits[len(sampled):], scored)
+            if pooled:
+                assert sums is not None  # the pooled sequences' rows were summed
+                result.embeddings = self.pooler(sums, pooled, [end - start for start, end in plan.pool_ranges])
             # PD prefill: the prompt's KV, now computed, leaves with the first token.
             result.kv_exports = [
                 KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids,

@@ -23,7 +23,7 @@ from flowserve_spmd_executor.model_config import load_model_config
 from flowserve_spmd_executor.options import rank_device
 from flowserve_spmd_executor.plan import StepPlan
 from flowserve_spmd_executor.preload import ModelKey, take_preloaded
-from flowserve_spmd_executor.runner import ModelRunner
+from flowserve_spmd_executor.runner import ModelRunner, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Rank:
                            store=rendezvous.store if rendezvous else None,
                            device=self.device if setup.device_type != "cpu" else None)
 
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
+    def run(self, plan: StepPlan) -> StepOutput:
         """One forward pass (see ``ModelRunner.run``)."""
         return self.runner.run(plan)
 

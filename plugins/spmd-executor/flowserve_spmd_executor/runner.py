@@ -1,4 +1,5 @@
-"""The model runner of one rank: a ``StepPlan`` → tensors → forward → logits.
+"""The model runner of one rank: a ``StepPlan`` → tensors → forward → logits (and the pooled
+final hidden states of embeddings).
 
 Every rank runs the same program on its shard (SPMD): the collectives inside the layers
 line the ranks up. Per-step tensors (ids, positions, slots, attention metadata, cos/sin)
@@ -7,6 +8,8 @@ are built once and shared by all layers.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from flowserve_spmd_executor.distributed import TensorParallelGroup
@@ -14,6 +17,15 @@ from flowserve_spmd_executor.kv_cache import KVCache
 from flowserve_spmd_executor.layers.attention import GatherWorkspace, build_attention_metadata
 from flowserve_spmd_executor.models.base import CausalLM
 from flowserve_spmd_executor.plan import StepPlan
+
+
+class StepOutput(NamedTuple):
+    """One forward pass's results on rank 0: the logits ``[rows, vocab]`` of ``plan.logits_rows``
+    then ``plan.prompt_rows``, and the float32 sums ``[ranges, hidden]`` of the final hidden
+    states over each of ``plan.pool_ranges`` (None where the plan asks for none)."""
+
+    logits: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -35,12 +47,13 @@ class ModelRunner:
         self.block_shape = tuple(kv_cache.tensor.shape[3:])
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Copy the plan's blocks, run the forward pass, and return the logits ``[rows, vocab]``
-        of ``plan.logits_rows`` (None when no row is sampled). Same call on every rank."""
+    def run(self, plan: StepPlan) -> StepOutput:
+        """Copy the plan's blocks, run the forward pass, and return the logits and pooled hidden
+        states the plan asks for (``StepOutput``). Same call on every rank (the hidden state after
+        the final norm is the same on each)."""
         self.kv_cache.copy_blocks(plan.block_copies)
         if not plan.token_ids:
-            return None
+            return StepOutput()
         device = self.device
         token_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=device)
         positions = torch.tensor(plan.positions, dtype=torch.long, device=device)
@@ -50,8 +63,11 @@ class ModelRunner:
             group_size=self.group_size, windows=self.windows, device=device,
             workspace=self.workspace, block_shape=self.block_shape)
         hidden = self.model(token_ids, positions, meta)
-        if not plan.logits_rows:
-            return None
-        if len(plan.logits_rows) != hidden.shape[0]:
-            hidden = hidden.index_select(0, torch.tensor(plan.logits_rows, dtype=torch.long, device=device))
-        return self.model.compute_logits(hidden)
+        pooled = torch.stack([hidden[start:end].float().sum(0) for start, end in plan.pool_ranges]) \
+            if plan.pool_ranges else None
+        rows = plan.logits_rows + plan.prompt_rows
+        if not rows:
+            return StepOutput(None, pooled)
+        if len(rows) != hidden.shape[0] or rows != list(range(len(rows))):
+            hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=device))
+        return StepOutput(self.model.compute_logits(hidden), pooled)

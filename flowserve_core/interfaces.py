@@ -165,7 +165,8 @@ class KVCacheManager(Protocol):
     A block is shared (ref count > 1) only while no one writes it. Full blocks are registered
     under a hash chained over every token before them, so a new sequence with the same prefix
     reuses them: ``allocate`` returns how many prompt tokens it found cached. Optional:
-    ``take_block_copies`` (``BlockCopySource``) and ``max_model_len``
+    ``take_block_copies`` (``BlockCopySource``), ``allocate_uncached`` (``AllocatesUncached``),
+    ``release_out_of_window`` (``ReleasesOutOfWindow``) and ``max_model_len``
     (``ReportsContextLength``)."""
 
     block_size: int
@@ -200,6 +201,16 @@ class BlockCopySource(Protocol):
     def take_block_copies(self) -> list[tuple[int, int]]:
         """The ``(source, destination)`` copies asked for since the last call (then forgotten);
         the executor applies them before computing the step they were taken for."""
+
+
+@runtime_checkable
+class AllocatesUncached(Protocol):
+    """Optional, for a KV cache manager with a prefix cache: blocks for a sequence that must
+    compute every prompt position (prompt logprobs, mean pooling), so it takes no cached
+    hits. A manager without it is asked ``allocate``; cached tokens are then recomputed."""
+
+    def allocate_uncached(self, seq_id: str, token_ids: Sequence[int]) -> int | None:
+        """As ``allocate``, reusing no cached block: 0, or None when blocks are short."""
 
 
 @runtime_checkable

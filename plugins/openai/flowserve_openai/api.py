@@ -69,6 +69,7 @@ def _renderer_args(ctx: AppContext, deployment: Deployment, body: Any, prefix: s
     return dict(id=new_id(prefix), model=body.model or deployment.name, created=int(time.time()),
                 fingerprint=ctx.fingerprint(deployment), tokenizer=deployment.tokenizer, choices=plans,
                 prompt_lengths=[len(ids) for ids, _ in prompts], logprobs=logprobs,
+                prompt_logprobs=body.prompt_logprobs is not None,
                 include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
 
 
@@ -101,13 +102,22 @@ async def create_completion(request: Request) -> Any:
     tokenizer = deployment.tokenizer
     prompts = await completion_prompts(body, tokenizer, deployment.max_model_len, ctx.tokenizing)
     max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    # max_tokens 0 with echo scores the prompt alone (as OpenAI and vLLM): one token is made
+    # (the engine always samples) and left out of the answer.
+    echo_only = max_tokens == 0
+    if echo_only and not body.echo:
+        raise APIError(400, "max_tokens must be at least 1, got 0 (0 is only allowed with echo)",
+                       param="max_tokens", code="invalid_value")
     for ids, _ in prompts:
-        check_context(len(ids), max_tokens, deployment.max_model_len, "prompt")
+        check_context(len(ids), max(max_tokens, 1), deployment.max_model_len, "prompt")
     constraint = await _constraint(ctx, deployment, body)
-    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=tokenizer.vocab_size,
-                             structured_output=constraint)
+    # vLLM's rule: echo with logprobs scores the prompt with as many alternatives
+    scored = body.prompt_logprobs if body.prompt_logprobs is not None or not body.echo else body.logprobs
+    params = sampling_params(body, max_tokens=max(max_tokens, 1), logprobs=body.logprobs,
+                             vocab_size=tokenizer.vocab_size, structured_output=constraint, prompt_logprobs=scored)
     plans = fan_out(prompts, params, body.n)
-    renderer = CompletionRenderer(**_renderer_args(ctx, deployment, body, "cmpl", plans, prompts, body.logprobs))
+    renderer = CompletionRenderer(echo_only=echo_only, **_renderer_args(ctx, deployment, body, "cmpl", plans,
+                                                                        prompts, body.logprobs))
     generation = Generation(deployment, plans, ctx.metrics, arrival_time=received)
     return GenerationResponse(generation, renderer, body.stream)
 

@@ -42,6 +42,8 @@ class ChoiceEvent:
     error: str | None = None
     #: prompt tokens the engine found in its prefix cache (so far)
     cached_tokens: int = 0
+    #: with the choice's first tokens, when the prompt is scored: prompt tokens 1.. scored
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 OnStarted = Callable[[], Awaitable[None]]
@@ -127,7 +129,8 @@ class Generation:
                     # aborts the task on the engine.
                     handle.finished_early("stop")
                     await events.send(ChoiceEvent(choice.index, delta.text, list(event.token_ids),
-                                                  event.logprobs, finish_reason="stop", cached_tokens=cached))
+                                                  event.logprobs, finish_reason="stop", cached_tokens=cached,
+                                                  prompt_logprobs=event.prompt_logprobs))
                     return
                 text = delta.text
             else:
@@ -135,7 +138,8 @@ class Generation:
             if event.finish_reason in ("stop", "length"):
                 text += detokenizer.finish()
                 await events.send(ChoiceEvent(choice.index, text, list(event.token_ids), event.logprobs,
-                                              finish_reason=event.finish_reason, cached_tokens=cached))
+                                              finish_reason=event.finish_reason, cached_tokens=cached,
+                                              prompt_logprobs=event.prompt_logprobs))
                 return
             if event.finish_reason is not None:
                 reason = event.error or f"the engine ended the request ({event.finish_reason})"
@@ -143,5 +147,5 @@ class Generation:
                 return
             if text or event.token_ids:
                 await events.send(ChoiceEvent(choice.index, text, list(event.token_ids), event.logprobs,
-                                              cached_tokens=cached))
+                                              cached_tokens=cached, prompt_logprobs=event.prompt_logprobs))
         await events.send(ChoiceEvent(choice.index, error="the request ended without a finish reason"))

@@ -91,6 +91,8 @@ class SamplingFields(Struct, kw_only=True):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] = 0
     skip_special_tokens: bool = True
+    #: vLLM's: score the prompt, with this many alternatives per token (not with ``stream``)
+    prompt_logprobs: LogprobCount | None = None
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* spellings
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParam | None = None
@@ -104,7 +106,8 @@ class CompletionRequest(SamplingFields, kw_only=True):
     """``POST /v1/completions``."""
 
     prompt: str | list[str | TokenId | list[TokenId]]
-    max_tokens: TokenCount | None = 16
+    #: 0 only with ``echo``: the prompt scored, nothing generated (as OpenAI and vLLM)
+    max_tokens: Annotated[int, Meta(ge=0, le=INT32_MAX)] | None = 16
     echo: bool = False
     logprobs: LogprobCount | None = None
     suffix: Annotated[str, Meta(max_length=0)] | None = None
@@ -208,6 +211,18 @@ class CompletionLogprobs(Struct, kw_only=True):
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class PromptLogprob(Struct, kw_only=True):
+    """vLLM's ``prompt_logprobs`` entry: one token's logprob, vocabulary rank and text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+#: vLLM's ``prompt_logprobs``: per prompt token (the first has none), token id → its entry
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(Struct, kw_only=True):
     """One choice of a completion (or its part in a streamed chunk)."""
 
@@ -215,6 +230,7 @@ class CompletionChoice(Struct, kw_only=True):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET
 
 
 class Completion(Struct, kw_only=True):
@@ -281,6 +297,7 @@ class ChatCompletion(Struct, kw_only=True):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET
 
 
 class ChatDelta(Struct, kw_only=True):

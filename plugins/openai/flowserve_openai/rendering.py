@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from flowserve_core.types import TokenLogprob
 from flowserve_openai.generation import ChoiceEvent
@@ -22,6 +22,8 @@ from flowserve_openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     FinishReason,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     TopLogprob,
     Usage,
@@ -43,13 +45,17 @@ class Renderer:
 
     def __init__(self, *, id: str, model: str, created: int, fingerprint: str, tokenizer: Any,
                  choices: list[ChoicePlan], prompt_lengths: list[int], logprobs: int | None,
-                 include_usage: bool):
+                 include_usage: bool, prompt_logprobs: bool = False):
         self.id, self.model, self.created, self.fingerprint = id, model, created, fingerprint
         self.tokenizer = tokenizer
         self.plans = {plan.index: plan for plan in choices}
         self.prompt_lengths = prompt_lengths
         self.logprobs = logprobs
         self.include_usage = include_usage
+        #: whether answers carry vLLM's ``prompt_logprobs`` field
+        self.prompt_logprobs = prompt_logprobs
+        #: each choice's scored prompt (tokens 1..), once its first event brought it
+        self.scored: dict[int, list[TokenLogprob]] = {}
         self.text = {index: "" for index in self.plans}
         self.tokens = {index: 0 for index in self.plans}
         self.finish: dict[int, FinishReason | None] = {index: None for index in self.plans}
@@ -66,6 +72,8 @@ class Renderer:
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(per_prompt.values())))
 
     def _account(self, event: ChoiceEvent) -> None:
+        if event.prompt_logprobs is not None:
+            self.scored[event.index] = event.prompt_logprobs
         self.cached[event.index] = max(self.cached[event.index], event.cached_tokens)
         self.tokens[event.index] += len(event.token_ids)
         self.text[event.index] += event.text
@@ -73,6 +81,21 @@ class Renderer:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.token_text(token_id)
+
+    def _vllm_prompt_logprobs(self, index: int) -> PromptLogprobs | UnsetType:
+        """vLLM's ``prompt_logprobs`` of choice ``index``: None for the first prompt token, then
+        each token's entry and its alternatives' (keyed by token id)."""
+        if not self.prompt_logprobs:
+            return UNSET
+        out: PromptLogprobs = [None]
+        for entry in self.scored.get(index, []):
+            alternatives = {alt.token_id: PromptLogprob(logprob=alt.logprob, rank=rank,
+                                                        decoded_token=self._token_text(alt.token_id))
+                            for rank, alt in enumerate(entry.top, start=1)}
+            alternatives.setdefault(entry.token_id, PromptLogprob(
+                logprob=entry.logprob, rank=entry.rank or None, decoded_token=self._token_text(entry.token_id)))
+            out.append(alternatives)
+        return out
 
     def _chunk_usage(self) -> Any:
         return None if self.include_usage else UNSET
@@ -93,10 +116,14 @@ class CompletionRenderer(Renderer):
     """``/v1/completions``: legacy logprobs (``tokens``, ``token_logprobs``, ``top_logprobs``,
     ``text_offset``), echo of the prompt."""
 
-    def __init__(self, **kw: Any):
+    def __init__(self, echo_only: bool = False, **kw: Any):
         super().__init__(**kw)
+        #: ``max_tokens: 0`` with ``echo``: the prompt is the whole answer (the token made is dropped)
+        self.echo_only = echo_only
         self.collected = {index: CompletionLogprobs() for index in self.plans}
         self.offsets = {index: len(plan.echo_text) for index, plan in self.plans.items()}
+        #: streaming: choices whose echo chunk is out (with logprobs it waits for the prompt's scores)
+        self.echoed: set[int] = set()
 
     def _legacy(self, index: int, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> CompletionLogprobs:
         out = CompletionLogprobs()
@@ -112,16 +139,35 @@ class CompletionRenderer(Renderer):
         return out
 
     def _echo_logprobs(self, plan: ChoicePlan) -> CompletionLogprobs:
-        """Prompt tokens of an echoed prompt: their texts, without logprobs (not computed)."""
+        """Prompt tokens of an echoed prompt: their texts and logprobs (the first has none)."""
         out, offset = CompletionLogprobs(), 0
-        for token_id in plan.prompt_token_ids:
+        scored: list[TokenLogprob | None] = [None, *self.scored.get(plan.index, [])]
+        for i, token_id in enumerate(plan.prompt_token_ids):
             text = self._token_text(token_id)
+            entry = scored[i] if i < len(scored) else None
             out.tokens.append(text)
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
+            out.token_logprobs.append(entry.logprob if entry else None)
+            out.top_logprobs.append(
+                {self._token_text(t.token_id): t.logprob for t in entry.top[:self.logprobs]} if entry else None)
             out.text_offset.append(offset)
             offset += len(text)
         return out
+
+    def _visible(self, event: ChoiceEvent) -> ChoiceEvent:
+        """What of ``event`` the answer shows: with ``echo_only``, nothing generated."""
+        if not self.echo_only:
+            return event
+        return ChoiceEvent(event.index, finish_reason="length" if event.finish_reason else None,
+                           cached_tokens=event.cached_tokens, prompt_logprobs=event.prompt_logprobs)
+
+    def _echo_chunk(self, index: int) -> list[bytes]:
+        plan = self.plans[index]
+        self.echoed.add(index)
+        if not plan.echo_text:
+            return []
+        logprobs = self._echo_logprobs(plan) if self.logprobs is not None else None
+        return [self._chunk([CompletionChoice(index=index, text=plan.echo_text, logprobs=logprobs)],
+                            self._chunk_usage())]
 
     def _merge(self, into: CompletionLogprobs, more: CompletionLogprobs) -> None:
         into.tokens += more.tokens
@@ -134,26 +180,26 @@ class CompletionRenderer(Renderer):
                                              system_fingerprint=self.fingerprint, choices=choices, usage=usage)))
 
     def opening(self) -> list[bytes]:
-        """An echo chunk per choice when ``echo`` is on."""
-        chunks = []
-        for index, plan in self.plans.items():
-            if plan.echo_text:
-                logprobs = self._echo_logprobs(plan) if self.logprobs is not None else None
-                chunks.append(self._chunk([CompletionChoice(index=index, text=plan.echo_text, logprobs=logprobs)],
-                                          self._chunk_usage()))
-        return chunks
+        """An echo chunk per choice when ``echo`` is on (with logprobs: once the prompt is scored,
+        which comes with the choice's first event)."""
+        if self.logprobs is not None:
+            return []
+        return [chunk for index in sorted(self.plans) for chunk in self._echo_chunk(index)]
 
     def chunks(self, event: ChoiceEvent) -> list[bytes]:
         """The SSE chunks for ``event`` while streaming."""
+        event = self._visible(event)
         self._account(event)
+        chunks = self._echo_chunk(event.index) if event.index not in self.echoed else []
         logprobs = self._legacy(event.index, event.token_ids, event.logprobs) if self.logprobs is not None else None
         if not (event.text or event.finish_reason or (logprobs and logprobs.tokens)):
-            return []  # text held back (e.g. a possible stop string) and nothing else to say
-        return [self._chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs,
-                                              finish_reason=event.finish_reason)], self._chunk_usage())]
+            return chunks  # text held back (e.g. a possible stop string) and nothing else to say
+        return chunks + [self._chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs,
+                                                       finish_reason=event.finish_reason)], self._chunk_usage())]
 
     def add(self, event: ChoiceEvent) -> None:
         """Collect ``event`` for the single JSON answer."""
+        event = self._visible(event)
         self._account(event)
         if self.logprobs is not None:
             self._merge(self.collected[event.index], self._legacy(event.index, event.token_ids, event.logprobs))
@@ -167,7 +213,8 @@ class CompletionRenderer(Renderer):
                 logprobs = self._echo_logprobs(plan) if plan.echo_text else CompletionLogprobs()
                 self._merge(logprobs, self.collected[index])
             choices.append(CompletionChoice(index=index, text=plan.echo_text + self.text[index],
-                                            logprobs=logprobs, finish_reason=self.finish[index]))
+                                            logprobs=logprobs, finish_reason=self.finish[index],
+                                            prompt_logprobs=self._vllm_prompt_logprobs(index)))
         return encoder.encode(Completion(id=self.id, created=self.created, model=self.model,
                                          system_fingerprint=self.fingerprint, choices=choices, usage=self.usage()))
 
@@ -258,8 +305,10 @@ class ChatRenderer(Renderer):
                     finish = "tool_calls" if finish == "stop" else finish
             choices.append(ChatChoice(index=index, message=message, finish_reason=finish,
                                       logprobs=ChatLogprobs(content=self.collected[index]) if wants_logprobs else None))
+        # vLLM's prompt_logprobs of a chat: the prompt is every choice's, scored alike
         return encoder.encode(ChatCompletion(id=self.id, created=self.created, model=self.model,
-                                             system_fingerprint=self.fingerprint, choices=choices, usage=self.usage()))
+                                             system_fingerprint=self.fingerprint, choices=choices, usage=self.usage(),
+                                             prompt_logprobs=self._vllm_prompt_logprobs(min(self.plans))))
 
     def _usage_chunk(self) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,

@@ -39,13 +39,17 @@ def check_request(body: SamplingFields, config: ServerConfig) -> None:
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options", code="invalid_value")
+    if body.prompt_logprobs is not None and body.stream:  # as vLLM: they come only with the whole answer
+        raise APIError(400, "prompt_logprobs are not available when stream is true",
+                       param="prompt_logprobs", code="invalid_value")
 
 
 def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None, vocab_size: int,
-                    names: dict[str, str] | None = None,
-                    structured_output: StructuredOutput | None = None) -> SamplingParams:
+                    names: dict[str, str] | None = None, structured_output: StructuredOutput | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """The kernel's parameters for ``body``; ``names`` maps SamplingParams fields to the
-    body's names for error messages."""
+    body's names for error messages. ``prompt_logprobs``: the body's, unless the caller
+    knows better (completions' ``echo`` with ``logprobs`` scores the prompt too)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     top_k = body.top_k if body.top_k is not None else 0
     if top_k >= vocab_size:  # as many candidates as the vocabulary: the same as no top-k
@@ -64,6 +68,7 @@ def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | No
             ignore_eos=body.ignore_eos,
             min_tokens=body.min_tokens,
             logprobs=logprobs,
+            prompt_logprobs=body.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,

@@ -106,12 +106,12 @@ def test_sampling_parameters_reach_the_engine(toy_server, record_path):
         presence_penalty=0.5, frequency_penalty=-0.5, user="alice", logprobs=3, logit_bias={"17": 2.5, "3": -100},
         extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "stop_token_ids": [998],
                     "include_stop_str_in_output": True, "ignore_eos": True, "min_tokens": 2,
-                    "skip_special_tokens": False})
+                    "skip_special_tokens": False, "prompt_logprobs": 2})
     [params] = recorded_params(record_path, ids)
     assert params == {
         "max_tokens": 7, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.1, "seed": 5,
         "stop": ["zz", "yy"], "stop_token_ids": [998], "include_stop_str_in_output": True, "ignore_eos": True,
-        "min_tokens": 2, "logprobs": 3, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+        "min_tokens": 2, "logprobs": 3, "prompt_logprobs": 2, "presence_penalty": 0.5, "frequency_penalty": -0.5,
         "repetition_penalty": 1.2, "skip_special_tokens": False, "logit_bias": {"17": 2.5, "3": -100.0},
         "structured_output": None}
     text, ids = unique_prompt(3)

@@ -134,11 +134,20 @@ class PagedKVCacheManager:
         Returns how many leading tokens are already computed (whole cached blocks, never the
         last token), or None, with nothing allocated, when too few blocks are available.
         """
+        return self._allocate(seq_id, token_ids, reuse=True)
+
+    def allocate_uncached(self, seq_id: str, token_ids: Sequence[int]) -> int | None:
+        """``allocate`` without prefix-cache hits: every token is computed again (prompt
+        logprobs, mean pooling), in new blocks; full ones are cached as usual once committed.
+        Returns 0, or None when too few blocks are available."""
+        return self._allocate(seq_id, token_ids, reuse=False)
+
+    def _allocate(self, seq_id: str, token_ids: Sequence[int], *, reuse: bool) -> int | None:
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already has blocks; free it first")
         if not token_ids:
             raise ValueError(f"sequence {seq_id!r}: cannot allocate blocks for no tokens")
-        hits, hashes = self._cached_prefix(token_ids, self._reusable_blocks(len(token_ids)))
+        hits, hashes = self._cached_prefix(token_ids, self._reusable_blocks(len(token_ids))) if reuse else ([], [])
         needed = _ceil_div(len(token_ids), self.block_size) - len(hits)
         # Cached (ref 0) hits leave the evictable set, so they no longer count as available.
         revived = sum(1 for block in hits if self.pool.ref_counts[block] == 0)

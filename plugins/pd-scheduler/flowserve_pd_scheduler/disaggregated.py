@@ -134,7 +134,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         new_tokens = max(1, len(request.prompt_token_ids) - first.num_cached_tokens)
         self.prefill_time.add(queued + new_tokens, time.monotonic() - started)
         await emit(TokenEvent(task_id=first.task_id, token_ids=first.token_ids, logprobs=first.logprobs,
-                              num_prompt_tokens=first.num_prompt_tokens,
+                              prompt_logprobs=first.prompt_logprobs, num_prompt_tokens=first.num_prompt_tokens,
                               num_cached_tokens=first.num_cached_tokens))
         decode.output_token_ids = list(first.token_ids)
         decode.kv_handoff = first.kv_handoff

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,20 +20,6 @@ pytestmark = [
 ]
 
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's tokenizer files, read from the default model's GGUF (no download)."""
-    from transformers import AutoTokenizer
-
-    from flowserve_core.config import default_model_path
-
-    gguf = Path(default_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    path = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tokenizer.save_pretrained(path)
-    return path
 
 
 #: every architecture the executor adds to Llama/Mistral/Qwen2 (served live elsewhere): dense

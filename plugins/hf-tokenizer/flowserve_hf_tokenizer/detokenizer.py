@@ -104,21 +104,31 @@ class HFDetokenizer:
     ``stopped=True`` with the text up to the match (through it with
     ``include_stop_str_in_output``) and then only empty deltas. ``finish`` releases the
     text held back when the sequence ends for another reason (EOS, length, abort).
+
+    The token that ends a sequence (an end-of-sequence token of ``eos_token_ids``, unless
+    ``ignore_eos``, or one of ``stop_token_ids``) is not decoded into the text unless
+    ``include_stop_str_in_output``, as vLLM does: with ``skip_special_tokens`` false the text
+    does not end in ``</s>``.
     """
 
-    __slots__ = ("_decoder", "_stops", "stopped", "_finished")
+    __slots__ = ("_decoder", "_stops", "stopped", "_finished", "_enders")
 
-    def __init__(self, decode: DecodeFn, prompt_token_ids: Sequence[int], params: SamplingParams):
+    def __init__(self, decode: DecodeFn, prompt_token_ids: Sequence[int], params: SamplingParams,
+                 eos_token_ids: Sequence[int] = ()):
         skip = params.skip_special_tokens
         self._decoder = IncrementalDecoder(decode, prompt_context(decode, prompt_token_ids, skip), skip)
         self._stops = StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
         self.stopped = False
         self._finished = False
+        enders = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self._enders = frozenset() if params.include_stop_str_in_output else frozenset(enders)
 
     def push(self, token_ids: Sequence[int]) -> TextDelta:
         """Decode ``token_ids`` (the sequence's next tokens) into the text now decided."""
         if self.stopped or self._finished:
             return TextDelta(text="", stopped=self.stopped)
+        if token_ids and token_ids[-1] in self._enders:
+            token_ids = token_ids[:-1]
         text = self._decoder.push(token_ids)
         if self._stops is None:
             return TextDelta(text=text)

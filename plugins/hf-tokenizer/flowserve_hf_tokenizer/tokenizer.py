@@ -73,7 +73,7 @@ class HFTokenizer:
 
     def detokenizer(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> HFDetokenizer:
         """A streaming detokenizer for one output sequence continuing ``prompt_token_ids``."""
-        return HFDetokenizer(self._decode, prompt_token_ids, params)
+        return HFDetokenizer(self._decode, prompt_token_ids, params, self.eos_token_ids)
 
     # ------------------------------------------------------------------ chat
 

@@ -61,12 +61,27 @@ def test_any_token_ids_stream_to_the_full_decode(smollm2, data, skip, sizes):
     token = st.one_of(st.integers(0, smollm2.vocab_size - 1), st.sampled_from([0, 1, 2, 216, 7906, 240]))
     output = data.draw(st.lists(token, max_size=30), label="output")
     prompt = data.draw(st.one_of(st.just(chat_prompt(smollm2)), st.lists(token, max_size=8)), label="prompt")
-    detokenizer = smollm2.detokenizer(prompt, SamplingParams(skip_special_tokens=skip))
+    # any ids: an end-of-sequence token among them is text here (ignore_eos), not the end
+    detokenizer = smollm2.detokenizer(prompt, SamplingParams(skip_special_tokens=skip, ignore_eos=True))
     deltas, stopped = stream(detokenizer, chunks(output, sizes))
     assert not stopped
     assert "".join(deltas) == smollm2.decode(output, skip_special_tokens=skip)
     assert smollm2.decode(output, skip_special_tokens=skip) == \
         smollm2_oracle_decode(smollm2, output, skip)
+
+
+def test_the_token_that_ends_a_sequence_is_not_text_unless_asked_for(smollm2):
+    """As vLLM: with special tokens kept, an answer ending at EOS (or at a stop token id) does
+    not end in its text; ``include_stop_str_in_output`` keeps it."""
+    eos = smollm2.eos_token_ids[0]
+    said = smollm2.encode("Hello there", add_special_tokens=False)
+    for params, ender, shown in [(SamplingParams(skip_special_tokens=False), eos, False),
+                                 (SamplingParams(skip_special_tokens=False, include_stop_str_in_output=True), eos, True),
+                                 (SamplingParams(stop_token_ids=[said[-1]]), said[-1], False)]:
+        output = [*said, ender] if ender != said[-1] else said
+        deltas, _ = stream(smollm2.detokenizer(chat_prompt(smollm2), params), chunks(output, [2]))
+        whole = smollm2.decode(output, skip_special_tokens=params.skip_special_tokens)
+        assert "".join(deltas) == (whole if shown else smollm2.decode(output[:-1], skip_special_tokens=False))
 
 
 def smollm2_oracle_decode(tokenizer, ids, skip):
@@ -123,7 +138,8 @@ def test_streamed_text_never_contains_what_a_later_stop_string_swallows(smollm2)
 def test_special_tokens_are_skipped_or_kept_as_asked(smollm2):
     output = smollm2.encode("Hi there", add_special_tokens=False) + smollm2.eos_token_ids
     for skip, expected in ((True, "Hi there"), (False, "Hi there<|im_end|>")):
-        deltas, _ = stream(smollm2.detokenizer([], SamplingParams(skip_special_tokens=skip)), chunks(output, [1]))
+        deltas, _ = stream(smollm2.detokenizer([], SamplingParams(skip_special_tokens=skip, ignore_eos=True)),
+                           chunks(output, [1]))
         assert "".join(deltas) == expected
 
 
@@ -148,7 +164,7 @@ def test_finish_releases_an_incomplete_character_once(smollm2):
 def test_sentencepiece_output_keeps_its_leading_space_after_a_prompt(llama_style, prompt_text, text, skip, sizes):
     prompt = llama_style.encode(prompt_text)  # with <s>
     output = llama_style.encode(text, add_special_tokens=False)
-    deltas, _ = stream(llama_style.detokenizer(prompt, SamplingParams(skip_special_tokens=skip)),
+    deltas, _ = stream(llama_style.detokenizer(prompt, SamplingParams(skip_special_tokens=skip, ignore_eos=True)),
                        chunks(output, sizes))
     before = llama_style.decode(prompt, skip_special_tokens=skip)
     whole = llama_style.decode(prompt + output, skip_special_tokens=skip)
@@ -180,7 +196,7 @@ def test_sentencepiece_random_ids_stream_to_the_full_decode(llama_style, data, s
     whole_characters = st.sampled_from(WIDE).map(lambda c: llama_style.encode(c, add_special_tokens=False))
     parts = st.lists(st.one_of(st.sampled_from(other_ids).map(lambda i: [i]), whole_characters), max_size=20)
     output = [i for part in data.draw(parts, label="output") for i in part]
-    deltas, _ = stream(llama_style.detokenizer([], SamplingParams()), chunks(output, sizes))
+    deltas, _ = stream(llama_style.detokenizer([], SamplingParams(ignore_eos=True)), chunks(output, sizes))
     assert "".join(deltas) == llama_style.decode(output)
 
 

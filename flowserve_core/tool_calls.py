@@ -8,6 +8,12 @@ markup (Hermes/Qwen ``<tool_call>{…}</tool_call>``, Llama 3's JSON, Mistral's
 into OpenAI's ``tool_calls``; plugins register parsers with ``flowserve_register_tool_parsers``.
 (``required`` and a named function need no parser: structured output makes the model write
 the calls as JSON.)
+
+Streaming: a parser that also has the ``StreamsToolCalls`` capability reads a reply as it is
+generated (one ``ToolCallStream`` per choice), so the frontend sends each call's name as soon as
+it is known and its arguments as they are written, as vLLM's tool parsers do. A parser without it
+keeps the simpler behaviour: content streams up to ``start_marker``, the rest is parsed whole at
+the end.
 """
 
 from __future__ import annotations
@@ -47,6 +53,51 @@ class ToolCallParser(Protocol):
     def parse(self, text: str) -> ParsedOutput:
         """Split a whole reply into content and calls; text that is not a well-formed call
         stays content (a parser never loses text)."""
+
+
+class ToolCallPart(msgspec.Struct, kw_only=True):
+    """A piece of a reply read while streaming: ``content`` text for the user, or a piece of
+    the tool call ``index`` (0, 1, … in the reply's order): its ``name`` on the call's first
+    piece only, and a fragment of its ``arguments`` JSON text (possibly empty)."""
+
+    content: str = ""
+    index: int = -1
+    name: str | None = None
+    arguments: str = ""
+
+
+@runtime_checkable
+class ToolCallStream(Protocol):
+    """One reply being read as it is generated (the state of one choice).
+
+    The contract, for a well-formed reply: the ``arguments`` fragments of call ``i`` joined are
+    exactly the ``arguments`` that ``parse`` gives call ``i`` of the whole reply, and the
+    ``content`` pieces joined are its ``content`` (``""`` for None). For a malformed or cut-short
+    one, what was already streamed stands and the rest comes as content."""
+
+    def push(self, text: str) -> list[ToolCallPart]:
+        """The pieces that ``text``, the reply's next characters, completes."""
+
+    def finish(self) -> list[ToolCallPart]:
+        """The pieces still held when the reply ends (e.g. text that could have begun a marker)."""
+
+
+@runtime_checkable
+class StreamsToolCalls(Protocol):
+    """Optional, for a ``ToolCallParser``: read replies incrementally."""
+
+    def stream(self) -> ToolCallStream:
+        """A new reader for one reply."""
+
+
+@runtime_checkable
+class ReadsSpecialTokens(Protocol):
+    """Optional, for a ``ToolCallParser`` whose markup is made of special tokens (Mistral's
+    ``[TOOL_CALLS]``): the frontend decodes the replies it parses with special tokens kept
+    (``skip_special_tokens`` false), as vLLM's Mistral parser sets on the request. ``True`` to
+    ask for it."""
+
+    reads_special_tokens: bool
 
 
 class ToolCallParserFactory(Protocol):

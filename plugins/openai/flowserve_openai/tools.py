@@ -9,21 +9,38 @@
 - ``"auto"`` (the default when tools are given) leaves the choice to the model, whose markup the
   deployment's tool-call parser reads (``tool_call_parser``, else detected from the template);
   with no parser the reply stays content. ``"none"`` renders no tools and parses nothing.
-- Streaming: content streams until the parser's start marker; from there the reply is held
-  and parsed when it ends, then sent as ``tool_calls`` deltas (id, type and name first, then
-  the arguments). A named call streams its arguments as they are generated.
+- Streaming, as vLLM's tool parsers stream: with a parser that can read a reply as it comes
+  (``StreamsToolCalls``: the three of flowserve-tool-parsers), content streams as content and
+  each call as ``tool_calls`` deltas, its index, id, type and name first, then its arguments'
+  fragments as the model writes them (joined, exactly the arguments of the unstreamed answer).
+  A parser without it: content streams until its start marker, the rest is held and parsed
+  when the reply ends, then sent. ``required`` replies are held and parsed at the end (their
+  JSON list is only known whole); a named call streams its arguments as they are generated.
+- A parser whose markup is special tokens (``ReadsSpecialTokens``: Mistral's ``[TOOL_CALLS]``)
+  gets them in the text: requests it parses decode with ``skip_special_tokens`` false, as
+  vLLM's Mistral parser sets on the request.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
+from msgspec import UNSET, UnsetType
 
-from flowserve_core.tool_calls import ParsedOutput, ParsedToolCall, RendersTools, ToolCallParser
+from flowserve_core.tool_calls import (
+    ParsedOutput,
+    ParsedToolCall,
+    ReadsSpecialTokens,
+    RendersTools,
+    StreamsToolCalls,
+    ToolCallParser,
+    ToolCallPart,
+    ToolCallStream,
+)
 from flowserve_core.types import StructuredOutput
 from flowserve_openai.errors import APIError
 from flowserve_openai.prompts import check_prompt_chars
@@ -164,7 +181,8 @@ def parser_name(deployment: Deployment, tokenizer: Tokenizer) -> str | None:
 
 
 def plan(body: ChatCompletionRequest, parser: ToolCallParser | None) -> ToolPlan | None:
-    """How this request's replies are read (None: no tools)."""
+    """How this request's replies are read (None: no tools). A parser that reads special
+    tokens has them kept in the body's decoding (``skip_special_tokens`` false)."""
     if not body.tools:
         return None
     choice = tool_choice(body)
@@ -174,6 +192,8 @@ def plan(body: ChatCompletionRequest, parser: ToolCallParser | None) -> ToolPlan
     if choice == "required":
         return ToolPlan("required", parallel=parallel)
     if choice == "auto" and parser is not None:
+        if isinstance(parser, ReadsSpecialTokens) and parser.reads_special_tokens:
+            body.skip_special_tokens = False
         return ToolPlan("parse", parser=parser, parallel=parallel)
     return ToolPlan("text")
 
@@ -213,11 +233,21 @@ class ToolStream:
     sent: int = 0  # characters of ``text`` already sent as content
     holding: bool = False
     called: bool = False
+    #: the parser's reader of this reply, when it reads replies as they come
+    reader: ToolCallStream | None = None
+    ids: dict[int, str] = field(default_factory=dict)  # the id of each call sent
+
+    def __post_init__(self) -> None:
+        parser = self.tools.parser
+        if self.tools.mode == "parse" and isinstance(parser, StreamsToolCalls):
+            self.reader = parser.stream()
 
     def push(self, delta: str) -> list[ChatDelta]:
         """Deltas to send for new text."""
         self.text += delta
         mode = self.tools.mode
+        if self.reader is not None:
+            return self._deltas(self.reader.push(delta)) if delta else []
         if mode == "named":
             out = []
             if not self.called:
@@ -240,6 +270,36 @@ class ToolStream:
             return self._content(len(self.text) - _partial_suffix(self.text, marker))
         return self._content(len(self.text))
 
+    def _deltas(self, parts: list[ToolCallPart]) -> list[ChatDelta]:
+        """A reader's pieces as deltas: consecutive content joined, a call's first delta with its
+        index, id, type and name, its argument fragments joined per delta; with
+        ``parallel_tool_calls`` false, calls after the first are left out."""
+        out: list[ChatDelta] = []
+        for part in parts:
+            if part.index < 0:
+                if out and isinstance(out[-1].content, str) and out[-1].tool_calls is UNSET:
+                    out[-1].content += part.content
+                else:
+                    out.append(ChatDelta(content=part.content))
+                continue
+            if part.index > 0 and not self.tools.parallel:
+                continue
+            if part.name is not None:
+                self.called = True
+                self.ids[part.index] = new_call_id()
+                out.append(ChatDelta(tool_calls=[ToolCallDelta(
+                    index=part.index, id=self.ids[part.index], type="function",
+                    function=ToolCallFunctionDelta(name=part.name, arguments=part.arguments))]))
+                continue
+            last = out[-1].tool_calls if out else UNSET
+            if not isinstance(last, UnsetType) and last[0].index == part.index:
+                previous = last[0].function.arguments
+                last[0].function.arguments = (previous if isinstance(previous, str) else "") + part.arguments
+            else:
+                out.append(ChatDelta(tool_calls=[ToolCallDelta(
+                    index=part.index, function=ToolCallFunctionDelta(arguments=part.arguments))]))
+        return out
+
     def _content(self, upto: int) -> list[ChatDelta]:
         if upto <= self.sent:
             return []
@@ -248,6 +308,8 @@ class ToolStream:
 
     def finish(self) -> tuple[list[ChatDelta], bool]:
         """Deltas for the rest of the reply, and whether it called tools."""
+        if self.reader is not None:
+            return self._deltas(self.reader.finish()), self.called
         if self.tools.mode == "named":
             return self.push("") if not self.called else [], True
         if self.tools.mode == "text" or not (self.holding or self.tools.mode == "required"):

@@ -6,7 +6,10 @@ partly computed, then waiting sequences in arrival order (first come, first serv
 longer than what is left of the budget is computed in chunks over several steps; only the
 chunk that reaches its end samples. When blocks run out, the latest-arrived running sequence
 is preempted: its blocks are freed and it waits again, to be recomputed (prompt and the tokens
-it generated) when blocks are free. See docs/scheduling.md.
+it generated) when blocks are free. See docs/scheduling.md. An embedding's task
+(``Request.pooling``) is a prompt computed the same way: the chunk that reaches its end brings
+the vector (``StepResult.embeddings``) instead of a token, and the task ends there (``stop``);
+mean pooling computes every position (no prefix-cache hits).
 
 PD-disaggregation roles (the mechanics are in ``handoff.py``): a **prefill** task ends
 after its first token; the step that samples it also exports the prompt's KV blocks from the
@@ -29,6 +32,7 @@ from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
 from flowserve_core.factories import KVTransports
 from flowserve_core.interfaces import (
+    AllocatesUncached,
     BlockCopySource,
     KVCacheManager,
     KVTransport,
@@ -74,6 +78,7 @@ class ContinuousBatchScheduler:
         # Asked once: an isinstance against a runtime Protocol costs microseconds, every step.
         self._copies_from: BlockCopySource | None = kv_cache if isinstance(kv_cache, BlockCopySource) else None
         self._window: ReleasesOutOfWindow | None = kv_cache if isinstance(kv_cache, ReleasesOutOfWindow) else None
+        self._uncached: AllocatesUncached | None = kv_cache if isinstance(kv_cache, AllocatesUncached) else None
         self.max_num_seqs = spec.max_num_seqs
         self.token_budget = spec.max_num_batched_tokens
         from_cache = kv_cache.max_model_len if isinstance(kv_cache, ReportsContextLength) else None
@@ -119,7 +124,10 @@ class ContinuousBatchScheduler:
 
     def _check_fits(self, seq: Sequence) -> None:
         """Refuse what could never run, so that ``schedule`` can always make progress: a
-        sequence alone in the cache must fit at its longest."""
+        sequence alone in the cache must fit at its longest (an embedding: its prompt)."""
+        if seq.pooling is not None:
+            self._check_pooled_fits(seq)
+            return
         if seq.num_tokens >= self.max_model_len:
             raise ValueError(f"task {seq.seq_id}: the prompt has {seq.num_tokens} tokens but the "
                              f"context length is {self.max_model_len}, which leaves no room for output")
@@ -134,6 +142,15 @@ class ContinuousBatchScheduler:
                 f"{self.block_size}) but the whole KV cache has {self.total_blocks} blocks "
                 f"({self.total_blocks * self.block_size} tokens); lower max_tokens or give the "
                 f"cache more memory")
+
+    def _check_pooled_fits(self, seq: Sequence) -> None:
+        if seq.num_tokens > self.max_model_len:
+            raise ValueError(f"task {seq.seq_id}: the input has {seq.num_tokens} tokens but the context "
+                             f"length is {self.max_model_len}")
+        blocks = _ceil_div(seq.num_tokens, self.block_size)
+        if blocks > self.total_blocks:
+            raise ValueError(f"task {seq.seq_id} needs KV for {seq.num_tokens} tokens ({blocks} blocks) but the "
+                             f"whole KV cache has {self.total_blocks} blocks; give the cache more memory")
 
     def abort(self, task_id: str) -> TokenEvent | None:
         """Drop ``task_id`` wherever it is; its blocks are freed. None if unknown or ended."""
@@ -224,7 +241,7 @@ class ContinuousBatchScheduler:
         copies = self._copies_from.take_block_copies() if self._copies_from is not None else []
         # Planning order: decodes first, then prefill chunks, each first come first served.
         scheduled = [self._scheduled(seq, n) for seq, n in planned.values()]
-        exports = [export for s in scheduled if s.sample
+        exports = [export for s in scheduled if s.sample and s.pooling is None
                    and (export := self.handoffs.export(self.seqs[s.seq_id], s.block_table)) is not None]
         return StepBatch(seqs=scheduled, finished_seq_ids=ended, block_copies=copies,
                          kv_imports=self.handoffs.take_imports(), kv_exports=exports)
@@ -236,7 +253,8 @@ class ContinuousBatchScheduler:
             block_table=self.kv.block_table(seq.seq_id), sample=start + num_tokens == seq.num_tokens,
             # The prompt list is never mutated, so it is shared; outputs grow, so they are copied.
             params=seq.params, prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=list(seq.output_token_ids), eos_token_ids=seq.banned_until_min_tokens)
+            output_token_ids=list(seq.output_token_ids), eos_token_ids=seq.banned_until_min_tokens,
+            pooling=seq.pooling)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it again; it will be recomputed from its tokens."""
@@ -261,9 +279,14 @@ class ContinuousBatchScheduler:
                 continue
             seq.num_computed = scheduled.start_pos + len(scheduled.token_ids)
             self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            if (scored := result.prompt_logprobs.get(seq.seq_id)) is not None:
+                seq.add_prompt_logprobs(scheduled.start_pos, scored)
             if self._window is not None and seq.role is not TaskRole.PREFILL:  # a prefill's KV is exported whole
                 self._window.release_out_of_window(seq.seq_id)
             if not scheduled.sample:
+                continue
+            if seq.pooling is not None:
+                events.append(self._pooled(seq, result.embeddings.get(seq.seq_id)))
                 continue
             token = result.token_ids.get(seq.seq_id)
             if token is None:
@@ -285,11 +308,24 @@ class ContinuousBatchScheduler:
 
     def _event(self, seq: Sequence, tokens: list[int], logprobs: Any, reason: FinishReason | None,
                error: str | None = None, handoff: KVHandoff | None = None) -> TokenEvent:
-        cached = 0 if seq.reported_first else seq.num_cached_tokens
+        first = not seq.reported_first
         seq.reported_first = True
         return TokenEvent(task_id=seq.seq_id, token_ids=tokens, logprobs=logprobs,
                           finish_reason=reason, error=error, kv_handoff=handoff,
-                          num_prompt_tokens=len(seq.prompt_token_ids), num_cached_tokens=cached)
+                          num_prompt_tokens=len(seq.prompt_token_ids),
+                          num_cached_tokens=seq.num_cached_tokens if first else 0,
+                          prompt_logprobs=seq.prompt_logprobs if first and seq.needs_every_position else None)
+
+    def _pooled(self, seq: Sequence, embedding: list[float] | None) -> TokenEvent:
+        """An embedding's prompt is computed: it ends, with its vector (nothing is sampled)."""
+        if embedding is None:
+            event = self._event(seq, [], None, "error", error=f"the executor returned no embedding for {seq.seq_id} "
+                                                              f"(executor {self.spec.executor!r})")
+        else:
+            event = self._event(seq, [], None, "stop")
+            event.embedding = embedding
+        self._end(seq)
+        return event
 
     def _end(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -305,9 +341,14 @@ class ContinuousBatchScheduler:
         None if the cache cannot hold it now. A decode task whose prefix cache lacks blocks of
         its handoff starts fetching it and becomes ``FETCHING``; it runs when ``schedule``
         collects the fetch (see ``handoff.py``)."""
-        num_cached = self.kv.allocate(seq.seq_id, seq.token_ids)
+        if seq.needs_every_position and self._uncached is not None:
+            num_cached = self._uncached.allocate_uncached(seq.seq_id, seq.token_ids)
+        else:
+            num_cached = self.kv.allocate(seq.seq_id, seq.token_ids)
         if num_cached is None:
             return None
+        if seq.needs_every_position:
+            num_cached = 0  # a manager that cannot skip its hits: the cached KV is written again, unchanged
         if not seq.admitted:  # what the prefix cache held, not what a handoff brings
             seq.admitted, seq.num_cached_tokens = True, num_cached
         handoff = self._handoffs.pop(seq.seq_id, None)

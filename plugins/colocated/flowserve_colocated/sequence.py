@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from flowserve_core.types import SamplingParams, Task, TaskRole
+from flowserve_core.types import PoolingParams, SamplingParams, Task, TaskRole, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -28,7 +28,7 @@ class Sequence:
 
     __slots__ = ("task", "seq_id", "role", "params", "prompt_token_ids", "output_token_ids",
                  "token_ids", "order", "key", "status", "num_computed", "num_cached_tokens", "admitted",
-                 "reported_first", "stop_token_ids", "banned_until_min_tokens")
+                 "reported_first", "stop_token_ids", "banned_until_min_tokens", "prompt_logprobs", "pooling")
 
     def __init__(self, task: Task, order: int):
         request = task.request
@@ -36,6 +36,8 @@ class Sequence:
         self.seq_id = task.id
         self.role: TaskRole = task.role
         self.params: SamplingParams = request.params
+        #: an embedding (see ``Request.pooling``): its prompt is computed, then it ends with its vector
+        self.pooling: PoolingParams | None = request.pooling
         self.prompt_token_ids: list[int] = list(request.prompt_token_ids)
         # The task's record stays the job scheduler's; the sequence keeps its own copy.
         self.output_token_ids: list[int] = list(task.output_token_ids)
@@ -51,6 +53,24 @@ class Sequence:
         self.stop_token_ids = frozenset(eos) | frozenset(self.params.stop_token_ids)
         # What the executor masks while ``min_tokens`` is not reached (as vLLM does).
         self.banned_until_min_tokens = sorted(self.stop_token_ids)
+        #: with ``params.prompt_logprobs``: the scores of prompt tokens 1.. gathered so far
+        self.prompt_logprobs: list[TokenLogprob] = []
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Whether every prompt position must be computed here (no prefix-cache hits): its
+        prompt is scored (``prompt_logprobs``) on this task, which a PD decode task never does,
+        or mean-pooled (an embedding)."""
+        if self.pooling is not None and self.pooling.kind == "mean":
+            return True
+        return self.params.prompt_logprobs is not None and self.role is not TaskRole.DECODE
+
+    def add_prompt_logprobs(self, start: int, scored: list[TokenLogprob]) -> None:
+        """Keep the scores of a chunk computed from position ``start`` (they score prompt tokens
+        ``start + 1 ..``); a chunk computed again after a preemption adds only what is new."""
+        known = len(self.prompt_logprobs)
+        if start <= known:
+            self.prompt_logprobs.extend(scored[known - start:])
 
     @property
     def num_tokens(self) -> int:

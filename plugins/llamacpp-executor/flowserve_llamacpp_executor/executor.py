@@ -10,6 +10,12 @@ Each step (in a worker thread; the event loop never blocks):
 3. the logits rows are read with ``llama_get_logits_ith`` and go to FlowServe's ``Sampler``;
 4. PD exports are read (``llama_state_seq_get_data``).
 
+Embeddings (``ScheduledSequence.pooling``): a step with pooled sequences decodes with the
+context's embeddings on (``llama_set_embeddings``, pooling type NONE), which gives every token's
+final-norm hidden state (``llama_get_embeddings_ith``) and its logits in the same decode
+(llama.cpp then outputs every token of the batch, so such steps pay the LM head on each);
+the pooled rows are summed here and finished by the sampler package's ``Pooler``.
+
 KV capacity: the context holds ``kv_cache_memory / bytes per token`` cells, all sequences in
 one unified cache; FlowServe's KV manager admits work against ``kv_cache_spec()`` (those
 cells as blocks of ``block_size``), so running sequences always fit. Retained prefix slots
@@ -43,7 +49,7 @@ from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
 from flowserve_llamacpp_executor.model import LlamaModel, load_model, option_flag
 from flowserve_llamacpp_executor.slots import Slot, SlotTable
-from flowserve_sampler import Sampler, deployment_backend
+from flowserve_sampler import Pooler, Sampler, deployment_backend, prompt_targets, score_prompts
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +71,22 @@ class _Row:
     """One sequence's part of a step: its slot, the tokens to decode from ``first_pos``, and
     whether its last token's logits are sampled."""
 
-    __slots__ = ("seq_id", "slot", "tokens", "first_pos", "sample", "scheduled")
+    __slots__ = ("seq_id", "slot", "tokens", "first_pos", "sample", "scheduled", "scored", "pooled")
 
     def __init__(self, scheduled: Any, slot: Slot, tokens: list[int], first_pos: int):
         self.seq_id = scheduled.seq_id
         self.slot = slot
         self.tokens = tokens
         self.first_pos = first_pos
-        self.sample = scheduled.sample
+        pooling = scheduled.pooling
+        self.sample = scheduled.sample and pooling is None
         self.scheduled = scheduled
+        #: the row indices whose final hidden states are summed (an embedding's chunk)
+        chunk = range(len(tokens) - len(scheduled.token_ids), len(tokens))
+        self.pooled = range(0) if pooling is None else chunk if pooling.kind == "mean" else \
+            chunk[-1:] if scheduled.sample else range(0)
+        #: the prompt tokens this chunk's first positions predict (``prompt_logprobs``)
+        self.scored = prompt_targets(scheduled)
 
 
 class LlamaCppExecutor:
@@ -121,6 +134,7 @@ class LlamaCppExecutor:
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if option_flag(options.get("flash_attn", True))
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # embeddings: every token's, pooled here
         self.ctx = llama_cpp.llama_init_from_model(self.model.pointer, params)
         if not self.ctx:
             raise ConfigError(f"llama.cpp could not make a context of {cells} tokens for {self.model.path.name} "
@@ -132,6 +146,7 @@ class LlamaCppExecutor:
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.slots = SlotTable(self.n_slots)
         self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"), deployment_backend(spec, plugins))
+        self.pooler = Pooler()
         self._lock = threading.Lock()
         self._dead: str | None = None
         log.info("llamacpp executor ready: %s (%s), %d threads, KV cache %d tokens × %d bytes = %.1f MiB, "
@@ -160,15 +175,23 @@ class LlamaCppExecutor:
         with self._lock:
             self._check_alive()
             self.sampler.forget(batch.finished_seq_ids)
+            self.pooler.forget(batch.finished_seq_ids)
             for seq_id in batch.finished_seq_ids:
                 self._remove(self.slots.close(seq_id, retain=self.retain))
             for transfer in batch.kv_imports:  # PD decode: the prefill's KV, before computing
                 self._import(transfer)
             rows = [self._row(scheduled) for scheduled in batch.seqs]
             self.sampler.prepare([row.scheduled for row in rows if row.sample])  # masks overlap the decode
-            logits = self._decode(rows)
+            pooled = [row for row in rows if row.pooled]
+            sums = np.zeros((len(pooled), self.model.n_embd), dtype=np.float32)
+            logits = torch.from_numpy(self._decode(rows, pooled, sums))
             sampled = [row.scheduled for row in rows if row.sample]
-            result = self.sampler(torch.from_numpy(logits), sampled) if sampled else StepResult()
+            result = self.sampler(logits[:len(sampled)], sampled) if sampled else StepResult()
+            if scored := [(row.scheduled, row.scored) for row in rows if row.scored]:
+                result.prompt_logprobs = score_prompts(logits[len(sampled):], scored)
+            if pooled:
+                result.embeddings = self.pooler(torch.from_numpy(sums), [row.scheduled for row in pooled],
+                                                [len(row.pooled) for row in pooled])
             result.kv_exports = [
                 KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids, first_block=t.first_block,
                                 data=self._export(t.seq_id))  # type: ignore[arg-type]  # bytes-like, uncopied
@@ -209,35 +232,58 @@ class LlamaCppExecutor:
             llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
             llama_cpp.llama_memory_seq_rm(self.memory, target, n, -1)
 
-    def _decode(self, rows: list[_Row]) -> np.ndarray:
-        """Decode every row's tokens (in parts of ``n_batch``); the sampled rows' logits."""
-        logits = np.empty((sum(1 for row in rows if row.sample), self.model.n_vocab), dtype=np.float32)
+    def _decode(self, rows: list[_Row], pooled: list[_Row], sums: np.ndarray) -> np.ndarray:
+        """Decode every row's tokens (in parts of ``n_batch``); the logits of the sampled rows,
+        then of the scored prompt positions (row after row). The final hidden states of the
+        ``pooled`` rows' positions are summed into ``sums`` (one row each)."""
+        llama_cpp.llama_set_embeddings(self.ctx, bool(pooled))
+        try:
+            return self._decode_rows(rows, {id(row): i for i, row in enumerate(pooled)}, sums)
+        finally:
+            if pooled:
+                llama_cpp.llama_set_embeddings(self.ctx, False)
+
+    def _decode_rows(self, rows: list[_Row], pool_index: dict[int, int], sums: np.ndarray) -> np.ndarray:
+        num_sampled = sum(1 for row in rows if row.sample)
+        logits = np.empty((num_sampled + sum(len(row.scored) for row in rows), self.model.n_vocab),
+                          dtype=np.float32)
         batch = self.batch
         n = 0
         pending: list[tuple[int, int]] = []  # (index in this part, logits row) to read after it
-        out = 0
+        pending_pool: list[tuple[int, int]] = []  # (index in this part, row of sums)
+        every = bool(pool_index)  # with embeddings on, llama.cpp outputs every token
+        out, scored_out = 0, num_sampled
         for row in rows:
             last = len(row.tokens) - 1
+            # Scored positions start at the chunk's start, after any prefix recomputed here.
+            first_scored = row.scheduled.start_pos - row.first_pos
+            scored = range(first_scored, first_scored + len(row.scored))
             for i, token in enumerate(row.tokens):
                 batch.token[n] = token
                 batch.pos[n] = row.first_pos + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = row.slot.seq_id
                 wants = row.sample and i == last
-                batch.logits[n] = wants
+                batch.logits[n] = wants or i in scored or every
+                if i in row.pooled:
+                    pending_pool.append((n, pool_index[id(row)]))
                 if wants:
                     pending.append((n, out))
                     out += 1
+                elif i in scored:
+                    pending.append((n, scored_out))
+                    scored_out += 1
                 n += 1
                 if n == self.n_batch:
-                    self._run_part(n, pending, logits)
-                    n, pending = 0, []
+                    self._run_part(n, pending, logits, pending_pool, sums)
+                    n, pending, pending_pool = 0, [], []
             row.slot.tokens.extend(row.tokens)
         if n:
-            self._run_part(n, pending, logits)
+            self._run_part(n, pending, logits, pending_pool, sums)
         return logits
 
-    def _run_part(self, n: int, pending: list[tuple[int, int]], logits: np.ndarray) -> None:
+    def _run_part(self, n: int, pending: list[tuple[int, int]], logits: np.ndarray,
+                  pending_pool: list[tuple[int, int]], sums: np.ndarray) -> None:
         self.batch.n_tokens = n
         while True:
             code = llama_cpp.llama_decode(self.ctx, self.batch)
@@ -256,6 +302,9 @@ class LlamaCppExecutor:
         for index, row in pending:
             pointer = llama_cpp.llama_get_logits_ith(self.ctx, index)
             logits[row] = np.ctypeslib.as_array(pointer, shape=(vocab,))
+        for index, row in pending_pool:
+            pointer = llama_cpp.llama_get_embeddings_ith(self.ctx, index)
+            sums[row] += np.ctypeslib.as_array(pointer, shape=(self.model.n_embd,))
 
     def _remove(self, seq_id: int | None) -> None:
         if seq_id is not None:

@@ -7,6 +7,10 @@ both ends of a transfer up front): the index of what each decode instance holds
 carries that as ``KVHandoff.first_block``, so the prefill exports and publishes only the
 blocks from there on.
 
+An embedding (``Request.pooling``) has nothing to decode: it is one colocated-role task, run
+whole on a prefill instance (placed as a prefill, retried the same way), whose last event
+carries the vector.
+
 Placement: a prefill goes to the prefill instance with the fewest prefill tokens queued, then
 the fewest tasks, preferring the one that last prefilled the same prompt prefix (its prefix
 cache likely holds it) unless it has more than ``pd_locality_slack_tokens`` more queued. A
@@ -88,18 +92,42 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         self._decode_reserved: collections.Counter[str] = collections.Counter()
 
     def make_job(self, request: Request) -> Job:
-        """A job of two tasks: prefill, then decode (its first token and KV come from prefill)."""
+        """A job of two tasks: prefill, then decode (its first token and KV come from prefill);
+        an embedding's: one colocated-role task (see ``run_embedding``)."""
         job = Job(request=request)
+        if request.pooling is not None:
+            job.tasks = [Task(job_id=job.id, role=TaskRole.COLOCATED, request=request)]
+            return job
         job.tasks = [Task(job_id=job.id, role=TaskRole.PREFILL, request=request),
                      Task(job_id=job.id, role=TaskRole.DECODE, request=request)]
         return job
 
     async def run_job(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
         """Run the prefill, hand its KV to a decode instance, stream the decode."""
+        if job.request.pooling is not None:
+            await self.run_embedding(job, pool, emit)
+            return
         job.move_to(TaskState.RUNNING)
         last = await self.run_disaggregated(job.tasks[0], job.tasks[1], pool, emit)
         ends: dict[str | None, TaskState] = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}
         job.move_to(ends.get(last.finish_reason if last else "error", TaskState.DONE))
+
+    async def run_embedding(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
+        """An embedding's one task, computed whole on a prefill instance (no KV leaves it)."""
+        (task,) = job.tasks
+        job.move_to(TaskState.RUNNING)
+        task.move_to(TaskState.RUNNING)
+        forwarded: list[TokenEvent] = []
+
+        async def forward(event: TokenEvent) -> None:
+            forwarded.append(event)
+            await emit(event)
+
+        last = await self._phase(task, pool, forward, self._place_prefill, forward_last=True)
+        if last is not None and (not forwarded or forwarded[-1] is not last):
+            await emit(last)  # the instance died: the phase made this end itself
+        task.move_to(_state(last))
+        job.move_to(_state(last))
 
     async def run_disaggregated(self, prefill: Task, decode: Task, pool: InstancePool, emit: EmitEvent) -> TokenEvent | None:
         """The two phases of one request; returns the request's last event. The decode

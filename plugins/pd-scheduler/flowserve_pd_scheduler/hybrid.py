@@ -31,8 +31,11 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
         self.chosen = {TaskRole.COLOCATED: 0, TaskRole.PREFILL: 0}
 
     def make_job(self, request: Request) -> Job:
-        """Three tasks, of which ``run_job`` runs either the first or the other two."""
+        """Three tasks, of which ``run_job`` runs either the first or the other two (an
+        embedding: one task, run on a colocated or a prefill instance)."""
         job = super().make_job(request)
+        if request.pooling is not None:
+            return job
         job.tasks.insert(0, Task(job_id=job.id, role=TaskRole.COLOCATED, request=request))
         return job
 
@@ -70,9 +73,15 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
 
     async def run_job(self, job: Job, pool: InstancePool, emit: EmitEvent) -> None:
         """Run the chosen path's tasks; the others are marked aborted (never started)."""
-        colocated, prefill, decode = job.tasks
         role = self.choose(job.request, pool)
         self.chosen[role] += 1
+        if job.request.pooling is not None:
+            if role is TaskRole.COLOCATED:
+                await self._run_colocated(job, pool, emit)
+            else:
+                await self.run_embedding(job, pool, emit)
+            return
+        colocated, prefill, decode = job.tasks
         if role is TaskRole.COLOCATED:
             prefill.move_to(TaskState.ABORTED)
             decode.move_to(TaskState.ABORTED)

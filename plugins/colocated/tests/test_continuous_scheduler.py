@@ -278,3 +278,36 @@ async def test_stats_count_prefill_work_waiting(kv_memory):
     assert (stats.num_running, stats.num_waiting, stats.waiting_prefill_tokens) == (1, 1, 6 + 3)
     await d.run()
     assert d.scheduler.stats() == type(stats)()
+
+
+def test_a_scored_prompt_skips_prefix_hits_and_is_gathered_once_across_chunks_and_preemption():
+    from flowserve_colocated.sequence import Sequence
+    from flowserve_core.types import StepResult, TokenLogprob
+
+    scheduler, _ = make(block_size=4, max_num_batched_tokens=8)
+    prompt = list(range(1, 21))
+    scheduler.kv.allocate("warm", prompt)  # the prompt's blocks are cached
+    scheduler.kv.commit("warm", prompt, len(prompt))
+    scheduler.kv.free("warm")
+    scheduler.add(task(prompt, max_tokens=2, prompt_logprobs=0))
+    gathered: list[int] = []
+    while True:
+        batch = scheduler.schedule()
+        [seq] = batch.seqs
+        assert seq.start_pos == len(gathered)  # every position computed, none taken from the cache
+        # what an executor scores: position p predicts prompt token p + 1
+        scored = [TokenLogprob(token_id=t, logprob=-1.0) for t in prompt[seq.start_pos + 1:
+                                                                          seq.start_pos + len(seq.token_ids) + 1]]
+        events = scheduler.update(batch, StepResult(token_ids={seq.seq_id: 99} if seq.sample else {},
+                                                    prompt_logprobs={seq.seq_id: scored}))
+        gathered = [e.token_id for e in scheduler.seqs[seq.seq_id].prompt_logprobs] if not events else gathered
+        if events:
+            assert [e.token_id for e in events[0].prompt_logprobs] == prompt[1:]
+            assert events[0].num_cached_tokens == 0
+            break
+    # a chunk computed again (after a preemption) adds only what is new
+    again = Sequence(task(prompt, prompt_logprobs=0), 0)
+    again.add_prompt_logprobs(0, [TokenLogprob(token_id=t, logprob=-1.0) for t in prompt[1:9]])
+    again.add_prompt_logprobs(0, [TokenLogprob(token_id=t, logprob=-2.0) for t in prompt[1:13]])
+    assert [e.token_id for e in again.prompt_logprobs] == prompt[1:13]
+    assert [e.logprob for e in again.prompt_logprobs] == [-1.0] * 8 + [-2.0] * 4

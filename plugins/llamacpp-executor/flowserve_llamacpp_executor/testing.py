@@ -113,3 +113,20 @@ def llama_cpp_greedy(path: Path, prompt: list[int], max_tokens: int) -> list[int
         return tokens
     finally:
         llm.close()
+
+
+def llama_cpp_prompt_logprobs(path: Path, prompt: list[int]) -> Any:
+    """The oracle of prompt scoring: ``llama_cpp.Llama`` alone on ``path`` evaluates ``prompt``
+    with every position's logits; their log-softmax (row i scores prompt token i + 1)."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, flash_attn=True, verbose=False, seed=0,
+                          logits_all=True)
+    try:
+        llm.eval(prompt)
+        scores = np.array(llm.scores[:len(prompt)], dtype=np.float64)
+    finally:
+        llm.close()
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -161,3 +161,22 @@ def test_structured_output_and_logit_bias_work_through_the_shared_sampler(server
     forced = client.completions.create(model="smollm2", prompt="One, two,", max_tokens=3, temperature=0,
                                        logit_bias={str(zebra): 100})
     assert forced.choices[0].text == " zebra" * 3
+
+
+def test_echo_scores_the_prompt_as_llama_cpp_does(server, client, smollm2):
+    from flowserve_llamacpp_executor.testing import llama_cpp_prompt_logprobs
+
+    text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest to hide."
+    prompt = httpx.post(server.url + "/tokenize", json={"model": "smollm2", "prompt": text},
+                        timeout=30).json()["tokens"]
+    answer = client.completions.create(model="smollm2", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                       extra_body={"prompt_logprobs": 1})
+    choice = answer.choices[0]
+    assert answer.usage.prompt_tokens == len(prompt) and answer.usage.completion_tokens == 0
+    assert choice.text == "".join(choice.logprobs.tokens) and len(choice.logprobs.tokens) == len(prompt)
+    scored = choice.model_extra["prompt_logprobs"]
+    assert choice.logprobs.token_logprobs[0] is None and scored[0] is None
+    expected = llama_cpp_prompt_logprobs(smollm2, prompt)  # Q4_1: ggml's rounding differs a little by batch
+    for i in range(1, len(prompt)):
+        assert choice.logprobs.token_logprobs[i] == pytest.approx(expected[i - 1, prompt[i]], abs=0.02)
+        assert scored[i][str(prompt[i])]["logprob"] == pytest.approx(choice.logprobs.token_logprobs[i], abs=1e-6)

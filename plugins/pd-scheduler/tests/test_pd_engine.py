@@ -13,7 +13,7 @@ import pytest
 
 from flowserve_core import hookimpl
 from flowserve_core.plugins import get_plugin_manager
-from flowserve_core.types import DeploymentSpec, TaskRole
+from flowserve_core.types import DeploymentSpec, Request, SamplingParams, TaskRole
 from flowserve_pd_scheduler.shm import SharedMemoryTransport
 
 torch = pytest.importorskip("torch")
@@ -83,6 +83,26 @@ async def test_disaggregated_greedy_equals_hf_and_the_kv_really_moves(tiny):
     assert imported > 0
     full = imported // sum(-(-len(p) // 16) for p, _ in jobs)  # bytes per block
     assert second == full  # 131 tokens = 9 blocks, 8 of them cached: one block moved
+
+
+async def test_the_prompt_is_scored_on_the_prefill_instance_and_reaches_the_client(tiny):
+    path, model = tiny
+    prompt = prompts(1, [70], model.config.vocab_size, seed=9)[0]  # prefilled in two chunks of 64
+    request = Request(prompt_token_ids=prompt, params=SamplingParams(
+        max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2))
+    scored, tokens = [], []
+    async with run_deployment(spec(path)) as runner:
+        async with runner.deployment.open(request) as handle:
+            async for event in handle:
+                scored += event.prompt_logprobs or []
+                tokens += event.token_ids
+    assert tokens == hf_greedy(model, prompt, 4)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert [entry.token_id for entry in scored] == prompt[1:]
+    for i, entry in enumerate(scored):
+        assert entry.logprob == pytest.approx(expected[i, prompt[i + 1]].item(), abs=1e-4)
+        assert [t.token_id for t in entry.top] == expected[i].topk(2).indices.tolist()
 
 
 @pytest.fixture

@@ -294,6 +294,13 @@ class ContinuousBatchScheduler:
                 events.append(self._event(seq, [], None, "error",
                                           error=f"the executor returned no token for {seq.seq_id}"))
                 continue
+            if seq.params.prompt_logprobs is not None and seq.needs_every_position and \
+                    len(seq.prompt_logprobs) < len(seq.prompt_token_ids) - 1:
+                self._end(seq)  # an executor that scores no prompt: say so, never answer without them
+                events.append(self._event(seq, [], None, "error", error=(
+                    f"the executor {self.spec.executor!r} scored {len(seq.prompt_logprobs)} of the prompt's "
+                    f"{len(seq.prompt_token_ids) - 1} tokens after the first: it does not compute prompt_logprobs")))
+                continue
             seq.append(token)
             reason = self.finish_reason(seq, token)
             logprob = result.logprobs.get(seq.seq_id)
@@ -310,11 +317,13 @@ class ContinuousBatchScheduler:
                error: str | None = None, handoff: KVHandoff | None = None) -> TokenEvent:
         first = not seq.reported_first
         seq.reported_first = True
+        # the prompt's scores go with the first event of a task that computed them all
+        scored = first and seq.params.prompt_logprobs is not None and seq.needs_every_position
         return TokenEvent(task_id=seq.seq_id, token_ids=tokens, logprobs=logprobs,
                           finish_reason=reason, error=error, kv_handoff=handoff,
                           num_prompt_tokens=len(seq.prompt_token_ids),
                           num_cached_tokens=seq.num_cached_tokens if first else 0,
-                          prompt_logprobs=seq.prompt_logprobs if first and seq.needs_every_position else None)
+                          prompt_logprobs=seq.prompt_logprobs if scored else None)
 
     def _pooled(self, seq: Sequence, embedding: list[float] | None) -> TokenEvent:
         """An embedding's prompt is computed: it ends, with its vector (nothing is sampled)."""

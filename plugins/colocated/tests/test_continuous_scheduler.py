@@ -311,3 +311,13 @@ def test_a_scored_prompt_skips_prefix_hits_and_is_gathered_once_across_chunks_an
     again.add_prompt_logprobs(0, [TokenLogprob(token_id=t, logprob=-2.0) for t in prompt[1:13]])
     assert [e.token_id for e in again.prompt_logprobs] == prompt[1:13]
     assert [e.logprob for e in again.prompt_logprobs] == [-1.0] * 8 + [-2.0] * 4
+
+
+async def test_an_executor_that_scores_no_prompt_fails_the_request_naming_itself():
+    scheduler, executor = make()
+    scheduler.add(task([5, 6, 7, 8, 9], max_tokens=3, prompt_logprobs=1))
+    batch = scheduler.schedule()
+    [event] = scheduler.update(batch, await executor.execute(batch))  # the toy computes no prompt logprobs
+    assert event.finish_reason == "error" and not event.token_ids
+    assert "does not compute prompt_logprobs" in event.error and "scored 0 of the prompt's 4 tokens" in event.error
+    assert not scheduler.has_work()

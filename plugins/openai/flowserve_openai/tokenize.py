@@ -8,10 +8,7 @@ model's chat template, ready for a reply, as ``/v1/chat/completions`` renders th
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import anyio
-from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -19,44 +16,9 @@ from flowserve_openai import tools
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
 from flowserve_openai.prompts import chat_prompt, check_prompt_chars, message_list
-from flowserve_openai.protocol import MAX_TOOLS, ChatCompletionRequest, MessageParam, TokenId
-from flowserve_openai.protocol_tools import ToolParam
+from flowserve_openai.protocol import ChatCompletionRequest
 from flowserve_openai.responses import json_response
-
-
-class TokenizeRequest(Struct, kw_only=True):
-    """``POST /tokenize``: either ``prompt`` (vLLM's completion form) or ``messages`` (its chat
-    form); ``return_token_strs`` adds each token's text."""
-
-    model: str | None = None
-    prompt: str | None = None
-    messages: Annotated[list[MessageParam], Meta(min_length=1)] | None = None
-    tools: Annotated[list[ToolParam], Meta(max_length=MAX_TOOLS)] | None = None
-    add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    return_token_strs: bool = False
-
-
-class TokenizeResponse(Struct, kw_only=True):
-    """What ``/tokenize`` answers: the ids, their count and the deployment's context length."""
-
-    count: int
-    max_model_len: int
-    tokens: list[int]
-    token_strs: list[str] | None = None
-
-
-class DetokenizeRequest(Struct, kw_only=True):
-    """``POST /detokenize``: token ids of the model's vocabulary."""
-
-    model: str | None = None
-    tokens: list[TokenId]
-
-
-class DetokenizeResponse(Struct, kw_only=True):
-    """What ``/detokenize`` answers: the text of the tokens (special tokens skipped)."""
-
-    prompt: str
+from flowserve_openai.tokenize_protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 
 async def tokenize(request: Request) -> Response:

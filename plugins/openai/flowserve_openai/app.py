@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from flowserve_openai import admin, api, deployments, ops, responses_api, tokenize
+from flowserve_openai import admin, api, deployments, embeddings, ops, responses_api, tokenize
 from flowserve_openai.auth import BearerKeyMiddleware
 from flowserve_openai.context import AppContext
 from flowserve_openai.errors import APIError
@@ -52,6 +52,7 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/models/{model:path}", api.retrieve_model, methods=["GET"]),
         Route("/v1/completions", api.create_completion, methods=["POST"]),
         Route("/v1/chat/completions", api.create_chat_completion, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.create_embedding, methods=["POST"]),
         Route("/tokenize", tokenize.tokenize, methods=["POST"]),
         Route("/detokenize", tokenize.detokenize, methods=["POST"]),
         Route("/v1/responses", responses_api.create_response, methods=["POST"]),

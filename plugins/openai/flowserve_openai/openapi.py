@@ -10,13 +10,21 @@ import msgspec
 from flowserve_core import __version__
 from flowserve_core.config import ServerConfig
 from flowserve_core.types import DeploymentSpec
-from flowserve_openai import ops_protocol as ops, protocol as p
+from flowserve_openai import (
+    embeddings_protocol as ep,
+    ops_protocol as ops,
+    protocol as p,
+    responses_protocol as rp,
+    tokenize_protocol as tk,
+)
+from flowserve_openai.auth import OPEN_PATHS
 
 REF = "#/components/schemas/{name}"
 SCHEMAS = [p.CompletionRequest, p.Completion, p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
            p.ModelList, p.ModelCard, p.ErrorResponse, ops.HealthResponse, ops.ScaleRequest, ops.ScaleResponse,
            ops.StatusResponse, DeploymentSpec, ops.DeploymentStatus, ops.DeploymentList, ops.RemovedDeployment,
-           ops.AliasRequest, ops.AliasResponse]
+           ops.AliasRequest, ops.AliasResponse, rp.ResponseRequest, rp.ResponseObject, tk.TokenizeRequest,
+           tk.TokenizeResponse, tk.DetokenizeRequest, tk.DetokenizeResponse, ep.EmbeddingRequest, ep.EmbeddingResponse]
 
 
 def _ref(struct: type) -> dict[str, str]:
@@ -68,6 +76,33 @@ def _generation(request: type, response: type, chunk: type, summary: str) -> dic
     }}
 
 
+def _post(request: type, response: type, summary: str, statuses: tuple[int, ...]) -> dict[str, Any]:
+    return {"post": {"summary": summary,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
+                     "responses": {"200": _json(response, "The result."), **_errors(*statuses)}}}
+
+
+def _responses() -> dict[str, Any]:
+    """``/v1/responses``: a ``response`` object, or the Responses API's typed events (each
+    event's ``event:`` line is its ``type``; ``response.completed`` or ``response.incomplete``
+    carries the final ``response``). No ``[DONE]``."""
+    event = {"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"type": "string", "description": "The event's type, e.g. `response.output_text.delta`."},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+            {"type": "object", "required": ["type", "sequence_number"],
+             "properties": {"type": {"type": "string"}, "sequence_number": {"type": "integer"},
+                            "response": _ref(rp.ResponseObject)}},
+            _ref(p.ErrorResponse)]}}}}
+    operation = _post(rp.ResponseRequest, rp.ResponseObject, "Answer input items (stateless: previous_response_id "
+                      "and store: true are refused).", (400, 401, 404, 413, 429, 500, 503))
+    operation["post"]["responses"]["200"] = {
+        "description": "The response; with `stream: true`, the Responses API's Server-Sent Events "
+                       "(`response.created`, `response.output_text.delta`, …, `response.completed`).",
+        "content": {"application/json": {"schema": _ref(rp.ResponseObject)},
+                    "text/event-stream": {"schema": event}}}
+    return operation
+
+
 def _requires(field: str, value_type: str, then_field: str) -> dict[str, Any]:
     """JSON Schema: when ``field`` holds a ``value_type``, ``then_field`` must be true."""
     return {"if": {"required": [field], "properties": {field: {"type": value_type}}},
@@ -84,6 +119,8 @@ def openapi_schema(config: ServerConfig, max_instances: int | None = None,
         components[name]["properties"]["n"]["maximum"] = config.max_n
         components[name]["allOf"] = [_requires("stream_options", "object", "stream")]
     components["CompletionRequest"]["properties"]["prompt"] = p.PROMPT_SCHEMA
+    components["EmbeddingRequest"]["properties"]["input"] = ep.INPUT_SCHEMA
+    components["EmbeddingRequest"]["properties"]["encoding_format"] = ep.ENCODING_FORMAT_SCHEMA
     components["ChatCompletionRequest"]["allOf"].append(_requires("top_logprobs", "integer", "logprobs"))
     if max_model_len is not None:
         for name, field in (("CompletionRequest", "max_tokens"), ("ChatCompletionRequest", "max_tokens"),
@@ -107,6 +144,14 @@ def openapi_schema(config: ServerConfig, max_instances: int | None = None,
         "/v1/completions": _generation(p.CompletionRequest, p.Completion, p.Completion, "Complete prompts."),
         "/v1/chat/completions": _generation(p.ChatCompletionRequest, p.ChatCompletion, p.ChatCompletionChunk,
                                             "Answer a conversation."),
+        "/v1/responses": _responses(),
+        "/v1/embeddings": _post(ep.EmbeddingRequest, ep.EmbeddingResponse, "Embed inputs: one L2-normalized vector "
+                                "each, pooled as the deployment says (last token or mean).",
+                                (400, 401, 404, 413, 429, 500, 503)),
+        "/tokenize": _post(tk.TokenizeRequest, tk.TokenizeResponse, "Token ids of a prompt, or of a chat rendered "
+                           "by the model's template (vLLM's shapes).", (400, 401, 404, 413, 503)),
+        "/detokenize": _post(tk.DetokenizeRequest, tk.DetokenizeResponse, "The text of token ids (vLLM's shapes).",
+                             (400, 401, 404, 413, 503)),
         "/health": {"get": {"summary": "Liveness: 503 when a deployment's engine is dead.", "responses": {
             "200": _json(ops.HealthResponse, "Alive."), "503": _json(ops.HealthResponse, "A deployment is dead.")}}},
         "/ready": {"get": {"summary": "Readiness: every deployment has a ready instance.", "responses": {
@@ -142,7 +187,7 @@ def openapi_schema(config: ServerConfig, max_instances: int | None = None,
     }
     for path, item in paths.items():
         security = admin_security if path.startswith("/admin") else api_security
-        if path.startswith(("/v1", "/admin")) and security:
+        if path not in OPEN_PATHS and security:
             for operation in item.values():
                 operation["security"] = security
     document: dict[str, Any] = {

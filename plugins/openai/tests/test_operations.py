@@ -79,6 +79,16 @@ def test_openapi_describes_the_endpoints_and_bodies(toy_server):
     assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
     assert {"200", "400", "404", "413", "429", "503"} <= set(chat["responses"])
     assert "security" not in chat  # this server has no API key
+    for path, request, response in (("/v1/responses", "ResponseRequest", "ResponseObject"),
+                                    ("/tokenize", "TokenizeRequest", "TokenizeResponse"),
+                                    ("/detokenize", "DetokenizeRequest", "DetokenizeResponse")):
+        operation = document["paths"][path]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + request)
+        assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + response)
+        assert {"400", "404"} <= set(operation["responses"]) and request in schemas and response in schemas
+    assert "text/event-stream" in document["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]
+    assert {"input", "instructions", "max_output_tokens", "text", "tools"} <= set(schemas["ResponseRequest"]["properties"])
+    assert {"prompt", "messages", "return_token_strs"} <= set(schemas["TokenizeRequest"]["properties"])
 
 
 def test_cors_is_off_unless_configured(toy_server):

@@ -131,8 +131,20 @@ class _Detokenizer:
         return "" if self.stopped else self._take(len(self.text))
 
 
+def toy_embedding(prompt: Sequence[int], dimensions: int | None) -> list[float]:
+    """The counter executor's embedding: 8 values (or ``dimensions``) from the prompt's tokens,
+    L2-normalized: ``e[i]`` ∝ 1 + how many prompt tokens are ``i`` modulo its length."""
+    size = dimensions or 8
+    counts = [1.0] * size
+    for token in prompt:
+        counts[token % size] += 1
+    norm = math.sqrt(sum(c * c for c in counts))
+    return [c / norm for c in counts]
+
+
 class CounterExecutor:
-    """Next token = last token + 1; optional delay and injected failures."""
+    """Next token = last token + 1 (an embedding: ``toy_embedding``); optional delay and
+    injected failures."""
 
     def __init__(self, spec: DeploymentSpec):
         self.options = spec.options
@@ -150,9 +162,11 @@ class CounterExecutor:
         if delay:
             time.sleep(delay)
         self._record(batch)
-        tokens, logprobs = {}, {}
+        tokens, logprobs, embeddings = {}, {}, {}
         for seq in batch.seqs:
-            if seq.sample:
+            if seq.sample and seq.pooling is not None:
+                embeddings[seq.seq_id] = toy_embedding(seq.prompt_token_ids, seq.pooling.dimensions)
+            elif seq.sample:
                 tokens[seq.seq_id] = (seq.token_ids[-1] + 1) % VOCAB
                 if tokens[seq.seq_id] == self.options.get("fail_on_token"):
                     raise RuntimeError(f"injected failure on token {tokens[seq.seq_id]}")
@@ -162,7 +176,7 @@ class CounterExecutor:
                         top=[TopLogprob(token_id=(seq.token_ids[-1] + 1 + j) % VOCAB,
                                         logprob=-(j + 1) * math.log(2))
                              for j in range(seq.params.logprobs)])
-        return StepResult(token_ids=tokens, logprobs=logprobs)
+        return StepResult(token_ids=tokens, logprobs=logprobs, embeddings=embeddings)
 
     def _record(self, batch: StepBatch) -> None:
         """With option ``record_params``, append each new sequence's prompt and params (JSON)."""
@@ -254,11 +268,17 @@ class FifoScheduler:
             seqs.append(ScheduledSequence(
                 seq_id=task.id, token_ids=history[-1:], start_pos=len(history) - 1, block_table=[],
                 params=task.request.params, prompt_token_ids=task.request.prompt_token_ids,
-                output_token_ids=task.output_token_ids))
+                output_token_ids=task.output_token_ids, pooling=task.request.pooling))
         return StepBatch(seqs=seqs)
 
     def update(self, batch: StepBatch, result: StepResult) -> list[TokenEvent]:
         events = []
+        for seq_id, embedding in result.embeddings.items():  # an embedding ends with its vector
+            task = self.running.pop(seq_id, None)
+            if task is not None:
+                self.kv.free(seq_id)
+                events.append(TokenEvent(task_id=seq_id, finish_reason="stop", embedding=embedding,
+                                         num_prompt_tokens=len(task.request.prompt_token_ids)))
         for seq_id, token in result.token_ids.items():
             task = self.running.get(seq_id)
             if task is None:

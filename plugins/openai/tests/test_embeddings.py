@@ -137,9 +137,21 @@ def test_base64_is_little_endian_float32_of_the_same_vector(client):
                                   np.asarray(floats.data[0].embedding, dtype=np.float32))
 
 
-def test_a_long_input_is_computed_in_chunks_and_mean_pooling_is_the_deployments(client, oracle):
+def prompt_tokens_counted(server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "flowserve:prompt_tokens_total" and s.labels.get("model_name") == "tiny")
+
+
+def test_a_long_input_is_computed_in_chunks_and_mean_pooling_is_the_deployments(server, client, oracle):
     long = [1] + [(i * 7) % 250 + 3 for i in range(299)]  # 300 tokens: five steps of 64
+    counted = prompt_tokens_counted(server)
     close(client.embeddings.create(model="tiny", input=long).data[0].embedding, oracle(long))
+    assert prompt_tokens_counted(server) == counted + 300  # the server's metrics count what it embedded
+    whole = (long * 2)[:CONTEXT]  # the whole context: an embedding needs no room for output
+    close(client.embeddings.create(model="tiny", input=whole).data[0].embedding, oracle(whole))
     close(client.embeddings.create(model="tiny-mean", input=long).data[0].embedding, oracle(long, "mean"))
     # its first two blocks are in the prefix cache now: a mean still computes every position
     close(client.embeddings.create(model="tiny-mean", input=long[:40]).data[0].embedding, oracle(long[:40], "mean"))

@@ -131,3 +131,44 @@ def stream_part(**fields):
     from flowserve_core.tool_calls import ToolCallPart
 
     return ToolCallPart(**fields)
+
+
+# ------------------------------------------------------------------ generated replies
+
+from hypothesis import given, settings, strategies as st  # noqa: E402  (this section's own imports)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8)
+arguments = st.dictionaries(st.text(st.characters(codec="utf-8"), max_size=6), json_values, max_size=4)
+layouts = st.sampled_from([dict(), dict(separators=(",", ":")), dict(indent=1), dict(ensure_ascii=False)])
+names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True)
+contents = st.text(st.sampled_from(list("ab .,!\n") + ["é", "<", "[", "}"]), max_size=12)
+
+
+def markup(parser: str, content: str, calls: list[tuple[str, str]]) -> str:
+    """A reply in ``parser``'s markup: ``content`` (kept free of what would start a call there),
+    then ``calls`` with their arguments' JSON text as given."""
+    if parser == "hermes":
+        return content + "".join(f'<tool_call>\n{{"name": {json.dumps(n)}, "arguments": {a}}}\n</tool_call>\n'
+                                 for n, a in calls)
+    if parser == "llama3_json":
+        return content.replace("{", "(").replace("<", "(") + "<|python_tag|>" + "; ".join(
+            f'{{"name": {json.dumps(n)}, "parameters": {a}}}' for n, a in calls)
+    return content.replace("[", "(") + "[TOOL_CALLS][" + ", ".join(
+        f'{{"name": {json.dumps(n)}, "arguments": {a}}}' for n, a in calls) + "]"
+
+
+@settings(max_examples=150, deadline=None)
+@given(parser=st.sampled_from(list(WELL_FORMED)), content=contents,
+       calls=st.lists(st.tuples(names, arguments, layouts), min_size=1, max_size=3), data=st.data())
+def test_generated_calls_stream_their_arguments_exactly_as_written(parsers, parser, content, calls, data):
+    written = [(name, json.dumps(args, **layout)) for name, args, layout in calls]
+    text = markup(parser, content, written)
+    whole = parsers[parser].parse(text)
+    assert [(c.name, c.arguments) for c in whole.tool_calls] == written, text
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(text)), max_size=12))))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    assert read(parsers[parser], pieces) == (whole.content or "", written)

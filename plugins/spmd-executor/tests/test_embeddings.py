@@ -115,3 +115,51 @@ async def test_two_tensor_parallel_ranks_give_the_same_vectors(tiny_llama, hf_ll
                                            atol=1e-4, rtol=1e-4)
     finally:
         executor.close()
+
+
+async def test_mean_pooling_survives_preemption_in_a_deployment(tmp_path):
+    """Through the continuous scheduler: two generations that grow past a small KV cache
+    preempt a later mean-pooled prompt in the middle of its chunks; it is recomputed from the
+    start and its sum starts afresh (``Pooler`` forgets a preempted sequence), so its vector is
+    still exact, and so are the generations."""
+    from transformers import AutoModelForCausalLM
+
+    from flowserve_core.types import Request
+    from flowserve_testing import run_deployment, write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny", seed=3)
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    vocab = hf.config.vocab_size
+    generate = [random_prompt(16, seed=810 + i, vocab=vocab) for i in range(2)]
+    embedded = [random_prompt(100, seed=820 + i, vocab=vocab) for i in range(2)]
+    # 12 blocks of 16: the generations hold 2 blocks each, then 3; the first embedding 7. Six
+    # tokens a step (two decodes, four of a prompt) keep its prompt under way when they grow.
+    spec = DeploymentSpec(model=str(path), executor="spmd", scaler="inproc", dtype="float32", device="cpu",
+                          kv_cache_memory="96KiB", block_size=16, max_num_batched_tokens=6)
+    vectors: list = [None] * len(embedded)
+    outputs: list = [None] * len(generate)
+    async with run_deployment(spec) as runner:
+        (scheduler,) = runner.batch_schedulers()
+        assert scheduler.total_blocks == 12
+
+        async def gen(i: int) -> None:
+            outputs[i] = await runner.generate(generate[i], max_tokens=24, temperature=0.0, ignore_eos=True)
+
+        async def one(i: int) -> None:
+            request = Request(prompt_token_ids=embedded[i], pooling=PoolingParams(kind="mean"))
+            async with runner.deployment.open(request) as handle:
+                async for event in handle:
+                    vectors[i] = event.embedding or vectors[i]
+            assert handle.output.finish_reason == "stop", handle.output.error
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(generate)):
+                group.start_soon(gen, i)
+            await anyio.sleep(0.05)  # the embeddings arrive later: they are the ones preempted
+            for i in range(len(embedded)):
+                group.start_soon(one, i)
+        assert scheduler.stats().num_preemptions > 0
+    for prompt, output in zip(generate, outputs):
+        assert output.output_token_ids == hf_greedy(hf, prompt, 24)
+    for prompt, vector in zip(embedded, vectors):
+        torch.testing.assert_close(torch.tensor(vector), hf_embedding(hf, prompt, "mean"), atol=1e-4, rtol=1e-4)

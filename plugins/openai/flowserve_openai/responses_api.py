@@ -6,7 +6,11 @@ the conversation (a string, or message, ``function_call`` and ``function_call_ou
 ``tools`` and ``tool_choice`` — and runs through the same checks, structured output and tool
 handling as ``/v1/chat/completions``. The answer is a ``response`` object whose ``output`` holds a
 ``message`` item and ``function_call`` items; streamed, it is the Responses API's typed events
-(``response.created``, ``response.output_text.delta``, …, ``response.completed``). Anything
+(``response.created``, ``response.output_text.delta``, …, ``response.completed``), function
+calls included as they are written where the chat would stream them (a named function, or a
+parser that reads replies as they come): ``response.output_item.added`` when the name is
+known, then ``response.function_call_arguments.delta`` per fragment; the items come in the
+order the model wrote them. Otherwise the calls come whole at the end. Anything
 stateful is a 400: ``previous_response_id``, and ``store: true`` (nothing is kept).
 """
 
@@ -17,6 +21,7 @@ import time
 import uuid
 from typing import Any
 
+from msgspec import UnsetType
 from starlette.requests import Request
 
 from flowserve_core.tool_calls import ParsedOutput
@@ -42,6 +47,7 @@ from flowserve_openai.protocol_tools import (
     ResponseFormat,
     TextResponseFormat,
     ToolCall,
+    ToolCallDelta,
     ToolCallFunction,
     ToolParam,
 )
@@ -175,9 +181,16 @@ class ResponsesRenderer:
         self.text, self.tokens, self.cached = "", 0, 0
         self.finish: str | None = None
         self.stream = ToolStream(plan.tools) if plan.tools is not None else None
+        #: calls stream as they are written (a named call, or a parser that reads replies as they
+        #: come); otherwise they are sent whole at the end
+        self.incremental = self.stream is not None and (self.stream.reader is not None
+                                                        or self.stream.tools.mode == "named")
         self.sequence = 0
         self.message_open = False
+        self.message_index = 0
         self.streamed = ""
+        self.items: list[MessageItem | FunctionCallItem] = []  # the streamed output, in its order
+        self.calls: dict[int, int] = {}  # a streamed call's index → its output index
 
     # ------------------------------------------------------------------ shared
 
@@ -245,14 +258,34 @@ class ResponsesRenderer:
     def _text_events(self, delta: str) -> list[bytes]:
         events = []
         if not self.message_open:
-            self.message_open = True
-            events += [self._event("response.output_item.added", output_index=0, item=MessageItem(
-                           id=self.message_id, status="in_progress", content=[])),
-                       self._event("response.content_part.added", item_id=self.message_id, output_index=0,
-                                   content_index=0, part=OutputText(text=""))]
+            self.message_open, self.message_index = True, len(self.items)
+            self.items.append(MessageItem(id=self.message_id, status="in_progress", content=[]))
+            events += [self._event("response.output_item.added", output_index=self.message_index,
+                                   item=self.items[-1]),
+                       self._event("response.content_part.added", item_id=self.message_id,
+                                   output_index=self.message_index, content_index=0, part=OutputText(text=""))]
         self.streamed += delta
-        events.append(self._event("response.output_text.delta", item_id=self.message_id, output_index=0,
-                                  content_index=0, delta=delta))
+        events.append(self._event("response.output_text.delta", item_id=self.message_id,
+                                  output_index=self.message_index, content_index=0, delta=delta))
+        return events
+
+    def _call_events(self, part: ToolCallDelta) -> list[bytes]:
+        """A streamed call's events: the item when it starts, then its arguments' deltas."""
+        events = []
+        if isinstance(part.id, str):
+            name = part.function.name if isinstance(part.function.name, str) else ""
+            self.calls[part.index] = len(self.items)
+            self.items.append(FunctionCallItem(id=f"fc_{_hex()}", call_id=part.id, name=name, arguments="",
+                                               status="in_progress"))
+            events.append(self._event("response.output_item.added", output_index=self.calls[part.index],
+                                      item=self.items[-1]))
+        at = self.calls[part.index]
+        item = self.items[at]
+        fragment = part.function.arguments
+        if isinstance(item, FunctionCallItem) and isinstance(fragment, str) and fragment:
+            item.arguments += fragment
+            events.append(self._event("response.function_call_arguments.delta", item_id=item.id, output_index=at,
+                                      delta=fragment))
         return events
 
     def chunks(self, event: ChoiceEvent) -> list[bytes]:
@@ -264,6 +297,17 @@ class ResponsesRenderer:
         if self.stream is None:
             if event.text:
                 events += self._text_events(event.text)
+        elif self.incremental:
+            deltas = self.stream.push(event.text)
+            if event.finish_reason:
+                deltas += self.stream.finish()[0]
+            for delta in deltas:
+                if isinstance(delta.content, str) and delta.content:
+                    events += self._text_events(delta.content)
+                for part in delta.tool_calls if not isinstance(delta.tool_calls, UnsetType) else []:
+                    events += self._call_events(part)
+            if event.finish_reason:
+                return events + self._finish_streamed()
         elif mode in ("text", "parse"):
             pieces = self.stream.push(event.text)
             if event.finish_reason:
@@ -305,6 +349,28 @@ class ResponsesRenderer:
         status = self._status()
         events.append(self._event("response.completed" if status == "completed" else "response.incomplete",
                                   response=self._snapshot(status, kept)))
+        return events
+
+    def _finish_streamed(self) -> list[bytes]:
+        """The ``done`` events of the items streamed as they came, in their order, then the end."""
+        status = self._status()
+        events = []
+        for index, item in enumerate(self.items):
+            if isinstance(item, MessageItem):
+                item.status = "incomplete" if status == "incomplete" else "completed"
+                item.content = [OutputText(text=self.streamed)]
+                events += [self._event("response.output_text.done", item_id=item.id, output_index=index,
+                                       content_index=0, text=self.streamed),
+                           self._event("response.content_part.done", item_id=item.id, output_index=index,
+                                       content_index=0, part=item.content[0]),
+                           self._event("response.output_item.done", output_index=index, item=item)]
+            else:
+                item.status = "completed"
+                events += [self._event("response.function_call_arguments.done", item_id=item.id, output_index=index,
+                                       arguments=item.arguments),
+                           self._event("response.output_item.done", output_index=index, item=item)]
+        events.append(self._event("response.completed" if status == "completed" else "response.incomplete",
+                                  response=self._snapshot(status, list(self.items))))
         return events
 
     def closing(self) -> list[bytes]:

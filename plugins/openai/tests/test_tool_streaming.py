@@ -128,7 +128,33 @@ def test_auto_tool_calls_stream_as_openai_deltas_and_match_the_whole_answer(scri
             assert [c["name"] for c in single] == ["get_weather"] and finish == "tool_calls"
             assert len(client.chat.completions.create(parallel_tool_calls=False, **ask).choices[0]
                        .message.tool_calls) == 1
+            responses_calls_stream_too(client)
             # without tools the same reply is plain text (the markup and all)
             plain = client.chat.completions.create(model="scripted", messages=ask["messages"], temperature=0,
                                                    max_tokens=40).choices[0]
             assert plain.finish_reason == "stop" and "<tool_call>" in plain.message.content
+
+
+def responses_calls_stream_too(client) -> None:
+    """/v1/responses streams the same calls as their items and argument deltas, in the order
+    written (the message first here), and they add up to the unstreamed response."""
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    ask = dict(model="scripted", input="hermes", tools=tools, temperature=0, max_output_tokens=40)
+    whole = client.responses.create(**ask)
+    assert [item.type for item in whole.output] == ["message", "function_call", "function_call"]
+    events = list(client.responses.create(stream=True, **ask))
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [item.type for item in added] == ["message", "function_call", "function_call"]
+    assert [item.name for item in added[1:]] == ["get_weather", "get_time"] and not added[1].arguments
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 2  # get_weather's arguments in several fragments, as the tokens came
+    joined = ["".join(e.delta for e in deltas if e.output_index == index) for index in (1, 2)]
+    assert joined == [item.arguments for item in whole.output[1:]]
+    final = events[-1]
+    assert final.type == "response.completed"
+    def summary(output):
+        return [(i.type, i.content[0].text if i.type == "message" else (i.name, i.arguments)) for i in output]
+
+    assert summary(final.response.output) == summary(whole.output)
+    assert whole.output[0].content[0].text == "Let me check."

@@ -124,7 +124,7 @@ def llama_cpp_prompt_logprobs(path: Path, prompt: list[int]) -> Any:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=2, flash_attn=True, verbose=False, seed=0,
                           logits_all=True)
     try:
-        llm.eval(prompt)
+        next(iter(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0)))  # evaluates the prompt first
         scores = np.array(llm.scores[:len(prompt)], dtype=np.float64)
     finally:
         llm.close()

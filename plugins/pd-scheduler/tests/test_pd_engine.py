@@ -185,6 +185,20 @@ async def test_only_the_blocks_the_decode_instance_lacks_are_published_and_impor
             assert again.output_token_ids == output.output_token_ids
 
 
+async def test_a_seeded_request_samples_the_same_tokens_disaggregated_and_colocated(tiny):
+    path, model = tiny
+    cases = prompts(3, [9, 40, 70], model.config.vocab_size, seed=6)
+    params = dict(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
+    async with run_deployment(spec(path)) as runner:  # the first token on the prefill, the rest on decode
+        split = [(await runner.generate(prompt, **params)).output_token_ids for prompt in cases]
+    colocated = spec(path, job_scheduler="colocated", prefill_instances=0, decode_instances=0)
+    async with run_deployment(colocated) as runner:
+        whole = [(await runner.generate(prompt, **params)).output_token_ids for prompt in cases]
+        other_seed = (await runner.generate(cases[0], **{**params, "seed": 4321})).output_token_ids
+    assert split == whole
+    assert other_seed != whole[0]  # it really sampled
+
+
 async def test_stop_at_the_first_token_and_max_tokens_one_end_at_the_prefill(tiny):
     path, model = tiny
     prompt = prompts(1, [20], model.config.vocab_size, seed=4)[0]

@@ -218,6 +218,11 @@ class Sampler:
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+            # A sequence that already has outputs (recomputed after a preemption, or a PD decode
+            # task going on from its prefill's first token) drew one number per token it sampled:
+            # skip them, so that a seeded request gives the same tokens however it was scheduled.
+            for _ in seq.output_token_ids:
+                torch.rand(1, generator=generator, device=self.device)
             self.generators[seq.seq_id] = generator
         return generator
 

@@ -10,6 +10,8 @@ per process however many requests send it.
 JSON is generated on one line by default, spaced as ``json.dumps`` writes it (``{"a": 1, "b":
 2}``): a small model let loose on "any whitespace" may emit newlines until ``max_tokens``. The
 deployment option ``xgrammar_any_whitespace = true`` allows any whitespace (vLLM's default).
+JSON schemas go through ``json_strings`` (xgrammar's length-bounded strings admit raw control
+characters otherwise).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from flowserve_core.config import default_model_path
 from flowserve_core.structured_output import UnsupportedConstraint
 from flowserve_core.types import DeploymentSpec, StructuredOutput
+from flowserve_xgrammar.json_strings import compile_json_schema
 from flowserve_xgrammar.schema_check import check_schema
 
 DEFAULT_CACHE_SIZE = 256
@@ -120,10 +123,11 @@ class XGrammarBackend:
             if constraint.json is not None:
                 schema = json.loads(constraint.json)
                 check_schema(schema)
-                return compiler.compile_json_schema(constraint.json, any_whitespace=self.any_whitespace,
-                                                    strict_mode=True)
+                return compile_json_schema(compiler, constraint.json, any_whitespace=self.any_whitespace,
+                                           strict_mode=True)
             if constraint.json_object:
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=self.any_whitespace)
+                return compile_json_schema(compiler, '{"type": "object"}', any_whitespace=self.any_whitespace,
+                                           strict_mode=True)
             if constraint.regex is not None:
                 return compiler.compile_regex(constraint.regex)
             if constraint.choice is not None:

@@ -7,8 +7,8 @@ the conversation (a string, or message, ``function_call`` and ``function_call_ou
 handling as ``/v1/chat/completions``. The answer is a ``response`` object whose ``output`` holds a
 ``message`` item and ``function_call`` items; streamed, it is the Responses API's typed events
 (``response.created``, ``response.output_text.delta``, …, ``response.completed``), function
-calls included as they are written where the chat would stream them (a named function, or a
-parser that reads replies as they come): ``response.output_item.added`` when the name is
+calls included as they are written where the chat would stream them (a named function,
+``required``, or a parser that reads replies as they come): ``response.output_item.added`` when the name is
 known, then ``response.function_call_arguments.delta`` per fragment; the items come in the
 order the model wrote them. Otherwise the calls come whole at the end. Anything
 stateful is a 400: ``previous_response_id``, and ``store: true`` (nothing is kept).
@@ -181,8 +181,8 @@ class ResponsesRenderer:
         self.text, self.tokens, self.cached = "", 0, 0
         self.finish: str | None = None
         self.stream = ToolStream(plan.tools) if plan.tools is not None else None
-        #: calls stream as they are written (a named call, or a parser that reads replies as they
-        #: come); otherwise they are sent whole at the end
+        #: calls stream as they are written (a named call, ``required``, or a parser that reads
+        #: replies as they come); otherwise they are sent whole at the end
         self.incremental = self.stream is not None and (self.stream.reader is not None
                                                         or self.stream.tools.mode == "named")
         self.sequence = 0

@@ -14,8 +14,9 @@
   each call as ``tool_calls`` deltas, its index, id, type and name first, then its arguments'
   fragments as the model writes them (joined, exactly the arguments of the unstreamed answer).
   A parser without it: content streams until its start marker, the rest is held and parsed
-  when the reply ends, then sent. ``required`` replies are held and parsed at the end (their
-  JSON list is only known whole); a named call streams its arguments as they are generated.
+  when the reply ends, then sent. ``required`` replies stream the same way, read by
+  ``required_calls`` (each call's name once written, then its ``parameters``' raw JSON text);
+  a named call streams its arguments as they are generated.
 - A parser whose markup is special tokens (``ReadsSpecialTokens``: Mistral's ``[TOOL_CALLS]``)
   gets them in the text: requests it parses decode with ``skip_special_tokens`` false, as
   vLLM's Mistral parser sets on the request.
@@ -52,6 +53,7 @@ from flowserve_openai.protocol_tools import (
     ToolCallFunction,
     ToolCallFunctionDelta,
 )
+from flowserve_openai.required_calls import RequiredCallsReader, calls_of
 
 if TYPE_CHECKING:
     from flowserve_core.deployment import Deployment
@@ -203,11 +205,8 @@ def read_reply(tools: ToolPlan, text: str) -> ParsedOutput:
     if tools.mode == "named":
         return ParsedOutput(tool_calls=[ParsedToolCall(name=tools.name, arguments=text)])
     if tools.mode == "required":
-        try:
-            calls = json.loads(text)
-            parsed = [ParsedToolCall(name=c["name"], arguments=json.dumps(c["parameters"], ensure_ascii=False))
-                      for c in calls]
-        except (ValueError, TypeError, KeyError):  # cut short by max_tokens: leave it as text
+        parsed = calls_of(text)
+        if parsed is None:  # cut short by max_tokens: leave it as text
             return ParsedOutput(content=text)
         return ParsedOutput(tool_calls=parsed[:None if tools.parallel else 1])
     if tools.mode == "parse" and tools.parser is not None:
@@ -233,7 +232,7 @@ class ToolStream:
     sent: int = 0  # characters of ``text`` already sent as content
     holding: bool = False
     called: bool = False
-    #: the parser's reader of this reply, when it reads replies as they come
+    #: the reader of this reply, when it is read as it comes (a parser's, or ``required``'s)
     reader: ToolCallStream | None = None
     ids: dict[int, str] = field(default_factory=dict)  # the id of each call sent
 
@@ -241,6 +240,8 @@ class ToolStream:
         parser = self.tools.parser
         if self.tools.mode == "parse" and isinstance(parser, StreamsToolCalls):
             self.reader = parser.stream()
+        elif self.tools.mode == "required":
+            self.reader = RequiredCallsReader()
 
     def push(self, delta: str) -> list[ChatDelta]:
         """Deltas to send for new text."""
@@ -259,7 +260,7 @@ class ToolStream:
                 out.append(ChatDelta(tool_calls=[ToolCallDelta(index=0,
                                                                function=ToolCallFunctionDelta(arguments=delta))]))
             return out
-        if mode == "required" or self.holding:
+        if self.holding:
             return []
         if mode == "parse" and self.tools.parser is not None:
             marker = self.tools.parser.start_marker
@@ -312,7 +313,7 @@ class ToolStream:
             return self._deltas(self.reader.finish()), self.called
         if self.tools.mode == "named":
             return self.push("") if not self.called else [], True
-        if self.tools.mode == "text" or not (self.holding or self.tools.mode == "required"):
+        if self.tools.mode == "text" or not self.holding:
             return self._content(len(self.text)), False
         parsed = read_reply(self.tools, self.text)
         if not parsed.tool_calls:

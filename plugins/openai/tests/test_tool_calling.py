@@ -106,6 +106,43 @@ def test_streamed_tool_calls_come_as_openai_deltas(smol, tool_choice):
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
 
 
+def test_required_calls_stream_as_written_and_join_into_the_unstreamed_answer(smol):
+    client = smol.client()
+    ask = dict(model=NAME, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=150, temperature=0)
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.tool_calls
+    calls: list[dict] = []
+    finish, fragments = None, 0
+    for chunk in client.chat.completions.create(stream=True, **ask):
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            assert not choice.delta.content
+            for delta in choice.delta.tool_calls or []:
+                if delta.id is not None:  # a call's first delta: the next index, its id, type and name
+                    assert delta.index == len(calls) and delta.type == "function" and delta.function.name
+                    calls.append({"name": delta.function.name, "arguments": ""})
+                else:
+                    assert delta.index == len(calls) - 1 and delta.function.name is None
+                    fragments += 1
+                calls[delta.index]["arguments"] += delta.function.arguments or ""
+    assert finish == "tool_calls"
+    assert calls == [{"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls]
+    assert fragments > len(calls)  # the arguments came as the tokens did, not whole at the end
+    # /v1/responses streams them the same way: an item per call, then its arguments' deltas
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    asked = dict(model=NAME, input=ASK[0]["content"], tools=tools, tool_choice="required", max_output_tokens=150,
+                 temperature=0)
+    response = client.responses.create(**asked)
+    events = list(client.responses.create(stream=True, **asked))
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert [item.name for item in added] == [item.name for item in response.output] and added
+    assert ["".join(e.delta for e in deltas if e.output_index == index) for index in range(len(added))] == [
+        item.arguments for item in response.output]
+    assert len(deltas) > len(added) and events[-1].type == "response.completed"
+
+
 AUTO_CALL = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "unit": "celsius"\}\}</tool_call>'
 
 

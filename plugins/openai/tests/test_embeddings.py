@@ -19,9 +19,9 @@ pytest.importorskip("flowserve_spmd_executor")
 pytest.importorskip("flowserve_hf_tokenizer")
 
 import openai  # noqa: E402  (after the importorskips above)
-import torch  # noqa: E402
+import torch  # noqa: E402  (after the importorskips above)
 
-from flowserve_testing import serve  # noqa: E402
+from flowserve_testing import serve  # noqa: E402  (after the importorskips above)
 
 CONTEXT = 512
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -79,22 +79,25 @@ def client(server):
         yield client
 
 
-@pytest.fixture(scope="module")
-def oracle(models):
+class Oracle:
     """transformers' tokenizer and final hidden states (``last_hidden_state``), pooled and normalized."""
-    from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(models["plain"]))
-    model = AutoModel.from_pretrained(str(models["plain"]), dtype=torch.float32).eval()
+    def __init__(self, checkpoint: Path) -> None:
+        from transformers import AutoModel, AutoTokenizer
 
-    def embed(ids: list[int], kind: str = "last", dimensions: int | None = None) -> np.ndarray:
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        self.model = AutoModel.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+
+    def __call__(self, ids: list[int], kind: str = "last", dimensions: int | None = None) -> np.ndarray:
         with torch.no_grad():
-            hidden = model(torch.tensor([ids])).last_hidden_state[0]
+            hidden = self.model(torch.tensor([ids])).last_hidden_state[0]
         vector = (hidden[-1] if kind == "last" else hidden.mean(0))[:dimensions]
         return torch.nn.functional.normalize(vector, dim=0).numpy()
 
-    embed.tokenizer = tokenizer  # type: ignore[attr-defined]
-    return embed
+
+@pytest.fixture(scope="module")
+def oracle(models) -> Oracle:
+    return Oracle(models["plain"])
 
 
 def close(got, want) -> None:

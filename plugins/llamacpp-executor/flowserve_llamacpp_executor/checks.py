@@ -6,7 +6,7 @@ from __future__ import annotations
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError
 from flowserve_core.types import DeploymentSpec
-from flowserve_llamacpp_executor.model import kv_bytes_per_token, option_flag, resolve_gguf
+from flowserve_llamacpp_executor.model import MAX_SEQUENCES, kv_bytes_per_token, kv_per_sequence_streams, resolve_gguf
 
 
 def check_deployment(spec: DeploymentSpec) -> None:
@@ -31,8 +31,11 @@ def check_deployment(spec: DeploymentSpec) -> None:
     if cells < spec.block_size:
         raise ConfigError(f"kv_cache_memory {spec.kv_cache_memory!r} holds {cells} tokens of this model "
                           f"({per_token} bytes each); give it more")
-    if not option_flag(spec.options.get("kv_unified", True)):
-        cells //= max(1, spec.max_num_seqs)  # a stream per sequence
+    context = metadata(f"{metadata('general.architecture')}.context_length")
+    trained = int(context) if isinstance(context, (int, float)) else 0  # the model's own context length
+    if kv_per_sequence_streams(spec.options.get("kv_unified"), cells, spec.max_num_seqs,
+                               spec.max_model_len or trained or cells):
+        cells //= max(1, min(MAX_SEQUENCES, spec.max_num_seqs))  # a stream per sequence
     if spec.max_model_len is not None and spec.max_model_len > cells:
         raise ConfigError(f"max_model_len {spec.max_model_len} does not fit the KV cache: kv_cache_memory "
                           f"{spec.kv_cache_memory!r} holds {cells} tokens of this model ({per_token} bytes each)")

@@ -7,7 +7,7 @@ Each step (in a worker thread; the event loop never blocks):
    sequence id (prefill chunks and decode tokens together), with logits asked for only on
    the last token of the sequences that sample; a batch longer than ``n_batch`` is decoded
    in parts;
-3. the logits rows are read with ``llama_get_logits_ith`` and go to FlowServe's ``Sampler``;
+3. the logits rows are read through one view of ``llama_get_logits`` and go to FlowServe's ``Sampler``;
 4. PD exports are read (``llama_state_seq_get_data``).
 
 Embeddings (``ScheduledSequence.pooling``): a step with pooled sequences decodes with the
@@ -25,9 +25,9 @@ anything), the least recently used one is removed and the batch retried.
 Options (``spec.options``): ``num_threads`` (default: the CPUs this process may run on),
 ``n_batch`` (tokens per ``llama_decode``, default 512), ``prefix_slots`` (finished sequences
 kept for prefix reuse, default ``max_num_seqs``; 0 turns prefix reuse off),
-``flash_attn`` (default true), ``kv_unified`` (default true: one cache for all sequences;
-false: a stream per sequence, as ``llama-server -np`` does, each capped at ``n_ctx / max_num_seqs``
-tokens).
+``flash_attn`` (default true), ``kv_unified`` (true: one cache for all sequences; false: a
+stream per sequence, as ``llama-server -np`` does, each capped at ``n_ctx / max_num_seqs``
+tokens; ``auto``, the default: streams when every stream holds ``max_model_len`` tokens).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 from typing import Any
 
@@ -47,14 +48,18 @@ from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError, EngineDeadError
 from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
-from flowserve_llamacpp_executor.model import LlamaModel, load_model, option_flag
+from flowserve_llamacpp_executor.model import (
+    MAX_SEQUENCES,
+    LlamaModel,
+    kv_per_sequence_streams,
+    load_model,
+    option_flag,
+)
 from flowserve_llamacpp_executor.slots import Slot, SlotTable
 from flowserve_sampler import Pooler, Sampler, deployment_backend, prompt_targets, score_prompts
 
 log = logging.getLogger(__name__)
 
-#: llama.cpp's LLAMA_MAX_SEQ: sequence ids a context may have.
-MAX_SEQUENCES = 256
 #: A token id no vocabulary has: a slot's imported KV whose tokens are not known yet.
 _UNKNOWN = -1
 
@@ -65,6 +70,28 @@ def instance_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+#: Buffers from this size up get a mapping of their own, unmapped when freed (glibc's M_MMAP_THRESHOLD).
+MMAP_THRESHOLD = 256 * 1024
+_M_MMAP_THRESHOLD = -3
+
+
+def unmap_large_buffers_when_freed() -> bool:
+    """Have glibc map every allocation of ``MMAP_THRESHOLD`` bytes or more on its own, and so
+    give it back to the system when it is freed; whether it could (not where libc is not glibc).
+
+    glibc's default threshold rises to the size of the first large buffer freed (up to 32 MiB),
+    after which it keeps such buffers in its heaps: a step's logits rows and the sampler's work
+    tensors, megabytes each, then stay resident (measured: +49 MB RSS after 8 sampled steps of
+    32 sequences, all of which ``malloc_trim`` returned; docs/llamacpp.md)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 class _Row:
@@ -113,8 +140,10 @@ class LlamaCppExecutor:
             raise ConfigError(f"kv_cache_memory {spec.kv_cache_memory!r} holds {cells} tokens of this model "
                               f"({self.bytes_per_token} bytes each); give it more")
         self.threads = int(options.get("num_threads", 0)) or instance_threads()
+        unmap_large_buffers_when_freed()  # this process runs one executor: its steps' temporaries go back
         self.n_batch = int(options.get("n_batch", 512))
-        self.kv_unified = option_flag(options.get("kv_unified", True))
+        self.kv_unified = not kv_per_sequence_streams(options.get("kv_unified"), cells, spec.max_num_seqs,
+                                                      spec.max_model_len or self.model.n_ctx_train or cells)
         prefix_slots = int(options.get("prefix_slots", spec.max_num_seqs))
         # Unified: kept sequences are extra ids sharing the cells. Per-sequence streams: a
         # stream per running sequence, and a finished one is kept until its stream is wanted.
@@ -249,7 +278,8 @@ class LlamaCppExecutor:
                           dtype=np.float32)
         batch = self.batch
         n = 0
-        pending: list[tuple[int, int]] = []  # (index in this part, logits row) to read after it
+        outputs = 0  # tokens of this part that output logits (llama.cpp's output rows)
+        pending: list[tuple[int, int]] = []  # (output row of this part, logits row) to read after it
         pending_pool: list[tuple[int, int]] = []  # (index in this part, row of sums)
         every = bool(pool_index)  # with embeddings on, llama.cpp outputs every token
         out, scored_out = 0, num_sampled
@@ -259,31 +289,35 @@ class LlamaCppExecutor:
             first_scored = row.scheduled.start_pos - row.first_pos
             scored = range(first_scored, first_scored + len(row.scored))
             for i, token in enumerate(row.tokens):
+                wants = row.sample and i == last
+                output = wants or i in scored or every
                 batch.token[n] = token
                 batch.pos[n] = row.first_pos + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = row.slot.seq_id
-                wants = row.sample and i == last
-                batch.logits[n] = wants or i in scored or every
+                batch.logits[n] = output
                 if i in row.pooled:
                     pending_pool.append((n, pool_index[id(row)]))
                 if wants:
-                    pending.append((n, out))
+                    pending.append((outputs, out))
                     out += 1
                 elif i in scored:
-                    pending.append((n, scored_out))
+                    pending.append((outputs, scored_out))
                     scored_out += 1
+                outputs += output
                 n += 1
                 if n == self.n_batch:
-                    self._run_part(n, pending, logits, pending_pool, sums)
-                    n, pending, pending_pool = 0, [], []
+                    self._run_part(n, outputs, pending, logits, pending_pool, sums)
+                    n, outputs, pending, pending_pool = 0, 0, [], []
             row.slot.tokens.extend(row.tokens)
         if n:
-            self._run_part(n, pending, logits, pending_pool, sums)
+            self._run_part(n, outputs, pending, logits, pending_pool, sums)
         return logits
 
-    def _run_part(self, n: int, pending: list[tuple[int, int]], logits: np.ndarray,
+    def _run_part(self, n: int, outputs: int, pending: list[tuple[int, int]], logits: np.ndarray,
                   pending_pool: list[tuple[int, int]], sums: np.ndarray) -> None:
+        """Decode the batch's first ``n`` tokens (``outputs`` of them output logits); copy the
+        ``pending`` output rows into ``logits`` and add the pooled rows' hidden states to ``sums``."""
         self.batch.n_tokens = n
         while True:
             code = llama_cpp.llama_decode(self.ctx, self.batch)
@@ -298,10 +332,14 @@ class LlamaCppExecutor:
         if code != 0:
             self._dead = f"llama_decode failed with code {code}"
             raise EngineDeadError(f"llamacpp executor is dead: {self._dead}")
-        vocab = self.model.n_vocab
-        for index, row in pending:
-            pointer = llama_cpp.llama_get_logits_ith(self.ctx, index)
-            logits[row] = np.ctypeslib.as_array(pointer, shape=(vocab,))
+        if pending:  # llama.cpp keeps the output rows contiguous, in batch order: one view, one copy
+            produced = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(outputs, self.model.n_vocab))
+            sources, targets = zip(*pending)
+            source, target, k = sources[0], targets[0], len(pending)
+            if sources == tuple(range(source, source + k)) and targets == tuple(range(target, target + k)):
+                logits[target:target + k] = produced[source:source + k]  # a decode step: one block copy
+            else:
+                logits[list(targets)] = produced[list(sources)]
         for index, row in pending_pool:
             pointer = llama_cpp.llama_get_embeddings_ith(self.ctx, index)
             sums[row] += np.ctypeslib.as_array(pointer, shape=(self.model.n_embd,))

@@ -20,6 +20,8 @@ from flowserve_core.types import DeploymentSpec
 log = logging.getLogger(__name__)
 
 _GGUF_MAGIC = b"GGUF"
+#: llama.cpp's LLAMA_MAX_SEQ: sequence ids (and KV streams) a context may have.
+MAX_SEQUENCES = 256
 _loaded: dict[Path, LlamaModel] = {}
 _loaded_lock = threading.Lock()
 _backend_ready = False
@@ -30,6 +32,17 @@ def option_flag(value: object) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("0", "false", "no", "off")
     return bool(value)
+
+
+def kv_per_sequence_streams(option: object, cells: int, max_num_seqs: int, max_model_len: int) -> bool:
+    """Whether the KV cache is a stream per sequence (``kv_unified`` false, ``llama-server
+    -np``'s layout) rather than one unified cache, from option ``kv_unified``: true or false as
+    given; ``auto`` (the default) takes streams exactly when each of the ``max_num_seqs``
+    streams of ``cells / max_num_seqs`` tokens holds ``max_model_len`` tokens (the deployment's,
+    else the model's trained context), so that streams never shorten what a sequence may be."""
+    if option is None or (isinstance(option, str) and option.strip().lower() == "auto"):
+        return cells // max(1, min(MAX_SEQUENCES, max_num_seqs)) >= max_model_len
+    return not option_flag(option)
 
 
 def resolve_gguf(model: str) -> Path:

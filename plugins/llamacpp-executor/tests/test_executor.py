@@ -6,6 +6,7 @@ tests/test_conformance.py.)"""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -65,15 +66,18 @@ async def test_smollm2_alone_is_greedy_exact_against_llama_cpp(smollm2):
     assert output.output_token_ids == llama_cpp_greedy(smollm2, prompt, 16)
 
 
-async def test_concurrent_requests_decode_in_one_batch_and_stay_greedy_exact(tiny_llama_gguf):
+@pytest.mark.parametrize("options", [{"kv_unified": True}, {"kv_unified": False}], ids=["unified", "streams"])
+async def test_concurrent_requests_decode_in_one_batch_and_stay_greedy_exact(tiny_llama_gguf, options):
     """Float32 weights: batching does not change the argmax here (for a quantized model it
     may; docs/llamacpp.md gives the measured rate)."""
     prompts = random_prompts(6, [3, 20, 64, 7, 130, 41], 49152, seed=4)
     shared = random_prompts(1, [48], 49152, seed=8)[0]  # a common prefix: shared by llama_memory_seq_cp
     prompts += [shared + suffix for suffix in random_prompts(4, [1, 5, 20, 33], 49152, seed=9)]
-    async with run_deployment(deployment_spec(tiny_llama_gguf)) as runner:
+    async with run_deployment(deployment_spec(tiny_llama_gguf, options=options)) as runner:
         outputs = await generate_concurrently(runner, prompts, 10)
         steps = sum(engine.stats.steps for engine in runner.engines())
+        executor = runner.engines()[0].executor
+    assert executor.kv_unified is options["kv_unified"]
     assert steps < len(prompts) * 10, "the requests were not batched together"
     for prompt, output in zip(prompts, outputs):
         assert output.output_token_ids == llama_cpp_greedy(tiny_llama_gguf, prompt, 10)
@@ -153,6 +157,50 @@ def test_flowserve_serve_exits_with_the_reason_for_tensor_parallel(tiny_llama_gg
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "tensor_parallel=2 needs executor 'spmd'" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("kv_cache_memory", "max_model_len", "streams"),
+                         [("64MiB", None, True), ("4MiB", None, False), ("4MiB", 1024, True)])
+def test_the_kv_layout_is_streams_when_every_stream_holds_max_model_len(tiny_llama_gguf, kv_cache_memory,
+                                                                        max_model_len, streams):
+    """``kv_unified`` ``auto`` (the default): a stream per sequence when each of the
+    ``max_num_seqs`` streams holds ``max_model_len`` (the model's 2,048 when not given: 64 MiB
+    holds 16,384 tokens a stream of this model, 4 MiB 1,024), else the unified cache, so a
+    sequence is never capped below what the deployment serves."""
+    spec = deployment_spec(tiny_llama_gguf, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+    executor = LlamaCppExecutor(spec)
+    try:
+        assert executor.kv_unified is not streams
+        assert executor.n_ctx_seq == (executor.n_ctx // 16 if streams else executor.n_ctx)  # 16 = max_num_seqs
+        assert executor.max_model_len == (max_model_len or 2048)
+    finally:
+        executor.close()
+
+
+def test_an_instance_gives_large_freed_buffers_back_to_the_system(tiny_llama_gguf):
+    """A step's logits and the sampler's work tensors are megabytes each: once the executor is
+    made, a freed large buffer leaves the process (glibc would otherwise keep it in its heap
+    after a larger one was freed, having raised its mmap threshold)."""
+    import numpy as np
+
+    from flowserve_llamacpp_executor.executor import unmap_large_buffers_when_freed
+
+    def resident() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    if not unmap_large_buffers_when_freed():
+        pytest.skip("not glibc on Linux")
+    executor = LlamaCppExecutor(deployment_spec(tiny_llama_gguf))
+    try:
+        larger = np.ones(2**22, dtype=np.float32)  # 16 MiB, freed: glibc's default raises its threshold
+        del larger
+        before = resident()
+        buffer = np.ones(2**21, dtype=np.float32)  # 8 MiB, touched
+        del buffer
+        assert resident() - before < 2 * 2**20
+    finally:
+        executor.close()
 
 
 async def test_per_sequence_streams_are_exact_and_reuse_prefixes(tiny_llama_gguf):

@@ -45,7 +45,8 @@ def _memory() -> dict[str, int]:
     return {"rss_kib": fields.get("Rss", 0), "anonymous_kib": fields.get("Anonymous", 0)}
 
 
-def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv: str, model: str) -> dict[str, Any]:
+def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv: str, model: str,
+                max_num_seqs: int) -> dict[str, Any]:
     """One variant in this process: the per-step medians (ms) and the memory after."""
     import llama_cpp
 
@@ -55,7 +56,7 @@ def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv:
 
     spec = DeploymentSpec(name="profile", model=model, tokenizer="hf", executor="llamacpp", kv_cache="paged",
                           batch_scheduler="continuous", job_scheduler="colocated", scaler="inproc",
-                          kv_cache_memory=kv, max_num_seqs=seqs, options=dict(options))
+                          kv_cache_memory=kv, max_num_seqs=max_num_seqs, options=dict(options))
     executor = LlamaCppExecutor(spec)
     idle = _memory()
     spent = {"decode": 0.0, "sampler": 0.0}
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=64, help="decode steps measured")
     parser.add_argument("--kv-cache-memory", default="720MiB")
+    parser.add_argument("--max-num-seqs", type=int, default=0,
+                        help="the deployment's max_num_seqs (default: --seqs), as a server would be given")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[],
                         help="name:opt=value,...  (default: one variant with the executor's defaults)")
@@ -136,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(run_variant(_options(args.child), args.seqs, args.prompt, args.steps,
-                                     args.kv_cache_memory, args.model)))
+                                     args.kv_cache_memory, args.model, args.max_num_seqs or args.seqs)))
         return
     variants = [v.split(":", 1) if ":" in v else [v, ""] for v in args.variant] or [["defaults", ""]]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
@@ -144,7 +147,7 @@ def main() -> None:
         for name, options in variants:
             command = [sys.executable, __file__, "--child", options, "--seqs", str(args.seqs), "--prompt",
                        str(args.prompt), "--steps", str(args.steps), "--kv-cache-memory", args.kv_cache_memory,
-                       "--model", args.model]
+                       "--model", args.model, "--max-num-seqs", str(args.max_num_seqs)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(output.strip().splitlines()[-1]))
             print(name, runs[name][-1], file=sys.stderr, flush=True)

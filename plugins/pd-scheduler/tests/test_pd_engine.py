@@ -216,6 +216,11 @@ async def test_hybrid_sends_long_prompts_to_prefill_and_short_ones_colocated(tin
     hybrid = spec(path, job_scheduler="pd-hybrid", colocated_instances=1,
                   options={"hybrid_long_prompt_tokens": 100})
     async with run_deployment(hybrid) as runner:
+        # run_deployment waits for one instance; with a path not ready, hybrid takes the other
+        pool = runner.deployment.pool
+        with anyio.fail_after(60):
+            while not all(pool.ready(role) for role in (TaskRole.COLOCATED, TaskRole.PREFILL, TaskRole.DECODE)):
+                await anyio.sleep(0.05)
         outputs = [await runner.generate(p, max_tokens=8, temperature=0.0, ignore_eos=True) for p in (short, long)]
         chosen = dict(runner.deployment.job_scheduler.chosen)
         roles = sorted(i.info.role.value for i in runner.deployment.pool.instances.values())

@@ -132,8 +132,9 @@ async def test_mean_pooling_survives_preemption_in_a_deployment(tmp_path):
     vocab = hf.config.vocab_size
     generate = [random_prompt(16, seed=810 + i, vocab=vocab) for i in range(2)]
     embedded = [random_prompt(100, seed=820 + i, vocab=vocab) for i in range(2)]
-    # 12 blocks of 16: the generations hold 2 blocks each, then 3; the first embedding 7. Six
-    # tokens a step (two decodes, four of a prompt) keep its prompt under way when they grow.
+    # 12 blocks of 16: the generations hold 2 blocks each, growing to 4 (16 + 40 tokens); an
+    # embedding needs 7, so it cannot finish beside both: 8 + 7 > 12. Six tokens a step (two
+    # decodes, four of a prompt) keep its prompt under way when they grow.
     spec = DeploymentSpec(model=str(path), executor="spmd", scaler="inproc", dtype="float32", device="cpu",
                           kv_cache_memory="96KiB", block_size=16, max_num_batched_tokens=6)
     vectors: list = [None] * len(embedded)
@@ -143,7 +144,7 @@ async def test_mean_pooling_survives_preemption_in_a_deployment(tmp_path):
         assert scheduler.total_blocks == 12
 
         async def gen(i: int) -> None:
-            outputs[i] = await runner.generate(generate[i], max_tokens=24, temperature=0.0, ignore_eos=True)
+            outputs[i] = await runner.generate(generate[i], max_tokens=40, temperature=0.0, ignore_eos=True)
 
         async def one(i: int) -> None:
             request = Request(prompt_token_ids=embedded[i], pooling=PoolingParams(kind="mean"))
@@ -155,11 +156,13 @@ async def test_mean_pooling_survives_preemption_in_a_deployment(tmp_path):
         async with anyio.create_task_group() as group:
             for i in range(len(generate)):
                 group.start_soon(gen, i)
-            await anyio.sleep(0.05)  # the embeddings arrive later: they are the ones preempted
+            with anyio.fail_after(30):  # the embeddings arrive later: they are the ones preempted
+                while scheduler.stats().num_running < len(generate):
+                    await anyio.sleep(0.001)
             for i in range(len(embedded)):
                 group.start_soon(one, i)
         assert scheduler.stats().num_preemptions > 0
     for prompt, output in zip(generate, outputs):
-        assert output.output_token_ids == hf_greedy(hf, prompt, 24)
+        assert output.output_token_ids == hf_greedy(hf, prompt, 40)
     for prompt, vector in zip(embedded, vectors):
         torch.testing.assert_close(torch.tensor(vector), hf_embedding(hf, prompt, "mean"), atol=1e-4, rtol=1e-4)

@@ -39,16 +39,17 @@ def chat_prompts(count: int, seed: int) -> list[list[dict]]:
     return [[{"role": "user", "content": rng.choice(FORMS).format(rng.choice(TOPICS))}] for _ in range(count)]
 
 
-def spec(model: str, **options: int) -> DeploymentSpec:
+def spec(model: str, kv_unified: str, **options: int) -> DeploymentSpec:
     return DeploymentSpec(name="bench", model=model, tokenizer="hf", executor="llamacpp", kv_cache="paged",
                           batch_scheduler="continuous", job_scheduler="colocated", scaler="inproc",
-                          kv_cache_memory="512MiB", max_num_seqs=64, options=dict(options))
+                          kv_cache_memory="512MiB", max_num_seqs=64, options={**options, "kv_unified": kv_unified})
 
 
-async def batch_shape(model: str, count: int, concurrency: int, max_tokens: int, progress: Progress) -> dict:
+async def batch_shape(model: str, kv_unified: str, count: int, concurrency: int, max_tokens: int,
+                      progress: Progress) -> dict:
     from flowserve_core.interfaces import ChatMessage
 
-    async with run_deployment(spec(model, prefix_slots=0)) as runner:
+    async with run_deployment(spec(model, kv_unified, prefix_slots=0)) as runner:
         prompts = [runner.tokenizer.apply_chat_template([ChatMessage(**m) for m in messages])
                    for messages in chat_prompts(count, seed=1)]
         alone_task = progress.add_task("alone (batch of one)", total=count)
@@ -77,10 +78,10 @@ async def batch_shape(model: str, count: int, concurrency: int, max_tokens: int,
             "first_differing_token": first_difference}
 
 
-async def prefix_reuse(model: str, prompt_tokens: int) -> dict:
+async def prefix_reuse(model: str, kv_unified: str, prompt_tokens: int) -> dict:
     results = {}
     for label, slots in (("prefix slots on", 64), ("prefix slots off", 0)):
-        async with run_deployment(spec(model, prefix_slots=slots)) as runner:
+        async with run_deployment(spec(model, kv_unified, prefix_slots=slots)) as runner:
             rng = random.Random(2)
             prompt = [rng.randrange(100, 40000) for _ in range(prompt_tokens)]
             ttfts = []
@@ -100,14 +101,17 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prefix-tokens", type=int, default=1024)
+    parser.add_argument("--kv-unified", default="auto", choices=["auto", "true", "false"],
+                        help="the executor's KV layout (512 MiB, 64 sequences: auto is the unified cache; "
+                             "false gives streams of 364 tokens, so pass --prefix-tokens 300 with it)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     console = Console()
     with Progress(console=console) as progress:
-        shape = await batch_shape(args.model, args.prompts, args.concurrency, args.max_tokens, progress)
+        shape = await batch_shape(args.model, args.kv_unified, args.prompts, args.concurrency, args.max_tokens, progress)
     with console.status("prefix reuse"):
-        reuse = await prefix_reuse(args.model, args.prefix_tokens)
-    results = {"batch_shape": shape, "prefix_reuse": reuse}
+        reuse = await prefix_reuse(args.model, args.kv_unified, args.prefix_tokens)
+    results = {"kv_unified": args.kv_unified, "batch_shape": shape, "prefix_reuse": reuse}
     console.print_json(json.dumps(results))
     if args.json:
         with open(args.json, "w") as handle:

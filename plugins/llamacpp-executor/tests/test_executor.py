@@ -66,6 +66,27 @@ async def test_smollm2_alone_is_greedy_exact_against_llama_cpp(smollm2):
     assert output.output_token_ids == llama_cpp_greedy(smollm2, prompt, 16)
 
 
+async def test_smollm2_batched_in_per_sequence_streams_is_greedy_exact_against_llama_cpp(smollm2):
+    """Quantized, 16 at once (prefill chunks beside decodes), each sequence in its own stream:
+    every greedy output equals llama.cpp's alone. (With ``kv_unified`` true, as measured in
+    docs/llamacpp.md, most outputs of such a load differ somewhere: 9 or more of these 16.)"""
+    texts = ["The capital of France is", "Write a haiku about the sea.", "def fibonacci(n):",
+             "List three primary colors:", "Translate 'good morning' into Spanish:",
+             "Once upon a time, in a small village,", "The derivative of x squared is", "My favourite food is"]
+    preambles = ["You are a helpful assistant. Answer briefly.\nQuestion: ",
+                 "The following is a conversation with a patient, knowledgeable teacher who explains things "
+                 "step by step to a curious student.\nStudent: "]
+    spec = deployment_spec(smollm2, options={"kv_unified": False})
+    async with run_deployment(spec) as runner:
+        prompts = [runner.tokenizer.encode(preamble + text + "\n") for preamble in preambles for text in texts]
+        outputs = await generate_concurrently(runner, prompts, 40)
+        steps = sum(engine.stats.steps for engine in runner.engines())
+    assert steps < len(prompts) * 40, "the requests were not batched together"
+    differing = [i for i, (prompt, output) in enumerate(zip(prompts, outputs))
+                 if output.output_token_ids != llama_cpp_greedy(smollm2, prompt, 40)]
+    assert differing == []
+
+
 @pytest.mark.parametrize("options", [{"kv_unified": True}, {"kv_unified": False}], ids=["unified", "streams"])
 async def test_concurrent_requests_decode_in_one_batch_and_stay_greedy_exact(tiny_llama_gguf, options):
     """Float32 weights: batching does not change the argmax here (for a quantized model it

@@ -10,31 +10,16 @@ import random
 import anyio
 import pytest
 
-from flowserve_core.types import DeploymentSpec, PoolingParams, Request
+from flowserve_core.types import PoolingParams, Request
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402  (after the importorskip above)
+from test_pd_engine import spec  # noqa: E402  (after the importorskip above)
+
+from flowserve_testing import hf_greedy, run_deployment  # noqa: E402  (after the importorskip above)
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), num_hidden_layers=2, seed=5)
-    from transformers import AutoModelForCausalLM
-
-    return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def spec(path, **overrides) -> DeploymentSpec:
-    fields = dict(name="tiny", model=str(path), tokenizer="hf", executor="spmd", kv_cache="paged",
-                  batch_scheduler="continuous", job_scheduler="pd-disaggregated", scaler="inproc",
-                  dtype="float32", device="cpu", kv_cache_memory="8MiB", max_num_batched_tokens=64,
-                  prefill_instances=1, decode_instances=1)
-    fields.update(overrides)
-    return DeploymentSpec(**fields)
 
 
 def expected(model, prompt: list[int], kind: str) -> torch.Tensor:
@@ -80,8 +65,8 @@ async def together(runner, embedded: dict[int, list[int]], kind: str, generated:
 
 @pytest.mark.parametrize("job_scheduler, extra", [("pd-disaggregated", {}),
                                                   ("pd-hybrid", {"colocated_instances": 1})])
-async def test_embeddings_run_whole_beside_disaggregated_generations(tiny, job_scheduler, extra):
-    path, model = tiny
+async def test_embeddings_run_whole_beside_disaggregated_generations(tiny_llama, job_scheduler, extra):
+    path, model = tiny_llama
     vocab = model.config.vocab_size
     embedded = {n: random_prompt(n, vocab, seed=n) for n in (3, 40, 150)}  # 150: three chunks of 64
     generated = [random_prompt(n, vocab, seed=100 + n) for n in (20, 70)]

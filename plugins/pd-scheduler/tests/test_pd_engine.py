@@ -19,19 +19,9 @@ from flowserve_pd_scheduler.shm import SharedMemoryTransport
 torch = pytest.importorskip("torch")
 pytest.importorskip("flowserve_spmd_executor")
 
-from flowserve_testing import hf_greedy, run_deployment, write_tiny_llama  # noqa: E402  (after the importorskip above)
+from flowserve_testing import hf_greedy, run_deployment  # noqa: E402  (after the importorskip above)
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), num_hidden_layers=2, seed=5)
-    from transformers import AutoModelForCausalLM
-
-    return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
 
 
 def spec(path, **overrides) -> DeploymentSpec:
@@ -62,8 +52,8 @@ async def generate_all(runner, jobs: list[tuple[list[int], int]]) -> list:
     return outputs
 
 
-async def test_disaggregated_greedy_equals_hf_and_the_kv_really_moves(tiny):
-    path, model = tiny
+async def test_disaggregated_greedy_equals_hf_and_the_kv_really_moves(tiny_llama):
+    path, model = tiny_llama
     jobs = [(p, 10) for p in prompts(8, [1, 5, 16, 17, 40, 90, 130, 33], model.config.vocab_size, seed=2)]
     async with run_deployment(spec(path)) as runner:
         outputs = await generate_all(runner, jobs)
@@ -85,8 +75,8 @@ async def test_disaggregated_greedy_equals_hf_and_the_kv_really_moves(tiny):
     assert second == full  # 131 tokens = 9 blocks, 8 of them cached: one block moved
 
 
-async def test_the_prompt_is_scored_on_the_prefill_instance_and_reaches_the_client(tiny):
-    path, model = tiny
+async def test_the_prompt_is_scored_on_the_prefill_instance_and_reaches_the_client(tiny_llama):
+    path, model = tiny_llama
     prompt = prompts(1, [70], model.config.vocab_size, seed=9)[0]  # prefilled in two chunks of 64
     request = Request(prompt_token_ids=prompt, params=SamplingParams(
         max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2))
@@ -130,8 +120,8 @@ def recording():
         pm.unregister("test-recording-shm")
 
 
-async def test_only_the_blocks_the_decode_instance_lacks_are_published_and_imported(tiny, recording):
-    path, model = tiny
+async def test_only_the_blocks_the_decode_instance_lacks_are_published_and_imported(tiny_llama, recording):
+    path, model = tiny_llama
     pm, moved = recording
     base = prompts(1, [131], model.config.vocab_size, seed=8)[0]  # 9 blocks of 16, the last partial
     cases = [base, base[:128] + [7, 8, 9], base[:128], prompts(1, [70], model.config.vocab_size, seed=9)[0]]
@@ -185,8 +175,8 @@ async def test_only_the_blocks_the_decode_instance_lacks_are_published_and_impor
             assert again.output_token_ids == output.output_token_ids
 
 
-async def test_a_seeded_request_samples_the_same_tokens_disaggregated_and_colocated(tiny):
-    path, model = tiny
+async def test_a_seeded_request_samples_the_same_tokens_disaggregated_and_colocated(tiny_llama):
+    path, model = tiny_llama
     cases = prompts(3, [9, 40, 70], model.config.vocab_size, seed=6)
     params = dict(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
     async with run_deployment(spec(path)) as runner:  # the first token on the prefill, the rest on decode
@@ -199,8 +189,8 @@ async def test_a_seeded_request_samples_the_same_tokens_disaggregated_and_coloca
     assert other_seed != whole[0]  # it really sampled
 
 
-async def test_stop_at_the_first_token_and_max_tokens_one_end_at_the_prefill(tiny):
-    path, model = tiny
+async def test_stop_at_the_first_token_and_max_tokens_one_end_at_the_prefill(tiny_llama):
+    path, model = tiny_llama
     prompt = prompts(1, [20], model.config.vocab_size, seed=4)[0]
     first = hf_greedy(model, prompt, 1)[0]
     async with run_deployment(spec(path)) as runner:
@@ -210,8 +200,8 @@ async def test_stop_at_the_first_token_and_max_tokens_one_end_at_the_prefill(tin
     assert (stopped.output_token_ids, stopped.finish_reason) == ([first], "stop")
 
 
-async def test_hybrid_sends_long_prompts_to_prefill_and_short_ones_colocated(tiny):
-    path, model = tiny
+async def test_hybrid_sends_long_prompts_to_prefill_and_short_ones_colocated(tiny_llama):
+    path, model = tiny_llama
     short, long = prompts(2, [8, 200], model.config.vocab_size, seed=6)
     hybrid = spec(path, job_scheduler="pd-hybrid", colocated_instances=1,
                   options={"hybrid_long_prompt_tokens": 100})

@@ -297,24 +297,18 @@ class ResponsesRenderer:
         if self.stream is None:
             if event.text:
                 events += self._text_events(event.text)
-        elif self.incremental:
-            deltas = self.stream.push(event.text)
-            if event.finish_reason:
-                deltas += self.stream.finish()[0]
-            for delta in deltas:
-                if isinstance(delta.content, str) and delta.content:
-                    events += self._text_events(delta.content)
-                for part in delta.tool_calls if not isinstance(delta.tool_calls, UnsetType) else []:
-                    events += self._call_events(part)
-            if event.finish_reason:
-                return events + self._finish_streamed()
-        elif mode in ("text", "parse"):
+        elif self.incremental or mode in ("text", "parse"):
             pieces = self.stream.push(event.text)
             if event.finish_reason:
                 pieces += self.stream.finish()[0]
             for piece in pieces:
                 if isinstance(piece.content, str) and piece.content:
                     events += self._text_events(piece.content)
+                if self.incremental and not isinstance(piece.tool_calls, UnsetType):  # else: whole, at the end
+                    for part in piece.tool_calls:
+                        events += self._call_events(part)
+            if self.incremental and event.finish_reason:
+                return events + self._finish_streamed()
         if event.finish_reason:
             events += self._finish()
         return events

@@ -323,12 +323,7 @@ class ResponsesRenderer:
                 if not self.message_open and item.content[0].text:
                     events += self._text_events(item.content[0].text)
                 if self.message_open:
-                    item.content = [OutputText(text=self.streamed)]
-                    events += [self._event("response.output_text.done", item_id=item.id, output_index=index,
-                                           content_index=0, text=self.streamed),
-                               self._event("response.content_part.done", item_id=item.id, output_index=index,
-                                           content_index=0, part=item.content[0]),
-                               self._event("response.output_item.done", output_index=index, item=item)]
+                    events += self._message_done(item, index)
                     index += 1
                 continue
             events += [self._event("response.output_item.added", output_index=index, item=FunctionCallItem(
@@ -345,6 +340,15 @@ class ResponsesRenderer:
                                   response=self._snapshot(status, kept)))
         return events
 
+    def _message_done(self, item: MessageItem, index: int) -> list[bytes]:
+        """The streamed message's ``done`` events (its text, its part, the item), its content set."""
+        item.content = [OutputText(text=self.streamed)]
+        return [self._event("response.output_text.done", item_id=item.id, output_index=index, content_index=0,
+                            text=self.streamed),
+                self._event("response.content_part.done", item_id=item.id, output_index=index, content_index=0,
+                            part=item.content[0]),
+                self._event("response.output_item.done", output_index=index, item=item)]
+
     def _finish_streamed(self) -> list[bytes]:
         """The ``done`` events of the items streamed as they came, in their order, then the end."""
         status = self._status()
@@ -352,12 +356,7 @@ class ResponsesRenderer:
         for index, item in enumerate(self.items):
             if isinstance(item, MessageItem):
                 item.status = "incomplete" if status == "incomplete" else "completed"
-                item.content = [OutputText(text=self.streamed)]
-                events += [self._event("response.output_text.done", item_id=item.id, output_index=index,
-                                       content_index=0, text=self.streamed),
-                           self._event("response.content_part.done", item_id=item.id, output_index=index,
-                                       content_index=0, part=item.content[0]),
-                           self._event("response.output_item.done", output_index=index, item=item)]
+                events += self._message_done(item, index)
             else:
                 item.status = "completed"
                 events += [self._event("response.function_call_arguments.done", item_id=item.id, output_index=index,

@@ -28,6 +28,7 @@ import itertools
 import logging
 from typing import Any
 
+from flowserve_colocated.fits import check_fits
 from flowserve_colocated.handoff import KVHandoffs
 from flowserve_colocated.sequence import Sequence, SequenceStatus
 from flowserve_core.factories import KVTransports
@@ -54,10 +55,6 @@ from flowserve_core.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class ContinuousBatchScheduler:
@@ -107,7 +104,7 @@ class ContinuousBatchScheduler:
             raise ValueError(f"task {task.id}: the prompt is empty")
         seq = Sequence(task, next(self._order))
         seq.key = self.queue_key(seq)
-        self._check_fits(seq)
+        check_fits(seq, self.max_model_len, self.block_size, self.total_blocks)
         self.seqs[seq.seq_id] = seq
         if task.role is TaskRole.DECODE and task.kv_handoff is not None:
             self._handoffs[seq.seq_id] = task.kv_handoff
@@ -121,36 +118,6 @@ class ContinuousBatchScheduler:
         ``(len(seq.prompt_token_ids), *super().queue_key(seq))``; keep the default's items at
         the end, so that keys stay unique and every two keys compare."""
         return (seq.task.request.arrival_time, seq.order)
-
-    def _check_fits(self, seq: Sequence) -> None:
-        """Refuse what could never run, so that ``schedule`` can always make progress: a
-        sequence alone in the cache must fit at its longest (an embedding: its prompt)."""
-        if seq.pooling is not None:
-            self._check_pooled_fits(seq)
-            return
-        if seq.num_tokens >= self.max_model_len:
-            raise ValueError(f"task {seq.seq_id}: the prompt has {seq.num_tokens} tokens but the "
-                             f"context length is {self.max_model_len}, which leaves no room for output")
-        max_tokens = seq.params.max_tokens
-        longest = self.max_model_len if max_tokens is None else \
-            min(len(seq.prompt_token_ids) + max_tokens, self.max_model_len)
-        slots = longest - 1  # the last sampled token is never fed back
-        blocks = _ceil_div(slots, self.block_size)
-        if blocks > self.total_blocks:
-            raise ValueError(
-                f"task {seq.seq_id} needs KV for up to {slots} tokens ({blocks} blocks of "
-                f"{self.block_size}) but the whole KV cache has {self.total_blocks} blocks "
-                f"({self.total_blocks * self.block_size} tokens); lower max_tokens or give the "
-                f"cache more memory")
-
-    def _check_pooled_fits(self, seq: Sequence) -> None:
-        if seq.num_tokens > self.max_model_len:
-            raise ValueError(f"task {seq.seq_id}: the input has {seq.num_tokens} tokens but the context "
-                             f"length is {self.max_model_len}")
-        blocks = _ceil_div(seq.num_tokens, self.block_size)
-        if blocks > self.total_blocks:
-            raise ValueError(f"task {seq.seq_id} needs KV for {seq.num_tokens} tokens ({blocks} blocks) but the "
-                             f"whole KV cache has {self.total_blocks} blocks; give the cache more memory")
 
     def abort(self, task_id: str) -> TokenEvent | None:
         """Drop ``task_id`` wherever it is; its blocks are freed. None if unknown or ended."""

@@ -60,13 +60,10 @@ from flowserve_core.types import (
     TaskState,
     TokenEvent,
 )
+from flowserve_pd_scheduler.placement import LOCALITY_TOKENS, DecodeReservation, waiting_tokens
 from flowserve_pd_scheduler.prefix_index import DecodePrefixIndex
 
 log = logging.getLogger(__name__)
-
-#: Prompt tokens that name a prefix for locality (two blocks of the default size).
-LOCALITY_TOKENS = 32
-
 
 class DisaggregatedJobScheduler(ColocatedJobScheduler):
     """Prefill on a prefill instance, KV handed off, decode on a decode instance; SLO-aware
@@ -134,7 +131,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         instance is chosen first, so that the prefill exports only the blocks it lacks."""
         request = prefill.request
         prefill.move_to(TaskState.RUNNING)
-        reservation = _Reservation(self._decode_reserved, await self._place_decode(pool, set(), request))
+        reservation = DecodeReservation(self._decode_reserved, await self._place_decode(pool, set(), request))
         held = self.prefix_index.held(reservation.instance.info.id, self.prefix_index.hashes(request.prompt_token_ids))
         prefill.kv_handoff = KVHandoff(transport=self.spec.kv_transport, locator="", block_size=self.spec.block_size,
                                        num_tokens=len(request.prompt_token_ids), first_block=held)
@@ -144,7 +141,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
             reservation.end()
 
     async def _prefill_then_decode(self, prefill: Task, decode: Task, pool: InstancePool, emit: EmitEvent,
-                                   reservation: _Reservation) -> TokenEvent | None:
+                                   reservation: DecodeReservation) -> TokenEvent | None:
         request = prefill.request
         started = time.monotonic()
         try:
@@ -174,7 +171,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
                 self._release(first.kv_handoff)
 
     async def _decode(self, decode: Task, pool: InstancePool, emit: EmitEvent,
-                      reservation: _Reservation | None = None) -> TokenEvent | None:
+                      reservation: DecodeReservation | None = None) -> TokenEvent | None:
         """The decode phase, on the reserved instance if it is still ready, rerouted
         (recomputing from the tokens so far) if its instance dies."""
         produced: list[int] = []
@@ -285,7 +282,7 @@ class DisaggregatedJobScheduler(ColocatedJobScheduler):
         """Prefill tokens queued on a prefill instance: what it last reported or, when more,
         the prompts placed there that have no first token yet (a report lags a step behind:
         without this, a burst of arrivals would all go to the instance that last looked idle)."""
-        return max(_waiting_tokens(instance), self._prefill_tokens.get(instance.info.id, 0))
+        return max(waiting_tokens(instance), self._prefill_tokens.get(instance.info.id, 0))
 
     def _prefill_key(self, instance: Instance) -> tuple[int, int]:
         return self.queued_prefill_tokens(instance), instance.num_tasks
@@ -391,24 +388,3 @@ def _release_now(transport: Any, locator: str) -> None:
 def _state(last: TokenEvent | None) -> TaskState:
     ends: dict[str | None, TaskState] = {"error": TaskState.FAILED, "abort": TaskState.ABORTED}
     return ends.get(last.finish_reason if last else "error", TaskState.DONE)
-
-
-def _waiting_tokens(instance: Instance) -> int:
-    """Prefill tokens ``instance`` last reported as not computed yet."""
-    return instance.stats.scheduler.waiting_prefill_tokens
-
-
-class _Reservation:
-    """A decode instance chosen for a request whose prefill is under way: one more task there
-    for placement until the decode task is submitted (then the instance counts it itself)."""
-
-    def __init__(self, counts: collections.Counter[str], instance: Instance):
-        self.counts, self.instance, self.held = counts, instance, True
-        counts[instance.info.id] += 1
-
-    def end(self) -> None:
-        if self.held:
-            self.held = False
-            self.counts[self.instance.info.id] -= 1
-            if self.counts[self.instance.info.id] <= 0:
-                del self.counts[self.instance.info.id]

@@ -18,7 +18,8 @@ from flowserve_core.deployment import InstancePool
 from flowserve_core.factories import KVTransports
 from flowserve_core.interfaces import EmitEvent, Instance
 from flowserve_core.types import DeploymentSpec, Job, Rejection, Request, Task, TaskRole, TaskState
-from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler, _waiting_tokens
+from flowserve_pd_scheduler.disaggregated import DisaggregatedJobScheduler
+from flowserve_pd_scheduler.placement import LOCALITY_TOKENS, waiting_tokens
 
 
 class HybridJobScheduler(DisaggregatedJobScheduler):
@@ -52,8 +53,8 @@ class HybridJobScheduler(DisaggregatedJobScheduler):
             return TaskRole.COLOCATED if self.spec.colocated_instances else TaskRole.PREFILL
         cached = LOCALITY_TOKENS if tuple(request.prompt_token_ids[:LOCALITY_TOKENS]) in self._last_prefill_on else 0
         new_tokens = max(1, len(request.prompt_token_ids) - cached)
-        colocated_queue = min(_waiting_tokens(i) for i in colocated)
-        prefill_queue = min(_waiting_tokens(i) for i in prefills)
+        colocated_queue = min(waiting_tokens(i) for i in colocated)
+        prefill_queue = min(waiting_tokens(i) for i in prefills)
         if new_tokens >= self.long_prompt_tokens:
             return TaskRole.COLOCATED if prefill_queue > colocated_queue + 4 * new_tokens else TaskRole.PREFILL
         if colocated_queue > prefill_queue + self.long_prompt_tokens:

@@ -28,8 +28,9 @@ from flowserve_core.types import (
     TokenEvent,
 )
 from flowserve_instance_runtime import InstanceBase
-from flowserve_pd_scheduler.disaggregated import LOCALITY_TOKENS, DisaggregatedJobScheduler
+from flowserve_pd_scheduler.disaggregated import DisaggregatedJobScheduler
 from flowserve_pd_scheduler.hybrid import HybridJobScheduler
+from flowserve_pd_scheduler.placement import LOCALITY_TOKENS
 
 pytestmark = pytest.mark.anyio
 

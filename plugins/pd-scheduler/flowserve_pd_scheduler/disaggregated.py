@@ -65,6 +65,7 @@ from flowserve_pd_scheduler.prefix_index import DecodePrefixIndex
 
 log = logging.getLogger(__name__)
 
+
 class DisaggregatedJobScheduler(ColocatedJobScheduler):
     """Prefill on a prefill instance, KV handed off, decode on a decode instance; SLO-aware
     admission from measured prefill speed and decode time per token."""

@@ -6,8 +6,9 @@ from __future__ import annotations
 from flowserve_colocated.sequence import Sequence
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """The KV blocks of ``block_size`` tokens that ``num_tokens`` tokens take (the last one partly)."""
+    return -(-num_tokens // block_size)
 
 
 def check_fits(seq: Sequence, max_model_len: int, block_size: int, total_blocks: int) -> None:
@@ -23,7 +24,7 @@ def check_fits(seq: Sequence, max_model_len: int, block_size: int, total_blocks:
     max_tokens = seq.params.max_tokens
     longest = max_model_len if max_tokens is None else min(len(seq.prompt_token_ids) + max_tokens, max_model_len)
     slots = longest - 1  # the last sampled token is never fed back
-    blocks = _ceil_div(slots, block_size)
+    blocks = blocks_for(slots, block_size)
     if blocks > total_blocks:
         raise ValueError(
             f"task {seq.seq_id} needs KV for up to {slots} tokens ({blocks} blocks of "
@@ -36,7 +37,7 @@ def _check_pooled_fits(seq: Sequence, max_model_len: int, block_size: int, total
     if seq.num_tokens > max_model_len:
         raise ValueError(f"task {seq.seq_id}: the input has {seq.num_tokens} tokens but the context "
                          f"length is {max_model_len}")
-    blocks = _ceil_div(seq.num_tokens, block_size)
+    blocks = blocks_for(seq.num_tokens, block_size)
     if blocks > total_blocks:
         raise ValueError(f"task {seq.seq_id} needs KV for {seq.num_tokens} tokens ({blocks} blocks) but the "
                          f"whole KV cache has {total_blocks} blocks; give the cache more memory")

@@ -31,16 +31,13 @@ import threading
 import time
 from typing import Any, Callable
 
+from flowserve_colocated.fits import blocks_for
 from flowserve_colocated.sequence import Sequence
 from flowserve_core.factories import KVTransports
 from flowserve_core.interfaces import KVCacheManager, KVTransport
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVHandoff, TaskRole
 
 log = logging.getLogger(__name__)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class BackgroundCall:
@@ -119,7 +116,7 @@ class KVHandoffs:
         prompt = len(seq.prompt_token_ids)
         template = seq.task.kv_handoff
         wanted = template.first_block if template is not None else 0
-        return min(max(0, wanted), prompt // self.block_size), _ceil_div(prompt, self.block_size)
+        return min(max(0, wanted), prompt // self.block_size), blocks_for(prompt, self.block_size)
 
     def export(self, seq: Sequence, block_table: list[int]) -> KVBlockTransfer | None:
         """What the step that samples a prefill task's first token exports; None if nothing."""
@@ -203,7 +200,7 @@ class KVHandoffs:
             self.release(handoff.locator)
             return fetch.num_cached
         first_needed = fetch.num_cached // self.block_size
-        end = _ceil_div(handoff.num_tokens, self.block_size)
+        end = blocks_for(handoff.num_tokens, self.block_size)
         blocks = self.kv.block_table(seq.seq_id)[first_needed:end]
         # The handoff holds blocks first_block..end-1; the import starts at the first one this
         # cache lacks, and reads nothing before it.

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 import anyio
 
 from flowserve_core.errors import EngineDeadError
-from flowserve_core.interfaces import BatchScheduler, Executor
+from flowserve_core.interfaces import BatchScheduler, EndsStepsEarly, Executor
 from flowserve_core.plugins import PluginManager
 from flowserve_core.types import DeploymentSpec, InstanceStats, StepBatch, Task, TokenEvent
 
@@ -39,18 +39,25 @@ class Engine:
         self._inbox: list[Task | str] = []
         self._live: set[str] = set()
         self._wakeup = anyio.Event()
+        self._ends_early = executor if isinstance(executor, EndsStepsEarly) else None
 
     def submit(self, task: Task) -> None:
         """Queue a task; it joins the scheduler before the next step."""
         if self.dead:
             raise EngineDeadError(f"engine is dead: {self.dead}")
         self._inbox.append(task)
-        self._wakeup.set()
+        self._wake()
 
     def abort(self, task_id: str) -> None:
         """Stop a task before the next step; its last event says ``abort``."""
         self._inbox.append(task_id)
+        self._wake()
+
+    def _wake(self) -> None:
+        """New work for the loop: a step decoding several tokens returns after its round."""
         self._wakeup.set()
+        if self._ends_early is not None:
+            self._ends_early.end_step_early()
 
     async def run(self) -> None:
         """Step until cancelled, or until the executor dies."""

@@ -106,7 +106,8 @@ class Executor(Protocol):
     live task of the instance then fails. KV blocks move between instances (PD-disaggregation)
     inside a step: the executor writes ``StepBatch.kv_imports`` before computing and returns
     the blocks ``StepBatch.kv_exports`` asks for in ``StepResult.kv_exports``. Optional:
-    ``close()`` (``ClosableExecutor``) and ``weights_path`` (``ReportsWeightsPath``); its
+    ``close()`` (``ClosableExecutor``), ``weights_path`` (``ReportsWeightsPath``) and
+    ``end_step_early()`` (``EndsStepsEarly``); its
     factory may offer fast-start steps (``FastStartExecutorFactory``,
     ``DeviceSharingExecutorFactory``)."""
 
@@ -121,6 +122,16 @@ class ClosableExecutor(Protocol):
     context): the instance calls ``close`` once, when it ends."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class EndsStepsEarly(Protocol):
+    """Optional, for an executor that decodes several tokens a step (``decode_steps``): the
+    engine calls ``end_step_early`` (from the event loop, while a step may be in flight) when a
+    task or an abort arrives, so the step returns after its current round with the tokens
+    sampled so far, and the new work waits one round rather than the whole step."""
+
+    def end_step_early(self) -> None: ...
 
 
 @runtime_checkable

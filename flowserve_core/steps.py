@@ -55,6 +55,12 @@ class ScheduledSequence(msgspec.Struct, kw_only=True):
     #: an embedding's chunk (``Request.pooling``): nothing is sampled; the chunk with
     #: ``sample`` set (the prompt's end) gets ``StepResult.embeddings`` instead of a token
     pooling: PoolingParams | None = None
+    #: multi-step decoding (``DeploymentSpec.decode_steps``), only for a decode (one token,
+    #: ``sample`` set): after sampling, feed each sampled token back and sample again, up to
+    #: this many tokens in all (``StepResult.more_token_ids``; an executor may stop early at a
+    #: token of ``eos_token_ids`` once ``min_tokens`` are out). KV for them is reserved.
+    #: An executor that samples one token per step returns one, which the scheduler accepts.
+    decode_steps: int = 1
 
 
 class KVBlockTransfer(msgspec.Struct, kw_only=True):
@@ -89,6 +95,10 @@ class StepResult(msgspec.Struct, kw_only=True):
 
     token_ids: dict[str, int] = {}
     logprobs: dict[str, TokenLogprob] = {}
+    #: a sequence with ``decode_steps`` > 1: the tokens it sampled after ``token_ids``' one, in
+    #: order (their KV is computed, apart from the last's), and their logprobs when asked for
+    more_token_ids: dict[str, list[int]] = {}
+    more_logprobs: dict[str, list[TokenLogprob]] = {}
     prompt_logprobs: dict[str, list[TokenLogprob]] = {}
     kv_exports: list[KVBlockTransfer] = []
     #: per pooling sequence whose prompt ends this step: its vector (``PoolingParams`` applied)

@@ -239,6 +239,11 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_seqs: Annotated[int, Meta(description="Sequences an instance runs at once.")] = 64
     max_num_batched_tokens: Annotated[int, Meta(
         description="Tokens one engine step computes at most (prefill chunks fill it).")] = 512
+    decode_steps: Annotated[int, Meta(
+        description="Tokens each decoding sequence samples per engine step while no prompt waits to start "
+                    "(multi-step decoding, as vLLM's num_scheduler_steps): fewer Python round trips per "
+                    "token; a request that arrives meanwhile waits up to that many tokens. Executor "
+                    "llamacpp; 1 (the default) is one token per step.")] = 1
     max_model_len: Annotated[int | None, Meta(
         description="Context length (default: the model's, or what the KV cache holds).")] = None
     min_instances: Annotated[int, Meta(description="Instances kept running.")] = 1
@@ -261,7 +266,7 @@ class DeploymentSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         description="Plugin settings as flat KEY = VALUE pairs.")] = {}
 
     def __post_init__(self) -> None:
-        for name in ("tensor_parallel", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("tensor_parallel", "block_size", "max_num_seqs", "max_num_batched_tokens", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("min_instances", "max_queue", "colocated_instances", "prefill_instances", "decode_instances"):

@@ -10,9 +10,10 @@ import pytest
 
 from flowserve_core import hookimpl
 from flowserve_core.deployment import Deployment
+from flowserve_core.engine import Engine
 from flowserve_core.errors import RejectedError
-from flowserve_core.types import Rejection, Request, SamplingParams
-from flowserve_test_fixtures import toy_spec
+from flowserve_core.types import Rejection, Request, SamplingParams, Task
+from flowserve_test_fixtures import CounterExecutor, FifoScheduler, UnboundedKVCache, toy_spec
 
 pytestmark = pytest.mark.anyio
 
@@ -147,3 +148,32 @@ async def test_observers_and_async_lifecycle_hooks(pm):
         await collect(deployment, req)
         tg.cancel_scope.cancel()
     assert seen == [("startup", "toy"), ("admitted", req.id), ("finished", "finished", "length", 4)]
+
+
+async def test_new_work_ends_the_step_in_flight_early_on_an_executor_that_can(pm):
+    """``EndsStepsEarly``: a task or an abort that arrives tells the executor, so a step that
+    decodes several tokens returns after its round (the llamacpp executor's side is tested
+    with it); an executor without it is not asked."""
+
+    class EndsEarly(CounterExecutor):
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.asked = 0
+
+        def end_step_early(self) -> None:
+            self.asked += 1
+
+    spec = toy_spec()
+    executor = EndsEarly(spec)
+    scheduler = FifoScheduler(spec, UnboundedKVCache(spec, executor.kv_cache_spec()), pm.kv_transports(spec))
+
+    async def emit(events: list) -> None:
+        pass
+
+    engine = Engine(executor, scheduler, emit)
+    task = Task(request=request(10))
+    engine.submit(task)
+    engine.abort(task.id)
+    assert executor.asked == 2
+    plain = Engine(CounterExecutor(spec), scheduler, emit)
+    plain.submit(Task(request=request(20)))  # nothing to ask

@@ -30,6 +30,7 @@ from typing import Any
 
 from flowserve_colocated.fits import check_fits
 from flowserve_colocated.handoff import KVHandoffs
+from flowserve_colocated.multistep import plan_decode_steps
 from flowserve_colocated.sequence import Sequence, SequenceStatus
 from flowserve_core.factories import KVTransports
 from flowserve_core.interfaces import (
@@ -205,15 +206,19 @@ class ContinuousBatchScheduler:
         if not planned:
             self._ended = ended  # an empty batch is never executed: report them next time
             return StepBatch()
+        # Several tokens a decode only while no waiting sequence could start in the meantime.
+        idle = not self.handoffs.busy and (not self.waiting or len(self.running) >= self.max_num_seqs)
+        steps = plan_decode_steps([seq for seq, _ in planned.values()], self.spec.decode_steps if idle else 1,
+                                  self.max_model_len, self.kv)
         copies = self._copies_from.take_block_copies() if self._copies_from is not None else []
         # Planning order: decodes first, then prefill chunks, each first come first served.
-        scheduled = [self._scheduled(seq, n) for seq, n in planned.values()]
+        scheduled = [self._scheduled(seq, n, steps.get(seq.seq_id, 1)) for seq, n in planned.values()]
         exports = [export for s in scheduled if s.sample and s.pooling is None
                    and (export := self.handoffs.export(self.seqs[s.seq_id], s.block_table)) is not None]
         return StepBatch(seqs=scheduled, finished_seq_ids=ended, block_copies=copies,
                          kv_imports=self.handoffs.take_imports(), kv_exports=exports)
 
-    def _scheduled(self, seq: Sequence, num_tokens: int) -> ScheduledSequence:
+    def _scheduled(self, seq: Sequence, num_tokens: int, decode_steps: int = 1) -> ScheduledSequence:
         start = seq.num_computed
         return ScheduledSequence(
             seq_id=seq.seq_id, token_ids=seq.token_ids[start:start + num_tokens], start_pos=start,
@@ -221,7 +226,7 @@ class ContinuousBatchScheduler:
             # The prompt list is never mutated, so it is shared; outputs grow, so they are copied.
             params=seq.params, prompt_token_ids=seq.prompt_token_ids,
             output_token_ids=list(seq.output_token_ids), eos_token_ids=seq.banned_until_min_tokens,
-            pooling=seq.pooling)
+            pooling=seq.pooling, decode_steps=decode_steps)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and queue it again; it will be recomputed from its tokens."""
@@ -268,17 +273,35 @@ class ContinuousBatchScheduler:
                     f"the executor {self.spec.executor!r} scored {len(seq.prompt_logprobs)} of the prompt's "
                     f"{len(seq.prompt_token_ids) - 1} tokens after the first: it does not compute prompt_logprobs")))
                 continue
-            seq.append(token)
-            reason = self.finish_reason(seq, token)
+            tokens, reason = self._accept(seq, [token, *result.more_token_ids.get(seq.seq_id, ())],
+                                          scheduled.decode_steps)
             logprob = result.logprobs.get(seq.seq_id)
+            logprobs = [logprob, *result.more_logprobs.get(seq.seq_id, ())][:len(tokens)] if logprob else None
             handoff = None
             if seq.role is TaskRole.PREFILL and reason is None:
                 # The prefill task's job is done; a decode task goes on from this handoff.
                 reason, handoff = "length", self._publish(seq, exported.get(seq.seq_id))
-            events.append(self._event(seq, [token], [logprob] if logprob else None, reason, handoff=handoff))
+            events.append(self._event(seq, tokens, logprobs, reason, handoff=handoff))
             if reason:
                 self._end(seq)
         return events
+
+    def _accept(self, seq: Sequence, sampled: list[int], asked: int) -> tuple[list[int], FinishReason | None]:
+        """Append the tokens ``seq`` sampled this step (several under multi-step decoding) up to
+        the first that ends it: the tokens kept and why it ends. The KV of every kept token
+        but the last was computed in the step, so it counts as computed."""
+        kept: list[int] = []
+        reason: FinishReason | None = None
+        for token in sampled[:asked]:
+            seq.append(token)
+            kept.append(token)
+            reason = self.finish_reason(seq, token)
+            if reason:
+                break
+        if len(kept) > 1:
+            seq.num_computed += len(kept) - 1
+            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+        return kept, reason
 
     def _event(self, seq: Sequence, tokens: list[int], logprobs: Any, reason: FinishReason | None,
                error: str | None = None, handoff: KVHandoff | None = None) -> TokenEvent:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowserve_core.types import StepBatch
+from flowserve_core.types import StepBatch, StepResult
 
 
 class KVMemory:
@@ -46,6 +46,19 @@ class KVMemory:
                     f"block {block} written by {written[block]} and {seq.seq_id} in one step"
                 assert self.kv.ref_count(block) == 1, f"{seq.seq_id} writes shared block {block}"
                 self.slots.setdefault(block, {})[position % self.size] = history[position]
+
+    def decoded_more(self, batch: StepBatch, result: StepResult) -> None:
+        """Multi-step decoding: the KV of each extra token but the last was written too."""
+        for seq in batch.seqs:
+            more = result.more_token_ids.get(seq.seq_id, [])
+            assert len(more) < seq.decode_steps, f"{seq.seq_id}: more tokens than asked"
+            written = [result.token_ids[seq.seq_id], *more][:-1] if more else []
+            end = seq.start_pos + len(seq.token_ids)
+            assert len(seq.block_table) * self.size >= end + len(written), f"{seq.seq_id}: too few blocks"
+            for position, token in enumerate(written, end):
+                block = seq.block_table[position // self.size]
+                assert self.kv.ref_count(block) == 1, f"{seq.seq_id} writes shared block {block}"
+                self.slots.setdefault(block, {})[position % self.size] = token
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from flowserve_core.types import (
     Request,
     SamplingParams,
     StepBatch,
+    StepResult,
+    StructuredOutput,
     Task,
     TaskRole,
     TokenEvent,
@@ -56,6 +58,7 @@ class Driver:
         if batch.seqs:
             self.memory.run(batch)
             result = await self.executor.execute(batch)
+            self.memory.decoded_more(batch, result)
             for event in self.scheduler.update(batch, result):
                 self.events.setdefault(event.task_id, []).append(event)
         usage = self.scheduler.kv_usage()
@@ -321,3 +324,92 @@ async def test_an_executor_that_scores_no_prompt_fails_the_request_naming_itself
     assert event.finish_reason == "error" and not event.token_ids
     assert "does not compute prompt_logprobs" in event.error and "scored 0 of the prompt's 4 tokens" in event.error
     assert not scheduler.has_work()
+
+
+# ---------------------------------------------------------------------- multi-step decoding
+
+
+async def test_multi_step_decoding_gives_the_same_tokens_in_fewer_steps(kv_memory):
+    d = driver(kv_memory, decode_steps=4)
+    d.scheduler.add(task([100, 101, 102], max_tokens=10, logprobs=1))
+    await d.run()
+    assert d.tokens("t100-3") == list(range(103, 113)) and d.reason("t100-3") == "length"
+    # The first token comes alone (its own step); then 4, 4, and the last one (max_tokens).
+    assert [len(e.token_ids) for e in d.events["t100-3"]] == [1, 4, 4, 1]
+    assert [s.decode_steps for b in d.batches for s in b.seqs] == [1, 4, 4, 1]
+    assert [lp.token_id for e in d.events["t100-3"] for lp in e.logprobs] == list(range(103, 113))
+    assert d.scheduler.kv_usage().used_blocks == 0
+
+
+async def test_multi_step_tokens_after_the_one_that_ends_a_sequence_are_dropped(kv_memory):
+    d = driver(kv_memory, decode_steps=4)
+    d.scheduler.add(task([10], max_tokens=20, eos=[14]))
+    await d.step()  # the prompt, and token 11
+    batch = d.scheduler.schedule()
+    assert batch.seqs[0].decode_steps == 4
+    # An executor need not stop at a stop token: what it sampled after it is not the output.
+    events = d.scheduler.update(batch, StepResult(token_ids={"t10-1": 12}, more_token_ids={"t10-1": [13, 14, 15]}))
+    assert [(e.token_ids, e.finish_reason) for e in events] == [([12, 13, 14], "stop")]
+    assert not d.scheduler.has_work() and d.scheduler.kv_usage().used_blocks == 0
+
+
+async def test_multi_step_accepts_fewer_tokens_than_asked(kv_memory):
+    d = driver(kv_memory, decode_steps=4)
+    d.scheduler.add(task([10], max_tokens=20))
+    await d.step()
+    batch = d.scheduler.schedule()
+    d.memory.run(batch)
+    events = d.scheduler.update(batch, StepResult(token_ids={"t10-1": 12}, more_token_ids={"t10-1": [13]}))
+    assert [(e.token_ids, e.finish_reason) for e in events] == [([12, 13], None)]
+    following = d.scheduler.schedule()  # goes on from token 13: position 3
+    assert (following.seqs[0].start_pos, following.seqs[0].token_ids) == (3, [13])
+
+
+async def test_multi_step_only_while_no_waiting_sequence_could_start(kv_memory):
+    d = driver(kv_memory, decode_steps=4, max_num_seqs=2)
+    d.scheduler.add(task([100], max_tokens=30))
+    await d.step()
+    assert [s.decode_steps for s in (await d.step()).seqs] == [4]
+    d.scheduler.add(task([200], max_tokens=30))
+    batch = await d.step()  # the newcomer's prompt: one token each
+    assert [(s.seq_id, s.decode_steps) for s in batch.seqs] == [("t100-1", 1), ("t200-1", 1)]
+    batch = await d.step()  # both decoding, nobody waits
+    assert [s.decode_steps for s in batch.seqs] == [4, 4]
+    d.scheduler.add(task([300], max_tokens=30))  # cannot start: max_num_seqs are running
+    assert [s.decode_steps for s in (await d.step()).seqs] == [4, 4]
+    await d.run()
+    assert d.tokens("t300-1") == list(range(301, 331)) and d.tokens("t100-1") == list(range(101, 131))
+
+
+@pytest.mark.parametrize("num_blocks", [4, 5, 6, 7, 8, 9])
+async def test_multi_step_under_a_tiny_cache_preempts_no_more_than_one_token_a_step(kv_memory, num_blocks):
+    # blocks of 4 tokens; each task needs 3 of them at the end (prompt 4 + 8 outputs)
+    preemptions = {}
+    for steps in (1, 4):
+        d = driver(kv_memory, decode_steps=steps, num_blocks=num_blocks)
+        for first in (100, 200, 300):
+            d.scheduler.add(task([first, first + 1, first + 2, first + 3], max_tokens=8))
+        await d.run()
+        preemptions[steps] = d.scheduler.num_preemptions
+        for first in (100, 200, 300):
+            assert d.tokens(f"t{first}-4") == list(range(first + 4, first + 12))
+    assert preemptions[4] <= preemptions[1]
+
+
+async def test_multi_step_falls_back_to_one_token_when_blocks_are_short(kv_memory):
+    d = driver(kv_memory, decode_steps=4, num_blocks=4)  # 16 tokens
+    d.scheduler.add(task([100, 101, 102, 103, 104], max_tokens=5))
+    d.scheduler.add(task([200, 201, 202, 203, 204], max_tokens=5))
+    await d.step()  # both prompts: two blocks each, the cache is full
+    batch = await d.step()  # four more tokens would need a third block each
+    assert [s.decode_steps for s in batch.seqs] == [1, 1]
+    assert d.scheduler.num_preemptions == 0
+    await d.run()
+    assert d.tokens("t100-5") == [105, 106, 107, 108, 109] and d.tokens("t200-5") == [205, 206, 207, 208, 209]
+
+
+async def test_multi_step_never_for_a_structured_output(kv_memory):
+    d = driver(kv_memory, decode_steps=4)
+    d.scheduler.add(task([10], max_tokens=6, structured_output=StructuredOutput(regex="[0-9]+")))
+    await d.run()
+    assert all(s.decode_steps == 1 for b in d.batches for s in b.seqs)

@@ -8,7 +8,8 @@
   would emit this token raises), ``die_after_steps`` (the executor dies: EngineDeadError),
   ``fail_to_start`` (building the executor raises), ``record_params`` (a file: one JSON line
   per new sequence with its prompt and SamplingParams). When a sequence asks for logprobs,
-  the counter's "distribution" gives token last+1+j the logprob -(j+1)·ln 2.
+  the counter's "distribution" gives token last+1+j the logprob -(j+1)·ln 2. A decode asked
+  for ``decode_steps`` tokens gets them, ending early at a stop token.
   ``num_blocks`` sets the KV blocks (of 16 tokens) it reports, default 1<<20 (a small cache
   makes KV cache managers preempt).
 - kv cache ``unbounded``: bookkeeping without limits.
@@ -162,21 +163,37 @@ class CounterExecutor:
         if delay:
             time.sleep(delay)
         self._record(batch)
-        tokens, logprobs, embeddings = {}, {}, {}
+        result = StepResult()
         for seq in batch.seqs:
             if seq.sample and seq.pooling is not None:
-                embeddings[seq.seq_id] = toy_embedding(seq.prompt_token_ids, seq.pooling.dimensions)
+                result.embeddings[seq.seq_id] = toy_embedding(seq.prompt_token_ids, seq.pooling.dimensions)
             elif seq.sample:
-                tokens[seq.seq_id] = (seq.token_ids[-1] + 1) % VOCAB
-                if tokens[seq.seq_id] == self.options.get("fail_on_token"):
-                    raise RuntimeError(f"injected failure on token {tokens[seq.seq_id]}")
-                if seq.params.logprobs is not None:
-                    logprobs[seq.seq_id] = TokenLogprob(
-                        token_id=tokens[seq.seq_id], logprob=-math.log(2),
-                        top=[TopLogprob(token_id=(seq.token_ids[-1] + 1 + j) % VOCAB,
-                                        logprob=-(j + 1) * math.log(2))
-                             for j in range(seq.params.logprobs)])
-        return StepResult(token_ids=tokens, logprobs=logprobs, embeddings=embeddings)
+                self._count(seq, result)
+        return result
+
+    def _count(self, seq: ScheduledSequence, result: StepResult) -> None:
+        """Sample ``seq``: its next token, and with ``decode_steps`` the ones after it, up to a
+        stop token once ``min_tokens`` are out (as an executor decoding several steps may)."""
+        last, outputs = seq.token_ids[-1], len(seq.output_token_ids)
+        for step in range(seq.decode_steps):
+            token = (last + 1) % VOCAB
+            if token == self.options.get("fail_on_token"):
+                raise RuntimeError(f"injected failure on token {token}")
+            logprob = None if seq.params.logprobs is None else TokenLogprob(
+                token_id=token, logprob=-math.log(2),
+                top=[TopLogprob(token_id=(last + 1 + j) % VOCAB, logprob=-(j + 1) * math.log(2))
+                     for j in range(seq.params.logprobs)])
+            if step == 0:
+                result.token_ids[seq.seq_id] = token
+                if logprob is not None:
+                    result.logprobs[seq.seq_id] = logprob
+            else:
+                result.more_token_ids.setdefault(seq.seq_id, []).append(token)
+                if logprob is not None:
+                    result.more_logprobs.setdefault(seq.seq_id, []).append(logprob)
+            last, outputs = token, outputs + 1
+            if token in seq.eos_token_ids and outputs >= seq.params.min_tokens:
+                return
 
     def _record(self, batch: StepBatch) -> None:
         """With option ``record_params``, append each new sequence's prompt and params (JSON)."""

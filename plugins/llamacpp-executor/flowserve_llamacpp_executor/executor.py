@@ -8,7 +8,10 @@ Each step (in a worker thread; the event loop never blocks):
    the last token of the sequences that sample; a batch longer than ``n_batch`` is decoded
    in parts;
 3. the logits rows are read through one view of ``llama_get_logits`` and go to FlowServe's ``Sampler``;
-4. PD exports are read (``llama_state_seq_get_data``).
+4. multi-step decoding (``ScheduledSequence.decode_steps``, ``--decode-steps``): the sampled
+   tokens are fed back and sampled again, one ``llama_decode`` a round, until a sequence ends
+   or the engine has new work (``end_step_early``);
+5. PD exports are read (``llama_state_seq_get_data``, ``state.py``).
 
 Embeddings (``ScheduledSequence.pooling``): a step with pooled sequences decodes with the
 context's embeddings on (``llama_set_embeddings``, pooling type NONE), which gives every token's
@@ -32,22 +35,28 @@ tokens; ``auto``, the default: streams when every stream holds ``max_model_len``
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import sys
 import threading
 from typing import Any
 
 import anyio
 import llama_cpp
+import msgspec
 import numpy as np
 import torch
 
 from flowserve_core.config import parse_memory_size
 from flowserve_core.errors import ConfigError, EngineDeadError
 from flowserve_core.interfaces import PluginLookup
-from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
+from flowserve_core.types import (
+    DeploymentSpec,
+    KVBlockTransfer,
+    KVCacheSpec,
+    ScheduledSequence,
+    StepBatch,
+    StepResult,
+)
+from flowserve_llamacpp_executor.host import instance_threads, unmap_large_buffers_when_freed
 from flowserve_llamacpp_executor.model import (
     MAX_SEQUENCES,
     LlamaModel,
@@ -55,65 +64,15 @@ from flowserve_llamacpp_executor.model import (
     load_model,
     option_flag,
 )
-from flowserve_llamacpp_executor.slots import Slot, SlotTable
-from flowserve_sampler import Pooler, Sampler, deployment_backend, prompt_targets, score_prompts
+from flowserve_llamacpp_executor.rows import Row, tokens_before
+from flowserve_llamacpp_executor.slots import SlotTable
+from flowserve_llamacpp_executor.state import read_sequence_state, write_sequence_state
+from flowserve_sampler import Pooler, Sampler, deployment_backend, score_prompts
 
 log = logging.getLogger(__name__)
 
 #: A token id no vocabulary has: a slot's imported KV whose tokens are not known yet.
 _UNKNOWN = -1
-
-
-def instance_threads() -> int:
-    """The CPUs this process may run on (its affinity: what a scaler gave the instance)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-#: Buffers from this size up get a mapping of their own, unmapped when freed (glibc's M_MMAP_THRESHOLD).
-MMAP_THRESHOLD = 256 * 1024
-_M_MMAP_THRESHOLD = -3
-
-
-def unmap_large_buffers_when_freed() -> bool:
-    """Have glibc map every allocation of ``MMAP_THRESHOLD`` bytes or more on its own, and so
-    give it back to the system when it is freed; whether it could (not where libc is not glibc).
-
-    glibc's default threshold rises to the size of the first large buffer freed (up to 32 MiB),
-    after which it keeps such buffers in its heaps: a step's logits rows and the sampler's work
-    tensors, megabytes each, then stay resident (measured: +49 MB RSS after 8 sampled steps of
-    32 sequences, all of which ``malloc_trim`` returned; docs/llamacpp.md)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
-
-class _Row:
-    """One sequence's part of a step: its slot, the tokens to decode from ``first_pos``, and
-    whether its last token's logits are sampled."""
-
-    __slots__ = ("seq_id", "slot", "tokens", "first_pos", "sample", "scheduled", "scored", "pooled")
-
-    def __init__(self, scheduled: Any, slot: Slot, tokens: list[int], first_pos: int):
-        self.seq_id = scheduled.seq_id
-        self.slot = slot
-        self.tokens = tokens
-        self.first_pos = first_pos
-        pooling = scheduled.pooling
-        self.sample = scheduled.sample and pooling is None
-        self.scheduled = scheduled
-        #: the row indices whose final hidden states are summed (an embedding's chunk)
-        chunk = range(len(tokens) - len(scheduled.token_ids), len(tokens))
-        self.pooled = range(0) if pooling is None else chunk if pooling.kind == "mean" else \
-            chunk[-1:] if scheduled.sample else range(0)
-        #: the prompt tokens this chunk's first positions predict (``prompt_logprobs``)
-        self.scored = prompt_targets(scheduled)
 
 
 class LlamaCppExecutor:
@@ -178,6 +137,8 @@ class LlamaCppExecutor:
         self.pooler = Pooler()
         self._lock = threading.Lock()
         self._dead: str | None = None
+        #: set by the engine when work arrives: a multi-step decoding ends after its round
+        self._end_early = threading.Event()
         log.info("llamacpp executor ready: %s (%s), %d threads, KV cache %d tokens × %d bytes = %.1f MiB, "
                  "%d sequence ids, max_model_len %d", self.model.path.name, self.model.architecture, self.threads,
                  self.n_ctx, self.bytes_per_token, self.n_ctx * self.bytes_per_token / 2**20, self.n_slots,
@@ -196,6 +157,11 @@ class LlamaCppExecutor:
         self._check_alive()
         return await anyio.to_thread.run_sync(self._step, batch)
 
+    def end_step_early(self) -> None:
+        """New work arrived (``EndsStepsEarly``): the step in flight stops decoding more tokens
+        after its current round."""
+        self._end_early.set()
+
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"llamacpp executor is dead: {self._dead}")
@@ -203,6 +169,7 @@ class LlamaCppExecutor:
     def _step(self, batch: StepBatch) -> StepResult:
         with self._lock:
             self._check_alive()
+            self._end_early.clear()  # what arrived before this step was scheduled is in it
             self.sampler.forget(batch.finished_seq_ids)
             self.pooler.forget(batch.finished_seq_ids)
             for seq_id in batch.finished_seq_ids:
@@ -218,6 +185,8 @@ class LlamaCppExecutor:
             result = self.sampler(logits[:len(sampled)], sampled) if sampled else StepResult()
             if scored := [(row.scheduled, row.scored) for row in rows if row.scored]:
                 result.prompt_logprobs = score_prompts(logits[len(sampled):], scored)
+            if any(row.sample and row.scheduled.decode_steps > 1 for row in rows):
+                self._decode_more([row.scheduled for row in rows if row.sample], result)
             if pooled:
                 result.embeddings = self.pooler(torch.from_numpy(sums), [row.scheduled for row in pooled],
                                                 [len(row.pooled) for row in pooled])
@@ -227,7 +196,35 @@ class LlamaCppExecutor:
                 for t in batch.kv_exports]
             return result
 
-    def _row(self, scheduled: Any) -> _Row:
+    def _decode_more(self, sampled: list[ScheduledSequence], result: StepResult) -> None:
+        """Multi-step decoding: feed the tokens just sampled back and sample again, one
+        ``llama_decode`` a round for all the sequences, each sampled as its own next step would
+        be (penalties, seeds and masks read the outputs so far), so the tokens are those of as
+        many single steps. It ends after the round in which any sequence has its
+        ``decode_steps`` tokens or sampled one of its ``eos_token_ids`` (once ``min_tokens``
+        are out), or when the engine has new work (``end_step_early``): a sequence that ends, and
+        a task that arrives, wait no longer than with one token a step."""
+        going = [seq for seq in sampled if seq.decode_steps > 1]
+        if len(going) < len(sampled):
+            return  # a sequence in the batch ends here with its one token
+        outputs = {seq.seq_id: [*seq.output_token_ids, result.token_ids[seq.seq_id]] for seq in going}
+        no_pooling = np.zeros((0, self.model.n_embd), dtype=np.float32)
+        for step in range(1, min(seq.decode_steps for seq in going)):
+            if self._end_early.is_set() or any(_ended(seq, outputs[seq.seq_id]) for seq in going):
+                return
+            seqs = [msgspec.structs.replace(seq, token_ids=outputs[seq.seq_id][-1:], start_pos=seq.start_pos + step,
+                                            output_token_ids=list(outputs[seq.seq_id])) for seq in going]
+            self.sampler.prepare(seqs)
+            logits = torch.from_numpy(self._decode([self._row(seq) for seq in seqs], [], no_pooling))
+            more = self.sampler(logits, seqs)
+            for seq in seqs:
+                token = more.token_ids[seq.seq_id]
+                outputs[seq.seq_id].append(token)
+                result.more_token_ids.setdefault(seq.seq_id, []).append(token)
+                if (logprob := more.logprobs.get(seq.seq_id)) is not None:
+                    result.more_logprobs.setdefault(seq.seq_id, []).append(logprob)
+
+    def _row(self, scheduled: Any) -> Row:
         """Give ``scheduled`` its slot, holding exactly its first ``start_pos`` tokens' KV
         (shared from another slot or recomputed in this step where it did not)."""
         start = scheduled.start_pos
@@ -237,7 +234,7 @@ class LlamaCppExecutor:
             for seq_id in evicted:
                 self._remove(seq_id)
             if start:
-                known = _tokens_before(scheduled, start)
+                known = tokens_before(scheduled, start)
                 source, n = self.slots.best_prefix(known, exclude=slot)
                 if source is not None:
                     self._share_prefix(source.seq_id, slot.seq_id, n)
@@ -246,10 +243,10 @@ class LlamaCppExecutor:
             llama_cpp.llama_memory_seq_rm(self.memory, slot.seq_id, start, -1)
             del slot.tokens[start:]
         elif slot.tokens and slot.tokens[0] == _UNKNOWN:  # imported KV: its tokens are known now
-            slot.tokens = _tokens_before(scheduled, len(slot.tokens))
+            slot.tokens = tokens_before(scheduled, len(slot.tokens))
         held = len(slot.tokens)
-        missing = _tokens_before(scheduled, start)[held:] if held < start else []
-        return _Row(scheduled, slot, missing + list(scheduled.token_ids), held)
+        missing = tokens_before(scheduled, start)[held:] if held < start else []
+        return Row(scheduled, slot, missing + list(scheduled.token_ids), held)
 
     def _share_prefix(self, source: int, target: int, n: int) -> None:
         """Give llama.cpp sequence ``target`` the KV of ``source``'s first ``n`` positions: in a
@@ -261,7 +258,7 @@ class LlamaCppExecutor:
             llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
             llama_cpp.llama_memory_seq_rm(self.memory, target, n, -1)
 
-    def _decode(self, rows: list[_Row], pooled: list[_Row], sums: np.ndarray) -> np.ndarray:
+    def _decode(self, rows: list[Row], pooled: list[Row], sums: np.ndarray) -> np.ndarray:
         """Decode every row's tokens (in parts of ``n_batch``); the logits of the sampled rows,
         then of the scored prompt positions (row after row). The final hidden states of the
         ``pooled`` rows' positions are summed into ``sums`` (one row each)."""
@@ -272,7 +269,7 @@ class LlamaCppExecutor:
             if pooled:
                 llama_cpp.llama_set_embeddings(self.ctx, False)
 
-    def _decode_rows(self, rows: list[_Row], pool_index: dict[int, int], sums: np.ndarray) -> np.ndarray:
+    def _decode_rows(self, rows: list[Row], pool_index: dict[int, int], sums: np.ndarray) -> np.ndarray:
         num_sampled = sum(1 for row in rows if row.sample)
         logits = np.empty((num_sampled + sum(len(row.scored) for row in rows), self.model.n_vocab),
                           dtype=np.float32)
@@ -351,15 +348,12 @@ class LlamaCppExecutor:
     # ------------------------------------------------------------------ PD: per-sequence state
 
     def _export(self, seq_id: str) -> memoryview:
-        """The whole KV of ``seq_id``'s slot (llama.cpp's per-sequence state format); an
-        importer takes it whole, whichever blocks it already had."""
+        """The whole KV of ``seq_id``'s slot; an importer takes it whole, whichever blocks it
+        already had."""
         slot = self.slots.get(seq_id)
         if slot is None:
             raise RuntimeError(f"cannot export the KV of {seq_id}: it is not on this executor")
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, buffer, size, slot.seq_id)
-        return memoryview(buffer).cast("B")[:written]
+        return read_sequence_state(self.ctx, slot.seq_id)
 
     def _import(self, transfer: KVBlockTransfer) -> None:
         """Write an exported sequence state into ``transfer.seq_id``'s (new) slot. Its tokens
@@ -370,12 +364,7 @@ class LlamaCppExecutor:
             for seq_id in evicted:
                 self._remove(seq_id)
         self._remove(slot.seq_id)
-        data = bytes(memoryview(transfer.data).cast("B"))
-        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buffer, len(data), slot.seq_id) == 0:
-            raise RuntimeError(f"llama.cpp refused the KV state imported for {transfer.seq_id} "
-                               f"({len(data)} bytes; another model or llama.cpp version?)")
-        length = int(llama_cpp.llama_memory_seq_pos_max(self.memory, slot.seq_id)) + 1
+        length = write_sequence_state(self.ctx, self.memory, slot.seq_id, transfer)
         slot.tokens = [_UNKNOWN] * length  # held, not yet known: never matched as a prefix
 
     # ------------------------------------------------------------------ lifecycle
@@ -390,9 +379,6 @@ class LlamaCppExecutor:
                 self.ctx = None
 
 
-def _tokens_before(scheduled: Any, start: int) -> list[int]:
-    """The sequence's first ``start`` tokens (prompt, then output)."""
-    prompt = scheduled.prompt_token_ids
-    if start <= len(prompt):
-        return list(prompt[:start])
-    return list(prompt) + list(scheduled.output_token_ids[:start - len(prompt)])
+def _ended(seq: ScheduledSequence, outputs: list[int]) -> bool:
+    """Whether the last of ``outputs`` ends ``seq``: a stop token once ``min_tokens`` are out."""
+    return outputs[-1] in seq.eos_token_ids and len(outputs) >= seq.params.min_tokens

@@ -1,7 +1,8 @@
 """The ``llamacpp`` executor in a deployment (scaler ``inproc``): greedy tokens equal to
 llama.cpp's own (``llama_cpp.Llama``) on the same file, alone and batched, prefix reuse
 through llama.cpp sequence copies, PD-disaggregation through llama.cpp's per-sequence
-state, and the errors a user can meet. (The kit's executor conformance suite runs on it in
+state, multi-step decoding (``decode_steps``: the tokens of one token a step, in fewer steps),
+and the errors a user can meet. (The kit's executor conformance suite runs on it in
 tests/test_conformance.py.)"""
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import anyio
 import pytest
 
 from flowserve_core.errors import ConfigError
-from flowserve_core.types import DeploymentSpec
+from flowserve_core.types import (
+    DeploymentSpec,
+    Request,
+    SamplingParams,
+    ScheduledSequence,
+    StepBatch,
+    TokenLogprob,
+)
 from flowserve_llamacpp_executor.executor import LlamaCppExecutor
 from flowserve_llamacpp_executor.testing import llama_cpp_greedy
 from flowserve_testing import run_deployment
@@ -204,7 +212,7 @@ def test_an_instance_gives_large_freed_buffers_back_to_the_system(tiny_llama_ggu
     after a larger one was freed, having raised its mmap threshold)."""
     import numpy as np
 
-    from flowserve_llamacpp_executor.executor import unmap_large_buffers_when_freed
+    from flowserve_llamacpp_executor.host import unmap_large_buffers_when_freed
 
     def resident() -> int:
         with open("/proc/self/statm") as handle:
@@ -240,3 +248,90 @@ async def test_per_sequence_streams_are_exact_and_reuse_prefixes(tiny_llama_gguf
     for prompt, output in zip(prompts, outputs):
         assert output.output_token_ids == llama_cpp_greedy(tiny_llama_gguf, prompt, 8)
     assert again.output_token_ids == outputs[3].output_token_ids
+
+
+# ---------------------------------------------------------------------- multi-step decoding (decode_steps)
+
+
+async def test_multi_step_decoding_is_greedy_exact_against_llama_cpp_in_fewer_steps(tiny_llama_gguf):
+    prompts = random_prompts(5, [3, 20, 64, 7, 130], 49152, seed=14)
+    async with run_deployment(deployment_spec(tiny_llama_gguf, decode_steps=8)) as runner:
+        alone = await runner.generate(prompts[0], max_tokens=30, temperature=0.0, ignore_eos=True)
+        steps_alone = runner.engines()[0].stats.steps
+        together = await generate_concurrently(runner, prompts, 20)
+    # one step for the prompt and first token, then 8 tokens a step (the last one: 29 = 3 × 8 + 5)
+    assert steps_alone == 5
+    assert alone.output_token_ids == llama_cpp_greedy(tiny_llama_gguf, prompts[0], 30)
+    for prompt, output in zip(prompts, together):
+        assert output.finish_reason == "length"
+        assert output.output_token_ids == llama_cpp_greedy(tiny_llama_gguf, prompt, 20)
+
+
+async def test_smollm2_multi_step_is_greedy_exact_against_llama_cpp(smollm2):
+    async with run_deployment(deployment_spec(smollm2, decode_steps=8)) as runner:
+        prompt = runner.tokenizer.encode("The capital of France is")
+        output = await runner.generate(prompt, max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert output.output_token_ids == llama_cpp_greedy(smollm2, prompt, 24)
+
+
+async def test_seeded_sampling_penalties_and_logprobs_are_those_of_one_token_a_step(tiny_llama_gguf):
+    prompts = random_prompts(3, [5, 17, 40], 49152, seed=15)
+    params = dict(max_tokens=16, temperature=0.9, top_p=0.95, seed=7, presence_penalty=0.4,
+                  repetition_penalty=1.2, logprobs=2, ignore_eos=True)
+    outputs = {}
+    for steps in (1, 4):
+        async with run_deployment(deployment_spec(tiny_llama_gguf, decode_steps=steps)) as runner:
+            outputs[steps] = [await tokens_and_logprobs(runner, p, **params) for p in prompts]
+    for (single, single_logprobs), (multi, multi_logprobs) in zip(outputs[1], outputs[4]):
+        assert len(multi) == 16 and multi == single
+        assert [lp.token_id for lp in multi_logprobs] == multi
+        assert [lp.logprob for lp in multi_logprobs] == pytest.approx([lp.logprob for lp in single_logprobs], abs=1e-4)
+
+
+async def tokens_and_logprobs(runner, prompt: list[int], **params) -> tuple[list[int], list[TokenLogprob]]:
+    """One request's output tokens and their logprobs, gathered from its events."""
+    request = Request(prompt_token_ids=prompt, params=SamplingParams(**params),
+                      eos_token_ids=list(runner.tokenizer.eos_token_ids))
+    tokens: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    async with runner.deployment.open(request) as handle:
+        async for event in handle:
+            tokens += event.token_ids
+            logprobs += event.logprobs or []
+    return tokens, logprobs
+
+
+async def test_a_stop_token_ends_the_rounds_and_the_sequence(tiny_llama_gguf):
+    prompt = random_prompts(1, [9], 49152, seed=16)[0]
+    expected = llama_cpp_greedy(tiny_llama_gguf, prompt, 12)
+    stop = expected[5]
+    async with run_deployment(deployment_spec(tiny_llama_gguf, decode_steps=8)) as runner:
+        output = await runner.generate(prompt, max_tokens=12, temperature=0.0, stop_token_ids=[stop])
+    assert output.finish_reason == "stop"
+    assert output.output_token_ids == expected[:expected.index(stop) + 1]
+
+
+async def test_new_work_ends_a_multi_step_decoding_after_its_round(tiny_llama_gguf):
+    spec = deployment_spec(tiny_llama_gguf, kv_cache_memory="64MiB", options={"kv_unified": True})
+    executor = LlamaCppExecutor(spec)
+    prompt = random_prompts(1, [6], 49152, seed=17)[0]
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    try:
+        first = await executor.execute(StepBatch(seqs=[ScheduledSequence(
+            seq_id="a", token_ids=prompt, start_pos=0, block_table=[], params=greedy, prompt_token_ids=prompt)]))
+        token = first.token_ids["a"]
+        decode = ScheduledSequence(seq_id="a", token_ids=[token], start_pos=len(prompt), block_table=[],
+                                   params=greedy, prompt_token_ids=prompt, output_token_ids=[token],
+                                   decode_steps=3000)  # far longer than the wait below
+        async with anyio.create_task_group() as group:
+            async def arrive() -> None:
+                await anyio.sleep(0.3)
+                executor.end_step_early()
+
+            group.start_soon(arrive)
+            result = await executor.execute(StepBatch(seqs=[decode]))
+    finally:
+        executor.close()
+    more = result.more_token_ids["a"]
+    assert 0 < len(more) < 2999
+    assert [token, result.token_ids["a"], *more] == llama_cpp_greedy(tiny_llama_gguf, prompt, len(more) + 2)

@@ -20,6 +20,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from flowserve_core.errors import RejectedError
+from flowserve_core.interfaces import IncrementalDetokenizer, TextDelta
 from flowserve_core.types import Request, TokenLogprob
 from flowserve_openai.errors import APIError
 from flowserve_openai.protocol import FinishReason
@@ -123,13 +124,14 @@ class Generation:
                 if last_token_at is not None:
                     latencies.extend([(now - last_token_at) / len(event.token_ids)] * len(event.token_ids))
                 last_token_at = now
-                delta = detokenizer.push(event.token_ids)
+                delta, taken = _push(detokenizer, event.token_ids)
                 if delta.stopped:
-                    # A stop string matched in the text: end here; leaving the `async with`
-                    # aborts the task on the engine.
+                    # A stop string matched in the text: end here, with the tokens up to the
+                    # one that completed it; leaving the `async with` aborts the task.
                     handle.finished_early("stop")
-                    await events.send(ChoiceEvent(choice.index, delta.text, list(event.token_ids),
-                                                  event.logprobs, finish_reason="stop", cached_tokens=cached,
+                    logprobs = event.logprobs[:taken] if event.logprobs else event.logprobs
+                    await events.send(ChoiceEvent(choice.index, delta.text, list(event.token_ids[:taken]),
+                                                  logprobs, finish_reason="stop", cached_tokens=cached,
                                                   prompt_logprobs=event.prompt_logprobs))
                     return
                 text = delta.text
@@ -149,3 +151,18 @@ class Generation:
                 await events.send(ChoiceEvent(choice.index, text, list(event.token_ids), event.logprobs,
                                               cached_tokens=cached, prompt_logprobs=event.prompt_logprobs))
         await events.send(ChoiceEvent(choice.index, error="the request ended without a finish reason"))
+
+
+def _push(detokenizer: IncrementalDetokenizer, token_ids: list[int]) -> tuple[TextDelta, int]:
+    """Decode an event's tokens: the new text and how many tokens it took, all of them unless
+    a stop string matched. An event of several tokens (multi-step decoding) is decoded token
+    by token, so that a stop string ends the output at the token that completed it."""
+    if len(token_ids) == 1:
+        return detokenizer.push(token_ids), 1
+    text = []
+    for taken, token in enumerate(token_ids, 1):
+        delta = detokenizer.push([token])
+        text.append(delta.text)
+        if delta.stopped:
+            return TextDelta(text="".join(text), stopped=True), taken
+    return TextDelta(text="".join(text)), len(token_ids)

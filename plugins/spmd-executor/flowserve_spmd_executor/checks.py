@@ -4,7 +4,8 @@
 same checks once when a deployment starts (the ``flowserve_check_deployment`` hook), from
 ``config.json`` or a GGUF file's header alone, so a configuration that can never work fails
 at once with its reason instead of respawning instances forever: the device and dtype
-exist, the model exists and parses, ``tensor_parallel`` divides its heads and MLP, and the KV
+exist, the model exists and parses, ``tensor_parallel`` divides its heads and MLP, ``decode_steps``
+is 1 (this executor samples one token a step), and the KV
 cache holds one sequence of ``max_model_len`` tokens (when it is set; unset, it becomes the
 model's context or what the cache holds, whichever is less).
 """
@@ -76,7 +77,15 @@ def model_config_of(model: str, plugins: PluginLookup | None = None) -> ModelCon
     return model_config_from_dict(config_from_gguf(gguf), source=str(gguf), plugins=plugins)
 
 
+def check_decode_steps(spec: DeploymentSpec) -> None:
+    """``ConfigError`` for multi-step decoding: this executor samples one token a step."""
+    if spec.decode_steps > 1:
+        raise ConfigError(f"decode_steps={spec.decode_steps}: executor 'spmd' samples one token a step; "
+                          f"multi-step decoding needs executor 'llamacpp' (or decode_steps 1)")
+
+
 def check_deployment(spec: DeploymentSpec, plugins: PluginLookup | None = None) -> None:
     """Raise ``ConfigError`` if no instance of ``spec`` could ever start (see the module doc)."""
+    check_decode_steps(spec)
     dtype = resolve_dtype(spec.dtype, resolve_device_type(spec.device))
     plan_kv_cache(spec, model_config_of(spec.model, plugins), dtype)

@@ -35,7 +35,7 @@ from flowserve_core.errors import EngineDeadError
 from flowserve_core.interfaces import PluginLookup
 from flowserve_core.types import DeploymentSpec, KVBlockTransfer, KVCacheSpec, StepBatch, StepResult
 from flowserve_sampler import Pooler, Sampler, deployment_backend, score_prompts
-from flowserve_spmd_executor.checks import plan_kv_cache
+from flowserve_spmd_executor.checks import check_decode_steps, plan_kv_cache
 from flowserve_spmd_executor.distributed import CollectiveError, Rendezvous
 from flowserve_spmd_executor.gang import WorkerGang
 from flowserve_spmd_executor.loader import resolve_weights
@@ -64,6 +64,7 @@ class SpmdExecutor:
     """
 
     def __init__(self, spec: DeploymentSpec, plugins: PluginLookup | None = None):
+        check_decode_steps(spec)
         self.spec = spec
         self.world_size = spec.tensor_parallel
         self.device_type = resolve_device_type(spec.device)

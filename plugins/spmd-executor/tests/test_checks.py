@@ -37,6 +37,7 @@ def test_a_working_spec_passes_and_the_instance_start_agrees(tiny_llama):
     (dict(tensor_parallel=3), "does not divide the model's 4 attention heads"),
     (dict(kv_cache_memory="64KiB", max_model_len=1024), "fewer than one sequence of max_model_len 1024"),
     (dict(device="npu"), "torch_npu is not installed"),
+    (dict(decode_steps=4), "multi-step decoding needs executor 'llamacpp'"),
 ])
 def test_what_can_never_run_is_refused_with_its_reason_at_check_and_at_instance_start(tiny_llama, fields, message):
     with pytest.raises(ConfigError, match=message):

@@ -46,3 +46,21 @@ def test_a_repetition_penalty_of_almost_nothing_samples_a_real_token():
     seqs = [_seq("sampled", SamplingParams(temperature=1.0, repetition_penalty=1e-300), prompt=[0, 2]),
             _seq("greedy", SamplingParams(temperature=0.0, repetition_penalty=1e-300), prompt=[0, 2])]
     assert _tokens(logits, seqs) == [0, 0]
+
+
+def test_plain_greedy_rows_on_the_cpu_pick_what_torch_argmax_picks_and_degenerate_rows_still_work():
+    # All rows plain greedy: the numpy path (ties go to the first maximum, as torch's argmax)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 1000, generator=generator)
+    logits[2, 10] = logits[2, 20] = logits[2].max() + 1.0  # a tie
+    seqs = [_seq(f"g{i}", SamplingParams(temperature=0.0)) for i in range(6)]
+    assert _tokens(logits, seqs) == logits.argmax(dim=-1).tolist()
+    assert _tokens(logits, seqs)[2] == 10
+    # A NaN or +inf in a plain greedy batch: the general path reads NaN as -inf, +inf as huge
+    degenerate = torch.tensor([[float("nan"), 1.0, 3.0, 2.0], [0.5, float("inf"), 3.0, 1.0]])
+    assert _tokens(degenerate, [_seq("nan", SamplingParams(temperature=0.0)),
+                                _seq("inf", SamplingParams(temperature=0.0))]) == [2, 1]
+    # min_tokens not reached: the stop tokens are masked, so the plain path is not taken
+    masked = ScheduledSequence(seq_id="m", token_ids=[1], start_pos=0, block_table=[0], prompt_token_ids=[0],
+                               params=SamplingParams(temperature=0.0, min_tokens=2), eos_token_ids=[3])
+    assert _tokens(torch.tensor([[0.0, 1.0, 2.0, 9.0]]), [masked]) == [2]

@@ -171,12 +171,13 @@ def instance_memory(server: Server) -> dict[str, Any]:
             "processes": {str(pid): value for pid, value in descendants.items()}}
 
 
-def bench(server: Server, concurrency: int, args: argparse.Namespace, model: str, out: Path) -> BenchResult:
+def bench(server: Server, concurrency: int, args: argparse.Namespace, model: str, out: Path,
+          turn: int | None = None) -> BenchResult:
     """One ``flowserve bench`` closed-loop run against ``server``; its results file, read back."""
-    label = f"{server.name}-c{concurrency}"
+    label = f"{server.name}-c{concurrency}" + ("" if turn is None else f"-turn{turn}")
     result_file = out / f"{label}.json"
     command = [sys.executable, "-m", "flowserve_core.cli", "bench", "--url", server.url + "/v1",
-               "--seed", str(concurrency), "--concurrency", str(concurrency),
+               "--seed", str(concurrency + 1000 * (turn or 0)), "--concurrency", str(concurrency),
                "--num-requests", str(max(args.min_requests, concurrency * args.rounds)),
                "--warmup", str(min(concurrency, 2)), "--prompt-len", args.prompt_len,
                "--output-len", str(args.output_len), "--ignore-eos", "--tokenizer", model,
@@ -192,6 +193,39 @@ def row(name: str, concurrency: int, result: BenchResult, memory: dict[str, Any]
             "output_tok_s": result.output_throughput, "ttft_p50": result.ttft.p50, "ttft_p99": result.ttft.p99,
             "tpot_p50": result.tpot.p50, "instance_rss_mib": memory["instance_rss"] / 2**20,
             "frontend_rss_mib": memory["frontend_rss"] / 2**20, "processes_rss": memory["processes"]}
+
+
+def alternate(servers: list[Server], levels: list[int], args: argparse.Namespace, model: str,
+              out: Path) -> list[dict[str, Any]]:
+    """``--alternate N``: every server is up (each idle while another is measured); at each
+    concurrency they take N turns each, one after the other, the order rotating every turn.
+    A machine whose speed drifts over minutes (a shared VM) then slows every server alike.
+    Each turn has prompts of its own (``--seed`` C + 1000 × turn), the same for every server,
+    so no server answers a turn from a prefix it cached in the turn before.
+    Each row holds the median turn's figures and every turn's output tok/s; a FlowServe row
+    also holds each turn's ratio to the llama-server turn beside it, and their median."""
+    rows: list[dict[str, Any]] = []
+    for concurrency in levels:
+        turns: dict[str, list[BenchResult]] = {server.name: [] for server in servers}
+        for turn in range(args.alternate):
+            shift = turn % len(servers)
+            for server in servers[shift:] + servers[:shift]:
+                result = bench(server, concurrency, args, model, out, turn)
+                turns[server.name].append(result)
+                console.print(f"{server.name} c={concurrency} turn {turn}: {result.output_throughput:.1f} tok/s")
+        base = turns.get("llama-server")
+        for server in servers:
+            results = turns[server.name]
+            ranked = sorted(results, key=lambda r: r.output_throughput)
+            line = row(server.name, concurrency, ranked[(len(ranked) - 1) // 2], instance_memory(server))
+            line["turns_output_tok_s"] = [r.output_throughput for r in results]
+            if base is not None and server.name != "llama-server":
+                ratios = sorted(r.output_throughput / b.output_throughput for r, b in zip(results, base))
+                line["turn_ratios"] = ratios
+                line["median_turn_ratio"] = ratios[(len(ratios) - 1) // 2]
+                console.print(f"{server.name} c={concurrency}: turn ratios {', '.join(f'{x:.2f}' for x in ratios)}")
+            rows.append(line)
+    return rows
 
 
 def _seconds(value: float | None) -> str:
@@ -249,6 +283,9 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to be ready")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="flowserve bench --timeout")
     parser.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one bench run may take")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="start every server, then measure them in N alternating turns per concurrency "
+                             "(median turn reported): for a machine whose speed drifts")
     parser.add_argument("--out", default="benchmarks/results/vs_llama_server")
     args = parser.parse_args()
     model = args.model or default_model_path()
@@ -262,7 +299,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()  # others' work on the CPU skews every figure: keep it on record
-    for name in servers:
+    if args.alternate:
+        running: list[Server] = []
+        try:
+            for name in servers:
+                running.append(start_llama_server(args, model, out) if name == "llama-server"
+                               else start_flowserve(args, name, model, out))
+            rows = alternate(running, levels, args, model, out)
+        finally:
+            for server in running:
+                server.stop()
+    for name in servers if not args.alternate else []:
         server = (start_llama_server(args, model, out) if name == "llama-server"
                   else start_flowserve(args, name, model, out))
         try:

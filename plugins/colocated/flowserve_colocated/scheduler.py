@@ -6,7 +6,9 @@ partly computed, then waiting sequences in arrival order (first come, first serv
 longer than what is left of the budget is computed in chunks over several steps; only the
 chunk that reaches its end samples. When blocks run out, the latest-arrived running sequence
 is preempted: its blocks are freed and it waits again, to be recomputed (prompt and the tokens
-it generated) when blocks are free. See docs/scheduling.md. An embedding's task
+it generated) when blocks are free. With ``decode_steps`` > 1, a batch of decodes alone, while
+no waiting sequence could start, asks each for several tokens (multi-step decoding,
+``multistep.py``). See docs/scheduling.md. An embedding's task
 (``Request.pooling``) is a prompt computed the same way: the chunk that reaches its end brings
 the vector (``StepResult.embeddings``) instead of a token, and the task ends there (``stop``);
 mean pooling computes every position (no prefix-cache hits).

@@ -169,7 +169,6 @@ class LlamaCppExecutor:
     def _step(self, batch: StepBatch) -> StepResult:
         with self._lock:
             self._check_alive()
-            self._end_early.clear()  # what arrived before this step was scheduled is in it
             self.sampler.forget(batch.finished_seq_ids)
             self.pooler.forget(batch.finished_seq_ids)
             for seq_id in batch.finished_seq_ids:
@@ -194,6 +193,9 @@ class LlamaCppExecutor:
                 KVBlockTransfer(seq_id=t.seq_id, block_ids=t.block_ids, first_block=t.first_block,
                                 data=self._export(t.seq_id))  # type: ignore[arg-type]  # bytes-like, uncopied
                 for t in batch.kv_exports]
+            # Cleared as the step ends, not as it starts: work that arrives after the engine
+            # scheduled the next step but before it runs ends that step after its first round.
+            self._end_early.clear()
             return result
 
     def _decode_more(self, sampled: list[ScheduledSequence], result: StepResult) -> None:

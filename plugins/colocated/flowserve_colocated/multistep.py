@@ -11,9 +11,11 @@ step early when a sequence ends or new work arrives (``EndsStepsEarly``).
 
 from __future__ import annotations
 
+from typing import Callable
+
 from flowserve_colocated.sequence import Sequence
 from flowserve_core.interfaces import KVCacheManager
-from flowserve_core.types import TaskRole
+from flowserve_core.types import FinishReason, TaskRole
 
 
 def plan_decode_steps(decodes: list[Sequence], decode_steps: int, max_model_len: int,
@@ -42,3 +44,24 @@ def plan_decode_steps(decodes: list[Sequence], decode_steps: int, max_model_len:
             return {}
         steps[seq.seq_id] = count
     return steps
+
+
+def accept_tokens(seq: Sequence, sampled: list[int], asked: int,
+                  finish_reason: Callable[[Sequence, int], FinishReason | None],
+                  kv: KVCacheManager) -> tuple[list[int], FinishReason | None]:
+    """Append the tokens ``seq`` sampled in a step (several under multi-step decoding, at most
+    ``asked``) up to the first that ends it by ``finish_reason``: the tokens kept and why it
+    ends. The KV of every kept token but the last was computed in the step, so it is
+    committed as computed."""
+    kept: list[int] = []
+    reason: FinishReason | None = None
+    for token in sampled[:asked]:
+        seq.append(token)
+        kept.append(token)
+        reason = finish_reason(seq, token)
+        if reason:
+            break
+    if len(kept) > 1:
+        seq.num_computed += len(kept) - 1
+        kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+    return kept, reason

@@ -32,7 +32,7 @@ from typing import Any
 
 from flowserve_colocated.fits import check_fits
 from flowserve_colocated.handoff import KVHandoffs
-from flowserve_colocated.multistep import plan_decode_steps
+from flowserve_colocated.multistep import accept_tokens, plan_decode_steps
 from flowserve_colocated.sequence import Sequence, SequenceStatus
 from flowserve_core.factories import KVTransports
 from flowserve_core.interfaces import (
@@ -275,8 +275,8 @@ class ContinuousBatchScheduler:
                     f"the executor {self.spec.executor!r} scored {len(seq.prompt_logprobs)} of the prompt's "
                     f"{len(seq.prompt_token_ids) - 1} tokens after the first: it does not compute prompt_logprobs")))
                 continue
-            tokens, reason = self._accept(seq, [token, *result.more_token_ids.get(seq.seq_id, ())],
-                                          scheduled.decode_steps)
+            tokens, reason = accept_tokens(seq, [token, *result.more_token_ids.get(seq.seq_id, ())],
+                                           scheduled.decode_steps, self.finish_reason, self.kv)
             logprob = result.logprobs.get(seq.seq_id)
             logprobs = [logprob, *result.more_logprobs.get(seq.seq_id, ())][:len(tokens)] if logprob else None
             handoff = None
@@ -287,23 +287,6 @@ class ContinuousBatchScheduler:
             if reason:
                 self._end(seq)
         return events
-
-    def _accept(self, seq: Sequence, sampled: list[int], asked: int) -> tuple[list[int], FinishReason | None]:
-        """Append the tokens ``seq`` sampled this step (several under multi-step decoding) up to
-        the first that ends it: the tokens kept and why it ends. The KV of every kept token
-        but the last was computed in the step, so it counts as computed."""
-        kept: list[int] = []
-        reason: FinishReason | None = None
-        for token in sampled[:asked]:
-            seq.append(token)
-            kept.append(token)
-            reason = self.finish_reason(seq, token)
-            if reason:
-                break
-        if len(kept) > 1:
-            seq.num_computed += len(kept) - 1
-            self.kv.commit(seq.seq_id, seq.token_ids, seq.num_computed)
-        return kept, reason
 
     def _event(self, seq: Sequence, tokens: list[int], logprobs: Any, reason: FinishReason | None,
                error: str | None = None, handoff: KVHandoff | None = None) -> TokenEvent:

@@ -4,6 +4,8 @@ overflowed, a repetition penalty of almost nothing) are picked greedily from wha
 
 from __future__ import annotations
 
+import msgspec
+import numpy as np
 import torch
 
 from flowserve_core.types import SamplingParams, ScheduledSequence
@@ -64,3 +66,33 @@ def test_plain_greedy_rows_on_the_cpu_pick_what_torch_argmax_picks_and_degenerat
     masked = ScheduledSequence(seq_id="m", token_ids=[1], start_pos=0, block_table=[0], prompt_token_ids=[0],
                                params=SamplingParams(temperature=0.0, min_tokens=2), eos_token_ids=[3])
     assert _tokens(torch.tensor([[0.0, 1.0, 2.0, 9.0]]), [masked]) == [2]
+
+
+def test_min_tokens_with_nothing_to_mask_keeps_the_plain_greedy_path():
+    # ignore_eos and no stop_token_ids (what flowserve bench asks with min_tokens): min_tokens
+    # masks nothing, so the numpy path picks, and the end-of-sequence token may win
+    sampler = Sampler(4, torch.device("cpu"))
+    logits = np.array([[0.0, 1.0, 2.0, 9.0]], dtype=np.float32)
+    unmasked = ScheduledSequence(seq_id="u", token_ids=[1], start_pos=0, block_table=[0], prompt_token_ids=[0],
+                                 params=SamplingParams(temperature=0.0, min_tokens=5, ignore_eos=True),
+                                 eos_token_ids=[3])
+    assert sampler.greedy(logits, [unmasked]).token_ids == {"u": 3}
+    assert _tokens(torch.from_numpy(logits), [unmasked]) == [3]
+    # a stop token id is still masked until min_tokens: not plain greedy, the general path masks it
+    stopped = msgspec.structs.replace(unmasked, params=SamplingParams(temperature=0.0, min_tokens=5, ignore_eos=True,
+                                                                      stop_token_ids=[3]))
+    assert sampler.greedy(logits, [stopped]) is None
+    assert _tokens(torch.from_numpy(logits), [stopped]) == [2]
+
+
+def test_the_numpy_greedy_path_leaves_nan_and_inf_rows_and_sampled_rows_to_the_general_path():
+    sampler = Sampler(4, torch.device("cpu"))
+    plain = [_seq("a", SamplingParams(temperature=0.0)), _seq("b", SamplingParams(temperature=0.0))]
+    healthy = np.array([[0.0, 5.0, 5.0, 1.0], [-np.inf, -np.inf, -np.inf, -np.inf]], dtype=np.float32)
+    assert sampler.greedy(healthy, plain).token_ids == {"a": 1, "b": 0}  # first maximum, as torch's argmax
+    for bad in (np.nan, np.inf):
+        rows = healthy.copy()
+        rows[1, 2] = bad
+        assert sampler.greedy(rows, plain) is None
+    assert sampler.greedy(healthy, [plain[0], _seq("t", SamplingParams(temperature=0.7))]) is None
+    assert sampler.greedy(healthy, [plain[0], _seq("l", SamplingParams(temperature=0.0, logprobs=1))]) is None

@@ -35,6 +35,7 @@ tokens; ``auto``, the default: streams when every stream holds ``max_model_len``
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from typing import Any
@@ -136,6 +137,7 @@ class LlamaCppExecutor:
         self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"), deployment_backend(spec, plugins))
         self.pooler = Pooler()
         self._lock = threading.Lock()
+        self._views: dict[tuple[int | None, int], np.ndarray] = {}
         self._dead: str | None = None
         #: set by the engine when work arrives: a multi-step decoding ends after its round
         self._end_early = threading.Event()
@@ -179,11 +181,11 @@ class LlamaCppExecutor:
             self.sampler.prepare([row.scheduled for row in rows if row.sample])  # masks overlap the decode
             pooled = [row for row in rows if row.pooled]
             sums = np.zeros((len(pooled), self.model.n_embd), dtype=np.float32)
-            logits = torch.from_numpy(self._decode(rows, pooled, sums))
+            logits = self._decode(rows, pooled, sums)
             sampled = [row.scheduled for row in rows if row.sample]
-            result = self.sampler(logits[:len(sampled)], sampled) if sampled else StepResult()
+            result = self._sample(logits[:len(sampled)], sampled) if sampled else StepResult()
             if scored := [(row.scheduled, row.scored) for row in rows if row.scored]:
-                result.prompt_logprobs = score_prompts(logits[len(sampled):], scored)
+                result.prompt_logprobs = score_prompts(torch.from_numpy(logits[len(sampled):]), scored)
             if any(row.sample and row.scheduled.decode_steps > 1 for row in rows):
                 self._decode_more([row.scheduled for row in rows if row.sample], result)
             if pooled:
@@ -217,14 +219,19 @@ class LlamaCppExecutor:
             seqs = [msgspec.structs.replace(seq, token_ids=outputs[seq.seq_id][-1:], start_pos=seq.start_pos + step,
                                             output_token_ids=list(outputs[seq.seq_id])) for seq in going]
             self.sampler.prepare(seqs)
-            logits = torch.from_numpy(self._decode([self._row(seq) for seq in seqs], [], no_pooling))
-            more = self.sampler(logits, seqs)
+            more = self._sample(self._decode([self._row(seq) for seq in seqs], [], no_pooling), seqs)
             for seq in seqs:
                 token = more.token_ids[seq.seq_id]
                 outputs[seq.seq_id].append(token)
                 result.more_token_ids.setdefault(seq.seq_id, []).append(token)
                 if (logprob := more.logprobs.get(seq.seq_id)) is not None:
                     result.more_logprobs.setdefault(seq.seq_id, []).append(logprob)
+
+    def _sample(self, logits: np.ndarray, seqs: list[ScheduledSequence]) -> StepResult:
+        """FlowServe's sampler on the rows of ``seqs``; plain greedy rows without torch
+        (``Sampler.greedy``: each call after a decode runs cold, torch's cost most)."""
+        result = self.sampler.greedy(logits, seqs)
+        return result if result is not None else self.sampler(torch.from_numpy(logits), seqs)
 
     def _row(self, scheduled: Any) -> Row:
         """Give ``scheduled`` its slot, holding exactly its first ``start_pos`` tokens' KV
@@ -263,7 +270,9 @@ class LlamaCppExecutor:
     def _decode(self, rows: list[Row], pooled: list[Row], sums: np.ndarray) -> np.ndarray:
         """Decode every row's tokens (in parts of ``n_batch``); the logits of the sampled rows,
         then of the scored prompt positions (row after row). The final hidden states of the
-        ``pooled`` rows' positions are summed into ``sums`` (one row each)."""
+        ``pooled`` rows' positions are summed into ``sums`` (one row each). A batch of one part
+        whose outputs are all sampled rows (a decode step) gets llama.cpp's own output rows,
+        uncopied (a copy of 32 rows of a 49k vocabulary is 6 MB): valid until the next decode."""
         llama_cpp.llama_set_embeddings(self.ctx, bool(pooled))
         try:
             return self._decode_rows(rows, {id(row): i for i, row in enumerate(pooled)}, sums)
@@ -273,8 +282,10 @@ class LlamaCppExecutor:
 
     def _decode_rows(self, rows: list[Row], pool_index: dict[int, int], sums: np.ndarray) -> np.ndarray:
         num_sampled = sum(1 for row in rows if row.sample)
-        logits = np.empty((num_sampled + sum(len(row.scored) for row in rows), self.model.n_vocab),
-                          dtype=np.float32)
+        num_scored = sum(len(row.scored) for row in rows)
+        in_place = (bool(rows) and not pool_index and not num_scored
+                    and sum(len(row.tokens) for row in rows) <= self.n_batch)
+        logits = None if in_place else np.empty((num_sampled + num_scored, self.model.n_vocab), dtype=np.float32)
         batch = self.batch
         n = 0
         outputs = 0  # tokens of this part that output logits (llama.cpp's output rows)
@@ -310,13 +321,16 @@ class LlamaCppExecutor:
                     n, outputs, pending, pending_pool = 0, 0, [], []
             row.slot.tokens.extend(row.tokens)
         if n:
-            self._run_part(n, outputs, pending, logits, pending_pool, sums)
-        return logits
+            produced = self._run_part(n, outputs, pending, logits, pending_pool, sums)
+            if logits is None:
+                return produced
+        return logits if logits is not None else np.empty((0, self.model.n_vocab), dtype=np.float32)
 
-    def _run_part(self, n: int, outputs: int, pending: list[tuple[int, int]], logits: np.ndarray,
-                  pending_pool: list[tuple[int, int]], sums: np.ndarray) -> None:
+    def _run_part(self, n: int, outputs: int, pending: list[tuple[int, int]], logits: np.ndarray | None,
+                  pending_pool: list[tuple[int, int]], sums: np.ndarray) -> np.ndarray:
         """Decode the batch's first ``n`` tokens (``outputs`` of them output logits); copy the
-        ``pending`` output rows into ``logits`` and add the pooled rows' hidden states to ``sums``."""
+        ``pending`` output rows into ``logits`` (unless it is None) and add the pooled rows'
+        hidden states to ``sums``. Returns llama.cpp's output rows (a view)."""
         self.batch.n_tokens = n
         while True:
             code = llama_cpp.llama_decode(self.ctx, self.batch)
@@ -331,8 +345,10 @@ class LlamaCppExecutor:
         if code != 0:
             self._dead = f"llama_decode failed with code {code}"
             raise EngineDeadError(f"llamacpp executor is dead: {self._dead}")
-        if pending:  # llama.cpp keeps the output rows contiguous, in batch order: one view, one copy
-            produced = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(outputs, self.model.n_vocab))
+        if not outputs:
+            return np.empty((0, self.model.n_vocab), dtype=np.float32)
+        produced = self._output_rows(outputs)
+        if pending and logits is not None:
             sources, targets = zip(*pending)
             source, target, k = sources[0], targets[0], len(pending)
             if sources == tuple(range(source, source + k)) and targets == tuple(range(target, target + k)):
@@ -342,6 +358,19 @@ class LlamaCppExecutor:
         for index, row in pending_pool:
             pointer = llama_cpp.llama_get_embeddings_ith(self.ctx, index)
             sums[row] += np.ctypeslib.as_array(pointer, shape=(self.model.n_embd,))
+        return produced
+
+    def _output_rows(self, outputs: int) -> np.ndarray:
+        """llama.cpp's logits rows of the last decode (contiguous, in batch order), as a view.
+        Views are kept by address and row count: making one costs ~80 µs after a decode step."""
+        pointer = llama_cpp.llama_get_logits(self.ctx)
+        key = (ctypes.cast(pointer, ctypes.c_void_p).value, outputs)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) > 2 * MAX_SEQUENCES:  # llama.cpp moved its buffer: views of the old one go
+                self._views.clear()
+            view = self._views[key] = np.ctypeslib.as_array(pointer, shape=(outputs, self.model.n_vocab))
+        return view
 
     def _remove(self, seq_id: int | None) -> None:
         if seq_id is not None:

@@ -11,9 +11,12 @@ a process of its own, and the variants take turns ``--repeats`` times, so that a
 machine disturbs them alike. It prints the median per variant, and the instance's memory
 once its executor is made and after the run (``/proc/self/smaps_rollup``: RSS, and how much
 of it is anonymous memory); ``step_cpu_ms`` is the process's CPU time per step (all its threads), which
-other work on the machine disturbs less than the wall time.
+other work on the machine disturbs less than the wall time. With ``--decode-steps N`` each step
+decodes N tokens in rounds (multi-step decoding), and ``between_decodes_us`` is the median time
+from one round's ``llama_decode`` to the next: the executor's and the sampler's Python.
 
     .venv/bin/python benchmarks/llamacpp_step_profile.py --seqs 32
+    .venv/bin/python benchmarks/llamacpp_step_profile.py --seqs 1 --steps 16 --decode-steps 8
     .venv/bin/python benchmarks/llamacpp_step_profile.py --variant fa-on:flash_attn=true \\
         --variant fa-off:flash_attn=false
 """
@@ -46,7 +49,7 @@ def _memory() -> dict[str, int]:
 
 
 def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv: str, model: str,
-                max_num_seqs: int) -> dict[str, Any]:
+                max_num_seqs: int, decode_steps: int = 1) -> dict[str, Any]:
     """One variant in this process: the per-step medians (ms) and the memory after."""
     import llama_cpp
 
@@ -61,13 +64,18 @@ def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv:
     idle = _memory()
     spent = {"decode": 0.0, "sampler": 0.0}
     decode = llama_cpp.llama_decode
+    between: list[float] = []  # from one llama_decode's return to the next call, within a step
+    last_return: list[float | None] = [None]
 
     def timed_decode(ctx: Any, batch: Any) -> int:
         start = time.perf_counter()
+        if last_return[0] is not None:
+            between.append(start - last_return[0])
         try:
             return int(decode(ctx, batch))
         finally:
-            spent["decode"] += time.perf_counter() - start
+            last_return[0] = time.perf_counter()
+            spent["decode"] += last_return[0] - start
 
     sampler = executor.sampler
 
@@ -84,10 +92,18 @@ def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv:
             finally:
                 spent["sampler"] += time.perf_counter() - start
 
+        def greedy(self, logits: Any, scheduled: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return sampler.greedy(logits, scheduled)
+            finally:
+                spent["sampler"] += time.perf_counter() - start
+
     llama_cpp.llama_decode = timed_decode
     executor.sampler = TimedSampler()  # type: ignore[assignment]  # a timing wrapper with the same calls
     rng = random.Random(0)
-    params = SamplingParams(temperature=0.0, ignore_eos=True, min_tokens=steps + 1, max_tokens=steps + 1)
+    tokens_out = steps * decode_steps + 1
+    params = SamplingParams(temperature=0.0, ignore_eos=True, min_tokens=tokens_out, max_tokens=tokens_out)
     prompts = {f"s{i}": [rng.randrange(100, 40000) for _ in range(prompt)] for i in range(seqs)}
     outputs: dict[str, list[int]] = {seq_id: [] for seq_id in prompts}
     result = executor._step(StepBatch(seqs=[
@@ -101,8 +117,10 @@ def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv:
         batch = StepBatch(seqs=[
             ScheduledSequence(seq_id=seq_id, token_ids=[outputs[seq_id][-1]],
                               start_pos=prompt + len(outputs[seq_id]) - 1, block_table=[], params=params,
-                              prompt_token_ids=tokens, output_token_ids=list(outputs[seq_id]), eos_token_ids=[2])
+                              prompt_token_ids=tokens, output_token_ids=list(outputs[seq_id]), eos_token_ids=[2],
+                              decode_steps=decode_steps)
             for seq_id, tokens in prompts.items()])
+        last_return[0] = None  # the gap across steps is the engine's, not measured here
         start, cpu = time.perf_counter(), time.process_time()
         result = executor._step(batch)
         totals.append(time.perf_counter() - start)
@@ -111,6 +129,7 @@ def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv:
         samplers.append(spent["sampler"])
         for seq_id, token in result.token_ids.items():
             outputs[seq_id].append(token)
+            outputs[seq_id].extend(result.more_token_ids.get(seq_id, []))
     memory = _memory()
     executor.close()
 
@@ -119,6 +138,7 @@ def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv:
 
     return {"step_ms": ms(totals), "step_cpu_ms": ms(cpus), "llama_decode_ms": ms(decodes),
             "sampler_ms": ms(samplers), "other_python_ms": ms([t - d - s for t, d, s in zip(totals, decodes, samplers)]),
+            "between_decodes_us": round(statistics.median(between) * 1e6) if between else None,
             "threads": executor.threads, "idle_rss_kib": idle["rss_kib"], "idle_anonymous_kib": idle["anonymous_kib"],
             **memory}
 
@@ -129,6 +149,8 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=64, help="decode steps measured")
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="tokens each step decodes (multi-step decoding, as --decode-steps of flowserve serve)")
     parser.add_argument("--kv-cache-memory", default="720MiB")
     parser.add_argument("--max-num-seqs", type=int, default=0,
                         help="the deployment's max_num_seqs (default: --seqs), as a server would be given")
@@ -139,7 +161,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(run_variant(_options(args.child), args.seqs, args.prompt, args.steps,
-                                     args.kv_cache_memory, args.model, args.max_num_seqs or args.seqs)))
+                                     args.kv_cache_memory, args.model, args.max_num_seqs or args.seqs,
+                                     args.decode_steps)))
         return
     variants = [v.split(":", 1) if ":" in v else [v, ""] for v in args.variant] or [["defaults", ""]]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in variants}
@@ -147,15 +170,16 @@ def main() -> None:
         for name, options in variants:
             command = [sys.executable, __file__, "--child", options, "--seqs", str(args.seqs), "--prompt",
                        str(args.prompt), "--steps", str(args.steps), "--kv-cache-memory", args.kv_cache_memory,
-                       "--model", args.model, "--max-num-seqs", str(args.max_num_seqs)]
+                       "--model", args.model, "--max-num-seqs", str(args.max_num_seqs),
+                       "--decode-steps", str(args.decode_steps)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             runs[name].append(json.loads(output.strip().splitlines()[-1]))
             print(name, runs[name][-1], file=sys.stderr, flush=True)
     summary = {}
     for name, results in runs.items():
         summary[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
-    print(json.dumps({"seqs": args.seqs, "prompt": args.prompt, "steps": args.steps, "repeats": args.repeats,
-                      "variants": summary}, indent=2))
+    print(json.dumps({"seqs": args.seqs, "prompt": args.prompt, "steps": args.steps,
+                      "decode_steps": args.decode_steps, "repeats": args.repeats, "variants": summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -223,9 +224,21 @@ def alternate(servers: list[Server], levels: list[int], args: argparse.Namespace
                 ratios = sorted(r.output_throughput / b.output_throughput for r, b in zip(results, base))
                 line["turn_ratios"] = ratios
                 line["median_turn_ratio"] = ratios[(len(ratios) - 1) // 2]
-                console.print(f"{server.name} c={concurrency}: turn ratios {', '.join(f'{x:.2f}' for x in ratios)}")
+                line["turns_above"] = sum(1 for x in ratios if x > 1.0)
+                line["sign_test_p"] = sign_test(line["turns_above"], sum(1 for x in ratios if x != 1.0))
+                console.print(f"{server.name} c={concurrency}: turn ratios {', '.join(f'{x:.2f}' for x in ratios)}; "
+                              f"{line['turns_above']} of {len(ratios)} above 1 (sign test p = {line['sign_test_p']:.3f})")
             rows.append(line)
     return rows
+
+
+def sign_test(above: int, turns: int) -> float:
+    """Two-sided sign test: the chance of a split at least as uneven as ``above`` of ``turns``
+    if either server were as likely to win a turn (no assumption on how the noise is spread)."""
+    if not turns:
+        return 1.0
+    tail = min(above, turns - above)
+    return min(1.0, 2 * sum(math.comb(turns, k) for k in range(tail + 1)) / 2**turns)
 
 
 def _seconds(value: float | None) -> str:

@@ -293,6 +293,7 @@ class LlamaCppExecutor:
         pending_pool: list[tuple[int, int]] = []  # (index in this part, row of sums)
         every = bool(pool_index)  # with embeddings on, llama.cpp outputs every token
         out, scored_out = 0, num_sampled
+        produced = np.empty((0, self.model.n_vocab), dtype=np.float32)  # the last part's output rows
         for row in rows:
             last = len(row.tokens) - 1
             # Scored positions start at the chunk's start, after any prefix recomputed here.
@@ -316,15 +317,13 @@ class LlamaCppExecutor:
                     scored_out += 1
                 outputs += output
                 n += 1
-                if n == self.n_batch:
-                    self._run_part(n, outputs, pending, logits, pending_pool, sums)
+                if n == self.n_batch:  # a batch of exactly n_batch tokens ends here, in one part
+                    produced = self._run_part(n, outputs, pending, logits, pending_pool, sums)
                     n, outputs, pending, pending_pool = 0, 0, [], []
             row.slot.tokens.extend(row.tokens)
         if n:
             produced = self._run_part(n, outputs, pending, logits, pending_pool, sums)
-            if logits is None:
-                return produced
-        return logits if logits is not None else np.empty((0, self.model.n_vocab), dtype=np.float32)
+        return produced if logits is None else logits
 
     def _run_part(self, n: int, outputs: int, pending: list[tuple[int, int]], logits: np.ndarray | None,
                   pending_pool: list[tuple[int, int]], sums: np.ndarray) -> np.ndarray:

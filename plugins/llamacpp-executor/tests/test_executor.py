@@ -112,6 +112,20 @@ async def test_concurrent_requests_decode_in_one_batch_and_stay_greedy_exact(tin
         assert output.output_token_ids == llama_cpp_greedy(tiny_llama_gguf, prompt, 10)
 
 
+@pytest.mark.parametrize("budget", [16, 40], ids=["steps-of-exactly-n_batch", "steps-in-parts"])
+async def test_steps_of_exactly_n_batch_tokens_or_in_parts_sample_every_sequence(tiny_llama_gguf, budget):
+    """``n_batch`` 16: with a step budget of 16, chunked prefills fill steps of exactly 16 tokens,
+    decoded in one part whose logits are read in place; with 40, steps take several parts, and
+    their logits are copied out part by part. Every sequence gets its token either way."""
+    prompts = random_prompts(5, [9, 7, 30, 3, 16], 49152, seed=18)
+    spec = deployment_spec(tiny_llama_gguf, max_num_batched_tokens=budget, options={"n_batch": 16})
+    async with run_deployment(spec) as runner:
+        outputs = await generate_concurrently(runner, prompts, 6)
+    for prompt, output in zip(prompts, outputs):
+        assert output.error is None
+        assert output.output_token_ids == llama_cpp_greedy(tiny_llama_gguf, prompt, 6)
+
+
 async def test_a_repeated_prompt_reuses_the_kv_of_a_finished_sequence(tiny_llama_gguf):
     prompt = random_prompts(1, [100], 49152, seed=5)[0]
     async with run_deployment(deployment_spec(tiny_llama_gguf, block_size=16)) as runner:

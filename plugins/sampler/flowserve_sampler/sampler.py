@@ -78,6 +78,8 @@ class Sampler:
         weights through every cache, and each library call after it runs cold (measured after a
         SmolLM2 decode step: this 30 µs, torch's inference mode and dispatch 250 µs, a few
         percent of the step)."""
+        if len(logits) != len(seqs):
+            raise ValueError(f"{len(logits)} rows of logits for {len(seqs)} sequences")
         if not all(map(self._plain_greedy, seqs)):
             return None
         best = logits.argmax(axis=-1).tolist()

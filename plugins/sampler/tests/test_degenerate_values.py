@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import msgspec
 import numpy as np
+import pytest
 import torch
 
 from flowserve_core.types import SamplingParams, ScheduledSequence
@@ -96,3 +97,5 @@ def test_the_numpy_greedy_path_leaves_nan_and_inf_rows_and_sampled_rows_to_the_g
         assert sampler.greedy(rows, plain) is None
     assert sampler.greedy(healthy, [plain[0], _seq("t", SamplingParams(temperature=0.7))]) is None
     assert sampler.greedy(healthy, [plain[0], _seq("l", SamplingParams(temperature=0.0, logprobs=1))]) is None
+    with pytest.raises(ValueError, match="1 rows of logits for 2 sequences"):  # never a token silently missing
+        sampler.greedy(healthy[:1], plain)

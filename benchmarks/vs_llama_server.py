@@ -173,13 +173,15 @@ def instance_memory(server: Server) -> dict[str, Any]:
 
 
 def bench(server: Server, concurrency: int, args: argparse.Namespace, model: str, out: Path,
-          turn: int | None = None) -> BenchResult:
-    """One ``flowserve bench`` closed-loop run against ``server``; its results file, read back."""
-    label = f"{server.name}-c{concurrency}" + ("" if turn is None else f"-turn{turn}")
+          turn: int | None = None, warm: bool = False, rounds: int | None = None) -> BenchResult:
+    """One ``flowserve bench`` closed-loop run against ``server``; its results file, read back.
+    A ``warm`` run (unmeasured) has prompts of its own, so it leaves no prefix to reuse."""
+    label = f"{server.name}-c{concurrency}" + ("" if turn is None else f"-turn{turn}") + ("-warm" if warm else "")
+    rounds = args.rounds if rounds is None else rounds
     result_file = out / f"{label}.json"
     command = [sys.executable, "-m", "flowserve_core.cli", "bench", "--url", server.url + "/v1",
-               "--seed", str(concurrency + 1000 * (turn or 0)), "--concurrency", str(concurrency),
-               "--num-requests", str(max(args.min_requests, concurrency * args.rounds)),
+               "--seed", str(concurrency + 1000 * (turn or 0) + (500 if warm else 0)), "--concurrency", str(concurrency),
+               "--num-requests", str(max(args.min_requests, concurrency * rounds)),
                "--warmup", str(min(concurrency, 2)), "--prompt-len", args.prompt_len,
                "--output-len", str(args.output_len), "--ignore-eos", "--tokenizer", model,
                "--timeout", str(args.request_timeout), "--label", label, "--result-file", str(result_file)]
@@ -202,7 +204,10 @@ def alternate(servers: list[Server], levels: list[int], args: argparse.Namespace
     concurrency they take N turns each, one after the other, the order rotating every turn.
     A machine whose speed drifts over minutes (a shared VM) then slows every server alike.
     Each turn has prompts of its own (``--seed`` C + 1000 × turn), the same for every server,
-    so no server answers a turn from a prefix it cached in the turn before.
+    so no server answers a turn from a prefix it cached in the turn before. ``--warm-turns W``
+    runs each server W unmeasured one-round runs (prompts of their own) before each measured
+    turn: on this VM a server ran up to 10 % slower in the run just after the other server's
+    run than in its second run in a row (FlowServe at 32: 109–113 against 119–126 tok/s).
     Each row holds the median turn's figures and every turn's output tok/s; a FlowServe row
     also holds each turn's ratio to the llama-server turn beside it, and their median."""
     rows: list[dict[str, Any]] = []
@@ -211,6 +216,8 @@ def alternate(servers: list[Server], levels: list[int], args: argparse.Namespace
         for turn in range(args.alternate):
             shift = turn % len(servers)
             for server in servers[shift:] + servers[:shift]:
+                for _ in range(args.warm_turns):
+                    bench(server, concurrency, args, model, out, turn, warm=True, rounds=1)
                 result = bench(server, concurrency, args, model, out, turn)
                 turns[server.name].append(result)
                 console.print(f"{server.name} c={concurrency} turn {turn}: {result.output_throughput:.1f} tok/s")
@@ -299,6 +306,9 @@ def main() -> None:
     parser.add_argument("--alternate", type=int, default=0, metavar="N",
                         help="start every server, then measure them in N alternating turns per concurrency "
                              "(median turn reported): for a machine whose speed drifts")
+    parser.add_argument("--warm-turns", type=int, default=0, metavar="W",
+                        help="with --alternate: W unmeasured runs of one round before each measured turn, so a "
+                             "server is measured in its own stride rather than just after the other's run")
     parser.add_argument("--out", default="benchmarks/results/vs_llama_server")
     args = parser.parse_args()
     model = args.model or default_model_path()

@@ -35,7 +35,6 @@ tokens; ``auto``, the default: streams when every stream holds ``max_model_len``
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from typing import Any
@@ -65,6 +64,7 @@ from flowserve_llamacpp_executor.model import (
     load_model,
     option_flag,
 )
+from flowserve_llamacpp_executor.outputs import OutputLogits
 from flowserve_llamacpp_executor.rows import Row, tokens_before
 from flowserve_llamacpp_executor.slots import SlotTable
 from flowserve_llamacpp_executor.state import read_sequence_state, write_sequence_state
@@ -133,11 +133,11 @@ class LlamaCppExecutor:
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self.ctx))
         self.max_model_len = min(spec.max_model_len or self.model.n_ctx_train or self.n_ctx_seq, self.n_ctx_seq)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.outputs = OutputLogits(self.ctx, self.model.n_vocab)
         self.slots = SlotTable(self.n_slots)
         self.sampler = Sampler(self.model.n_vocab, torch.device("cpu"), deployment_backend(spec, plugins))
         self.pooler = Pooler()
         self._lock = threading.Lock()
-        self._views: dict[tuple[int | None, int], np.ndarray] = {}
         self._dead: str | None = None
         #: set by the engine when work arrives: a multi-step decoding ends after its round
         self._end_early = threading.Event()
@@ -344,32 +344,13 @@ class LlamaCppExecutor:
         if code != 0:
             self._dead = f"llama_decode failed with code {code}"
             raise EngineDeadError(f"llamacpp executor is dead: {self._dead}")
-        if not outputs:
-            return np.empty((0, self.model.n_vocab), dtype=np.float32)
-        produced = self._output_rows(outputs)
-        if pending and logits is not None:
-            sources, targets = zip(*pending)
-            source, target, k = sources[0], targets[0], len(pending)
-            if sources == tuple(range(source, source + k)) and targets == tuple(range(target, target + k)):
-                logits[target:target + k] = produced[source:source + k]  # a decode step: one block copy
-            else:
-                logits[list(targets)] = produced[list(sources)]
+        produced = self.outputs.rows(outputs)
+        if logits is not None:
+            self.outputs.copy(produced, pending, logits)
         for index, row in pending_pool:
             pointer = llama_cpp.llama_get_embeddings_ith(self.ctx, index)
             sums[row] += np.ctypeslib.as_array(pointer, shape=(self.model.n_embd,))
         return produced
-
-    def _output_rows(self, outputs: int) -> np.ndarray:
-        """llama.cpp's logits rows of the last decode (contiguous, in batch order), as a view.
-        Views are kept by address and row count: making one costs ~80 µs after a decode step."""
-        pointer = llama_cpp.llama_get_logits(self.ctx)
-        key = (ctypes.cast(pointer, ctypes.c_void_p).value, outputs)
-        view = self._views.get(key)
-        if view is None:
-            if len(self._views) > 2 * MAX_SEQUENCES:  # llama.cpp moved its buffer: views of the old one go
-                self._views.clear()
-            view = self._views[key] = np.ctypeslib.as_array(pointer, shape=(outputs, self.model.n_vocab))
-        return view
 
     def _remove(self, seq_id: int | None) -> None:
         if seq_id is not None:
@@ -404,6 +385,7 @@ class LlamaCppExecutor:
         with self._lock:
             self._dead = self._dead or "the executor was closed"
             if self.ctx:
+                self.outputs.forget()
                 llama_cpp.llama_batch_free(self.batch)
                 llama_cpp.llama_free(self.ctx)
                 self.ctx = None

@@ -64,7 +64,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> StepResult:
         """Sample one token for each row of ``logits [len(seqs), vocab]``."""
         if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            result = self.greedy(logits.numpy(), seqs)
+            result = self.greedy(logits.detach().numpy(), seqs)
             if result is not None:
                 return result
         return self._sample(logits, seqs)
@@ -76,8 +76,8 @@ class Sampler:
 
         Numpy rather than torch, and as few calls as can be: on a CPU a decode step streams the
         weights through every cache, and each library call after it runs cold (measured after a
-        SmolLM2 decode step: this 30 µs, torch's inference mode and dispatch 250 µs, a few
-        percent of the step)."""
+        SmolLM2 decode step of one sequence: this about 60 µs, the torch path about 250 µs, of a
+        9–10 ms step)."""
         if len(logits) != len(seqs):
             raise ValueError(f"{len(logits)} rows of logits for {len(seqs)} sequences")
         if not all(map(self._plain_greedy, seqs)):

@@ -92,13 +92,6 @@ def run_variant(options: dict[str, str], seqs: int, prompt: int, steps: int, kv:
             finally:
                 spent["sampler"] += time.perf_counter() - start
 
-        def greedy(self, logits: Any, scheduled: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return sampler.greedy(logits, scheduled)
-            finally:
-                spent["sampler"] += time.perf_counter() - start
-
     llama_cpp.llama_decode = timed_decode
     executor.sampler = TimedSampler()  # type: ignore[assignment]  # a timing wrapper with the same calls
     rng = random.Random(0)

@@ -183,7 +183,7 @@ class LlamaCppExecutor:
             sums = np.zeros((len(pooled), self.model.n_embd), dtype=np.float32)
             logits = self._decode(rows, pooled, sums)
             sampled = [row.scheduled for row in rows if row.sample]
-            result = self._sample(logits[:len(sampled)], sampled) if sampled else StepResult()
+            result = self.sampler(logits[:len(sampled)], sampled) if sampled else StepResult()
             if scored := [(row.scheduled, row.scored) for row in rows if row.scored]:
                 result.prompt_logprobs = score_prompts(torch.from_numpy(logits[len(sampled):]), scored)
             if any(row.sample and row.scheduled.decode_steps > 1 for row in rows):
@@ -219,19 +219,13 @@ class LlamaCppExecutor:
             seqs = [msgspec.structs.replace(seq, token_ids=outputs[seq.seq_id][-1:], start_pos=seq.start_pos + step,
                                             output_token_ids=list(outputs[seq.seq_id])) for seq in going]
             self.sampler.prepare(seqs)
-            more = self._sample(self._decode([self._row(seq) for seq in seqs], [], no_pooling), seqs)
+            more = self.sampler(self._decode([self._row(seq) for seq in seqs], [], no_pooling), seqs)
             for seq in seqs:
                 token = more.token_ids[seq.seq_id]
                 outputs[seq.seq_id].append(token)
                 result.more_token_ids.setdefault(seq.seq_id, []).append(token)
                 if (logprob := more.logprobs.get(seq.seq_id)) is not None:
                     result.more_logprobs.setdefault(seq.seq_id, []).append(logprob)
-
-    def _sample(self, logits: np.ndarray, seqs: list[ScheduledSequence]) -> StepResult:
-        """FlowServe's sampler on the rows of ``seqs``; plain greedy rows without torch
-        (``Sampler.greedy``: each call after a decode runs cold, torch's cost most)."""
-        result = self.sampler.greedy(logits, seqs)
-        return result if result is not None else self.sampler(torch.from_numpy(logits), seqs)
 
     def _row(self, scheduled: Any) -> Row:
         """Give ``scheduled`` its slot, holding exactly its first ``start_pos`` tokens' KV

@@ -61,13 +61,16 @@ class Sampler:
         rows the step will sample) in a background thread, so they overlap the model's work."""
         self.constraints.prepare(seqs)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> StepResult:
-        """Sample one token for each row of ``logits [len(seqs), vocab]``."""
-        if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            result = self.greedy(logits.detach().numpy(), seqs)
-            if result is not None:
-                return result
-        return self._sample(logits, seqs)
+    def __call__(self, logits: torch.Tensor | np.ndarray, seqs: list[ScheduledSequence]) -> StepResult:
+        """Sample one token for each row of ``logits [len(seqs), vocab]``: a tensor, or a numpy
+        array (an executor that computes on the CPU need not make a tensor of it)."""
+        if isinstance(logits, np.ndarray):
+            array: np.ndarray | None = logits
+        else:
+            array = logits.detach().numpy() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+        if array is not None and (result := self.greedy(array, seqs)) is not None:
+            return result
+        return self._sample(torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits, seqs)
 
     def greedy(self, logits: np.ndarray, seqs: list[ScheduledSequence]) -> StepResult | None:
         """The tokens, when every row of ``logits`` (float32 on the CPU) is plain greedy: each
